@@ -1,0 +1,287 @@
+//! Readers: the bytes of one stream, or a context's stdout and stderr merged from both capture
+//! paths, once or followed as they arrive.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures::{Stream as FutStream, future::select_all};
+use serde::Serialize;
+
+use crate::{
+    range::Span,
+    store::{Piece, Source, Store, StoreError, Stream},
+};
+
+/// How often a follower re-lists storage to see parts other replicas stored.
+const REFRESH: Duration = Duration::from_millis(500);
+
+/// One unit of output.
+#[derive(Debug, Clone)]
+pub enum Record {
+    Data {
+        stream: String,
+        source: Source,
+        offset: u64,
+        received_ms: u64,
+        data: Bytes,
+    },
+    Dropped {
+        stream: String,
+        source: Source,
+        span: Span,
+    },
+}
+
+/// The NDJSON form of a record. `data` carries text; bytes that are not UTF-8 go in `data_base64`.
+#[derive(Debug, Serialize)]
+struct JsonRecord<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    stream: &'a str,
+    source: Source,
+    offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    length: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    received_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+}
+
+impl Record {
+    /// One NDJSON line.
+    pub fn to_ndjson(&self) -> Bytes {
+        use base64::Engine;
+        let rec = match self {
+            Record::Data {
+                stream,
+                source,
+                offset,
+                received_ms,
+                data,
+            } => {
+                let text = std::str::from_utf8(data).ok();
+                JsonRecord {
+                    kind: "data",
+                    stream,
+                    source: *source,
+                    offset: *offset,
+                    length: Some(data.len() as u64),
+                    received_ms: Some(*received_ms),
+                    data: text,
+                    data_base64: text
+                        .is_none()
+                        .then(|| base64::engine::general_purpose::STANDARD.encode(data)),
+                }
+            }
+            Record::Dropped {
+                stream,
+                source,
+                span,
+            } => JsonRecord {
+                kind: "dropped",
+                stream,
+                source: *source,
+                offset: span.start,
+                length: Some(span.len()),
+                received_ms: None,
+                data: None,
+                data_base64: None,
+            },
+        };
+        let mut v = serde_json::to_vec(&rec).unwrap_or_default();
+        v.push(b'\n');
+        v.into()
+    }
+}
+
+/// One logical stream (stdout or stderr) read from its authoritative source, with the other capture
+/// path filling ranges the first one dropped.
+#[derive(Debug, Clone)]
+pub struct Lane {
+    pub name: String,
+    pub primary: Option<Arc<Stream>>,
+    pub fallback: Option<Arc<Stream>>,
+    pub offset: u64,
+    pub end: Option<u64>,
+}
+
+#[derive(Debug)]
+enum Planned {
+    Data {
+        source: Source,
+        span: Span,
+        part: crate::store::Part,
+    },
+    Dropped {
+        source: Source,
+        span: Span,
+    },
+}
+
+impl Lane {
+    fn limit(&self) -> u64 {
+        self.end.unwrap_or(u64::MAX)
+    }
+
+    fn plan(&self) -> (Vec<Planned>, u64) {
+        let Some(first) = self.primary.as_ref().or(self.fallback.as_ref()) else {
+            return (Vec::new(), self.offset);
+        };
+        let fallback = self.primary.as_ref().and(self.fallback.as_ref());
+        let (pieces, reached) = first.plan(Span::new(self.offset, self.limit()));
+        let mut out = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Data { span, part } => out.push(Planned::Data {
+                    source: first.meta.source,
+                    span,
+                    part,
+                }),
+                Piece::Dropped(span) => {
+                    let Some(fb) = fallback else {
+                        out.push(Planned::Dropped {
+                            source: first.meta.source,
+                            span,
+                        });
+                        continue;
+                    };
+                    let mut at = span.start;
+                    for p in fb.plan(span).0 {
+                        match p {
+                            Piece::Data { span: s, part } => {
+                                out.push(Planned::Data {
+                                    source: fb.meta.source,
+                                    span: s,
+                                    part,
+                                });
+                                at = s.end;
+                            }
+                            Piece::Dropped(_) => break,
+                        }
+                    }
+                    if at < span.end {
+                        out.push(Planned::Dropped {
+                            source: first.meta.source,
+                            span: Span::new(at, span.end),
+                        });
+                    }
+                }
+            }
+        }
+        (out, reached)
+    }
+
+    fn finished(&self) -> bool {
+        if self.end.is_some_and(|e| self.offset >= e) {
+            return true;
+        }
+        self.primary
+            .as_ref()
+            .or(self.fallback.as_ref())
+            .is_some_and(|s| s.finished_at(self.offset))
+    }
+
+    fn streams(&self) -> impl Iterator<Item = &Arc<Stream>> {
+        self.primary.iter().chain(self.fallback.iter())
+    }
+}
+
+/// When a follower stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// Read what is there now.
+    No,
+    /// Until every lane with a stream is complete.
+    UntilComplete,
+    /// Until the reader leaves (triggers are always in progress).
+    Forever,
+}
+
+/// Produces records from `lanes` in arrival order. `reopen` is called while following to pick up
+/// streams that did not exist when the read began.
+pub fn records<F, Fut>(
+    store: Arc<Store>,
+    mut lanes: Vec<Lane>,
+    follow: Follow,
+    reopen: F,
+) -> impl FutStream<Item = Result<Record, StoreError>>
+where
+    F: Fn(Vec<Lane>) -> Fut + Send + 'static,
+    Fut: Future<Output = Vec<Lane>> + Send,
+{
+    async_stream::try_stream! {
+        loop {
+            // Subscribe before planning so a change between the plan and the wait is not missed.
+            let mut waits: Vec<_> = lanes
+                .iter()
+                .flat_map(|l| l.streams())
+                .map(|s| s.subscribe())
+                .collect();
+            let mut plans: Vec<(usize, std::collections::VecDeque<Planned>)> = Vec::new();
+            for (i, lane) in lanes.iter_mut().enumerate() {
+                let (planned, reached) = lane.plan();
+                lane.offset = reached;
+                plans.push((i, planned.into()));
+            }
+            // Merge lanes by receive time, each lane kept in offset order.
+            loop {
+                let next = plans
+                    .iter_mut()
+                    .filter(|(_, q)| !q.is_empty())
+                    .min_by_key(|(i, q)| {
+                        let t = match q.front() {
+                            Some(Planned::Data { part, .. }) => part.received_ms,
+                            _ => 0,
+                        };
+                        (t, *i)
+                    });
+                let Some((i, q)) = next else { break };
+                let name = lanes[*i].name.clone();
+                match q.pop_front() {
+                    Some(Planned::Data { source, span, part }) => {
+                        let data = store.read_piece(span, &part).await?;
+                        yield Record::Data {
+                            stream: name,
+                            source,
+                            offset: span.start,
+                            received_ms: part.received_ms,
+                            data,
+                        };
+                    }
+                    Some(Planned::Dropped { source, span }) => {
+                        yield Record::Dropped { stream: name, source, span };
+                    }
+                    None => {}
+                }
+            }
+            let any = lanes.iter().any(|l| l.streams().next().is_some());
+            let done = match follow {
+                Follow::No => true,
+                Follow::UntilComplete => any && lanes.iter().all(|l| l.streams().next().is_none() || l.finished()),
+                Follow::Forever => false,
+            };
+            if done {
+                break;
+            }
+            let mut timed_out = true;
+            if !waits.is_empty() {
+                let changed = select_all(waits.iter_mut().map(|w| Box::pin(w.changed())));
+                timed_out = tokio::time::timeout(REFRESH, changed).await.is_err();
+            } else {
+                tokio::time::sleep(REFRESH).await;
+            }
+            if timed_out {
+                let open: Vec<Arc<Stream>> = lanes.iter().flat_map(|l| l.streams()).cloned().collect();
+                for s in open {
+                    store.refresh(&s).await?;
+                }
+                if lanes.iter().any(|l| l.primary.is_none() || l.fallback.is_none()) {
+                    lanes = reopen(lanes).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,762 @@
+//! HTTP routes.
+
+use std::{io::Read, sync::Arc, time::Instant};
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{MatchedPath, Path, Query, Request, State, rejection::QueryRejection},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    auth::{Context, Keys, Principal, Scope},
+    error::ApiError,
+    limits::Budget,
+    metrics::{Metrics, ReasonLabels, RequestLabels},
+    range::{ContentRange, Span, parse_range_request},
+    read::{Follow, Lane, Record, records},
+    store::{Source, Store, StoreError, Stream, StreamMeta},
+};
+
+/// Largest JSON request body (stream creation, markers).
+const MAX_JSON: usize = 64 << 10;
+/// Longest stream name.
+const MAX_NAME: usize = 64;
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// Every route and method the service answers; `openapi.json` is checked against this list.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/logs"),
+    ("get", "/logs/{id}"),
+    ("get", "/logs/{id}/data"),
+    ("post", "/logs/{id}/data"),
+    ("patch", "/logs/{id}/data"),
+    ("post", "/logs/{id}/markers"),
+    ("get", "/api/workflows/{workflow}/triggers/{trigger}/logs"),
+    (
+        "get",
+        "/api/workflows/{workflow}/runs/{run}/steps/{step}/logs",
+    ),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+];
+
+/// Shared state of the service.
+#[derive(Debug)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub keys: Keys,
+    pub budget: Arc<Budget>,
+    pub metrics: Arc<Metrics>,
+}
+
+type S = State<Arc<AppState>>;
+
+/// The service's router.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/logs", post(create_stream))
+        .route("/logs/{id}", get(stream_status))
+        .route(
+            "/logs/{id}/data",
+            get(read_stream).post(write_data).patch(write_data),
+        )
+        .route("/logs/{id}/markers", post(add_markers))
+        .route(
+            "/api/workflows/{workflow}/triggers/{trigger}/logs",
+            get(trigger_logs),
+        )
+        .route(
+            "/api/workflows/{workflow}/runs/{run}/steps/{step}/logs",
+            get(step_logs),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ok\n" }))
+        .route("/metrics", get(render_metrics))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+async fn count_requests(State(s): S, req: Request, next: Next) -> Response {
+    let route = match req.extensions().get::<MatchedPath>().map(|p| p.as_str()) {
+        Some(p) => ROUTES
+            .iter()
+            .find(|(_, r)| *r == p)
+            .map_or("other", |(_, r)| r),
+        None => "unmatched",
+    };
+    let resp = next.run(req).await;
+    s.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route,
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    resp
+}
+
+async fn render_metrics(State(s): S) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+fn principal(s: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::Unauthorized)?;
+    let (scheme, token) = value.split_once(' ').ok_or(ApiError::Unauthorized)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(ApiError::Unauthorized);
+    }
+    s.keys.verify(token.trim()).ok_or(ApiError::Unauthorized)
+}
+
+fn valid_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn may_read(p: &Principal, m: &StreamMeta) -> bool {
+    match p.scope {
+        Scope::Read => p.context.covers(&m.context),
+        Scope::Write => p.context == m.context && m.source == Source::Entrypoint,
+        Scope::Collector => m.source == Source::Ebpf,
+    }
+}
+
+fn may_write(p: &Principal, m: &StreamMeta) -> bool {
+    p.scope != Scope::Read && may_read(p, m)
+}
+
+/// Opens a stream the caller may see; 404 for anything else, so ids of others are not revealed.
+async fn visible(s: &AppState, p: &Principal, id: &str) -> Result<Arc<Stream>, ApiError> {
+    if !valid_id(id) {
+        return Err(ApiError::NotFound);
+    }
+    match s.store.open(id).await? {
+        Some(st) if may_read(p, &st.meta) => Ok(st),
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::TooLarge(format!("request body exceeds {limit} bytes"))
+        } else {
+            ApiError::bad("failed to read request body")
+        }
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    name: String,
+    source: Option<Source>,
+    context: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct CreateResponse {
+    id: String,
+    name: String,
+    source: Source,
+    context: Context,
+    length: u64,
+    end: u64,
+    complete: bool,
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=MAX_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+async fn create_stream(
+    State(s): S,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<CreateResponse>, ApiError> {
+    let p = principal(&s, &headers)?;
+    let req: CreateRequest = parse_json(&read_body(body, MAX_JSON).await?)?;
+    if !valid_name(&req.name) {
+        return Err(ApiError::bad(
+            "name must be 1-64 characters of [A-Za-z0-9._-]",
+        ));
+    }
+    let (context, source) = match p.scope {
+        Scope::Read => return Err(ApiError::Forbidden("read tokens cannot create streams")),
+        Scope::Write => {
+            if req
+                .context
+                .as_deref()
+                .is_some_and(|c| c != p.context.as_str())
+            {
+                return Err(ApiError::Forbidden(
+                    "write tokens create streams only in their own context",
+                ));
+            }
+            match req.source.unwrap_or(Source::Entrypoint) {
+                Source::Entrypoint => (p.context.clone(), Source::Entrypoint),
+                Source::Ebpf => {
+                    return Err(ApiError::Forbidden(
+                        "only collector tokens create ebpf streams",
+                    ));
+                }
+            }
+        }
+        Scope::Collector => {
+            let ctx = req
+                .context
+                .as_deref()
+                .ok_or_else(|| ApiError::bad("collector requests must name a context"))?;
+            let ctx = Context::stream(ctx).map_err(|e| ApiError::bad(e.to_string()))?;
+            if !p.context.covers(&ctx) && p.context.as_str() != "workflows" {
+                return Err(ApiError::Forbidden(
+                    "context is outside this collector's scope",
+                ));
+            }
+            match req.source.unwrap_or(Source::Ebpf) {
+                Source::Ebpf => (ctx, Source::Ebpf),
+                Source::Entrypoint => {
+                    return Err(ApiError::Forbidden(
+                        "collector tokens create only ebpf streams",
+                    ));
+                }
+            }
+        }
+    };
+    let id = s.keys.stream_id(&context, &req.name, source.as_str());
+    let stream = s
+        .store
+        .create(
+            id,
+            StreamMeta {
+                context,
+                name: req.name,
+                source,
+            },
+        )
+        .await?;
+    let st = stream.status();
+    Ok(Json(CreateResponse {
+        id: st.id,
+        name: st.name,
+        source: st.source,
+        context: st.context,
+        length: st.length,
+        end: st.end,
+        complete: st.complete,
+    }))
+}
+
+#[derive(Debug, Serialize)]
+struct WriteResponse {
+    length: u64,
+    end: u64,
+    complete: bool,
+}
+
+fn decode_gzip(body: &[u8], max: usize) -> Result<Vec<u8>, ApiError> {
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(max));
+    let mut dec = flate2::read::MultiGzDecoder::new(body).take(max as u64 + 1);
+    dec.read_to_end(&mut out)
+        .map_err(|e| ApiError::bad(format!("invalid gzip body: {e}")))?;
+    if out.len() > max {
+        return Err(ApiError::TooLarge(format!(
+            "decompressed body exceeds {max} bytes"
+        )));
+    }
+    Ok(out)
+}
+
+async fn write_data(
+    State(s): S,
+    Path(id): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<WriteResponse>), ApiError> {
+    let p = principal(&s, &headers)?;
+    let stream = visible(&s, &p, &id).await?;
+    if !may_write(&p, &stream.meta) {
+        return Err(ApiError::Forbidden("this token cannot write to the stream"));
+    }
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or_default();
+        let essence = ct.split(';').next().unwrap_or_default().trim();
+        if !essence.eq_ignore_ascii_case("application/octet-stream") {
+            return Err(ApiError::UnsupportedMedia(format!(
+                "Content-Type must be application/octet-stream, not {ct:?}"
+            )));
+        }
+    }
+    let gzip = match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str()) {
+        None => false,
+        Some(Ok(v)) if v.trim().eq_ignore_ascii_case("gzip") => true,
+        Some(Ok(v)) if v.trim().eq_ignore_ascii_case("identity") => false,
+        Some(_) => {
+            return Err(ApiError::UnsupportedMedia(
+                "Content-Encoding must be gzip or identity".into(),
+            ));
+        }
+    };
+    let range = match headers.get(header::CONTENT_RANGE) {
+        Some(v) => Some(ContentRange::parse(
+            v.to_str()
+                .map_err(|_| ApiError::bad("Content-Range is not ASCII"))?,
+        )?),
+        None if method == Method::PATCH => {
+            return Err(ApiError::bad("PATCH requires a Content-Range header"));
+        }
+        None => None,
+    };
+    let limits = *s.budget.limits();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body as u64) {
+        s.metrics
+            .rejected("too_large", declared.unwrap_or_default());
+        return Err(ApiError::TooLarge(format!(
+            "request body exceeds {} bytes",
+            limits.max_body
+        )));
+    }
+    let throttled = |s: &AppState, t: crate::limits::Throttled, bytes: u64| {
+        s.metrics
+            .throttled
+            .get_or_create(&ReasonLabels {
+                reason: t.budget.as_str(),
+            })
+            .inc();
+        s.metrics.rejected("throttled", bytes);
+        ApiError::Throttled {
+            budget: t.budget.as_str(),
+            retry_after: t.retry_after,
+        }
+    };
+    let wire = declared.unwrap_or(limits.max_body as u64);
+    let _permit = s
+        .budget
+        .admit(&stream.id, wire)
+        .map_err(|t| throttled(&s, t, wire))?;
+    let raw = read_body(body, limits.max_body).await?;
+    let data: Bytes = if gzip {
+        decode_gzip(&raw, limits.max_decoded)
+            .inspect_err(|e| {
+                if matches!(e, ApiError::TooLarge(_)) {
+                    s.metrics.rejected("too_large", raw.len() as u64);
+                }
+            })?
+            .into()
+    } else {
+        raw
+    };
+    let n = data.len() as u64;
+    let (start, total) = match range {
+        Some(ContentRange::Bytes { start, end, total }) => {
+            if end - start != n {
+                s.metrics.rejected("bad_range", n);
+                return Err(ApiError::bad(format!(
+                    "Content-Range covers {} bytes but the body has {n}",
+                    end - start
+                )));
+            }
+            (Some(start), total)
+        }
+        Some(ContentRange::Final { total }) => {
+            if n != 0 {
+                return Err(ApiError::bad(
+                    "`bytes */N` requests must have an empty body",
+                ));
+            }
+            s.store
+                .declare_final(&stream, total)
+                .await
+                .map_err(|e| match e {
+                    StoreError::FinalLength { .. } => ApiError::RangeNotSatisfiable(e.to_string()),
+                    e => e.into(),
+                })?;
+            return Ok(written(&stream));
+        }
+        None => (None, None),
+    };
+    if n > 0 {
+        s.budget
+            .charge(&stream.id, n)
+            .map_err(|t| throttled(&s, t, n))?;
+    }
+    let t = Instant::now();
+    let result = s.store.write(&stream, start, data, total).await;
+    match &result {
+        Ok(_) => {
+            s.metrics.bytes_accepted.inc_by(n);
+        }
+        Err(StoreError::Conflict { .. }) => s.metrics.rejected("conflict", n),
+        Err(StoreError::Storage(_)) => s.metrics.rejected("storage", n),
+        Err(_) => s.metrics.rejected("bad_range", n),
+    }
+    result.map_err(|e| match e {
+        // A declared length below what is stored is a range problem, not a conflict.
+        StoreError::FinalLength { .. } if total.is_some() => {
+            ApiError::RangeNotSatisfiable(e.to_string())
+        }
+        e => e.into(),
+    })?;
+    tracing::debug!(stream = %stream.id, bytes = n, elapsed_ms = t.elapsed().as_millis() as u64, "Stored part.");
+    Ok(written(&stream))
+}
+
+fn written(stream: &Stream) -> (StatusCode, Json<WriteResponse>) {
+    let st = stream.status();
+    (
+        StatusCode::ACCEPTED,
+        Json(WriteResponse {
+            length: st.length,
+            end: st.end,
+            complete: st.complete,
+        }),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MarkerRequest {
+    range: String,
+    markers: Vec<String>,
+}
+
+async fn add_markers(
+    State(s): S,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<WriteResponse>), ApiError> {
+    let p = principal(&s, &headers)?;
+    let stream = visible(&s, &p, &id).await?;
+    if !may_write(&p, &stream.meta) {
+        return Err(ApiError::Forbidden("this token cannot write to the stream"));
+    }
+    let req: MarkerRequest = parse_json(&read_body(body, MAX_JSON).await?)?;
+    if req.markers.is_empty() {
+        return Err(ApiError::bad("markers must name at least one marker"));
+    }
+    if let Some(bad) = req.markers.iter().find(|m| m.as_str() != "dropped") {
+        return Err(ApiError::bad(format!(
+            "unknown marker {bad:?}; the only marker is \"dropped\""
+        )));
+    }
+    let (span, total) = match ContentRange::parse(&req.range)? {
+        ContentRange::Bytes { start, end, total } => (Span::new(start, end), total),
+        ContentRange::Final { .. } => {
+            return Err(ApiError::bad("a marker needs a byte range, not `*`"));
+        }
+    };
+    s.store.mark_dropped(&stream, span).await?;
+    if let Some(t) = total {
+        s.store.declare_final(&stream, t).await?;
+    }
+    Ok(written(&stream))
+}
+
+async fn stream_status(
+    State(s): S,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<crate::store::Status>, ApiError> {
+    let p = principal(&s, &headers)?;
+    let stream = visible(&s, &p, &id).await?;
+    s.store.refresh(&stream).await?;
+    Ok(Json(stream.status()))
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct ReadQuery {
+    #[serde(default)]
+    follow: bool,
+    stream: Option<String>,
+    source: Option<Source>,
+}
+
+fn wants_ndjson(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().starts_with(NDJSON)))
+}
+
+struct FollowerGuard(Arc<Metrics>);
+
+impl Drop for FollowerGuard {
+    fn drop(&mut self) {
+        self.0.followers.dec();
+    }
+}
+
+/// Turns records into a response body: plain bytes, or NDJSON records.
+fn body_of(
+    s: &AppState,
+    recs: impl futures::Stream<Item = Result<Record, StoreError>> + Send + 'static,
+    ndjson: bool,
+    following: bool,
+) -> Body {
+    let guard = following.then(|| {
+        s.metrics.followers.inc();
+        FollowerGuard(s.metrics.clone())
+    });
+    let out = recs
+        .map_ok(move |r| {
+            let _keep = &guard;
+            if ndjson {
+                r.to_ndjson()
+            } else {
+                match r {
+                    Record::Data { data, .. } => data,
+                    Record::Dropped { .. } => Bytes::new(),
+                }
+            }
+        })
+        .try_filter(|b| futures::future::ready(!b.is_empty()))
+        .inspect_err(|e| tracing::warn!(error = %e, "Read failed mid-stream."));
+    Body::from_stream(out)
+}
+
+fn dropped_header(spans: &[Span]) -> HeaderValue {
+    let list: Vec<String> = spans.iter().map(ToString::to_string).collect();
+    HeaderValue::from_str(&list.join(",")).unwrap_or(HeaderValue::from_static(""))
+}
+
+async fn read_stream(
+    State(s): S,
+    Path(id): Path<String>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    let p = principal(&s, &headers)?;
+    let stream = visible(&s, &p, &id).await?;
+    s.store.refresh(&stream).await?;
+    let status = stream.status();
+    let (start, end) = match headers.get(header::RANGE) {
+        Some(v) => {
+            let (a, b) = parse_range_request(
+                v.to_str()
+                    .map_err(|_| ApiError::bad("Range is not ASCII"))?,
+            )?;
+            (a, b)
+        }
+        None => (0, None),
+    };
+    let ranged = headers.contains_key(header::RANGE);
+    if ranged && !q.follow && start >= status.length.max(1) && !(start == 0 && status.length == 0) {
+        let mut resp = ApiError::RangeNotSatisfiable(format!(
+            "range starts at {start}; {} bytes are readable",
+            status.length
+        ))
+        .into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes */{}", status.length))
+                .unwrap_or(HeaderValue::from_static("bytes */0")),
+        );
+        return Ok(resp);
+    }
+    // A plain read stops at what is readable now; a follower goes on to the end.
+    let stop = if q.follow {
+        end
+    } else {
+        Some(end.map_or(status.length, |e| e.min(status.length)))
+    };
+    let lane = Lane {
+        name: stream.meta.name.clone(),
+        primary: Some(stream.clone()),
+        fallback: None,
+        offset: start,
+        end: stop,
+    };
+    let follow = if q.follow {
+        Follow::UntilComplete
+    } else {
+        Follow::No
+    };
+    let ndjson = wants_ndjson(&headers);
+    let recs = records(s.store.clone(), vec![lane], follow, |l| async move { l });
+    let mut resp = Response::new(body_of(&s, recs, ndjson, q.follow));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if ndjson {
+            NDJSON
+        } else {
+            "application/octet-stream"
+        }),
+    );
+    h.insert("x-relay-length", HeaderValue::from(status.length));
+    h.insert(
+        "x-relay-complete",
+        HeaderValue::from_static(if status.complete { "true" } else { "false" }),
+    );
+    h.insert("x-relay-dropped", dropped_header(&status.dropped));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if ranged && !q.follow {
+        let last = stop.unwrap_or(status.length).max(start + 1) - 1;
+        let total = status
+            .final_length
+            .map_or("*".to_owned(), |n| n.to_string());
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{last}/{total}")) {
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
+    Ok(resp)
+}
+
+async fn context_logs(
+    s: Arc<AppState>,
+    context: String,
+    q: ReadQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let p = principal(&s, &headers)?;
+    let context = Context::stream(&context).map_err(|e| ApiError::bad(e.to_string()))?;
+    let allowed = match p.scope {
+        Scope::Read => p.context.covers(&context),
+        Scope::Write => p.context == context,
+        Scope::Collector => false,
+    };
+    if !allowed {
+        // As for stream ids: do not reveal whether a foreign context has logs.
+        return Err(ApiError::NotFound);
+    }
+    let names: Vec<&str> = match q.stream.as_deref() {
+        None => vec!["stdout", "stderr"],
+        Some(n @ ("stdout" | "stderr")) => vec![n],
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "stream must be stdout or stderr, not {other:?}"
+            )));
+        }
+    };
+    let (primary, fallback) = match q.source {
+        None => (Source::Entrypoint, Some(Source::Ebpf)),
+        Some(src) => (src, None),
+    };
+    let open = {
+        let s = s.clone();
+        let context = context.clone();
+        move |mut lanes: Vec<Lane>| {
+            let s = s.clone();
+            let context = context.clone();
+            async move {
+                for lane in &mut lanes {
+                    if lane.primary.is_none() {
+                        let id = s.keys.stream_id(&context, &lane.name, primary.as_str());
+                        lane.primary = s.store.open(&id).await.ok().flatten();
+                    }
+                    if let (None, Some(fb)) = (&lane.fallback, fallback) {
+                        let id = s.keys.stream_id(&context, &lane.name, fb.as_str());
+                        lane.fallback = s.store.open(&id).await.ok().flatten();
+                    }
+                }
+                lanes
+            }
+        }
+    };
+    let lanes: Vec<Lane> = names
+        .iter()
+        .map(|n| Lane {
+            name: (*n).to_owned(),
+            primary: None,
+            fallback: None,
+            offset: 0,
+            end: None,
+        })
+        .collect();
+    let lanes = open(lanes).await;
+    let opened: Vec<Arc<Stream>> = lanes
+        .iter()
+        .flat_map(|l| l.primary.iter().chain(l.fallback.iter()))
+        .cloned()
+        .collect();
+    for st in opened {
+        s.store.refresh(&st).await?;
+    }
+    let follow = match (q.follow, context.is_trigger()) {
+        (false, _) => Follow::No,
+        (true, true) => Follow::Forever,
+        (true, false) => Follow::UntilComplete,
+    };
+    let ndjson = wants_ndjson(&headers);
+    let recs = records(s.store.clone(), lanes, follow, open);
+    let mut resp = Response::new(body_of(&s, recs, ndjson, q.follow));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if ndjson {
+            NDJSON
+        } else {
+            "text/plain; charset=utf-8"
+        }),
+    );
+    Ok(resp)
+}
+
+async fn trigger_logs(
+    State(s): S,
+    Path((workflow, trigger)): Path<(String, String)>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    context_logs(
+        s,
+        format!("workflows/{workflow}/triggers/{trigger}"),
+        q,
+        headers,
+    )
+    .await
+}
+
+async fn step_logs(
+    State(s): S,
+    Path((workflow, run, step)): Path<(String, String, String)>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    context_logs(
+        s,
+        format!("workflows/{workflow}/runs/{run}/steps/{step}"),
+        q,
+        headers,
+    )
+    .await
+}

@@ -1,0 +1,220 @@
+//! Configuration and start-up of the service.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use object_store::{
+    ObjectStore, aws::AmazonS3Builder, gcp::GoogleCloudStorageBuilder, local::LocalFileSystem,
+    memory::InMemory, path::Path,
+};
+
+use crate::{
+    auth::Keys,
+    limits::{Budget, Limits},
+    metrics::Metrics,
+    routes::{AppState, app},
+    store::Store,
+};
+
+/// How callers prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// JWTs signed with the key in `--key-file` (mint them with `metadata-api token`).
+    Hmac,
+}
+
+/// `metadata-api serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "RELAY_METADATA_API_LISTEN",
+        default_value = "127.0.0.1:7070"
+    )]
+    pub listen: SocketAddr,
+    /// Storage URL: `file:///dir`, `memory://`, `s3://bucket/prefix` or `gs://bucket/prefix`
+    /// (endpoint and credentials from the usual AWS_* / GOOGLE_* variables). Default: `./data/streams`.
+    #[arg(long, env = "RELAY_METADATA_API_STORAGE")]
+    pub storage: Option<String>,
+    /// Authentication mode.
+    #[arg(
+        long,
+        env = "RELAY_METADATA_API_AUTH",
+        value_enum,
+        default_value = "hmac"
+    )]
+    pub auth: AuthMode,
+    /// Secret key file (created with mode 0600 when missing).
+    #[arg(
+        long,
+        env = "RELAY_METADATA_API_KEY_FILE",
+        default_value = "data/metadata-api.key"
+    )]
+    pub key_file: PathBuf,
+    /// Largest request body on the wire (bytes; K/M/G suffixes are binary).
+    #[arg(long, env = "RELAY_METADATA_API_MAX_BODY", default_value = "16M", value_parser = parse_size)]
+    pub max_body: u64,
+    /// Largest body after gzip decoding.
+    #[arg(long, env = "RELAY_METADATA_API_MAX_DECODED", default_value = "64M", value_parser = parse_size)]
+    pub max_decoded: u64,
+    /// Bytes per second one stream may append.
+    #[arg(long, env = "RELAY_METADATA_API_STREAM_RATE", default_value = "64M", value_parser = parse_size)]
+    pub stream_rate: u64,
+    /// Bytes per second the service accepts in all.
+    #[arg(long, env = "RELAY_METADATA_API_GLOBAL_RATE", default_value = "1G", value_parser = parse_size)]
+    pub global_rate: u64,
+    /// Body bytes one stream may have in flight.
+    #[arg(long, env = "RELAY_METADATA_API_STREAM_INFLIGHT", default_value = "64M", value_parser = parse_size)]
+    pub stream_inflight: u64,
+    /// Body bytes the service may have in flight.
+    #[arg(long, env = "RELAY_METADATA_API_GLOBAL_INFLIGHT", default_value = "512M", value_parser = parse_size)]
+    pub global_inflight: u64,
+}
+
+/// Parses `1024`, `64K`, `16M`, `1G` (also `KiB`, `MiB`, `GiB`), binary multiples.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = s.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid storage URL {url:?}: {reason}")]
+    Storage { url: String, reason: String },
+    #[error(transparent)]
+    Key(#[from] crate::auth::KeyError),
+}
+
+/// Opens the object store a storage URL names, and the prefix inside it.
+pub fn open_storage(url: Option<&str>) -> Result<(Arc<dyn ObjectStore>, Path), ConfigError> {
+    let bad = |url: &str, reason: String| ConfigError::Storage {
+        url: url.to_owned(),
+        reason,
+    };
+    let Some(url) = url else {
+        return open_dir("data/streams", "data/streams");
+    };
+    if let Some(dir) = url.strip_prefix("file://") {
+        return open_dir(url, dir);
+    }
+    if url == "memory://" || url == "memory:" {
+        return Ok((Arc::new(InMemory::new()), Path::default()));
+    }
+    let parsed = url::Url::parse(url).map_err(|e| bad(url, e.to_string()))?;
+    let bucket = parsed
+        .host_str()
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| bad(url, "missing bucket".into()))?;
+    let prefix = Path::from(parsed.path().trim_matches('/'));
+    let store: Arc<dyn ObjectStore> = match parsed.scheme() {
+        "s3" => Arc::new(
+            AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|e| bad(url, e.to_string()))?,
+        ),
+        "gs" => Arc::new(
+            GoogleCloudStorageBuilder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|e| bad(url, e.to_string()))?,
+        ),
+        other => return Err(bad(url, format!("unsupported scheme {other:?}"))),
+    };
+    Ok((store, prefix))
+}
+
+fn open_dir(url: &str, dir: &str) -> Result<(Arc<dyn ObjectStore>, Path), ConfigError> {
+    let bad = |reason: String| ConfigError::Storage {
+        url: url.to_owned(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| bad(e.to_string()))?;
+    let fs = LocalFileSystem::new_with_prefix(dir).map_err(|e| bad(e.to_string()))?;
+    Ok((Arc::new(fs), Path::default()))
+}
+
+impl ServeArgs {
+    /// Builds the service state; errors here are configuration errors (exit 64).
+    pub fn state(&self) -> Result<Arc<AppState>, ConfigError> {
+        let Self {
+            listen: _,
+            storage,
+            auth,
+            key_file,
+            max_body,
+            max_decoded,
+            stream_rate,
+            global_rate,
+            stream_inflight,
+            global_inflight,
+        } = self;
+        let AuthMode::Hmac = auth;
+        let keys = Keys::load_or_create(key_file)?;
+        let metrics = Arc::new(Metrics::new());
+        let (os, prefix) = open_storage(storage.as_deref())?;
+        let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        let limits = Limits {
+            max_body: clamp(*max_body),
+            max_decoded: clamp(*max_decoded),
+            stream_rate: *stream_rate,
+            global_rate: *global_rate,
+            stream_inflight: *stream_inflight,
+            global_inflight: *global_inflight,
+        };
+        Ok(Arc::new(AppState {
+            store: Arc::new(Store::new(os, prefix, metrics.clone())),
+            keys,
+            budget: Budget::new(limits),
+            metrics,
+        }))
+    }
+}
+
+/// Serves until SIGINT or SIGTERM; in-flight requests get `grace` to finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = tx.send(());
+    };
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown);
+    let server = std::pin::pin!(server.into_future());
+    tokio::select! {
+        r = server => r,
+        // Followers never end by themselves: after the grace period, stop waiting for them.
+        () = async { let _ = rx.await; tokio::time::sleep(grace).await } => Ok(()),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot watch SIGTERM.");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("Shutting down.");
+}

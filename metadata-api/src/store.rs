@@ -1,0 +1,861 @@
+//! Log streams on `object_store`.
+//!
+//! Layout under the configured prefix, one directory-like prefix per stream:
+//! - `streams/{id}/meta.json`: context, name and source (written once, `PutMode::Create`);
+//! - `streams/{id}/parts/{start:016x}-{end:016x}`: one object per accepted part, keyed by its byte
+//!   range, so any replica can accept any part without a lock;
+//! - `streams/{id}/dropped/{start:016x}-{end:016x}`: an empty object per `dropped` marker;
+//! - `streams/{id}/final`: the declared final length (written once).
+//!
+//! The in-memory state of a stream is a cache rebuilt from a listing. Every write is a conditional
+//! put (`PutMode::Create`), and after it the stream is listed again: a part another replica stored
+//! over the same bytes is compared, and when the bytes differ the later writer removes its own part
+//! and answers 409. A 202 is therefore only given for bytes that no other stored part contradicts.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, btree_map::Entry},
+    fmt,
+    sync::{Arc, Mutex},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, path::Path};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::{
+    auth::Context,
+    metrics::Metrics,
+    range::{RangeSet, Span},
+};
+
+/// Which capture path wrote a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Entrypoint,
+    Ebpf,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Entrypoint => "entrypoint",
+            Self::Ebpf => "ebpf",
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What identifies a stream; stored once as `meta.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamMeta {
+    pub context: Context,
+    pub name: String,
+    pub source: Source,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("bytes {span} differ from bytes already stored")]
+    Conflict { span: Span },
+    #[error("range ends at {end}, beyond the declared final length {length}")]
+    BeyondFinal { end: u64, length: u64 },
+    #[error("final length {wanted} conflicts with {reason}")]
+    FinalLength { wanted: u64, reason: String },
+    #[error("stream {id} metadata is corrupt")]
+    Corrupt { id: String },
+    #[error("storage failed")]
+    Storage(#[from] object_store::Error),
+}
+
+/// One stored part.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub span: Span,
+    pub key: Path,
+    /// Receive time, milliseconds since the Unix epoch.
+    pub received_ms: u64,
+    /// Written by this process (as opposed to learnt from a listing).
+    local: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Keyed by (start, end); identical parts from several replicas may overlap.
+    parts: BTreeMap<(u64, u64), Part>,
+    stored: RangeSet,
+    dropped: RangeSet,
+    final_len: Option<u64>,
+    /// Ranges this process is writing now; an overlapping write waits for them.
+    inflight: Vec<Span>,
+}
+
+/// A snapshot of what a stream holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub id: String,
+    pub name: String,
+    pub source: Source,
+    pub context: Context,
+    /// End of the prefix that is stored or dropped: readers can read this far without waiting.
+    pub length: u64,
+    /// Highest offset stored or dropped: a restarted writer continues here.
+    pub end: u64,
+    pub stored: Vec<Span>,
+    pub dropped: Vec<Span>,
+    /// Gaps neither stored nor dropped, up to the final length (or `end`).
+    pub pending: Vec<Span>,
+    pub final_length: Option<u64>,
+    pub complete: bool,
+}
+
+/// A piece of a read plan.
+#[derive(Debug, Clone)]
+pub enum Piece {
+    Data { span: Span, part: Part },
+    Dropped(Span),
+}
+
+/// A log stream: its identity, cached state and a change signal for followers.
+pub struct Stream {
+    pub id: String,
+    pub meta: StreamMeta,
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stream").field("id", &self.id).finish()
+    }
+}
+
+/// Outcome of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// New bytes stored.
+    Stored,
+    /// Every byte was already stored, identical.
+    Unchanged,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn span_name(span: Span) -> String {
+    format!("{:016x}-{:016x}", span.start, span.end)
+}
+
+fn parse_span_name(name: &str) -> Option<Span> {
+    let (a, b) = name.split_once('-')?;
+    if a.len() != 16 || b.len() != 16 {
+        return None;
+    }
+    let span = Span::new(
+        u64::from_str_radix(a, 16).ok()?,
+        u64::from_str_radix(b, 16).ok()?,
+    );
+    (!span.is_empty()).then_some(span)
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    // A panic while holding the lock cannot leave State half-updated in a way that matters more
+    // than losing the process; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Stream {
+    fn new(id: String, meta: StreamMeta) -> Self {
+        Self {
+            id,
+            meta,
+            state: Mutex::new(State::default()),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    /// A receiver that wakes when the stream changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn status(&self) -> Status {
+        let st = lock(&self.state);
+        let covered = st.stored.union(&st.dropped);
+        let end = covered.max_end().max(st.final_len.unwrap_or(0));
+        let pending = covered.gaps(Span::new(0, end));
+        Status {
+            id: self.id.clone(),
+            name: self.meta.name.clone(),
+            source: self.meta.source,
+            context: self.meta.context.clone(),
+            length: covered.prefix_end(),
+            end: covered.max_end(),
+            stored: st.stored.spans().to_vec(),
+            dropped: st.dropped.difference(&st.stored).spans().to_vec(),
+            complete: st.final_len.is_some() && pending.is_empty(),
+            pending,
+            final_length: st.final_len,
+        }
+    }
+
+    /// Plans a read of `span`: stored bytes, and dropped ranges where nothing is stored, in offset
+    /// order, stopping at the first pending gap. Returns the pieces and the offset reached.
+    pub fn plan(&self, span: Span) -> (Vec<Piece>, u64) {
+        let st = lock(&self.state);
+        let mut at = span.start;
+        let mut out = Vec::new();
+        while at < span.end {
+            // A stored part covering `at`, the one reaching furthest.
+            let part = st
+                .parts
+                .range(..=(at, u64::MAX))
+                .filter(|(_, p)| p.span.end > at)
+                .max_by_key(|(_, p)| p.span.end)
+                .map(|(_, p)| p.clone());
+            if let Some(part) = part {
+                let piece_end = part.span.end.min(span.end);
+                out.push(Piece::Data {
+                    span: Span::new(at, piece_end),
+                    part,
+                });
+                at = piece_end;
+                continue;
+            }
+            let dropped = st
+                .dropped
+                .spans()
+                .iter()
+                .find(|d| d.start <= at && at < d.end)
+                .copied();
+            if let Some(d) = dropped {
+                // Stop the dropped piece where stored bytes begin again.
+                let next_part = st
+                    .parts
+                    .range((at, 0)..)
+                    .map(|(_, p)| p.span.start)
+                    .next()
+                    .unwrap_or(u64::MAX);
+                let piece_end = d.end.min(span.end).min(next_part);
+                out.push(Piece::Dropped(Span::new(at, piece_end)));
+                at = piece_end;
+                continue;
+            }
+            break;
+        }
+        (out, at)
+    }
+
+    /// Whether the stream is complete and `offset` is at its end.
+    pub fn finished_at(&self, offset: u64) -> bool {
+        let st = lock(&self.state);
+        st.final_len.is_some_and(|n| offset >= n)
+    }
+
+    fn absorb(&self, listing: Listing) -> bool {
+        let mut st = lock(&self.state);
+        let mut changed = false;
+        if listing.complete_parts {
+            // A part another replica stored and then removed (it lost a race): forget it. Parts
+            // this process wrote are always in a listing taken after their write.
+            let listed: HashSet<(u64, u64)> = listing
+                .parts
+                .iter()
+                .map(|p| (p.span.start, p.span.end))
+                .collect();
+            let before = st.parts.len();
+            st.parts.retain(|k, p| p.local || listed.contains(k));
+            if st.parts.len() != before {
+                let mut stored = RangeSet::new();
+                for p in st.parts.values() {
+                    stored.insert(p.span);
+                }
+                st.stored = stored;
+                changed = true;
+            }
+        }
+        let State { parts, stored, .. } = &mut *st;
+        for p in listing.parts {
+            if let Entry::Vacant(e) = parts.entry((p.span.start, p.span.end)) {
+                stored.insert(p.span);
+                e.insert(p);
+                changed = true;
+            }
+        }
+        for d in listing.dropped {
+            if !st.dropped.contains(d) {
+                st.dropped.insert(d);
+                changed = true;
+            }
+        }
+        if st.final_len.is_none() && listing.final_len.is_some() {
+            st.final_len = listing.final_len;
+            changed = true;
+        }
+        drop(st);
+        if changed {
+            self.notify();
+        }
+        changed
+    }
+}
+
+#[derive(Debug, Default)]
+struct Listing {
+    parts: Vec<Part>,
+    dropped: Vec<Span>,
+    final_len: Option<u64>,
+    complete_parts: bool,
+}
+
+/// The stream store.
+pub struct Store {
+    os: Arc<dyn ObjectStore>,
+    prefix: Path,
+    streams: Mutex<HashMap<String, Arc<Stream>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.os.to_string())
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl Store {
+    pub fn new(os: Arc<dyn ObjectStore>, prefix: Path, metrics: Arc<Metrics>) -> Self {
+        Self {
+            os,
+            prefix,
+            streams: Mutex::default(),
+            metrics,
+        }
+    }
+
+    fn key(&self, id: &str, rest: &str) -> Path {
+        let mut p = self.prefix.clone().join("streams").join(id);
+        for seg in rest.split('/') {
+            p = p.join(seg);
+        }
+        p
+    }
+
+    fn cached(&self, id: &str) -> Option<Arc<Stream>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn cache(&self, stream: Stream) -> Arc<Stream> {
+        let mut map = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let s = map
+            .entry(stream.id.clone())
+            .or_insert_with(|| Arc::new(stream))
+            .clone();
+        self.metrics.streams_open.set(map.len() as i64);
+        s
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, object_store::Error>>,
+    ) -> Result<T, object_store::Error> {
+        let t = Instant::now();
+        let r = f.await;
+        self.metrics.storage_latency(op, t.elapsed(), r.is_ok());
+        r
+    }
+
+    /// Creates the stream if it does not exist (idempotent) and returns it with its current state.
+    pub async fn create(&self, id: String, meta: StreamMeta) -> Result<Arc<Stream>, StoreError> {
+        if let Some(s) = self.cached(&id) {
+            return Ok(s);
+        }
+        let key = self.key(&id, "meta.json");
+        let body = serde_json::to_vec(&meta).map_err(|_| StoreError::Corrupt { id: id.clone() })?;
+        let opts = PutOptions::from(PutMode::Create);
+        match self
+            .timed("put", self.os.put_opts(&key, body.into(), opts))
+            .await
+        {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let stream = Stream::new(id, meta);
+        stream.absorb(self.list(&stream.id).await?);
+        Ok(self.cache(stream))
+    }
+
+    /// Finds a stream by id, loading it from storage when it is not cached.
+    pub async fn open(&self, id: &str) -> Result<Option<Arc<Stream>>, StoreError> {
+        if let Some(s) = self.cached(id) {
+            return Ok(Some(s));
+        }
+        let key = self.key(id, "meta.json");
+        let meta = match self.timed("get", self.os.get(&key)).await {
+            Ok(r) => r.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let meta: StreamMeta =
+            serde_json::from_slice(&meta).map_err(|_| StoreError::Corrupt { id: id.to_owned() })?;
+        let stream = Stream::new(id.to_owned(), meta);
+        stream.absorb(self.list(id).await?);
+        Ok(Some(self.cache(stream)))
+    }
+
+    /// Re-reads the stream's objects, picking up what other replicas stored.
+    pub async fn refresh(&self, stream: &Stream) -> Result<bool, StoreError> {
+        Ok(stream.absorb(self.list(&stream.id).await?))
+    }
+
+    async fn list(&self, id: &str) -> Result<Listing, StoreError> {
+        let prefix = self.prefix.clone().join("streams").join(id);
+        let t = Instant::now();
+        let metas: Vec<object_store::ObjectMeta> =
+            self.os.list(Some(&prefix)).try_collect().await?;
+        self.metrics.storage_latency("list", t.elapsed(), true);
+        let mut out = Listing {
+            complete_parts: true,
+            ..Listing::default()
+        };
+        for m in metas {
+            let mut parts = m.location.parts().collect::<Vec<_>>().into_iter().rev();
+            let Some(name) = parts.next() else { continue };
+            let parent = parts.next();
+            match (parent.as_ref().map(|p| p.as_ref()), name.as_ref()) {
+                (Some("parts"), n) => {
+                    if let Some(span) = parse_span_name(n) {
+                        out.parts.push(Part {
+                            span,
+                            key: m.location.clone(),
+                            received_ms: m.last_modified.timestamp_millis().max(0) as u64,
+                            local: false,
+                        });
+                    }
+                }
+                (Some("dropped"), n) => out.dropped.extend(parse_span_name(n)),
+                (_, "final") => {
+                    let b = self.timed("get", self.os.get(&m.location)).await?;
+                    let b = b.bytes().await?;
+                    out.final_len = std::str::from_utf8(&b)
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok());
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_span(&self, part: &Part, span: Span) -> Result<Bytes, StoreError> {
+        let range = (span.start - part.span.start)..(span.end - part.span.start);
+        Ok(self
+            .timed("get", self.os.get_range(&part.key, range))
+            .await?)
+    }
+
+    /// Reads the bytes of a stored piece.
+    pub async fn read_piece(&self, span: Span, part: &Part) -> Result<Bytes, StoreError> {
+        self.read_span(part, span).await
+    }
+
+    /// Checks `data` (bytes at `start`) against the stored parts in `parts` that overlap it.
+    async fn compare(&self, parts: &[Part], start: u64, data: &[u8]) -> Result<(), StoreError> {
+        let mine = Span::new(start, start + data.len() as u64);
+        for p in parts {
+            if !p.span.overlaps(&mine) {
+                continue;
+            }
+            let ov = Span::new(p.span.start.max(mine.start), p.span.end.min(mine.end));
+            let theirs = self.read_span(p, ov).await?;
+            let ours = &data[(ov.start - start) as usize..(ov.end - start) as usize];
+            if theirs.as_ref() != ours {
+                return Err(StoreError::Conflict { span: ov });
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores `data` at `start`; when `total` is given, also declares the final length.
+    ///
+    /// With `start` of `None` the bytes are appended after everything stored, dropped or being
+    /// written now.
+    pub async fn write(
+        &self,
+        stream: &Stream,
+        start: Option<u64>,
+        data: Bytes,
+        total: Option<u64>,
+    ) -> Result<Written, StoreError> {
+        let len = data.len() as u64;
+        // Reserve the range against concurrent writers in this process, then see what overlaps.
+        let (span, overlapping) = loop {
+            let mut rx = stream.subscribe();
+            {
+                let mut st = lock(&stream.state);
+                let start = start.unwrap_or_else(|| {
+                    let inflight = st.inflight.iter().map(|s| s.end).max().unwrap_or(0);
+                    st.stored.max_end().max(st.dropped.max_end()).max(inflight)
+                });
+                let span = Span::new(start, start + len);
+                if let Some(n) = st.final_len {
+                    if span.end > n {
+                        return Err(StoreError::BeyondFinal {
+                            end: span.end,
+                            length: n,
+                        });
+                    }
+                    if total.is_some_and(|t| t != n) {
+                        return Err(StoreError::FinalLength {
+                            wanted: total.unwrap_or(n),
+                            reason: format!("the declared final length {n}"),
+                        });
+                    }
+                }
+                if let Some(t) = total {
+                    let max = st.stored.max_end();
+                    if t < max {
+                        return Err(StoreError::FinalLength {
+                            wanted: t,
+                            reason: format!("bytes stored up to {max}"),
+                        });
+                    }
+                }
+                if span.is_empty() || !st.inflight.iter().any(|s| s.overlaps(&span)) {
+                    let overlapping: Vec<Part> = st
+                        .parts
+                        .values()
+                        .filter(|p| p.span.overlaps(&span))
+                        .cloned()
+                        .collect();
+                    let fully = st.stored.contains(span);
+                    if !span.is_empty() {
+                        st.inflight.push(span);
+                    }
+                    break (span, (overlapping, fully));
+                }
+            }
+            // Wait for the overlapping write in flight to finish.
+            let _ = rx.changed().await;
+        };
+        let result = self.write_reserved(stream, span, data, overlapping).await;
+        if !span.is_empty() {
+            let mut st = lock(&stream.state);
+            if let Some(i) = st.inflight.iter().position(|s| *s == span) {
+                st.inflight.swap_remove(i);
+            }
+        }
+        stream.notify();
+        let written = result?;
+        if let Some(t) = total {
+            self.declare_final(stream, t).await?;
+        }
+        Ok(written)
+    }
+
+    async fn write_reserved(
+        &self,
+        stream: &Stream,
+        span: Span,
+        data: Bytes,
+        (overlapping, fully): (Vec<Part>, bool),
+    ) -> Result<Written, StoreError> {
+        if span.is_empty() {
+            return Ok(Written::Unchanged);
+        }
+        self.compare(&overlapping, span.start, &data).await?;
+        if fully {
+            return Ok(Written::Unchanged);
+        }
+        let key = self.key(&stream.id, &format!("parts/{}", span_name(span)));
+        let len = data.len();
+        let put = self.os.put_opts(
+            &key,
+            PutPayload::from_bytes(data.clone()),
+            PutOptions::from(PutMode::Create),
+        );
+        let written = match self.timed("put", put).await {
+            Ok(_) => Written::Stored,
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                // The same range was stored before (a retry, or another replica).
+                let existing = self.timed("get", self.os.get(&key)).await?.bytes().await?;
+                if existing != data {
+                    return Err(StoreError::Conflict { span });
+                }
+                Written::Unchanged
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Another replica may have stored different bytes over part of this range since our
+        // snapshot: list again and compare with every part we did not know.
+        let listing = self.list(&stream.id).await?;
+        let known: HashSet<(u64, u64)> = overlapping
+            .iter()
+            .map(|p| (p.span.start, p.span.end))
+            .chain([(span.start, span.end)])
+            .collect();
+        let unknown: Vec<Part> = listing
+            .parts
+            .iter()
+            .filter(|p| p.span.overlaps(&span) && !known.contains(&(p.span.start, p.span.end)))
+            .cloned()
+            .collect();
+        if let Err(e) = self.compare(&unknown, span.start, &data).await {
+            if written == Written::Stored {
+                // Ours lost the race: remove it so readers never see two versions.
+                let _ = self.timed("delete", self.os.delete(&key)).await;
+            }
+            stream.absorb(Listing {
+                parts: listing.parts.into_iter().filter(|p| p.key != key).collect(),
+                ..Listing::default()
+            });
+            return Err(e);
+        }
+        stream.absorb(listing);
+        {
+            let mut st = lock(&stream.state);
+            st.parts
+                .entry((span.start, span.end))
+                .and_modify(|p| p.local = true)
+                .or_insert_with(|| Part {
+                    span,
+                    key,
+                    received_ms: now_ms(),
+                    local: true,
+                });
+            st.stored.insert(span);
+        }
+        self.metrics.bytes_stored.inc_by(len as u64);
+        Ok(written)
+    }
+
+    /// Declares the final length of the stream.
+    pub async fn declare_final(&self, stream: &Stream, total: u64) -> Result<(), StoreError> {
+        {
+            let st = lock(&stream.state);
+            match st.final_len {
+                Some(n) if n == total => return Ok(()),
+                Some(n) => {
+                    return Err(StoreError::FinalLength {
+                        wanted: total,
+                        reason: format!("the declared final length {n}"),
+                    });
+                }
+                None => {}
+            }
+            let covered = st.stored.union(&st.dropped).max_end();
+            if total < covered {
+                return Err(StoreError::FinalLength {
+                    wanted: total,
+                    reason: format!("bytes stored or dropped up to {covered}"),
+                });
+            }
+        }
+        let key = self.key(&stream.id, "final");
+        let put = self.os.put_opts(
+            &key,
+            PutPayload::from(total.to_string()),
+            PutOptions::from(PutMode::Create),
+        );
+        match self.timed("put", put).await {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let b = self.timed("get", self.os.get(&key)).await?.bytes().await?;
+                let n: Option<u64> = std::str::from_utf8(&b).ok().and_then(|s| s.parse().ok());
+                if n != Some(total) {
+                    return Err(StoreError::FinalLength {
+                        wanted: total,
+                        reason: format!("the declared final length {}", n.unwrap_or_default()),
+                    });
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        lock(&stream.state).final_len = Some(total);
+        stream.notify();
+        Ok(())
+    }
+
+    /// Records a `dropped` range. Never refused for load: it is what lets readers move on.
+    pub async fn mark_dropped(&self, stream: &Stream, span: Span) -> Result<(), StoreError> {
+        {
+            let st = lock(&stream.state);
+            if let Some(n) = st.final_len
+                && span.end > n
+            {
+                return Err(StoreError::BeyondFinal {
+                    end: span.end,
+                    length: n,
+                });
+            }
+            if st.dropped.contains(span) {
+                return Ok(());
+            }
+        }
+        let key = self.key(&stream.id, &format!("dropped/{}", span_name(span)));
+        let put = self
+            .os
+            .put_opts(&key, PutPayload::new(), PutOptions::from(PutMode::Create));
+        match self.timed("put", put).await {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        lock(&stream.state).dropped.insert(span);
+        self.metrics.bytes_dropped.inc_by(span.len());
+        stream.notify();
+        Ok(())
+    }
+
+    /// Reads `span` of the stream into memory (for tests and small reads).
+    pub async fn read_all(&self, stream: &Stream, span: Span) -> Result<Bytes, StoreError> {
+        let (pieces, _) = stream.plan(span);
+        let mut out = BytesMut::new();
+        let mut fetched = futures::stream::iter(pieces.into_iter().filter_map(|p| match p {
+            Piece::Data { span, part } => Some(async move { self.read_span(&part, span).await }),
+            Piece::Dropped(_) => None,
+        }))
+        .buffered(8);
+        while let Some(b) = fetched.next().await {
+            out.extend_from_slice(&b?);
+        }
+        Ok(out.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    fn store() -> Store {
+        Store::new(
+            Arc::new(InMemory::new()),
+            Path::from("t"),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    fn meta() -> StreamMeta {
+        StreamMeta {
+            context: Context::stream("workflows/w/triggers/t").unwrap(),
+            name: "stdout".into(),
+            source: Source::Entrypoint,
+        }
+    }
+
+    #[tokio::test]
+    async fn out_of_order_parts_resend_and_conflict() {
+        let s = store();
+        let st = s.create("a".into(), meta()).await.unwrap();
+        assert_eq!(
+            s.write(&st, Some(5), Bytes::from_static(b"world"), None)
+                .await
+                .unwrap(),
+            Written::Stored
+        );
+        assert_eq!(st.status().length, 0);
+        assert_eq!(st.status().pending, vec![Span::new(0, 5)]);
+        s.write(&st, Some(0), Bytes::from_static(b"hello"), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.write(&st, Some(2), Bytes::from_static(b"llowo"), None)
+                .await
+                .unwrap(),
+            Written::Unchanged
+        );
+        assert!(matches!(
+            s.write(&st, Some(2), Bytes::from_static(b"XXXXX"), None)
+                .await,
+            Err(StoreError::Conflict { .. })
+        ));
+        s.write(&st, Some(10), Bytes::new(), Some(10))
+            .await
+            .unwrap();
+        let status = st.status();
+        assert!(status.complete);
+        assert_eq!(
+            s.read_all(&st, Span::new(0, 10)).await.unwrap(),
+            &b"helloworld"[..]
+        );
+        assert!(matches!(
+            s.write(&st, Some(10), Bytes::from_static(b"!"), None).await,
+            Err(StoreError::BeyondFinal { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn dropped_ranges_are_skipped_and_survive_reload() {
+        let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let m = Arc::new(Metrics::new());
+        let s = Store::new(os.clone(), Path::from("t"), m.clone());
+        let st = s.create("a".into(), meta()).await.unwrap();
+        s.write(&st, Some(0), Bytes::from_static(b"abc"), None)
+            .await
+            .unwrap();
+        s.mark_dropped(&st, Span::new(3, 6)).await.unwrap();
+        s.write(&st, Some(6), Bytes::from_static(b"ghi"), Some(9))
+            .await
+            .unwrap();
+        assert!(st.status().complete);
+        let fresh = Store::new(os, Path::from("t"), m);
+        let st2 = fresh.open("a").await.unwrap().unwrap();
+        let status = st2.status();
+        assert!(status.complete);
+        assert_eq!(status.dropped, vec![Span::new(3, 6)]);
+        assert_eq!(
+            fresh.read_all(&st2, Span::new(0, 9)).await.unwrap(),
+            &b"abcghi"[..]
+        );
+        assert!(fresh.open("missing").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn two_stores_on_one_backend_do_not_diverge() {
+        let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let m = Arc::new(Metrics::new());
+        let a = Store::new(os.clone(), Path::from("t"), m.clone());
+        let b = Store::new(os, Path::from("t"), m);
+        let sa = a.create("x".into(), meta()).await.unwrap();
+        let sb = b.create("x".into(), meta()).await.unwrap();
+        a.write(&sa, Some(0), Bytes::from_static(b"0123456789"), None)
+            .await
+            .unwrap();
+        // b does not know a's part yet; a different overlapping range must still be refused.
+        assert!(matches!(
+            b.write(&sb, Some(5), Bytes::from_static(b"XXXXXXXXXX"), None)
+                .await,
+            Err(StoreError::Conflict { .. })
+        ));
+        b.write(&sb, Some(5), Bytes::from_static(b"56789abcde"), None)
+            .await
+            .unwrap();
+        a.refresh(&sa).await.unwrap();
+        assert_eq!(
+            a.read_all(&sa, Span::new(0, 15)).await.unwrap(),
+            &b"0123456789abcde"[..]
+        );
+    }
+}

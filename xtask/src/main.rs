@@ -1,0 +1,2 @@
+//! `cargo xtask <task>`: development tasks.
+fn main() {}
