@@ -14,7 +14,7 @@ use sha2::Sha256;
 
 /// Audience every token carries, so tokens minted for other services do not work here.
 pub const AUDIENCE: &str = "relay-metadata-api";
-const ISSUER: &str = "relay-metadata-api";
+pub const ISSUER: &str = "relay-metadata-api";
 /// Longest token accepted, before any parsing.
 pub const MAX_TOKEN_LEN: usize = 4096;
 
@@ -275,6 +275,12 @@ impl Keys {
             exp: now + ttl.as_secs().max(1),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.jwt_encoding)
+            .map_err(TokenError::Sign)
+    }
+
+    /// Signs arbitrary claims (tests use it for expired or odd tokens).
+    pub fn sign(&self, claims: &Claims) -> Result<String, TokenError> {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.jwt_encoding)
             .map_err(TokenError::Sign)
     }
 

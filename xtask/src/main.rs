@@ -1,2 +1,37 @@
-//! `cargo xtask <task>`: development tasks.
-fn main() {}
+//! `cargo xtask <task>`: development tasks for the workspace.
+
+mod bench;
+mod demo;
+mod fuzz;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Start the metadata API on local storage, write a stream, read it back, print it.
+    Demo(demo::Args),
+    /// Install what the tests need (storage emulators), check formatting and lints, run all tests.
+    Test(test::Args),
+    /// Ingest throughput benchmark of the metadata API against a plain file write.
+    Bench(bench::Args),
+    /// Run the cargo-fuzz targets (briefly by default).
+    Fuzz(fuzz::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Demo(a) => demo::run(a),
+        Task::Test(a) => test::run(a),
+        Task::Bench(a) => bench::run(a),
+        Task::Fuzz(a) => fuzz::run(a),
+    }
+}

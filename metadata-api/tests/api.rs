@@ -1,0 +1,760 @@
+//! Every route, status code and limit, through the real binary on a real socket.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{io::Write, time::Duration};
+
+use common::{Api, CTX, Server, TRIGGER};
+use metadata_api::auth::{AUDIENCE, Claims, Context, ISSUER, Scope};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+fn gzip(b: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(b).unwrap();
+    e.finish().unwrap()
+}
+
+async fn error_code(r: reqwest::Response) -> String {
+    let v: Value = r.json().await.unwrap();
+    assert!(v["message"].is_string(), "error body without message: {v}");
+    v["error"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn create_is_idempotent_and_validates() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let r = w.create(json!({"name": "stdout"})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let a: Value = r.json().await.unwrap();
+    let id = a["id"].as_str().unwrap();
+    assert_eq!(id.len(), 64);
+    assert!(
+        id.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    );
+    assert_eq!(a["name"], "stdout");
+    assert_eq!(a["source"], "entrypoint");
+    assert_eq!(a["length"], 0);
+    let b: Value = w
+        .create(json!({"name": "stdout"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(a["id"], b["id"]);
+    let other = w.stream("stderr").await;
+    assert_ne!(other, id);
+    // Names.
+    for bad in [
+        json!({"name": ""}),
+        json!({"name": "a/b"}),
+        json!({"name": "x".repeat(65)}),
+        json!({"name": "ünï"}),
+        json!({"name": 5}),
+        json!({}),
+        json!({"name": "a", "extra": 1}),
+        json!({"name": "a", "source": "other"}),
+    ] {
+        let r = w.create(bad.clone()).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(error_code(r).await, "bad_request");
+    }
+    assert_eq!(
+        w.create(json!({"name": "x".repeat(64)})).await.status(),
+        StatusCode::OK
+    );
+    // Malformed JSON.
+    let r = w
+        .req(Method::POST, "/logs")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // Oversized JSON body.
+    let r = w
+        .req(Method::POST, "/logs")
+        .body(vec![b' '; 100 << 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // A write token cannot pick another context or the ebpf source.
+    let r = w
+        .create(json!({"name": "stdout", "context": TRIGGER}))
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = w.create(json!({"name": "stdout", "source": "ebpf"})).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // A read token cannot create.
+    let rd = s.client(&s.token("workflows/w1", Scope::Read));
+    assert_eq!(
+        rd.create(json!({"name": "stdout"})).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    // Collectors create ebpf streams in the context they name.
+    let c = s.client(&s.token("workflows", Scope::Collector));
+    let r = c.create(json!({"name": "stdout", "context": CTX})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["source"], "ebpf");
+    assert_ne!(v["id"], a["id"]);
+    assert_eq!(
+        c.create(json!({"name": "stdout"})).await.status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        c.create(json!({"name": "stdout", "context": "workflows/../x"}))
+            .await
+            .status(),
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test]
+async fn tokens_are_checked() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let id = w.stream("stdout").await;
+    let mut anon = w.clone();
+    anon.token = None;
+    for (method, path) in [
+        (Method::POST, "/logs".to_owned()),
+        (Method::GET, format!("/logs/{id}")),
+        (Method::GET, format!("/logs/{id}/data")),
+        (Method::PATCH, format!("/logs/{id}/data")),
+        (Method::POST, format!("/logs/{id}/markers")),
+        (Method::GET, format!("/api/{CTX}/logs")),
+    ] {
+        let r = anon.req(method.clone(), &path).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    }
+    let keys = s.keys();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = |exp: u64, aud: &str| Claims {
+        sub: Context::stream(CTX).unwrap(),
+        scope: Scope::Write,
+        aud: aud.into(),
+        iss: ISSUER.into(),
+        iat: now - 100,
+        exp,
+    };
+    let expired = keys.sign(&claims(now - 60, AUDIENCE)).unwrap();
+    let wrong_aud = keys.sign(&claims(now + 60, "someone-else")).unwrap();
+    let forged = metadata_api::auth::Keys::from_secret(&[1; 32])
+        .mint(CTX, Scope::Write, Duration::from_secs(60))
+        .unwrap();
+    for bad in [
+        expired,
+        wrong_aud,
+        forged,
+        "garbage".into(),
+        "a.b.c".into(),
+        "x".repeat(5000),
+    ] {
+        let mut c = w.clone();
+        c.token = Some(bad);
+        assert_eq!(
+            c.create(json!({"name": "stdout"})).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let r = w
+        .http
+        .post(format!("{}/logs", s.url))
+        .header(
+            "authorization",
+            format!("Basic {}", s.token(CTX, Scope::Write)),
+        )
+        .json(&json!({"name": "stdout"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn foreign_unknown_and_odd_ids_are_404() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let id = w.stream("stdout").await;
+    let other = s.client(&s.token("workflows/w2/runs/r1/steps/s1", Scope::Write));
+    let other_reader = s.client(&s.token("workflows/w2", Scope::Read));
+    let near_reader = s.client(&s.token("workflows/w1x", Scope::Read));
+    for c in [&other, &other_reader, &near_reader] {
+        for (m, p) in [
+            (Method::GET, format!("/logs/{id}")),
+            (Method::GET, format!("/logs/{id}/data")),
+            (Method::PATCH, format!("/logs/{id}/data")),
+            (Method::POST, format!("/logs/{id}/markers")),
+        ] {
+            let r = c
+                .req(m.clone(), &p)
+                .header("content-range", "bytes 0-0/*")
+                .body("x")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::NOT_FOUND, "{m} {p}");
+            assert_eq!(error_code(r).await, "not_found");
+        }
+    }
+    let unknown = "0".repeat(64);
+    for p in [
+        format!("/logs/{unknown}"),
+        format!("/logs/{}", id.to_uppercase()),
+        "/logs/xyz".to_owned(),
+        "/logs/..%2F..%2Fkey".to_owned(),
+        "/logs/%2e%2e".to_owned(),
+        format!("/logs/{id}%00"),
+    ] {
+        let r = w.req(Method::GET, &p).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{p}");
+    }
+    // The collector sees only ebpf streams.
+    let c = s.client(&s.token("workflows", Scope::Collector));
+    assert_eq!(
+        c.req(Method::GET, &format!("/logs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    // A reader of the workflow sees it, and cannot write.
+    let rd = s.client(&s.token("workflows/w1", Scope::Read));
+    assert_eq!(rd.status(&id).await["context"], CTX);
+    assert_eq!(
+        rd.patch(&id, "bytes 0-0/*", "x").await.status(),
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test]
+async fn ranges_resends_conflicts_and_final_length() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let id = w.stream("stdout").await;
+    w.put_at(&id, 5, b"world").await;
+    let st = w.status(&id).await;
+    assert_eq!(st["length"], 0);
+    assert_eq!(st["end"], 10);
+    assert_eq!(st["pending"], json!([{"start": 0, "end": 5}]));
+    w.put_at(&id, 0, b"hello").await;
+    // Identical re-send: 202, nothing duplicated.
+    w.put_at(&id, 3, b"lowo").await;
+    assert_eq!(w.data(&id).await, b"helloworld");
+    // Overlap with different bytes.
+    let r = w.patch(&id, "bytes 8-11/*", "XXXX").await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(error_code(r).await, "conflict");
+    // Malformed or inconsistent ranges.
+    for (range, body, status) in [
+        ("bytes 0-1", "ab", StatusCode::BAD_REQUEST),
+        ("bytes 5-3/*", "ab", StatusCode::BAD_REQUEST),
+        ("bytes 10-12/*", "ab", StatusCode::BAD_REQUEST),
+        ("bytes 10-10/*", "ab", StatusCode::BAD_REQUEST),
+        ("bytes */5", "ab", StatusCode::BAD_REQUEST),
+        ("items 0-1/*", "ab", StatusCode::BAD_REQUEST),
+        ("bytes 10-11/11", "ab", StatusCode::BAD_REQUEST),
+        (
+            "bytes 99999999999999999999-1/*",
+            "ab",
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let r = w.patch(&id, range, body).await;
+        assert_eq!(r.status(), status, "{range}");
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"].is_string());
+    }
+    let r = w
+        .req(Method::PATCH, &format!("/logs/{id}/data"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_REQUEST,
+        "PATCH without Content-Range"
+    );
+    let r = w
+        .req(Method::PATCH, &format!("/logs/{id}/data"))
+        .header("content-type", "text/html")
+        .header("content-range", "bytes 10-10/*")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // POST appends at the end.
+    let r = w
+        .req(Method::POST, &format!("/logs/{id}/data"))
+        .header("content-type", "application/octet-stream")
+        .body("!!")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(w.data(&id).await, b"helloworld!!");
+    // Final length below what is stored, then the right one, then beyond it.
+    assert_eq!(
+        w.patch(&id, "bytes */5", Vec::new()).await.status(),
+        StatusCode::RANGE_NOT_SATISFIABLE
+    );
+    w.put_at(&id, 12, b"?").await;
+    w.finish(&id, 13).await;
+    w.finish(&id, 13).await;
+    let st = w.status(&id).await;
+    assert_eq!(st["complete"], true);
+    assert_eq!(st["final_length"], 13);
+    let r = w.patch(&id, "bytes 13-13/*", "x").await;
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(error_code(r).await, "range_not_satisfiable");
+    assert_eq!(
+        w.patch(&id, "bytes */14", Vec::new()).await.status(),
+        StatusCode::RANGE_NOT_SATISFIABLE
+    );
+    // `bytes a-b/N` stores and declares at once.
+    let id2 = w.stream("stderr").await;
+    w.put_at(&id2, 0, b"ab").await;
+    let r = w.patch(&id2, "bytes 2-3/4", "cd").await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(w.status(&id2).await["complete"], true);
+}
+
+#[tokio::test]
+async fn gzip_bodies_and_size_limits() {
+    let s = Server::start(&["--max-body", "64K", "--max-decoded", "1M"]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let id = w.stream("stdout").await;
+    let plain = common::bytes(1, 50_000);
+    let r = w
+        .req(Method::PATCH, &format!("/logs/{id}/data"))
+        .header("content-range", format!("bytes 0-{}/*", plain.len() - 1))
+        .header("content-encoding", "gzip")
+        .body(gzip(&plain))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(w.data(&id).await, plain);
+    // Over the wire limit, with and without Content-Length.
+    let big = vec![b'a'; 65 << 10];
+    let r = w
+        .patch(
+            &id,
+            &format!("bytes 50000-{}/*", 50_000 + big.len() - 1),
+            big.clone(),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let chunks = futures::stream::iter(
+        big.chunks(4096)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let r = w
+        .patch(
+            &id,
+            &format!("bytes 50000-{}/*", 50_000 + big.len() - 1),
+            reqwest::Body::wrap_stream(chunks),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // A gzip bomb: 32 MiB of zeros in 32 KiB.
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(&vec![0u8; 32 << 20]).unwrap();
+    let bomb = e.finish().unwrap();
+    assert!(bomb.len() < 64 << 10);
+    let r = w
+        .req(Method::PATCH, &format!("/logs/{id}/data"))
+        .header(
+            "content-range",
+            format!("bytes 50000-{}/*", 50_000 + (32 << 20) - 1),
+        )
+        .header("content-encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error_code(r).await, "too_large");
+    // Truncated and bogus gzip.
+    let mut cut = gzip(b"some log line\n");
+    cut.truncate(cut.len() - 6);
+    for body in [cut, b"not gzip at all".to_vec()] {
+        let r = w
+            .req(Method::PATCH, &format!("/logs/{id}/data"))
+            .header("content-range", "bytes 50000-50013/*")
+            .header("content-encoding", "gzip")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    }
+    let r = w
+        .req(Method::PATCH, &format!("/logs/{id}/data"))
+        .header("content-range", "bytes 50000-50001/*")
+        .header("content-encoding", "br")
+        .body("ab")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // Nothing of the refused requests was stored.
+    let st = w.status(&id).await;
+    assert_eq!(st["end"], 50_000);
+    let metrics = w
+        .req(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("relay_metadata_api_log_bytes_rejected_total{reason=\"too_large\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn markers_are_validated_skipped_and_reported() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let id = w.stream("stdout").await;
+    w.put_at(&id, 0, b"abc").await;
+    assert_eq!(
+        w.mark(&id, "bytes 3-5/*").await.status(),
+        StatusCode::ACCEPTED
+    );
+    w.put_at(&id, 6, b"ghi").await;
+    for (body, why) in [
+        (
+            json!({"range": "bytes 3-5/*", "markers": ["lost"]}),
+            "unknown marker",
+        ),
+        (json!({"range": "bytes 3-5/*", "markers": []}), "no marker"),
+        (
+            json!({"range": "bytes 5-3/*", "markers": ["dropped"]}),
+            "backwards",
+        ),
+        (
+            json!({"range": "bytes */9", "markers": ["dropped"]}),
+            "no range",
+        ),
+        (json!({"range": 5, "markers": ["dropped"]}), "wrong type"),
+        (json!({"markers": ["dropped"]}), "missing range"),
+    ] {
+        let r = w
+            .req(Method::POST, &format!("/logs/{id}/markers"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{why}");
+    }
+    let st = w.status(&id).await;
+    assert_eq!(st["length"], 9);
+    assert_eq!(st["dropped"], json!([{"start": 3, "end": 6}]));
+    let r = w
+        .req(Method::GET, &format!("/logs/{id}/data"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-relay-dropped"], "3-5");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"abcghi");
+    // Markers with a final length complete the stream.
+    assert_eq!(
+        w.mark(&id, "bytes 9-9/10").await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(w.status(&id).await["complete"], true);
+    // NDJSON shows where the gap is.
+    let rd = s.client(&s.token("workflows/w1", Scope::Read));
+    let text = rd
+        .req(Method::GET, &format!("/logs/{id}/data"))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let recs: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs[0]["type"], "data");
+    assert_eq!(recs[0]["data"], "abc");
+    assert_eq!(recs[1]["type"], "dropped");
+    assert_eq!(recs[1]["offset"], 3);
+    assert_eq!(recs[1]["length"], 3);
+    assert_eq!(recs[2]["data"], "ghi");
+    assert_eq!(recs[2]["offset"], 6);
+    assert_eq!(recs.last().unwrap()["type"], "dropped");
+}
+
+#[tokio::test]
+async fn throttling_answers_429_with_retry_after_and_stores_nothing() {
+    let s = Server::start(&["--stream-rate", "100K", "--global-rate", "1G"]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let id = w.stream("stdout").await;
+    let part = vec![b'x'; 80 << 10];
+    w.put_at(&id, 0, &part).await;
+    let r = w
+        .patch(
+            &id,
+            &format!("bytes {}-{}/*", part.len(), 2 * part.len() - 1),
+            part.clone(),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&after), "Retry-After {after}");
+    assert_eq!(w.status(&id).await["end"], part.len());
+    // Markers are never throttled.
+    assert_eq!(
+        w.mark(
+            &id,
+            &format!("bytes {}-{}/*", part.len(), 2 * part.len() - 1)
+        )
+        .await
+        .status(),
+        StatusCode::ACCEPTED
+    );
+    // Once the budget refills, the same request is accepted.
+    let off = 2 * part.len();
+    let status = common::eventually(Duration::from_secs(10), "budget refill", || {
+        let w = w.clone();
+        let id = id.clone();
+        let part = part.clone();
+        async move {
+            let r = w
+                .patch(
+                    &id,
+                    &format!("bytes {off}-{}/*", off + part.len() - 1),
+                    part,
+                )
+                .await;
+            (r.status() != StatusCode::TOO_MANY_REQUESTS).then_some(r.status())
+        }
+    })
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let metrics = w
+        .req(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("relay_metadata_api_throttled_requests_total{reason=\"stream_rate\"}")
+    );
+}
+
+#[tokio::test]
+async fn consumer_api_merges_sources_and_streams() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(TRIGGER, Scope::Write));
+    let c = s.client(&s.token("workflows", Scope::Collector));
+    let rd = s.client(&s.token("workflows/w1", Scope::Read));
+    let out = w.stream("stdout").await;
+    let err = w.stream("stderr").await;
+    w.put_at(&out, 0, b"line one\n").await;
+    w.put_at(&err, 0, b"oops\n").await;
+    // The entrypoint dropped a range the collector has.
+    w.mark(&out, "bytes 9-18/*").await;
+    w.put_at(&out, 19, b"line three\n").await;
+    let r = c
+        .create(json!({"name": "stdout", "context": TRIGGER}))
+        .await;
+    let ebpf: Value = r.json().await.unwrap();
+    let ebpf = ebpf["id"].as_str().unwrap().to_owned();
+    c.put_at(&ebpf, 0, b"line one\nline two!\nline three\n")
+        .await;
+    let path = format!("/api/{TRIGGER}/logs");
+    let all = rd.req(Method::GET, &path).send().await.unwrap();
+    assert_eq!(all.status(), StatusCode::OK);
+    let text = all.text().await.unwrap();
+    // Both streams, each complete and in order; interleaved by arrival.
+    assert!(text.contains("oops\n"), "{text:?}");
+    assert_eq!(
+        text.replacen("oops\n", "", 1),
+        "line one\nline two!\nline three\n"
+    );
+    let only = rd
+        .req(
+            Method::GET,
+            &format!("{path}?stream=stdout&source=entrypoint"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(only, "line one\nline three\n");
+    let ebpf_only = rd
+        .req(Method::GET, &format!("{path}?stream=stdout&source=ebpf"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(ebpf_only, "line one\nline two!\nline three\n");
+    let nd = rd
+        .req(Method::GET, &format!("{path}?stream=stdout"))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let recs: Vec<Value> = nd
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let sources: Vec<&str> = recs.iter().map(|r| r["source"].as_str().unwrap()).collect();
+    assert_eq!(sources, ["entrypoint", "ebpf", "entrypoint"], "{nd}");
+    assert!(
+        recs.iter()
+            .all(|r| r["stream"] == "stdout" && r["received_ms"].is_u64())
+    );
+    // Bad parameters and foreign readers.
+    for q in ["?stream=stdin", "?source=kernel", "?follow=maybe"] {
+        let r = rd
+            .req(Method::GET, &format!("{path}{q}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{q}");
+    }
+    let stranger = s.client(&s.token("workflows/w2", Scope::Read));
+    assert_eq!(
+        stranger
+            .req(Method::GET, &path)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    let r = rd
+        .req(Method::GET, "/api/workflows/w1/triggers/..%2F..%2Fx/logs")
+        .send()
+        .await
+        .unwrap();
+    assert!(matches!(
+        r.status(),
+        StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND
+    ));
+    // The writer can read its own step.
+    let own = w.req(Method::GET, &path).send().await.unwrap();
+    assert_eq!(own.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn ranged_reads() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let id = w.stream("stdout").await;
+    w.put_at(&id, 0, b"0123456789").await;
+    let r = w
+        .req(Method::GET, &format!("/logs/{id}/data"))
+        .header("range", "bytes=2-5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.headers()["content-range"], "bytes 2-5/*");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"2345");
+    let r = w
+        .req(Method::GET, &format!("/logs/{id}/data"))
+        .header("range", "bytes=7-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"789");
+    let r = w
+        .req(Method::GET, &format!("/logs/{id}/data"))
+        .header("range", "bytes=20-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(r.headers()["content-range"], "bytes */10");
+    let r = w
+        .req(Method::GET, &format!("/logs/{id}/data"))
+        .header("range", "lines=1-2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn health_and_metrics() {
+    let s = Server::start(&[]);
+    let api = Api {
+        http: reqwest::Client::new(),
+        url: s.url.clone(),
+        token: None,
+    };
+    for p in ["/healthz", "/readyz"] {
+        assert_eq!(
+            api.req(Method::GET, p).send().await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let id = w.stream("stdout").await;
+    w.put_at(&id, 0, b"abc").await;
+    let m = api
+        .req(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "relay_metadata_api_log_bytes_accepted_total 3",
+        "relay_metadata_api_http_requests_total{route=\"/logs/{id}/data\",status=\"202\"} 1",
+        "relay_metadata_api_storage_seconds_bucket",
+        "relay_metadata_api_streams_open 1",
+        "relay_metadata_api_followers 0",
+    ] {
+        assert!(m.contains(needle), "missing {needle} in\n{m}");
+    }
+    assert_eq!(
+        api.req(Method::GET, "/nope").send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        api.req(Method::DELETE, "/logs")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+}

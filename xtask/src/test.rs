@@ -1,0 +1,88 @@
+//! `cargo xtask test`: everything CI runs, installing what the tests need first.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::Context;
+
+use crate::util::{self, cache_dir, run};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Skip the short fuzzing run.
+    #[arg(long)]
+    pub no_fuzz: bool,
+    /// Seconds per fuzz target.
+    #[arg(long, default_value_t = 10)]
+    pub fuzz_seconds: u64,
+}
+
+/// Python packages of the storage emulators, pinned so a cached venv is reused only when it matches.
+const EMULATORS: &[&str] = &["moto[server]==5.2.5", "gcp-storage-emulator==2026.7.19"];
+
+/// Creates (once) a venv under ~/.cache with the S3 and GCS emulators; returns its bin directory.
+pub fn emulators() -> anyhow::Result<PathBuf> {
+    let venv = cache_dir().join("venv");
+    let bin = venv.join("bin");
+    let stamp = venv.join("relay-packages.txt");
+    let want = EMULATORS.join("\n");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+        return Ok(bin);
+    }
+    std::fs::create_dir_all(cache_dir())?;
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))?;
+    run(Command::new(bin.join("pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(EMULATORS))?;
+    std::fs::write(&stamp, want)?;
+    Ok(bin)
+}
+
+fn has(cmd: &str, arg: &str) -> bool {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let Args {
+        no_fuzz,
+        fuzz_seconds,
+    } = args;
+    let root = util::root();
+    let venv_bin = emulators().context("installing the storage emulators")?;
+    let path = std::env::join_paths(std::iter::once(venv_bin).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))?;
+    let cargo = || {
+        let mut c = Command::new(env!("CARGO"));
+        c.current_dir(&root).env("PATH", &path);
+        c
+    };
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    if !has("cargo-nextest", "--version") {
+        run(cargo().args(["install", "cargo-nextest", "--locked"]))?;
+    }
+    // Tests that need an emulator fail rather than skip under CI.
+    run(cargo()
+        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+        .env("RELAY_REQUIRE_EMULATORS", "1"))?;
+    run(cargo().args(["test", "--workspace", "--doc"]))?;
+    if !no_fuzz {
+        crate::fuzz::run(crate::fuzz::Args {
+            seconds: fuzz_seconds,
+            target: None,
+        })?;
+    }
+    Ok(())
+}
