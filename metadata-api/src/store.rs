@@ -489,7 +489,12 @@ impl Store {
                 continue;
             }
             let ov = Span::new(p.span.start.max(mine.start), p.span.end.min(mine.end));
-            let theirs = self.read_span(p, ov).await?;
+            let theirs = match self.read_span(p, ov).await {
+                Ok(b) => b,
+                // Removed since the listing: its writer lost a race and never acknowledged it.
+                Err(StoreError::Storage(object_store::Error::NotFound { .. })) => continue,
+                Err(e) => return Err(e),
+            };
             let ours = &data[(ov.start - start) as usize..(ov.end - start) as usize];
             if theirs.as_ref() != ours {
                 return Err(StoreError::Conflict { span: ov });
@@ -600,11 +605,30 @@ impl Store {
             Ok(_) => Written::Stored,
             Err(object_store::Error::AlreadyExists { .. }) => {
                 // The same range was stored before (a retry, or another replica).
-                let existing = self.timed("get", self.os.get(&key)).await?.bytes().await?;
-                if existing != data {
-                    return Err(StoreError::Conflict { span });
+                match self.timed("get", self.os.get(&key)).await {
+                    Ok(existing) => {
+                        if existing.bytes().await? != data {
+                            return Err(StoreError::Conflict { span });
+                        }
+                        Written::Unchanged
+                    }
+                    // It lost a race and was removed: ours may take its place.
+                    Err(object_store::Error::NotFound { .. }) => {
+                        let put = self.os.put_opts(
+                            &key,
+                            PutPayload::from_bytes(data.clone()),
+                            PutOptions::from(PutMode::Create),
+                        );
+                        match self.timed("put", put).await {
+                            Ok(_) => Written::Stored,
+                            Err(object_store::Error::AlreadyExists { .. }) => {
+                                return Err(StoreError::Conflict { span });
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Written::Unchanged
             }
             Err(e) => return Err(e.into()),
         };

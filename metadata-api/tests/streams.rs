@@ -1,0 +1,279 @@
+//! Parallel out-of-order writers, followers, restarts and replicas, through the real binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::{CTX, Server, TRIGGER, bytes, sha256};
+use futures::StreamExt;
+use metadata_api::auth::Scope;
+use rand::seq::SliceRandom;
+use reqwest::{Method, StatusCode};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_out_of_order_parts_read_back_identical() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let id = w.stream("stdout").await;
+    let source = Arc::new(bytes(42, 64 * 37_001));
+    let mut parts: Vec<usize> = (0..64).collect();
+    parts.shuffle(&mut rand::rng());
+    let part_len = 37_001;
+    let mut tasks = Vec::new();
+    for chunk in parts.chunks(8) {
+        let (w, id, source, chunk) = (w.clone(), id.clone(), source.clone(), chunk.to_vec());
+        tasks.push(tokio::spawn(async move {
+            for i in chunk {
+                let a = i * part_len;
+                w.put_at(&id, a as u64, &source[a..a + part_len]).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    w.finish(&id, source.len() as u64).await;
+    assert_eq!(w.status(&id).await["complete"], true);
+    assert_eq!(sha256(&w.data(&id).await), sha256(&source));
+}
+
+#[tokio::test]
+async fn follower_sees_later_bytes_and_ends_at_final_length() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let rd = s.client(&s.token("workflows/w1", Scope::Read));
+    let id = w.stream("stdout").await;
+    w.put_at(&id, 0, b"first\n").await;
+    let resp = rd
+        .req(Method::GET, &format!("/logs/{id}/data?follow=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.bytes_stream();
+    let mut got = Vec::new();
+    // Wait for the first chunk before writing more: the follower must see bytes written later.
+    while got.len() < 6 {
+        got.extend_from_slice(&body.next().await.unwrap().unwrap());
+    }
+    assert_eq!(got, b"first\n");
+    // A gap, filled afterwards: the follower waits on it and then goes on in order.
+    w.put_at(&id, 12, b"third\n").await;
+    w.put_at(&id, 6, b"second").await;
+    w.mark(&id, "bytes 18-19/*").await;
+    w.put_at(&id, 20, b"end").await;
+    w.finish(&id, 23).await;
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(chunk) = body.next().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "follower did not end at the final length");
+    assert_eq!(got, b"first\nsecondthird\nend");
+}
+
+#[tokio::test]
+async fn trigger_follow_streams_until_the_reader_leaves() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(TRIGGER, Scope::Write));
+    let rd = s.client(&s.token("workflows/w1", Scope::Read));
+    let id = w.stream("stderr").await;
+    let resp = rd
+        .req(Method::GET, &format!("/api/{TRIGGER}/logs?follow=true"))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    w.put_at(&id, 0, b"hook fired\n").await;
+    w.finish(&id, 11).await;
+    let mut text = String::new();
+    while !text.ends_with('\n') {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .expect("no record")
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let rec: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(rec["stream"], "stderr");
+    assert_eq!(rec["data"], "hook fired\n");
+    // Complete, yet a trigger stays open for more.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), body.next())
+            .await
+            .is_err(),
+        "trigger follow ended by itself"
+    );
+    let metrics = rd
+        .req(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("relay_metadata_api_followers 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = format!("file://{}", tmp.path().join("streams").display());
+    let mut s = Server::start_on(tmp.path(), &storage, &[]);
+    let token = s.token(CTX, Scope::Write);
+    let w = s.client(&token);
+    let id = w.stream("stdout").await;
+    let source = Arc::new(bytes(9, 400 * 16_384));
+    // A writer streams parts until the server dies under it; it records what got a 202.
+    let writer = {
+        let (w, id, source) = (w.clone(), id.clone(), source.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for (i, part) in source.chunks(16_384).enumerate() {
+                let a = i * 16_384;
+                let r = w
+                    .req(Method::PATCH, &format!("/logs/{id}/data"))
+                    .header(
+                        "content-range",
+                        format!("bytes {a}-{}/*", a + part.len() - 1),
+                    )
+                    .body(part.to_vec())
+                    .send()
+                    .await;
+                if r.is_ok_and(|r| r.status() == StatusCode::ACCEPTED) {
+                    acked.push(i);
+                } else {
+                    break;
+                }
+            }
+            acked
+        })
+    };
+    // Kill once a good share is in.
+    common::eventually(Duration::from_secs(20), "ingest progress", || {
+        let w = w.clone();
+        let id = id.clone();
+        async move { (w.status(&id).await["length"].as_u64().unwrap() > 1 << 20).then_some(()) }
+    })
+    .await;
+    s.kill();
+    let acked = writer.await.unwrap();
+    assert!(!acked.is_empty());
+    let s2 = Server::start_on(tmp.path(), &storage, &[]);
+    let w2 = s2.client(&token);
+    // Same id after restart, and the stream continues.
+    assert_eq!(w2.stream("stdout").await, id);
+    let data = w2.data(&id).await;
+    for &i in &acked {
+        let a = i * 16_384;
+        assert_eq!(
+            &data[a..a + 16_384],
+            &source[a..a + 16_384],
+            "part {i} lost"
+        );
+    }
+    let st = w2.status(&id).await;
+    let end = st["end"].as_u64().unwrap() as usize;
+    // Finish the stream from where it is.
+    let mut at = st["length"].as_u64().unwrap() as usize;
+    while at < source.len() {
+        let n = 16_384.min(source.len() - at);
+        w2.put_at(&id, at as u64, &source[at..at + n]).await;
+        at += n;
+    }
+    assert!(end <= source.len());
+    w2.finish(&id, source.len() as u64).await;
+    assert_eq!(sha256(&w2.data(&id).await), sha256(&source));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_on_shared_storage_do_not_corrupt_a_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = format!("file://{}", tmp.path().join("streams").display());
+    let a = Server::start_on(tmp.path(), &storage, &[]);
+    let b = Server::start_on(tmp.path(), &storage, &[]);
+    let token = a.token(CTX, Scope::Write);
+    let (wa, wb) = (a.client(&token), b.client(&token));
+    let id = wa.stream("stdout").await;
+    assert_eq!(wb.stream("stdout").await, id);
+    // Both replicas race to store different bytes over overlapping ranges, many times.
+    let mut winners = Vec::new();
+    for round in 0..40u64 {
+        let base = round * 100;
+        let (x, y) = (vec![b'a'; 60], vec![b'b'; 60]);
+        let (range_a, range_b) = (
+            format!("bytes {base}-{}/*", base + 59),
+            format!("bytes {}-{}/*", base + 30, base + 89),
+        );
+        let ra = wa.patch(&id, &range_a, x);
+        let rb = wb.patch(&id, &range_b, y);
+        let (ra, rb) = tokio::join!(ra, rb);
+        let (sa, sb) = (ra.status(), rb.status());
+        assert!(
+            !(sa == StatusCode::ACCEPTED && sb == StatusCode::ACCEPTED),
+            "round {round}: both conflicting writes were acknowledged"
+        );
+        for st in [sa, sb] {
+            assert!(
+                matches!(st, StatusCode::ACCEPTED | StatusCode::CONFLICT),
+                "{st}"
+            );
+        }
+        winners.push((base, sa == StatusCode::ACCEPTED, sb == StatusCode::ACCEPTED));
+    }
+    // Let readers pass the gaps, then check what each replica reads back against the winners.
+    let st = wa.status(&id).await;
+    for gap in st["pending"].as_array().unwrap() {
+        let (s, e) = (gap["start"].as_u64().unwrap(), gap["end"].as_u64().unwrap());
+        let r = wa.mark(&id, &format!("bytes {s}-{}/*", e - 1)).await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    for w in [&wa, &wb] {
+        let text = w
+            .req(Method::GET, &format!("/logs/{id}/data"))
+            .header("accept", "application/x-ndjson")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let mut image = vec![0u8; 4000];
+        for line in text.lines() {
+            let rec: serde_json::Value = serde_json::from_str(line).unwrap();
+            if rec["type"] == "data" {
+                let off = rec["offset"].as_u64().unwrap() as usize;
+                let data = rec["data"].as_str().unwrap().as_bytes();
+                image[off..off + data.len()].copy_from_slice(data);
+            }
+        }
+        for &(base, a_won, b_won) in &winners {
+            let base = base as usize;
+            if a_won {
+                assert!(
+                    image[base..base + 60].iter().all(|&c| c == b'a'),
+                    "round at {base}"
+                );
+            }
+            if b_won {
+                assert!(
+                    image[base + 30..base + 90].iter().all(|&c| c == b'b'),
+                    "round at {base}"
+                );
+            }
+            if !a_won && !b_won {
+                assert!(
+                    image[base..base + 90].iter().all(|&c| c == 0),
+                    "round at {base}: unacknowledged bytes kept"
+                );
+            }
+        }
+    }
+}
