@@ -3,8 +3,12 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use object_store::{
-    ObjectStore, aws::AmazonS3Builder, gcp::GoogleCloudStorageBuilder, local::LocalFileSystem,
-    memory::InMemory, path::Path,
+    ObjectStore,
+    aws::{AmazonS3Builder, S3ConditionalPut},
+    gcp::GoogleCloudStorageBuilder,
+    local::LocalFileSystem,
+    memory::InMemory,
+    path::Path,
 };
 
 use crate::{
@@ -121,6 +125,8 @@ pub fn open_storage(url: Option<&str>) -> Result<(Arc<dyn ObjectStore>, Path), C
         "s3" => Arc::new(
             AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
+                // Parts and markers are written with `If-None-Match: *` (S3 supports it natively).
+                .with_conditional_put(S3ConditionalPut::ETagMatch)
                 .build()
                 .map_err(|e| bad(url, e.to_string()))?,
         ),

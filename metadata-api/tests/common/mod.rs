@@ -22,6 +22,7 @@ pub struct Server {
     pub dir: PathBuf,
     pub key_file: PathBuf,
     pub storage: String,
+    pub env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -38,6 +39,16 @@ impl Server {
 
     /// Starts a server on `storage` with its key in `dir`.
     pub fn start_on(dir: &Path, storage: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(dir, storage, extra, &[])
+    }
+
+    /// Starts a server with extra environment variables (storage endpoints, credentials).
+    pub fn start_with_env(
+        dir: &Path,
+        storage: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Self {
         let key_file = dir.join("key");
         let mut child = Command::new(env!("CARGO_BIN_EXE_metadata-api"))
             .arg("serve")
@@ -51,6 +62,7 @@ impl Server {
             .arg(&key_file)
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -70,6 +82,7 @@ impl Server {
             dir: dir.to_owned(),
             key_file,
             storage: storage.to_owned(),
+            env: env.to_vec(),
             _tmp: None,
         }
     }

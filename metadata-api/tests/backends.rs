@@ -1,0 +1,169 @@
+//! The same stream life cycle on every storage backend: file (default), S3 (moto) and GCS
+//! (gcp-storage-emulator), the emulators started here from the venv `cargo xtask test` installs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    net::{TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{CTX, Server, bytes, sha256};
+use metadata_api::auth::Scope;
+
+struct Emulator(Child);
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `program args` and waits until it accepts connections on `port`; `None` (skip) when
+/// the program is not installed, unless `RELAY_REQUIRE_EMULATORS` is set (as in CI).
+fn emulator(program: &str, args: &[&str], port: u16) -> Option<Emulator> {
+    let child = match Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => Emulator(c),
+        Err(e) => {
+            assert!(
+                std::env::var_os("RELAY_REQUIRE_EMULATORS").is_none(),
+                "{program} is required: {e}"
+            );
+            eprintln!("SKIPPED: {program} not found ({e}); `cargo xtask test` installs it");
+            return None;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{program} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(child)
+}
+
+async fn life_cycle(s: &Server) {
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let id = w.stream("stdout").await;
+    let data = bytes(5, 300_000);
+    // Out of order, a re-send and a conflict, a dropped range, a final length.
+    w.put_at(&id, 100_000, &data[100_000..200_000]).await;
+    w.put_at(&id, 0, &data[..100_000]).await;
+    w.put_at(&id, 50_000, &data[50_000..150_000]).await;
+    let r = w.patch(&id, "bytes 0-2/*", "xyz").await;
+    assert_eq!(r.status(), reqwest::StatusCode::CONFLICT);
+    let r = w.mark(&id, "bytes 200000-249999/*").await;
+    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+    w.put_at(&id, 250_000, &data[250_000..]).await;
+    w.finish(&id, 300_000).await;
+    let st = w.status(&id).await;
+    assert_eq!(st["complete"], true, "{st}");
+    let mut want = data[..200_000].to_vec();
+    want.extend_from_slice(&data[250_000..]);
+    assert_eq!(sha256(&w.data(&id).await), sha256(&want));
+    // A second process on the same storage sees the same stream under the same id.
+    let again = Server::start_with_env(&s.dir, &s.storage, &[], &s.env);
+    let w2 = again.client(&again.token(CTX, Scope::Write));
+    assert_eq!(w2.stream("stdout").await, id);
+    assert_eq!(sha256(&w2.data(&id).await), sha256(&want));
+}
+
+#[tokio::test]
+async fn file_backend() {
+    life_cycle(&Server::start(&[])).await;
+}
+
+#[tokio::test]
+async fn s3_backend_on_moto() {
+    let port = free_port();
+    let Some(_moto) = emulator("moto_server", &["-p", &port.to_string()], port) else {
+        return;
+    };
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let r = reqwest::Client::new()
+        .put(format!("{endpoint}/relay-logs"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "create bucket: {}", r.status());
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_with_env(
+        tmp.path(),
+        "s3://relay-logs/tenant-logs",
+        &[],
+        &env(&[
+            ("AWS_ENDPOINT", endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ]),
+    );
+    life_cycle(&s).await;
+}
+
+#[tokio::test]
+async fn gcs_backend_on_gcp_storage_emulator_fails_cleanly() {
+    let port = free_port();
+    let Some(_gcs) = emulator(
+        "gcp-storage-emulator",
+        &[
+            "start",
+            "--port",
+            &port.to_string(),
+            "--in-memory",
+            "--default-bucket",
+            "relay-logs",
+        ],
+        port,
+    ) else {
+        return;
+    };
+    let key = serde_json::json!({
+        "gcs_base_url": format!("http://127.0.0.1:{port}"),
+        "disable_oauth": true,
+        "client_email": "",
+        "private_key": "",
+        "private_key_id": "",
+    })
+    .to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_with_env(
+        tmp.path(),
+        "gs://relay-logs/tenant-logs",
+        &[],
+        &env(&[("GOOGLE_SERVICE_ACCOUNT_KEY", key.as_str())]),
+    );
+    // Known gap: every object the store writes is a conditional create, which object_store sends
+    // as an XML API upload with `x-goog-if-generation-match: 0`; gcp-storage-emulator answers that
+    // header with 501 (plain uploads work). When the emulator learns it, this test fails: replace
+    // the assertions below by `life_cycle(&s).await`.
+    // Until then the service must fail cleanly: 503, Retry-After, a JSON error, no panic.
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let r = w.create(serde_json::json!({"name": "stdout"})).await;
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "unavailable");
+}
+
+fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
