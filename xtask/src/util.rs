@@ -35,7 +35,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Builds the release metadata-api binary and returns its path.
 pub fn build_metadata_api() -> anyhow::Result<PathBuf> {
-    run(Command::new(env!("CARGO")).current_dir(root()).args([
+    run(Command::new("cargo").current_dir(root()).args([
         "build",
         "--release",
         "--quiet",
