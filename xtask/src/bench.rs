@@ -1,0 +1,702 @@
+//! `cargo xtask bench`: ingest throughput of the metadata API against a plain file write.
+//!
+//! Realistic log lines are generated once, in memory. For every cell of the matrix (connections x
+//! part size x encoding) a fresh `metadata-api serve` on a fresh local directory receives the data:
+//! each connection is a thread with its own HTTP client (one keep-alive TCP connection), its own
+//! token and stream, sending its share in sequential PATCHes and then the final length. Gzip parts
+//! are compressed before the clock starts: the client's compression is not the server's cost.
+//!
+//! Reported per cell: wall-clock throughput, the server's CPU time (user + system, from
+//! `/proc/<pid>/stat`) per GiB, throughput per server core, and how that compares with `cat`
+//! copying the same bytes into a file. Timings are printed, never asserted.
+
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, anyhow, bail, ensure};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use reqwest::blocking::Client;
+
+use crate::util::{self, Server};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// MiB of log data sent in each cell [default: 256, or 32 with --quick].
+    #[arg(long)]
+    pub total_mb: Option<usize>,
+    /// Smoke test: 32 MiB by default, and only the cells with 1 MiB parts.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+const MIB: usize = 1 << 20;
+/// The connection counts of the matrix; each connection writes its own step's stream.
+const CONNS: [usize; 2] = [1, 8];
+/// The part sizes of the matrix.
+const PARTS: [usize; 2] = [64 << 10, MIB];
+/// How long one request may take before the bench gives up.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Limits generous enough that no budget throttles the bench.
+const SERVE_LIMITS: [&str; 12] = [
+    "--stream-rate",
+    "100G",
+    "--global-rate",
+    "100G",
+    "--stream-inflight",
+    "10G",
+    "--global-inflight",
+    "10G",
+    "--max-body",
+    "64M",
+    "--max-decoded",
+    "256M",
+];
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let Args { total_mb, quick } = args;
+    let total_mb = total_mb.unwrap_or(if quick { 32 } else { 256 });
+    ensure!(total_mb > 0, "--total-mb must be positive");
+    let total = total_mb
+        .checked_mul(MIB)
+        .context("--total-mb is too large")?;
+
+    let bin = util::build_metadata_api()?;
+    let dir = TempDir::create()?;
+    let key_file = dir.0.join("bench.key");
+    let max_conns = CONNS.iter().copied().max().unwrap_or(1);
+    let tokens = (1..=max_conns)
+        .map(|i| {
+            let context = format!("workflows/bench/runs/1/steps/s{i}");
+            util::token(&bin, &key_file, &context, "write")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let tck = clock_ticks();
+
+    eprintln!("bench: generating {total_mb} MiB of log lines");
+    let data = generate(total)?;
+    let cat = cat_baseline(&dir.0, &data)?;
+
+    let cells: Vec<Cell> = CONNS
+        .iter()
+        .flat_map(|&conns| PARTS.iter().map(move |&part| (conns, part)))
+        .filter(|&(_, part)| !quick || part == MIB)
+        .flat_map(|(conns, part)| {
+            [Encoding::Plain, Encoding::Gzip].map(|encoding| Cell {
+                conns,
+                part,
+                encoding,
+            })
+        })
+        .collect();
+    let mut rows = Vec::with_capacity(cells.len());
+    for (i, cell) in cells.iter().enumerate() {
+        eprintln!("bench: cell {}/{}: {cell}", i + 1, cells.len());
+        let storage = dir.0.join(format!("cell-{i}"));
+        let env = CellEnv {
+            bin: &bin,
+            key_file: &key_file,
+            storage: &storage,
+            tokens: &tokens,
+            tck,
+        };
+        let measured = bench_cell(&env, cell, &data);
+        // Each cell holds a full copy of the data on disk: free it before the next one.
+        let removed = std::fs::remove_dir_all(&storage)
+            .with_context(|| format!("cannot remove {}", storage.display()));
+        rows.push(measured.with_context(|| format!("cell {cell}"))?);
+        removed?;
+    }
+
+    print_report(total, cat, &cells, &rows);
+    Ok(())
+}
+
+/// Whether parts travel as they are or gzip-compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Plain,
+    Gzip,
+}
+
+/// One cell of the matrix.
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    conns: usize,
+    part: usize,
+    encoding: Encoding,
+}
+
+impl std::fmt::Display for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            conns,
+            part,
+            encoding,
+        } = self;
+        let encoding = match encoding {
+            Encoding::Plain => "plain",
+            Encoding::Gzip => "gzip",
+        };
+        write!(f, "{conns} conns, {} parts, {encoding}", size(*part))
+    }
+}
+
+/// What a cell measured.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    /// From the first PATCH to the last answer.
+    wall: Duration,
+    /// Server CPU seconds (user + system) over the same interval.
+    cpu: f64,
+    /// Bytes on the wire (request bodies), to show the gzip ratio.
+    wire: usize,
+}
+
+/// What every cell shares.
+#[derive(Debug)]
+struct CellEnv<'a> {
+    bin: &'a Path,
+    key_file: &'a Path,
+    storage: &'a Path,
+    /// One write token per connection, each for its own step context.
+    tokens: &'a [String],
+    /// Clock ticks per second, the unit of `/proc/<pid>/stat` times.
+    tck: f64,
+}
+
+/// A stream one connection writes, with the client that holds its connection.
+#[derive(Debug)]
+struct Upload {
+    client: Client,
+    token: String,
+    id: String,
+    /// Uncompressed bytes this connection sends.
+    len: usize,
+}
+
+/// One prepared PATCH.
+#[derive(Debug)]
+struct Part {
+    /// The `Content-Range` value.
+    range: String,
+    body: Vec<u8>,
+}
+
+/// Runs one cell on a fresh server and storage directory.
+fn bench_cell(env: &CellEnv<'_>, cell: &Cell, data: &[u8]) -> anyhow::Result<Measured> {
+    let Cell {
+        conns,
+        part,
+        encoding,
+    } = *cell;
+    ensure!(
+        conns <= env.tokens.len(),
+        "{conns} connections but only {} tokens",
+        env.tokens.len()
+    );
+    std::fs::create_dir_all(env.storage)
+        .with_context(|| format!("cannot create {}", env.storage.display()))?;
+    let storage = format!("file://{}", env.storage.display());
+    let key_file = env.key_file.to_string_lossy();
+    let mut serve_args = vec!["--listen", "127.0.0.1:0", "--storage", &storage];
+    serve_args.extend(["--key-file", &key_file]);
+    serve_args.extend(SERVE_LIMITS);
+    let server = Server::start(env.bin, &serve_args)?;
+    let url = server.url.as_str();
+    let pid = server.child.id();
+
+    // Everything but the PATCHes happens before the clock starts: clients and their connections
+    // (the create request opens them), streams, and gzip compression.
+    let mut uploads = Vec::with_capacity(conns);
+    let mut plans = Vec::with_capacity(conns);
+    for (share, token) in shares(data, conns).into_iter().zip(env.tokens) {
+        uploads.push(create(url, token, share.len())?);
+        plans.push(prepare(share, part, encoding)?);
+    }
+    let wire = plans.iter().flatten().map(|p| p.body.len()).sum();
+
+    let cpu_before = server_cpu(pid, env.tck)?;
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let threads: Vec<_> = uploads
+            .iter()
+            .zip(plans)
+            .map(|(upload, parts)| s.spawn(move || send(url, upload, parts, encoding)))
+            .collect();
+        threads
+            .into_iter()
+            .try_for_each(|t| t.join().map_err(|_| anyhow!("an upload thread panicked"))?)
+    })?;
+    let wall = start.elapsed();
+    let cpu = server_cpu(pid, env.tck)? - cpu_before;
+
+    for upload in &uploads {
+        verify(url, upload)?;
+    }
+    drop(server);
+    Ok(Measured { wall, cpu, wire })
+}
+
+/// Splits `data` into `n` contiguous shares, the last one taking the remainder.
+fn shares(data: &[u8], n: usize) -> Vec<&[u8]> {
+    let each = data.len() / n.max(1);
+    (0..n)
+        .map(|i| {
+            let end = if i + 1 == n {
+                data.len()
+            } else {
+                (i + 1) * each
+            };
+            &data[i * each..end]
+        })
+        .collect()
+}
+
+/// Opens a client (one keep-alive connection) and creates the `stdout` stream of `token`'s step.
+fn create(url: &str, token: &str, len: usize) -> anyhow::Result<Upload> {
+    let client = Client::builder().timeout(REQUEST_TIMEOUT).build()?;
+    let resp = client
+        .post(format!("{url}/logs"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"name": "stdout"}))
+        .send()
+        .context("POST /logs")?;
+    let status = resp.status();
+    if !status.is_success() {
+        bail!("POST /logs answered {status}: {}", resp.text()?);
+    }
+    let created: serde_json::Value = resp.json().context("POST /logs answer")?;
+    let id = created["id"]
+        .as_str()
+        .context("POST /logs answer has no id")?
+        .to_owned();
+    ensure!(
+        created["length"].as_u64() == Some(0),
+        "stream {id} is not new: {created}"
+    );
+    Ok(Upload {
+        client,
+        token: token.to_owned(),
+        id,
+        len,
+    })
+}
+
+/// Cuts a share into parts of `part` bytes, compressing them when the encoding asks for it.
+fn prepare(share: &[u8], part: usize, encoding: Encoding) -> anyhow::Result<Vec<Part>> {
+    let mut offset = 0;
+    let mut out = Vec::with_capacity(share.len().div_ceil(part));
+    for chunk in share.chunks(part) {
+        let range = format!("bytes {offset}-{}/*", offset + chunk.len() - 1);
+        let body = match encoding {
+            Encoding::Plain => chunk.to_vec(),
+            Encoding::Gzip => {
+                let mut gz = flate2::write::GzEncoder::new(
+                    Vec::with_capacity(chunk.len() / 4),
+                    flate2::Compression::default(),
+                );
+                gz.write_all(chunk)?;
+                gz.finish()?
+            }
+        };
+        out.push(Part { range, body });
+        offset += chunk.len();
+    }
+    Ok(out)
+}
+
+/// Sends the parts in order on the upload's connection, then declares the final length.
+fn send(url: &str, upload: &Upload, parts: Vec<Part>, encoding: Encoding) -> anyhow::Result<()> {
+    let data_url = format!("{url}/logs/{}/data", upload.id);
+    let patch = |range: &str, body: Vec<u8>, gzip: bool| -> anyhow::Result<()> {
+        let mut req = upload
+            .client
+            .patch(&data_url)
+            .bearer_auth(&upload.token)
+            .header("content-type", "application/octet-stream")
+            .header("content-range", range)
+            .body(body);
+        if gzip {
+            req = req.header("content-encoding", "gzip");
+        }
+        let resp = req.send().with_context(|| format!("PATCH {range}"))?;
+        let status = resp.status();
+        // Reading the answer to its end keeps the connection reusable.
+        let text = resp.text()?;
+        ensure!(
+            status.as_u16() == 202,
+            "PATCH {range} answered {status}: {text}"
+        );
+        Ok(())
+    };
+    for Part { range, body } in parts {
+        patch(&range, body, encoding == Encoding::Gzip)?;
+    }
+    patch(&format!("bytes */{}", upload.len), Vec::new(), false)
+}
+
+/// Checks that the service stored every byte sent, and the stream is complete.
+fn verify(url: &str, upload: &Upload) -> anyhow::Result<()> {
+    let resp = upload
+        .client
+        .get(format!("{url}/logs/{}", upload.id))
+        .bearer_auth(&upload.token)
+        .send()
+        .context("GET stream status")?;
+    let status = resp.status();
+    if !status.is_success() {
+        bail!(
+            "GET /logs/{} answered {status}: {}",
+            upload.id,
+            resp.text()?
+        );
+    }
+    let st: serde_json::Value = resp.json()?;
+    let length = st["length"].as_u64();
+    ensure!(
+        length == Some(upload.len as u64) && st["complete"].as_bool() == Some(true),
+        "stream {} holds {length:?} bytes (complete: {}), {} were sent",
+        upload.id,
+        st["complete"],
+        upload.len
+    );
+    Ok(())
+}
+
+/// CPU seconds (user + system, all threads) the process has used so far.
+fn server_cpu(pid: u32, tck: f64) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it. The
+    // first field after it is field 3, so utime (14) and stime (15) are the 12th and 13th.
+    let (_, rest) = stat
+        .rsplit_once(')')
+        .with_context(|| format!("unexpected {path}: {stat:?}"))?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let mut tick = || -> anyhow::Result<f64> {
+        let f = fields
+            .next()
+            .with_context(|| format!("{path} is too short"))?;
+        Ok(f.parse::<u64>()
+            .with_context(|| format!("bad CPU time {f:?} in {path}"))? as f64)
+    };
+    let (utime, stime) = (tick()?, tick()?);
+    Ok((utime + stime) / tck)
+}
+
+/// `getconf CLK_TCK`, or 100 (the usual value) when it cannot be had.
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|&t| t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// MiB/s of `cat SRC > DST` for the data, best of three (the source is in the page cache).
+fn cat_baseline(dir: &Path, data: &[u8]) -> anyhow::Result<f64> {
+    let src = dir.join("cat-src.log");
+    let dst = dir.join("cat-dst.log");
+    std::fs::write(&src, data).with_context(|| format!("cannot write {}", src.display()))?;
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let _ = std::fs::remove_file(&dst);
+        let start = Instant::now();
+        // Paths go in as positional parameters: no quoting to get wrong.
+        let status = Command::new("sh")
+            .args(["-c", r#"cat "$0" > "$1""#])
+            .arg(&src)
+            .arg(&dst)
+            .status()
+            .context("cannot run sh")?;
+        let took = start.elapsed();
+        ensure!(status.success(), "cat failed: {status}");
+        best = best.min(took);
+    }
+    let copied = std::fs::metadata(&dst)?.len();
+    ensure!(
+        copied == data.len() as u64,
+        "cat copied {copied} bytes of {}",
+        data.len()
+    );
+    std::fs::remove_file(&src)?;
+    std::fs::remove_file(&dst)?;
+    Ok(mib(data.len()) / best.as_secs_f64())
+}
+
+/// Prints the markdown table, the baseline and what the columns mean.
+fn print_report(total: usize, cat: f64, cells: &[Cell], rows: &[Measured]) {
+    println!(
+        "| conns | part | encoding | MiB/s | server CPU s/GiB | MiB/s per server core | x cat |"
+    );
+    println!(
+        "|------:|-----:|:---------|------:|-----------------:|----------------------:|------:|"
+    );
+    let mut ratios = String::new();
+    for (cell, m) in cells.iter().zip(rows) {
+        let Cell {
+            conns,
+            part,
+            encoding,
+        } = *cell;
+        let rate = mib(total) / m.wall.as_secs_f64();
+        let cpu_per_gib = m.cpu / (mib(total) / 1024.0);
+        let per_core = if m.cpu > 0.0 {
+            mib(total) / m.cpu
+        } else {
+            f64::INFINITY
+        };
+        let enc = match encoding {
+            Encoding::Plain => "plain",
+            Encoding::Gzip => {
+                let _ = write!(
+                    ratios,
+                    " {conns}x{}: {:.1}x;",
+                    size(part),
+                    total as f64 / m.wire_bytes()
+                );
+                "gzip"
+            }
+        };
+        println!(
+            "| {conns} | {} | {enc} | {rate:.1} | {cpu_per_gib:.2} | {per_core:.1} | {:.1} |",
+            size(part),
+            cat / per_core
+        );
+    }
+    println!();
+    println!(
+        "Baseline: `cat src > dst` of the same {:.0} MiB (page cache, best of 3): {cat:.1} MiB/s.",
+        mib(total)
+    );
+    println!(
+        "x cat = cat MiB/s / service MiB/s per server core: how many times more CPU time per byte \
+         the service spends than cat takes wall time per byte."
+    );
+    if !ratios.is_empty() {
+        println!(
+            "gzip ratio on the wire (conns x part: uncompressed / body bytes):{}",
+            ratios.trim_end_matches(';')
+        );
+    }
+}
+
+impl Measured {
+    /// Bytes on the wire as a float, never zero.
+    fn wire_bytes(&self) -> f64 {
+        self.wire.max(1) as f64
+    }
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
+/// `64 KiB`, `1 MiB`.
+fn size(bytes: usize) -> String {
+    if bytes >= MIB && bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}
+
+/// Words log messages are made of.
+const WORDS: &[&str] = &[
+    "request",
+    "handled",
+    "connection",
+    "opened",
+    "closed",
+    "retrying",
+    "upstream",
+    "timeout",
+    "cache",
+    "miss",
+    "hit",
+    "user",
+    "session",
+    "token",
+    "refreshed",
+    "job",
+    "queued",
+    "started",
+    "finished",
+    "failed",
+    "worker",
+    "shard",
+    "rebalanced",
+    "lease",
+    "acquired",
+    "released",
+    "flush",
+    "compaction",
+    "segment",
+    "checkpoint",
+    "written",
+    "snapshot",
+    "replica",
+    "leader",
+    "elected",
+    "heartbeat",
+    "missed",
+    "config",
+    "reloaded",
+    "watch",
+    "event",
+    "dropped",
+    "backpressure",
+    "buffer",
+    "full",
+    "download",
+    "upload",
+    "artifact",
+    "step",
+    "container",
+    "pulled",
+    "image",
+    "layer",
+    "exit",
+    "code",
+    "signal",
+    "received",
+    "graceful",
+    "shutdown",
+    "healthy",
+    "unhealthy",
+    "probe",
+    "latency",
+    "p99",
+];
+/// Components that log.
+const COMPONENTS: &[&str] = &[
+    "api",
+    "scheduler",
+    "runner",
+    "storage",
+    "auth",
+    "cache",
+    "gateway",
+    "indexer",
+    "uploader",
+    "watcher",
+    "builder",
+    "db",
+];
+/// Keys of `key=value` fields.
+const KEYS: &[&str] = &[
+    "status",
+    "duration_ms",
+    "bytes",
+    "attempt",
+    "shard",
+    "user_id",
+    "retries",
+    "queue_len",
+];
+
+/// Generates `total` bytes of log lines (timestamp, level, component, words, fields) from a
+/// fixed seed: the same data on every run.
+fn generate(total: usize) -> anyhow::Result<Vec<u8>> {
+    let mut rng = StdRng::seed_from_u64(0x10c5_bec4);
+    let pick = |rng: &mut StdRng, list: &[&'static str]| list[rng.random_range(0..list.len())];
+    let mut out = Vec::with_capacity(total + 512);
+    let mut ms: u64 = 8 * 3_600_000;
+    while out.len() < total {
+        ms += rng.random_range(0..40);
+        let (h, m, s, milli) = (
+            ms / 3_600_000 % 24,
+            ms / 60_000 % 60,
+            ms / 1000 % 60,
+            ms % 1000,
+        );
+        let level = match rng.random_range(0..100) {
+            0..70 => "INFO",
+            70..85 => "DEBUG",
+            85..95 => "WARN",
+            _ => "ERROR",
+        };
+        let component = pick(&mut rng, COMPONENTS);
+        write!(
+            out,
+            "2025-06-01T{h:02}:{m:02}:{s:02}.{milli:03}Z {level:<5} [{component}] "
+        )?;
+        for i in 0..rng.random_range(6..16) {
+            let sep = if i == 0 { "" } else { " " };
+            write!(out, "{sep}{}", pick(&mut rng, WORDS))?;
+        }
+        for _ in 0..rng.random_range(1..5) {
+            let key = pick(&mut rng, KEYS);
+            write!(out, " {key}={}", rng.random_range(0..1000))?;
+        }
+        if rng.random_bool(0.25) {
+            write!(out, " trace_id={:016x}", rng.random::<u64>())?;
+        }
+        out.push(b'\n');
+    }
+    out.truncate(total);
+    Ok(out)
+}
+
+/// A directory under the system temp dir, removed with everything in it on drop.
+#[derive(Debug)]
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create() -> anyhow::Result<Self> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path =
+            std::env::temp_dir().join(format!("relay-bench-{}-{nanos:x}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_data_is_log_lines_of_the_asked_size() {
+        let data = generate(MIB).unwrap();
+        assert_eq!(data.len(), MIB);
+        assert_eq!(
+            data,
+            generate(MIB).unwrap(),
+            "the seed makes it reproducible"
+        );
+        let lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+        // The last line is cut at the size limit.
+        let whole = &lines[..lines.len() - 1];
+        let mean = whole.iter().map(|l| l.len() + 1).sum::<usize>() / whole.len();
+        assert!((100..=200).contains(&mean), "mean line length {mean}");
+        assert!(whole.iter().all(|l| l.starts_with(b"2025-06-01T")));
+    }
+
+    #[test]
+    fn shares_cover_the_data_in_order() {
+        let data: Vec<u8> = (0..=255).collect();
+        for n in [1, 3, 8] {
+            assert_eq!(shares(&data, n).concat(), data);
+            assert_eq!(shares(&data, n).len(), n);
+        }
+    }
+}
