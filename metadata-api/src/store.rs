@@ -469,16 +469,12 @@ impl Store {
         Ok(out)
     }
 
-    async fn read_span(&self, part: &Part, span: Span) -> Result<Bytes, StoreError> {
+    /// Reads `span` (inside `part`) of a stored part.
+    pub async fn read_piece(&self, span: Span, part: &Part) -> Result<Bytes, StoreError> {
         let range = (span.start - part.span.start)..(span.end - part.span.start);
         Ok(self
             .timed("get", self.os.get_range(&part.key, range))
             .await?)
-    }
-
-    /// Reads the bytes of a stored piece.
-    pub async fn read_piece(&self, span: Span, part: &Part) -> Result<Bytes, StoreError> {
-        self.read_span(part, span).await
     }
 
     /// Checks `data` (bytes at `start`) against the stored parts in `parts` that overlap it.
@@ -489,7 +485,7 @@ impl Store {
                 continue;
             }
             let ov = Span::new(p.span.start.max(mine.start), p.span.end.min(mine.end));
-            let theirs = match self.read_span(p, ov).await {
+            let theirs = match self.read_piece(ov, p).await {
                 Ok(b) => b,
                 // Removed since the listing: its writer lost a race and never acknowledged it.
                 Err(StoreError::Storage(object_store::Error::NotFound { .. })) => continue,
@@ -757,7 +753,7 @@ impl Store {
         let (pieces, _) = stream.plan(span);
         let mut out = BytesMut::new();
         let mut fetched = futures::stream::iter(pieces.into_iter().filter_map(|p| match p {
-            Piece::Data { span, part } => Some(async move { self.read_span(&part, span).await }),
+            Piece::Data { span, part } => Some(async move { self.read_piece(span, &part).await }),
             Piece::Dropped(_) => None,
         }))
         .buffered(8);

@@ -338,13 +338,13 @@ async fn gzip_bodies_and_size_limits() {
     let id = w.stream("stdout").await;
     let plain = common::bytes(1, 50_000);
     let r = w
-        .req(Method::PATCH, &format!("/logs/{id}/data"))
-        .header("content-range", format!("bytes 0-{}/*", plain.len() - 1))
-        .header("content-encoding", "gzip")
-        .body(gzip(&plain))
-        .send()
-        .await
-        .unwrap();
+        .patch_encoded(
+            &id,
+            &format!("bytes 0-{}/*", plain.len() - 1),
+            "gzip",
+            gzip(&plain),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert_eq!(w.data(&id).await, plain);
     // Over the wire limit, with and without Content-Length.
@@ -393,35 +393,18 @@ async fn gzip_bodies_and_size_limits() {
     cut.truncate(cut.len() - 6);
     for body in [cut, b"not gzip at all".to_vec()] {
         let r = w
-            .req(Method::PATCH, &format!("/logs/{id}/data"))
-            .header("content-range", "bytes 50000-50013/*")
-            .header("content-encoding", "gzip")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+            .patch_encoded(&id, "bytes 50000-50013/*", "gzip", body)
+            .await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     }
     let r = w
-        .req(Method::PATCH, &format!("/logs/{id}/data"))
-        .header("content-range", "bytes 50000-50001/*")
-        .header("content-encoding", "br")
-        .body("ab")
-        .send()
-        .await
-        .unwrap();
+        .patch_encoded(&id, "bytes 50000-50001/*", "br", "ab")
+        .await;
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     // Nothing of the refused requests was stored.
     let st = w.status(&id).await;
     assert_eq!(st["end"], 50_000);
-    let metrics = w
-        .req(Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = w.text("/metrics").await;
     assert!(
         metrics.contains("relay_metadata_api_log_bytes_rejected_total{reason=\"too_large\"}"),
         "{metrics}"
@@ -556,14 +539,7 @@ async fn throttling_answers_429_with_retry_after_and_stores_nothing() {
     })
     .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let metrics = w
-        .req(Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = w.text("/metrics").await;
     assert!(
         metrics.contains("relay_metadata_api_throttled_requests_total{reason=\"stream_rate\"}")
     );
@@ -611,14 +587,7 @@ async fn consumer_api_merges_sources_and_streams() {
         .await
         .unwrap();
     assert_eq!(only, "line one\nline three\n");
-    let ebpf_only = rd
-        .req(Method::GET, &format!("{path}?stream=stdout&source=ebpf"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let ebpf_only = rd.text(&format!("{path}?stream=stdout&source=ebpf")).await;
     assert_eq!(ebpf_only, "line one\nline two!\nline three\n");
     let nd = rd
         .req(Method::GET, &format!("{path}?stream=stdout"))
@@ -728,14 +697,7 @@ async fn health_and_metrics() {
     let w = s.client(&s.token(CTX, Scope::Write));
     let id = w.stream("stdout").await;
     w.put_at(&id, 0, b"abc").await;
-    let m = api
-        .req(Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = api.text("/metrics").await;
     for needle in [
         "relay_metadata_api_log_bytes_accepted_total 3",
         "relay_metadata_api_http_requests_total{route=\"/logs/{id}/data\",status=\"202\"} 1",

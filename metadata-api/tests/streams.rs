@@ -108,14 +108,7 @@ async fn trigger_follow_streams_until_the_reader_leaves() {
             .is_err(),
         "trigger follow ended by itself"
     );
-    let metrics = rd
-        .req(Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = rd.text("/metrics").await;
     assert!(
         metrics.contains("relay_metadata_api_followers 1"),
         "{metrics}"

@@ -175,6 +175,34 @@ impl Api {
         assert_eq!(status, StatusCode::ACCEPTED, "{}", r.text().await.unwrap());
     }
 
+    /// PATCHes `body` with a `Content-Encoding`.
+    pub async fn patch_encoded(
+        &self,
+        id: &str,
+        range: &str,
+        encoding: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Response {
+        self.req(Method::PATCH, &format!("/logs/{id}/data"))
+            .header("content-range", range)
+            .header("content-encoding", encoding)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// GETs `path` and returns the body text.
+    pub async fn text(&self, path: &str) -> String {
+        self.req(Method::GET, path)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn finish(&self, id: &str, total: u64) {
         let r = self
             .patch(id, &format!("bytes */{total}"), Vec::new())
