@@ -1,17 +1,31 @@
 //! The metadata API log service: writers create log streams and append stdout/stderr parts, readers
 //! follow streams and read a trigger's or step's logs.
 //!
-//! `app` builds the router; `server` wires it to storage, credentials and a socket.
+//! `app` builds the router; `server` wires it to storage, credentials and a socket (feature
+//! `server`). `client` is what writers link (feature `client`): the HTTP calls and a shipper that
+//! batches, compresses, retries and accounts for every byte it is handed.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "server")]
 pub mod auth;
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "server")]
 pub mod error;
+#[cfg(feature = "server")]
 pub mod limits;
+#[cfg(feature = "server")]
 pub mod metrics;
 pub mod range;
+#[cfg(feature = "server")]
 pub mod read;
+#[cfg(feature = "server")]
 pub mod routes;
+#[cfg(feature = "server")]
 pub mod server;
+pub mod source;
+#[cfg(feature = "server")]
 pub mod store;
 
+#[cfg(feature = "server")]
 pub use routes::{AppState, app};

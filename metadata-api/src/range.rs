@@ -113,7 +113,9 @@ pub fn parse_range_request(header: &str) -> Result<(u64, Option<u64>), RangeErro
 }
 
 /// A half-open byte range `start..end`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Span {
     pub start: u64,
     pub end: u64,
@@ -141,16 +143,6 @@ impl fmt::Display for Span {
     /// Inclusive form, as in HTTP ranges: `0-99` for `0..100`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.start, self.end.saturating_sub(1))
-    }
-}
-
-impl serde::Serialize for Span {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("Span", 2)?;
-        st.serialize_field("start", &self.start)?;
-        st.serialize_field("end", &self.end)?;
-        st.end()
     }
 }
 
@@ -186,6 +178,16 @@ impl RangeSet {
             merged.end = merged.end.max(self.spans[last - 1].end);
         }
         self.spans.splice(first..last, [merged]);
+    }
+
+    /// Removes and returns the lowest span.
+    pub fn pop_first(&mut self) -> Option<Span> {
+        (!self.spans.is_empty()).then(|| self.spans.remove(0))
+    }
+
+    /// Bytes covered by the set.
+    pub fn covered(&self) -> u64 {
+        self.spans.iter().map(Span::len).sum()
     }
 
     /// End of the run that starts at 0 (0 when nothing starts at 0).

@@ -31,28 +31,7 @@ use crate::{
     range::{RangeSet, Span},
 };
 
-/// Which capture path wrote a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    Entrypoint,
-    Ebpf,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Entrypoint => "entrypoint",
-            Self::Ebpf => "ebpf",
-        }
-    }
-}
-
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::source::Source;
 
 /// What identifies a stream; stored once as `meta.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,496 @@
+//! The writer side of the metadata API: one HTTP call per operation ([`Client`]) and a
+//! [`Shipper`] that turns a byte stream into batched, compressed, retried appends and accounts for
+//! every byte it is handed (stored, or reported as `dropped`).
+//!
+//! The entrypoint and the collector both ship through this module, so the retry, backoff and
+//! accounting rules exist once.
+
+mod ship;
+
+use std::{
+    path::PathBuf,
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode, Uri, header};
+use hyper_util::{
+    client::legacy::{Client as HttpClient, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use serde::{Deserialize, Serialize};
+
+pub use ship::{ShipConfig, ShipReport, Shipper};
+
+use crate::{range::Span, source::Source};
+
+/// Largest error body kept for a diagnostic.
+const MAX_ERROR_BODY: usize = 512;
+
+/// Why a call to the metadata API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid metadata API URL {url:?}: {reason}")]
+    Url { url: String, reason: &'static str },
+    #[error("failed to read the token file {}", path.display())]
+    Token {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("request to the metadata API failed")]
+    Transport {
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("failed to read the metadata API's answer")]
+    Body {
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("the metadata API did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the metadata API answered {status}: {message}")]
+    Status {
+        status: u16,
+        message: String,
+        /// From a `Retry-After` header (429 and 503 carry one).
+        retry_after: Option<Duration>,
+    },
+    #[error("unexpected answer from the metadata API")]
+    Decode {
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ClientError {
+    /// Whether the same request may succeed later (network, overload, storage trouble, a token
+    /// that is being rotated).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Url { .. } | Self::Decode { .. } => false,
+            Self::Token { .. } | Self::Transport { .. } | Self::Body { .. } | Self::Timeout(_) => {
+                true
+            }
+            Self::Status { status, .. } => {
+                matches!(status, 401 | 408 | 425 | 429 | 500 | 502 | 503 | 504)
+            }
+        }
+    }
+
+    /// The delay the server asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The HTTP status, when the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Where the bearer token comes from.
+#[derive(Debug, Clone)]
+pub enum Token {
+    /// No `Authorization` header.
+    None,
+    /// A fixed token.
+    Value(String),
+    /// A file read again whenever it changes (projected service account tokens rotate).
+    File(PathBuf),
+}
+
+/// A file's identity and version, to notice a rotated token without re-reading it each time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    ino: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+#[derive(Debug)]
+struct TokenCache {
+    token: Token,
+    cached: Mutex<Option<(FileStamp, String)>>,
+}
+
+impl TokenCache {
+    fn bearer(&self) -> Result<Option<String>, ClientError> {
+        let path = match &self.token {
+            Token::None => return Ok(None),
+            Token::Value(v) => return Ok(Some(v.clone())),
+            Token::File(p) => p,
+        };
+        let err = |source| ClientError::Token {
+            path: path.clone(),
+            source,
+        };
+        // `metadata` follows symlinks: a projected volume swaps its `..data` link on rotation.
+        let md = std::fs::metadata(path).map_err(err)?;
+        let stamp = FileStamp {
+            ino: std::os::unix::fs::MetadataExt::ino(&md),
+            len: md.len(),
+            modified: md.modified().ok(),
+        };
+        let mut cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((s, v)) = cached.as_ref()
+            && *s == stamp
+        {
+            return Ok(Some(v.clone()));
+        }
+        let value = std::fs::read_to_string(path).map_err(err)?.trim().to_owned();
+        *cached = Some((stamp, value.clone()));
+        Ok(Some(value))
+    }
+}
+
+/// What a writer asks for when it opens a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StreamSpec {
+    pub name: String,
+    /// Defaults to the token's capture path (entrypoint for write tokens, ebpf for collectors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// Only collector tokens name a context; write tokens write in their own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+}
+
+impl StreamSpec {
+    /// A stream in the token's own context, on the token's capture path.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            source: None,
+            context: None,
+        }
+    }
+}
+
+/// The answer to `POST /logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Created {
+    pub id: String,
+    /// End of the stored-or-dropped prefix.
+    pub length: u64,
+    /// Highest offset stored or dropped: a restarted writer continues here.
+    pub end: u64,
+    pub complete: bool,
+}
+
+/// The answer to a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Ack {
+    pub length: u64,
+    pub end: u64,
+    pub complete: bool,
+}
+
+/// The parts of `GET /logs/{id}` a writer needs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StreamStatus {
+    pub length: u64,
+    pub end: u64,
+    pub pending: Vec<Span>,
+    pub complete: bool,
+    pub final_length: Option<u64>,
+}
+
+/// A request body for an append.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    /// The bytes on the wire.
+    pub body: Bytes,
+    /// Bytes after decoding (the length the `Content-Range` names).
+    pub len: u64,
+    pub gzip: bool,
+}
+
+impl Payload {
+    /// Bytes sent as they are.
+    pub fn plain(body: Bytes) -> Self {
+        Self {
+            len: body.len() as u64,
+            body,
+            gzip: false,
+        }
+    }
+
+    /// Bytes gzip-compressed at `level` (1 fastest .. 9 smallest).
+    pub fn gzip(data: &[u8], level: u32) -> Self {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(
+            Vec::with_capacity(data.len() / 4 + 64),
+            flate2::Compression::new(level.min(9)),
+        );
+        // Writing into a Vec cannot fail.
+        let compressed = enc.write_all(data).and_then(|()| enc.finish());
+        match compressed {
+            Ok(body) => Self {
+                body: body.into(),
+                len: data.len() as u64,
+                gzip: true,
+            },
+            Err(_) => Self::plain(Bytes::copy_from_slice(data)),
+        }
+    }
+}
+
+/// One connection pool to one metadata API.
+#[derive(Debug)]
+pub struct Client {
+    http: HttpClient<HttpConnector, Full<Bytes>>,
+    base: String,
+    token: TokenCache,
+    timeout: Duration,
+}
+
+impl Client {
+    /// A client for `url` (`http://host:port`, optionally with a path prefix). Each request,
+    /// including reading its answer, must finish within `timeout`.
+    pub fn new(url: &str, token: Token, timeout: Duration) -> Result<Self, ClientError> {
+        let base = url.trim_end_matches('/').to_owned();
+        let bad = |reason| ClientError::Url {
+            url: url.to_owned(),
+            reason,
+        };
+        let uri: Uri = base.parse().map_err(|_| bad("not a URL"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => return Err(bad("https is not supported; use http inside the cluster")),
+            _ => return Err(bad("the scheme must be http")),
+        }
+        if uri.host().is_none() {
+            return Err(bad("no host"));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout.min(Duration::from_secs(3))));
+        let http = HttpClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(Self {
+            http,
+            base,
+            token: TokenCache {
+                token,
+                cached: Mutex::new(None),
+            },
+            timeout,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(header::HeaderName, String)],
+        body: Bytes,
+    ) -> Result<Bytes, ClientError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(t) = self.token.bearer()? {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let req = req.body(Full::new(body)).map_err(|_| ClientError::Url {
+            url: format!("{}{path}", self.base),
+            reason: "cannot build a request for it",
+        })?;
+        let exchange = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|source| ClientError::Transport { source })?;
+            let status = resp.status();
+            let retry_after = resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|source| ClientError::Body { source })?
+                .to_bytes();
+            if status.is_success() {
+                return Ok(body);
+            }
+            Err(ClientError::Status {
+                status: status.as_u16(),
+                message: error_message(status, &body),
+                retry_after,
+            })
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout(self.timeout))?
+    }
+
+    /// `POST /logs`: creates the stream or finds it (idempotent).
+    pub async fn create(&self, spec: &StreamSpec) -> Result<Created, ClientError> {
+        let body = serde_json::to_vec(spec).map_err(|source| ClientError::Decode { source })?;
+        let json = [(header::CONTENT_TYPE, "application/json".to_owned())];
+        let b = self.call(Method::POST, "/logs", &json, body.into()).await?;
+        serde_json::from_slice(&b).map_err(|source| ClientError::Decode { source })
+    }
+
+    /// `GET /logs/{id}`.
+    pub async fn status(&self, id: &str) -> Result<StreamStatus, ClientError> {
+        let b = self
+            .call(Method::GET, &format!("/logs/{id}"), &[], Bytes::new())
+            .await?;
+        serde_json::from_slice(&b).map_err(|source| ClientError::Decode { source })
+    }
+
+    /// `PATCH /logs/{id}/data`: stores `payload` at `start`.
+    pub async fn append(&self, id: &str, start: u64, payload: &Payload) -> Result<Ack, ClientError> {
+        let mut headers = vec![
+            (
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{}/*", start + payload.len - 1),
+            ),
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+        ];
+        if payload.gzip {
+            headers.push((header::CONTENT_ENCODING, "gzip".to_owned()));
+        }
+        let b = self
+            .call(
+                Method::PATCH,
+                &format!("/logs/{id}/data"),
+                &headers,
+                payload.body.clone(),
+            )
+            .await?;
+        serde_json::from_slice(&b).map_err(|source| ClientError::Decode { source })
+    }
+
+    /// `PATCH /logs/{id}/data` with `bytes */total`: declares the final length.
+    pub async fn finish(&self, id: &str, total: u64) -> Result<Ack, ClientError> {
+        let headers = [(header::CONTENT_RANGE, format!("bytes */{total}"))];
+        let b = self
+            .call(
+                Method::PATCH,
+                &format!("/logs/{id}/data"),
+                &headers,
+                Bytes::new(),
+            )
+            .await?;
+        serde_json::from_slice(&b).map_err(|source| ClientError::Decode { source })
+    }
+
+    /// `POST /logs/{id}/markers`: reports `span` as dropped.
+    pub async fn mark_dropped(&self, id: &str, span: Span) -> Result<Ack, ClientError> {
+        let body = serde_json::json!({
+            "range": format!("bytes {span}/*"),
+            "markers": ["dropped"],
+        });
+        let json = [(header::CONTENT_TYPE, "application/json".to_owned())];
+        let b = self
+            .call(
+                Method::POST,
+                &format!("/logs/{id}/markers"),
+                &json,
+                body.to_string().into(),
+            )
+            .await?;
+        serde_json::from_slice(&b).map_err(|source| ClientError::Decode { source })
+    }
+}
+
+/// The server's JSON `message`, or a short excerpt of the body.
+fn error_message(status: StatusCode, body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        message: String,
+    }
+    if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
+        return e.message;
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY)]);
+    if text.trim().is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text.trim().to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_rules_follow_the_status() {
+        let st = |status| ClientError::Status {
+            status,
+            message: String::new(),
+            retry_after: None,
+        };
+        for s in [401, 429, 500, 503] {
+            assert!(st(s).is_retryable(), "{s}");
+        }
+        for s in [400, 403, 404, 409, 413, 415, 416] {
+            assert!(!st(s).is_retryable(), "{s}");
+        }
+    }
+
+    #[test]
+    fn urls_must_be_plain_http() {
+        for bad in ["ftp://x", "https://x:1", "not a url", "/relative"] {
+            assert!(
+                Client::new(bad, Token::None, Duration::from_secs(1)).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn gzip_payload_round_trips() {
+        use std::io::Read;
+        let data: Vec<u8> = (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let p = Payload::gzip(&data, 1);
+        assert!(p.gzip);
+        assert_eq!(p.len, data.len() as u64);
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&p.body[..])
+            .read_to_end(&mut out)
+            .expect("valid gzip");
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn token_file_is_read_again_when_it_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "one\n").expect("write");
+        let cache = TokenCache {
+            token: Token::File(path.clone()),
+            cached: Mutex::new(None),
+        };
+        assert_eq!(cache.bearer().expect("read").as_deref(), Some("one"));
+        // Rotation as a projected volume does it: a new file renamed over the old one.
+        let next = dir.path().join("token.new");
+        std::fs::write(&next, "two-rotated").expect("write");
+        std::fs::rename(&next, &path).expect("rename");
+        assert_eq!(cache.bearer().expect("read").as_deref(), Some("two-rotated"));
+    }
+}

@@ -1,0 +1,754 @@
+//! Shipping one byte stream to the metadata API.
+//!
+//! Producers (a pipe reader thread, the collector's ring buffer reader) hand bytes to a
+//! [`Shipper`] and never wait: bytes go into a bounded buffer, and when it is full they are dropped
+//! and their exact range is remembered. [`Shipper::run`] opens the stream, ships batches with
+//! `PATCH` at their offsets (several in flight, gzip, retries with backoff and `Retry-After`),
+//! reports dropped ranges with markers, and after [`Shipper::close`] declares the final length.
+//! Every byte handed over ends up stored, reported as dropped, or listed in
+//! [`ShipReport::unreported`] (the API could not be told before the deadline).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    future::Future,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use rand::Rng;
+use tokio::{
+    sync::Notify,
+    task::{AbortHandle, Id, JoinSet},
+    time::Instant,
+};
+
+use super::{Client, ClientError, Created, Payload, StreamSpec};
+use crate::range::{RangeSet, Span};
+
+/// Most generations tried when earlier ones of a stream are already complete.
+const MAX_GENERATIONS: u32 = 1000;
+/// Marker requests in flight at once.
+const MAX_MARKERS_IN_FLIGHT: usize = 2;
+
+/// Tuning of a [`Shipper`].
+#[derive(Debug, Clone)]
+pub struct ShipConfig {
+    /// A batch is sent once it holds this many bytes...
+    pub batch_bytes: usize,
+    /// ...or once its oldest byte waited this long.
+    pub batch_interval: Duration,
+    /// Bytes held (queued and in flight) before new bytes are dropped.
+    pub buffer_limit: usize,
+    /// Append requests in flight at once.
+    pub max_in_flight: usize,
+    /// gzip level for request bodies; 0 sends them uncompressed.
+    pub gzip_level: u32,
+    /// First retry delay; it doubles up to `backoff_max` (with jitter).
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for ShipConfig {
+    fn default() -> Self {
+        Self {
+            batch_bytes: 1 << 20,
+            batch_interval: Duration::from_millis(200),
+            buffer_limit: 8 << 20,
+            max_in_flight: 4,
+            gzip_level: 1,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What happened to the bytes of one stream.
+#[derive(Debug, Clone, Default)]
+pub struct ShipReport {
+    /// The stream name used: the requested one, or `name.N` when earlier generations were
+    /// already complete (a restarted container).
+    pub name: String,
+    pub id: Option<String>,
+    /// Stream offset of this writer's first byte (after what a previous writer left).
+    pub base: u64,
+    /// Bytes handed to the shipper, including skipped ones.
+    pub written: u64,
+    /// Bytes acknowledged as stored.
+    pub stored: u64,
+    /// Bytes acknowledged as dropped (buffer overflow, skipped upstream, given up).
+    pub dropped: u64,
+    /// Ranges (relative to `base`) neither stored nor acknowledged as dropped.
+    pub unreported: RangeSet,
+    /// Gaps a previous writer left, reported as dropped by this one.
+    pub prior_dropped: u64,
+    /// Bytes handed over after `close`, ignored.
+    pub late: u64,
+    pub final_declared: bool,
+    /// The last error the API gave, for a diagnostic.
+    pub last_error: Option<String>,
+}
+
+impl ShipReport {
+    /// Bytes lost without the API knowing.
+    pub fn lost(&self) -> u64 {
+        self.unreported.covered()
+    }
+}
+
+/// A contiguous run of queued bytes starting at `start` (offsets relative to the writer's base).
+#[derive(Debug)]
+struct Seg {
+    start: u64,
+    data: BytesMut,
+}
+
+#[derive(Debug, Default)]
+struct Buf {
+    /// Offset of the next byte a producer hands over.
+    next: u64,
+    segs: VecDeque<Seg>,
+    /// Bytes in `segs`.
+    queued: usize,
+    /// Bytes queued or in flight: what `buffer_limit` bounds.
+    held: usize,
+    /// Set when the buffer overflowed; cleared once it drained to half, so a slow API gives a few
+    /// large dropped ranges rather than many small ones.
+    overflowing: bool,
+    /// Dropped ranges not yet sent as markers.
+    lost: RangeSet,
+    /// When the oldest queued byte arrived.
+    oldest: Option<Instant>,
+    closed: bool,
+    /// After this, queued and in-flight bytes are given up as dropped.
+    data_deadline: Option<Instant>,
+    /// After this, nothing more is attempted.
+    deadline: Option<Instant>,
+    late: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    buf: Mutex<Buf>,
+    wake: Notify,
+    cfg: ShipConfig,
+}
+
+/// The producer's handle on one shipped stream. Cheap to clone; [`Shipper::write`] never blocks
+/// on the network.
+#[derive(Debug, Clone)]
+pub struct Shipper {
+    shared: Arc<Shared>,
+}
+
+impl Shipper {
+    pub fn new(cfg: ShipConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                buf: Mutex::new(Buf::default()),
+                wake: Notify::new(),
+                cfg,
+            }),
+        }
+    }
+
+    fn buf(&self) -> MutexGuard<'_, Buf> {
+        self.shared
+            .buf
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands over the next bytes of the stream. Returns how many were queued; the rest were
+    /// dropped (and will be reported as such).
+    pub fn write(&self, data: &[u8]) -> usize {
+        if data.is_empty() {
+            return 0;
+        }
+        let cfg = &self.shared.cfg;
+        let mut b = self.buf();
+        if b.closed {
+            b.late += data.len() as u64;
+            return 0;
+        }
+        if b.overflowing && b.held <= cfg.buffer_limit / 2 {
+            b.overflowing = false;
+        }
+        let room = if b.overflowing {
+            0
+        } else {
+            cfg.buffer_limit.saturating_sub(b.held)
+        };
+        let take = room.min(data.len());
+        let mut wake = false;
+        if take > 0 {
+            let start = b.next;
+            match b.segs.back_mut() {
+                Some(s) if s.start + s.data.len() as u64 == start => {
+                    s.data.extend_from_slice(&data[..take]);
+                }
+                _ => b.segs.push_back(Seg {
+                    start,
+                    data: BytesMut::from(&data[..take]),
+                }),
+            }
+            if b.queued == 0 {
+                b.oldest = Some(Instant::now());
+                wake = true;
+            }
+            let before = b.queued;
+            b.queued += take;
+            b.held += take;
+            b.next += take as u64;
+            wake |= before < cfg.batch_bytes && b.queued >= cfg.batch_bytes;
+        }
+        if take < data.len() {
+            b.overflowing = true;
+            wake |= b.lost.is_empty();
+            let n = (data.len() - take) as u64;
+            let at = b.next;
+            b.lost.insert(Span::new(at, at + n));
+            b.next += n;
+        }
+        drop(b);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        take
+    }
+
+    /// Accounts for `n` bytes of the stream that were lost before reaching the shipper (the
+    /// collector's kernel-side losses): they are reported as dropped.
+    pub fn skip(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut b = self.buf();
+        if b.closed {
+            b.late += n;
+            return;
+        }
+        let at = b.next;
+        b.lost.insert(Span::new(at, at + n));
+        b.next += n;
+        drop(b);
+        self.shared.wake.notify_one();
+    }
+
+    /// Offset of the next byte (relative to the writer's base).
+    pub fn offset(&self) -> u64 {
+        self.buf().next
+    }
+
+    /// Ends the stream: what is queued is shipped, then the final length is declared, all by
+    /// `deadline`. Near the deadline (the last quarter, at most 2 s) bytes still not stored are
+    /// given up and reported as dropped. Closing again changes nothing.
+    pub fn close(&self, deadline: std::time::Instant) {
+        let mut b = self.buf();
+        if b.closed {
+            return;
+        }
+        let deadline = Instant::from_std(deadline);
+        let now = Instant::now();
+        let reserve = (deadline.saturating_duration_since(now) / 4).min(Duration::from_secs(2));
+        b.closed = true;
+        b.deadline = Some(deadline);
+        b.data_deadline = Some(deadline - reserve);
+        drop(b);
+        self.shared.wake.notify_one();
+    }
+
+    /// Takes the next batch when one is due.
+    fn take_batch(&self, now: Instant) -> Option<(u64, Bytes)> {
+        let cfg = &self.shared.cfg;
+        let mut b = self.buf();
+        let due = b.closed
+            || b.segs.len() > 1
+            || b.queued >= cfg.batch_bytes
+            || b.oldest.is_some_and(|t| now >= t + cfg.batch_interval);
+        if !due {
+            return None;
+        }
+        let front = b.segs.front_mut()?;
+        let n = front.data.len().min(cfg.batch_bytes);
+        let start = front.start;
+        let data = front.data.split_to(n).freeze();
+        front.start += n as u64;
+        if front.data.is_empty() {
+            b.segs.pop_front();
+        }
+        b.queued -= n;
+        b.oldest = (b.queued > 0).then_some(now);
+        Some((start, data))
+    }
+
+    /// Ships the stream until it is closed and finished (or its deadline passed). Run it once,
+    /// on any tokio runtime.
+    pub async fn run(&self, client: Arc<Client>, spec: StreamSpec) -> ShipReport {
+        Run {
+            shipper: self.clone(),
+            client,
+            spec: spec.clone(),
+            report: ShipReport {
+                name: spec.name,
+                ..ShipReport::default()
+            },
+            opened: None,
+            generation: 0,
+            create_at: Some(Instant::now()),
+            create_backoff: Backoff::new(&self.shared.cfg),
+            jobs: JoinSet::new(),
+            running: HashMap::new(),
+            prior: Vec::new(),
+            given_up: false,
+            finished: false,
+        }
+        .run()
+        .await
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Opened {
+    id: String,
+    base: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Job {
+    Create,
+    Status,
+    /// Bytes at a local span.
+    Data(Span),
+    /// A marker for a local span of ours.
+    Mark(Span),
+    /// A marker for an absolute span a previous writer left pending.
+    MarkPrior(Span),
+    Final,
+}
+
+#[derive(Debug)]
+enum Done {
+    Created(Result<Created, ClientError>),
+    Status(Result<Vec<Span>, ClientError>),
+    Unit(Result<(), ClientError>),
+}
+
+struct Run {
+    shipper: Shipper,
+    client: Arc<Client>,
+    spec: StreamSpec,
+    report: ShipReport,
+    opened: Option<Opened>,
+    generation: u32,
+    /// When to (re)try creating the stream; `None` while a try runs or after giving up.
+    create_at: Option<Instant>,
+    create_backoff: Backoff,
+    jobs: JoinSet<Done>,
+    running: HashMap<Id, (AbortHandle, Job)>,
+    prior: Vec<Span>,
+    given_up: bool,
+    finished: bool,
+}
+
+impl Run {
+    fn count(&self, f: impl Fn(&Job) -> bool) -> usize {
+        self.running.values().filter(|(_, j)| f(j)).count()
+    }
+
+    fn spawn<F>(&mut self, job: Job, fut: F)
+    where
+        F: Future<Output = Done> + Send + 'static,
+    {
+        let h = self.jobs.spawn(fut);
+        self.running.insert(h.id(), (h, job));
+    }
+
+    async fn run(mut self) -> ShipReport {
+        let cfg = self.shipper.shared.cfg.clone();
+        loop {
+            let now = Instant::now();
+            let (closed, data_deadline, deadline, oldest) = {
+                let b = self.shipper.buf();
+                (b.closed, b.data_deadline, b.deadline, b.oldest)
+            };
+            if deadline.is_some_and(|d| now >= d) {
+                return self.abandon().await;
+            }
+            if !self.given_up && data_deadline.is_some_and(|d| now >= d) {
+                self.give_up_data();
+            }
+            self.start_jobs(now, closed);
+            if self.finished {
+                return self.into_report();
+            }
+            let mut timer = [data_deadline, deadline, self.create_at]
+                .into_iter()
+                .flatten()
+                .min();
+            let data_slots = self.count(|j| matches!(j, Job::Data(_))) < cfg.max_in_flight;
+            if let (Some(t), true, Some(_)) = (oldest, data_slots, &self.opened) {
+                let due = t + cfg.batch_interval;
+                timer = Some(timer.map_or(due, |x| x.min(due)));
+            }
+            let sleep = async {
+                match timer {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                Some(res) = self.jobs.join_next_with_id() => self.finish_job(res),
+                () = self.shipper.shared.wake.notified() => {}
+                () = sleep => {}
+            }
+        }
+    }
+
+    fn start_jobs(&mut self, now: Instant, closed: bool) {
+        if self.opened.is_none() {
+            if self.create_at.is_some_and(|t| now >= t) {
+                self.create_at = None;
+                let client = self.client.clone();
+                let mut spec = self.spec.clone();
+                if self.generation > 0 {
+                    spec.name = format!("{}.{}", self.spec.name, self.generation);
+                }
+                self.report.name = spec.name.clone();
+                self.spawn(Job::Create, async move {
+                    Done::Created(client.create(&spec).await)
+                });
+            }
+            return;
+        }
+        let Some(Opened { id, base }) = self.opened.clone() else {
+            return;
+        };
+        let cfg = self.shipper.shared.cfg.clone();
+        while self.count(|j| matches!(j, Job::Mark(_) | Job::MarkPrior(_))) < MAX_MARKERS_IN_FLIGHT
+        {
+            let (job, abs) = if let Some(s) = self.prior.pop() {
+                (Job::MarkPrior(s), s)
+            } else if let Some(s) = self.shipper.buf().lost.pop_first() {
+                (Job::Mark(s), Span::new(base + s.start, base + s.end))
+            } else {
+                break;
+            };
+            let (client, id) = (self.client.clone(), id.clone());
+            let cfg = cfg.clone();
+            self.spawn(job, async move {
+                Done::Unit(retry(&cfg, || client.mark_dropped(&id, abs)).await.map(drop))
+            });
+        }
+        if !self.given_up {
+            while self.count(|j| matches!(j, Job::Data(_))) < cfg.max_in_flight {
+                let Some((start, data)) = self.shipper.take_batch(now) else {
+                    break;
+                };
+                let span = Span::new(start, start + data.len() as u64);
+                let (client, id) = (self.client.clone(), id.clone());
+                let cfg = cfg.clone();
+                self.spawn(Job::Data(span), async move {
+                    let payload = if cfg.gzip_level > 0 {
+                        let level = cfg.gzip_level;
+                        let raw = data.clone();
+                        tokio::task::spawn_blocking(move || Payload::gzip(&raw, level))
+                            .await
+                            .unwrap_or_else(|_| Payload::plain(data))
+                    } else {
+                        Payload::plain(data)
+                    };
+                    Done::Unit(
+                        retry(&cfg, || client.append(&id, base + start, &payload))
+                            .await
+                            .map(drop),
+                    )
+                });
+            }
+        }
+        let idle = self.running.is_empty() && self.prior.is_empty() && {
+            let b = self.shipper.buf();
+            b.queued == 0 && b.lost.is_empty()
+        };
+        if closed && idle {
+            let total = base + self.shipper.offset();
+            let client = self.client.clone();
+            self.spawn(Job::Final, async move {
+                Done::Unit(retry(&cfg, || client.finish(&id, total)).await.map(drop))
+            });
+        }
+    }
+
+    fn finish_job(&mut self, res: Result<(Id, Done), tokio::task::JoinError>) {
+        let (id, done) = match res {
+            Ok((id, done)) => (id, Some(done)),
+            Err(e) => (e.id(), None),
+        };
+        let Some((_, job)) = self.running.remove(&id) else {
+            return;
+        };
+        let err = |r: &mut ShipReport, e: &ClientError| r.last_error = Some(error_chain(e));
+        match (job, done) {
+            (Job::Create, Some(Done::Created(Ok(c)))) => {
+                if c.complete {
+                    // A previous run of this container finished the stream: write the next
+                    // generation rather than lose this run's output.
+                    self.generation += 1;
+                    if self.generation <= MAX_GENERATIONS {
+                        self.create_at = Some(Instant::now());
+                    } else {
+                        self.report.last_error =
+                            Some(format!("{MAX_GENERATIONS} generations are complete"));
+                    }
+                    return;
+                }
+                self.report.id = Some(c.id.clone());
+                self.report.base = c.end;
+                if c.end > c.length {
+                    let (client, id) = (self.client.clone(), c.id.clone());
+                    let cfg = self.shipper.shared.cfg.clone();
+                    self.spawn(Job::Status, async move {
+                        Done::Status(retry(&cfg, || client.status(&id)).await.map(|s| s.pending))
+                    });
+                }
+                self.opened = Some(Opened {
+                    id: c.id,
+                    base: c.end,
+                });
+            }
+            (Job::Create, Some(Done::Created(Err(e)))) => {
+                err(&mut self.report, &e);
+                let wait = self.create_backoff.next(e.retry_after());
+                self.create_at = Some(Instant::now() + wait);
+            }
+            (Job::Create, _) => self.create_at = Some(Instant::now()),
+            (Job::Status, Some(Done::Status(Ok(pending)))) => {
+                let base = self.report.base;
+                self.prior = pending
+                    .into_iter()
+                    .filter(|s| s.end <= base && !s.is_empty())
+                    .collect();
+            }
+            (Job::Status, Some(Done::Status(Err(e)))) => err(&mut self.report, &e),
+            (Job::Data(span), Some(Done::Unit(Ok(())))) => {
+                self.report.stored += span.len();
+                self.release(span.len());
+            }
+            (Job::Data(span), outcome) => {
+                if let Some(Done::Unit(Err(e))) = &outcome {
+                    err(&mut self.report, e);
+                }
+                self.shipper.buf().lost.insert(span);
+                self.release(span.len());
+            }
+            (Job::Mark(span), Some(Done::Unit(Ok(())))) => self.report.dropped += span.len(),
+            (Job::Mark(span), outcome) => {
+                if let Some(Done::Unit(Err(e))) = &outcome {
+                    err(&mut self.report, e);
+                }
+                self.report.unreported.insert(span);
+            }
+            (Job::MarkPrior(span), Some(Done::Unit(Ok(())))) => {
+                self.report.prior_dropped += span.len();
+            }
+            (Job::MarkPrior(_), outcome) => {
+                if let Some(Done::Unit(Err(e))) = &outcome {
+                    err(&mut self.report, e);
+                }
+            }
+            (Job::Final, Some(Done::Unit(Ok(())))) => {
+                self.report.final_declared = true;
+                self.finished = true;
+            }
+            (Job::Final, outcome) => {
+                if let Some(Done::Unit(Err(e))) = &outcome {
+                    err(&mut self.report, e);
+                }
+                self.finished = true;
+            }
+            (Job::Status, _) => {}
+        }
+    }
+
+    fn release(&self, n: u64) {
+        let mut b = self.shipper.buf();
+        b.held = b.held.saturating_sub(n as usize);
+    }
+
+    /// The data deadline passed: bytes not stored yet become dropped ranges, reported while
+    /// there is time.
+    fn give_up_data(&mut self) {
+        self.given_up = true;
+        for (h, job) in self.running.values() {
+            if matches!(job, Job::Data(_)) {
+                h.abort();
+            }
+        }
+        let mut b = self.shipper.buf();
+        while let Some(seg) = b.segs.pop_front() {
+            let span = Span::new(seg.start, seg.start + seg.data.len() as u64);
+            b.lost.insert(span);
+            b.held = b.held.saturating_sub(seg.data.len());
+        }
+        b.queued = 0;
+        b.oldest = None;
+    }
+
+    /// The deadline passed: stop everything and account for what was not reported.
+    async fn abandon(mut self) -> ShipReport {
+        for (h, _) in self.running.values() {
+            h.abort();
+        }
+        while let Some(res) = self.jobs.join_next_with_id().await {
+            self.finish_job(res);
+        }
+        let mut b = self.shipper.buf();
+        while let Some(seg) = b.segs.pop_front() {
+            b.lost
+                .insert(Span::new(seg.start, seg.start + seg.data.len() as u64));
+        }
+        b.queued = 0;
+        while let Some(s) = b.lost.pop_first() {
+            self.report.unreported.insert(s);
+        }
+        drop(b);
+        self.into_report()
+    }
+
+    fn into_report(mut self) -> ShipReport {
+        let b = self.shipper.buf();
+        self.report.written = b.next;
+        self.report.late = b.late;
+        drop(b);
+        self.report
+    }
+}
+
+/// `e` and its sources on one line.
+fn error_chain(e: &ClientError) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Exponential backoff with jitter, never shorter than what the server asked for.
+#[derive(Debug, Clone)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(cfg: &ShipConfig) -> Self {
+        Self {
+            next: cfg.backoff_min,
+            max: cfg.backoff_max.max(cfg.backoff_min),
+        }
+    }
+
+    fn next(&mut self, retry_after: Option<Duration>) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        // Half fixed, half random: writers that failed together do not retry together.
+        let jittered = base / 2 + base.mul_f64(rand::rng().random::<f64>() / 2.0);
+        jittered.max(retry_after.unwrap_or_default())
+    }
+}
+
+/// Calls `f` until it succeeds or fails for good.
+async fn retry<T, F, Fut>(cfg: &ShipConfig, mut f: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    let mut backoff = Backoff::new(cfg);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() => {
+                tokio::time::sleep(backoff.next(e.retry_after())).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(limit: usize) -> ShipConfig {
+        ShipConfig {
+            batch_bytes: 4,
+            buffer_limit: limit,
+            ..ShipConfig::default()
+        }
+    }
+
+    #[test]
+    fn overflow_drops_exact_ranges_until_half_drained() {
+        let s = Shipper::new(cfg(10));
+        assert_eq!(s.write(b"0123456"), 7);
+        assert_eq!(s.write(b"789ab"), 3, "only the room left is queued");
+        assert_eq!(s.write(b"cd"), 0, "still overflowing");
+        let lost: Vec<Span> = s.buf().lost.spans().to_vec();
+        assert_eq!(lost, vec![Span::new(10, 14)]);
+        // Ship 8 bytes: held drops to 2, below half the limit, so bytes are taken again.
+        let now = Instant::now();
+        let (a, b1) = s.take_batch(now).expect("due: a full batch");
+        let (b, b2) = s.take_batch(now).expect("due: a full batch");
+        assert_eq!((a, &b1[..], b, &b2[..]), (0, &b"0123"[..], 4, &b"4567"[..]));
+        s.buf().held -= 8;
+        assert_eq!(s.write(b"ef"), 2);
+        assert_eq!(s.offset(), 16);
+        let segs: Vec<(u64, Vec<u8>)> = s
+            .buf()
+            .segs
+            .iter()
+            .map(|g| (g.start, g.data.to_vec()))
+            .collect();
+        assert_eq!(segs, vec![(8, b"89".to_vec()), (14, b"ef".to_vec())]);
+    }
+
+    #[test]
+    fn partial_batches_wait_for_the_interval_unless_a_gap_or_close_ends_them() {
+        let s = Shipper::new(cfg(100));
+        s.write(b"ab");
+        let now = Instant::now();
+        assert!(s.take_batch(now).is_none(), "not full, not old");
+        let later = now + Duration::from_secs(1);
+        assert_eq!(s.take_batch(later).map(|(o, b)| (o, b.to_vec())), Some((0, b"ab".to_vec())));
+        s.write(b"c");
+        s.skip(5);
+        s.write(b"d");
+        let got = s.take_batch(now).map(|(o, b)| (o, b.to_vec()));
+        assert_eq!(got, Some((2, b"c".to_vec())), "a gap ends the segment");
+        assert!(s.take_batch(now).is_none());
+        s.close(std::time::Instant::now() + Duration::from_secs(1));
+        let got = s.take_batch(now).map(|(o, b)| (o, b.to_vec()));
+        assert_eq!(got, Some((8, b"d".to_vec())), "closing flushes");
+        assert_eq!(s.write(b"late"), 0);
+        assert_eq!(s.buf().late, 4);
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_honours_retry_after() {
+        let mut b = Backoff::new(&ShipConfig {
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(400),
+            ..ShipConfig::default()
+        });
+        let waits: Vec<Duration> = (0..5).map(|_| b.next(None)).collect();
+        for (w, base) in waits.iter().zip([100, 200, 400, 400, 400]) {
+            let base = Duration::from_millis(base);
+            assert!(*w >= base / 2 && *w <= base, "{w:?} for {base:?}");
+        }
+        assert!(b.next(Some(Duration::from_secs(3))) >= Duration::from_secs(3));
+    }
+}
