@@ -150,7 +150,10 @@ impl TokenCache {
         {
             return Ok(Some(v.clone()));
         }
-        let value = std::fs::read_to_string(path).map_err(err)?.trim().to_owned();
+        let value = std::fs::read_to_string(path)
+            .map_err(err)?
+            .trim()
+            .to_owned();
         *cached = Some((stamp, value.clone()));
         Ok(Some(value))
     }
@@ -269,7 +272,9 @@ impl Client {
         let uri: Uri = base.parse().map_err(|_| bad("not a URL"))?;
         match uri.scheme_str() {
             Some("http") => {}
-            Some("https") => return Err(bad("https is not supported; use http inside the cluster")),
+            Some("https") => {
+                return Err(bad("https is not supported; use http inside the cluster"));
+            }
             _ => return Err(bad("the scheme must be http")),
         }
         if uri.host().is_none() {
@@ -362,7 +367,12 @@ impl Client {
     }
 
     /// `PATCH /logs/{id}/data`: stores `payload` at `start`.
-    pub async fn append(&self, id: &str, start: u64, payload: &Payload) -> Result<Ack, ClientError> {
+    pub async fn append(
+        &self,
+        id: &str,
+        start: u64,
+        payload: &Payload,
+    ) -> Result<Ack, ClientError> {
         let mut headers = vec![
             (
                 header::CONTENT_RANGE,
@@ -491,6 +501,9 @@ mod tests {
         let next = dir.path().join("token.new");
         std::fs::write(&next, "two-rotated").expect("write");
         std::fs::rename(&next, &path).expect("rename");
-        assert_eq!(cache.bearer().expect("read").as_deref(), Some("two-rotated"));
+        assert_eq!(
+            cache.bearer().expect("read").as_deref(),
+            Some("two-rotated")
+        );
     }
 }

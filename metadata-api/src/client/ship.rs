@@ -438,7 +438,11 @@ impl Run {
             let (client, id) = (self.client.clone(), id.clone());
             let cfg = cfg.clone();
             self.spawn(job, async move {
-                Done::Unit(retry(&cfg, || client.mark_dropped(&id, abs)).await.map(drop))
+                Done::Unit(
+                    retry(&cfg, || client.mark_dropped(&id, abs))
+                        .await
+                        .map(drop),
+                )
             });
         }
         if !self.given_up {
@@ -723,7 +727,10 @@ mod tests {
         let now = Instant::now();
         assert!(s.take_batch(now).is_none(), "not full, not old");
         let later = now + Duration::from_secs(1);
-        assert_eq!(s.take_batch(later).map(|(o, b)| (o, b.to_vec())), Some((0, b"ab".to_vec())));
+        assert_eq!(
+            s.take_batch(later).map(|(o, b)| (o, b.to_vec())),
+            Some((0, b"ab".to_vec()))
+        );
         s.write(b"c");
         s.skip(5);
         s.write(b"d");

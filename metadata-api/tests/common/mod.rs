@@ -49,16 +49,21 @@ impl Server {
         extra: &[&str],
         env: &[(String, String)],
     ) -> Self {
+        Self::start_full(dir, storage, "127.0.0.1:0", extra, env)
+    }
+
+    /// Starts a server listening on `listen` (to bring one back on the same port).
+    pub fn start_full(
+        dir: &Path,
+        storage: &str,
+        listen: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Self {
         let key_file = dir.join("key");
         let mut child = Command::new(env!("CARGO_BIN_EXE_metadata-api"))
             .arg("serve")
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--storage",
-                storage,
-                "--key-file",
-            ])
+            .args(["--listen", listen, "--storage", storage, "--key-file"])
             .arg(&key_file)
             .args(extra)
             .env("RUST_LOG", "warn")
@@ -253,6 +258,12 @@ where
         assert!(Instant::now() < end, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A loopback address nobody listens on now.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
 }
 
 pub fn sha256(b: &[u8]) -> String {

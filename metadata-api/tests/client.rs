@@ -1,0 +1,322 @@
+//! The shipping client against the real server binary on a real socket: round trips, throttling,
+//! an API that is down, restarts, overflow accounting.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::{CTX, Server, bytes, eventually, free_addr};
+use metadata_api::{
+    auth::Scope,
+    client::{Client, ShipConfig, ShipReport, Shipper, StreamSpec, Token},
+};
+use serde_json::Value;
+
+fn client(url: &str, token: &str) -> Arc<Client> {
+    Arc::new(Client::new(url, Token::Value(token.to_owned()), Duration::from_secs(5)).unwrap())
+}
+
+fn quick() -> ShipConfig {
+    ShipConfig {
+        batch_bytes: 64 << 10,
+        batch_interval: Duration::from_millis(20),
+        backoff_min: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(200),
+        ..ShipConfig::default()
+    }
+}
+
+/// Writes `data` in `chunk`-sized writes while the shipper runs, closes with `grace` and returns
+/// the report.
+async fn ship(
+    cfg: ShipConfig,
+    client: Arc<Client>,
+    name: &str,
+    data: &[u8],
+    chunk: usize,
+    grace: Duration,
+) -> ShipReport {
+    let shipper = Shipper::new(cfg);
+    let run = {
+        let s = shipper.clone();
+        let spec = StreamSpec::named(name);
+        tokio::spawn(async move { s.run(client, spec).await })
+    };
+    for c in data.chunks(chunk) {
+        shipper.write(c);
+        tokio::task::yield_now().await;
+    }
+    shipper.close(Instant::now() + grace);
+    run.await.unwrap()
+}
+
+/// Checks the stream against what was written: stored bytes equal the original at their
+/// offsets, stored and dropped ranges cover everything, and the final length is declared.
+async fn verify(server: &Server, token: &str, report: &ShipReport, data: &[u8]) -> Value {
+    let api = server.client(token);
+    let id = report.id.clone().expect("stream opened");
+    let st = api.status(&id).await;
+    assert_eq!(st["final_length"], data.len() as u64, "{st}");
+    assert_eq!(st["complete"], true, "{st}");
+    assert_eq!(st["pending"], serde_json::json!([]), "{st}");
+    let mut expected = Vec::new();
+    for s in st["stored"].as_array().unwrap() {
+        let (a, b) = (s["start"].as_u64().unwrap(), s["end"].as_u64().unwrap());
+        expected.extend_from_slice(&data[a as usize..b as usize]);
+    }
+    let got = api.data(&id).await;
+    assert!(got == expected, "stored bytes differ from what was written");
+    let dropped: u64 = st["dropped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["end"].as_u64().unwrap() - s["start"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        got.len() as u64 + dropped,
+        data.len() as u64,
+        "stored + dropped must cover every byte: {st}"
+    );
+    assert_eq!(report.written, data.len() as u64);
+    assert_eq!(report.stored, got.len() as u64, "{report:?}");
+    assert_eq!(report.dropped, dropped, "{report:?}");
+    assert_eq!(report.lost(), 0, "{report:?}");
+    assert!(report.final_declared);
+    st
+}
+
+#[tokio::test]
+async fn round_trip_is_byte_exact() {
+    let server = Server::start(&[]);
+    let token = server.token(CTX, Scope::Write);
+    let data = bytes(1, 5 << 20);
+    let report = ship(
+        quick(),
+        client(&server.url, &token),
+        "stdout",
+        &data,
+        7000,
+        Duration::from_secs(20),
+    )
+    .await;
+    verify(&server, &token, &report, &data).await;
+    assert_eq!(
+        report.stored,
+        data.len() as u64,
+        "nothing dropped: {report:?}"
+    );
+}
+
+#[tokio::test]
+async fn throttling_is_retried_without_loss_or_duplicates() {
+    // 1 MiB/s for the stream: most batches meet a 429 and wait for Retry-After.
+    let server = Server::start(&["--stream-rate", "1M"]);
+    let token = server.token(CTX, Scope::Write);
+    let data = bytes(2, 3 << 20);
+    let cfg = ShipConfig {
+        buffer_limit: 16 << 20,
+        ..quick()
+    };
+    let report = ship(
+        cfg,
+        client(&server.url, &token),
+        "stdout",
+        &data,
+        4096,
+        Duration::from_secs(30),
+    )
+    .await;
+    verify(&server, &token, &report, &data).await;
+    assert_eq!(report.stored, data.len() as u64, "{report:?}");
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let throttled: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("relay_metadata_api_throttled_requests_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(throttled > 0.0, "the test must meet 429s:\n{metrics}");
+}
+
+#[tokio::test]
+async fn overflow_while_throttled_is_reported_as_exact_dropped_ranges() {
+    let server = Server::start(&["--stream-rate", "256K"]);
+    let token = server.token(CTX, Scope::Write);
+    let data = bytes(3, 4 << 20);
+    let cfg = ShipConfig {
+        buffer_limit: 256 << 10,
+        ..quick()
+    };
+    let report = ship(
+        cfg,
+        client(&server.url, &token),
+        "stderr",
+        &data,
+        16 << 10,
+        Duration::from_secs(30),
+    )
+    .await;
+    let st = verify(&server, &token, &report, &data).await;
+    assert!(report.dropped > 0, "the buffer must overflow: {report:?}");
+    assert!(!st["dropped"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn api_down_then_up_ships_what_was_buffered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let storage = format!("file://{}", tmp.path().join("streams").display());
+    // Mint a token with the key the server will use.
+    let keys = metadata_api::auth::Keys::load_or_create(&tmp.path().join("key")).unwrap();
+    let token = keys
+        .mint(CTX, Scope::Write, Duration::from_secs(3600))
+        .unwrap();
+    let data = bytes(4, 1 << 20);
+    let shipper = Shipper::new(quick());
+    let run = {
+        let (s, c) = (shipper.clone(), client(&url, &token));
+        tokio::spawn(async move { s.run(c, StreamSpec::named("stdout")).await })
+    };
+    for c in data.chunks(10_000) {
+        assert_eq!(shipper.write(c), c.len(), "1 MiB fits the 8 MiB buffer");
+    }
+    // Let the shipper fail against the closed port before the server appears.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!run.is_finished());
+    let server = Server::start_full(tmp.path(), &storage, &addr, &[], &[]);
+    shipper.close(Instant::now() + Duration::from_secs(20));
+    let report = run.await.unwrap();
+    verify(&server, &token, &report, &data).await;
+    assert_eq!(report.stored, data.len() as u64, "{report:?}");
+}
+
+#[tokio::test]
+async fn api_never_up_returns_by_the_deadline_with_everything_unreported() {
+    let url = format!("http://{}", free_addr());
+    let shipper = Shipper::new(quick());
+    let run = {
+        let (s, c) = (shipper.clone(), client(&url, "t"));
+        tokio::spawn(async move { s.run(c, StreamSpec::named("stdout")).await })
+    };
+    shipper.write(&[7; 3000]);
+    let t = Instant::now();
+    shipper.close(Instant::now() + Duration::from_secs(1));
+    let report = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("run ends at its deadline")
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(report.written, 3000);
+    assert_eq!(report.lost(), 3000, "{report:?}");
+    assert!(!report.final_declared);
+    assert!(
+        report
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("request to the metadata API failed")),
+        "{report:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_rerun_continues_after_what_is_stored_and_a_finished_stream_gets_a_new_generation() {
+    let server = Server::start(&[]);
+    let token = server.token(CTX, Scope::Write);
+    let api = server.client(&token);
+    // A previous writer stored 0-99 and 200-299 and died: 100-199 is pending.
+    let id = api.stream("stdout").await;
+    api.put_at(&id, 0, &[1; 100]).await;
+    api.put_at(&id, 200, &[2; 100]).await;
+    let c = client(&server.url, &token);
+    let data = bytes(5, 1000);
+    let report = ship(
+        quick(),
+        c.clone(),
+        "stdout",
+        &data,
+        100,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(report.name, "stdout");
+    assert_eq!(report.base, 300);
+    assert_eq!(report.prior_dropped, 100, "{report:?}");
+    let st = api.status(&id).await;
+    assert_eq!(st["final_length"], 1300, "{st}");
+    assert_eq!(st["complete"], true, "{st}");
+    let got = api.data(&id).await;
+    assert_eq!(
+        &got[200..],
+        &data[..],
+        "this writer's bytes follow the old ones"
+    );
+
+    // The stream is complete now: the next run writes `stdout.1`.
+    let again = ship(
+        quick(),
+        c,
+        "stdout",
+        b"second run",
+        4,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(again.name, "stdout.1");
+    assert_eq!(again.base, 0);
+    let id1 = again.id.clone().unwrap();
+    let got = eventually(Duration::from_secs(5), "second generation", || {
+        let api = api.clone();
+        let id1 = id1.clone();
+        async move {
+            let st = api.status(&id1).await;
+            (st["complete"] == true).then_some(())?;
+            Some(api.data(&id1).await)
+        }
+    })
+    .await;
+    assert_eq!(got, b"second run");
+}
+
+#[tokio::test]
+async fn rotated_token_file_is_picked_up() {
+    let server = Server::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("token");
+    std::fs::write(&path, "not-a-valid-token").unwrap();
+    let c = Arc::new(
+        Client::new(
+            &server.url,
+            Token::File(path.clone()),
+            Duration::from_secs(5),
+        )
+        .unwrap(),
+    );
+    let shipper = Shipper::new(quick());
+    let run = {
+        let (s, c) = (shipper.clone(), c.clone());
+        tokio::spawn(async move { s.run(c, StreamSpec::named("stdout")).await })
+    };
+    shipper.write(b"hello after rotation");
+    // 401s are retried; the rotation below lets the next try through.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let token = server.token(CTX, Scope::Write);
+    let next = tmp.path().join("token.new");
+    std::fs::write(&next, &token).unwrap();
+    std::fs::rename(&next, &path).unwrap();
+    shipper.close(Instant::now() + Duration::from_secs(10));
+    let report = run.await.unwrap();
+    verify(&server, &token, &report, b"hello after rotation").await;
+}
