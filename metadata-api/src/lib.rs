@@ -23,6 +23,7 @@ pub mod read;
 pub mod routes;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod size;
 pub mod source;
 #[cfg(feature = "server")]
 pub mod store;

@@ -75,22 +75,7 @@ pub struct ServeArgs {
     pub global_inflight: u64,
 }
 
-/// Parses `1024`, `64K`, `16M`, `1G` (also `KiB`, `MiB`, `GiB`), binary multiples.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
-    let (num, unit) = s.split_at(digits);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
-    let shift = match unit.trim() {
-        "" | "B" => 0,
-        "K" | "KiB" => 10,
-        "M" | "MiB" => 20,
-        "G" | "GiB" => 30,
-        other => return Err(format!("unknown size unit {other:?}")),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
+pub use crate::size::parse_size;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -1,0 +1,103 @@
+//! Draining the command's stdout and stderr pipes into shippers.
+//!
+//! Each pipe has its own thread that does nothing but read: the command never waits on the
+//! network, only on this thread being scheduled. The pipe is enlarged so bursts fit while it runs.
+
+use std::{
+    fs::File,
+    io::{self, Read},
+    os::fd::{AsFd, OwnedFd},
+    sync::{Arc, OnceLock},
+    thread,
+    time::{Duration, Instant},
+};
+
+use metadata_api::client::Shipper;
+use nix::{
+    fcntl::{FcntlArg, OFlag, fcntl},
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+};
+
+/// Pipe capacity asked for (the default system-wide cap for unprivileged users).
+const PIPE_SIZE: i32 = 1 << 20;
+/// Bytes read per `read`.
+const READ_SIZE: usize = 128 << 10;
+/// After the command exits, a pipe still held open (by a process it left behind) is read until
+/// it has been quiet this long.
+const QUIET: Duration = Duration::from_millis(100);
+/// How often an idle reader checks whether the command exited.
+const IDLE_CHECK: Duration = Duration::from_millis(250);
+
+/// When the command exited, set once by the supervisor.
+#[derive(Debug, Default)]
+pub struct ExitTime(OnceLock<Instant>);
+
+impl ExitTime {
+    pub fn set(&self, at: Instant) {
+        let _ = self.0.set(at);
+    }
+
+    pub fn get(&self) -> Option<Instant> {
+        self.0.get().copied()
+    }
+}
+
+/// Starts a thread that reads `fd` into `shipper` until end of file (or, once the command
+/// exited, until the pipe is quiet or half the grace period is gone), then closes the shipper.
+pub fn spawn(
+    name: &str,
+    fd: OwnedFd,
+    shipper: Shipper,
+    exited: Arc<ExitTime>,
+    grace: Duration,
+) -> io::Result<thread::JoinHandle<()>> {
+    // Best effort: a bigger pipe absorbs bursts; a smaller one is still correct.
+    let _ = fcntl(fd.as_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+    let flags = fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    fcntl(
+        fd.as_fd(),
+        FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK),
+    )
+    .map_err(io::Error::from)?;
+    thread::Builder::new()
+        .name(format!("read-{name}"))
+        .spawn(move || {
+            drain(File::from(fd), &shipper, &exited, grace);
+            let deadline = exited.get().unwrap_or_else(Instant::now) + grace;
+            shipper.close(deadline);
+        })
+}
+
+fn drain(mut pipe: File, shipper: &Shipper, exited: &ExitTime, grace: Duration) {
+    let mut buf = vec![0; READ_SIZE];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                shipper.write(&buf[..n]);
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+        let exited_at = exited.get();
+        if let Some(t) = exited_at
+            && t.elapsed() >= grace / 2
+        {
+            return;
+        }
+        let wait = if exited_at.is_some() {
+            QUIET
+        } else {
+            IDLE_CHECK
+        };
+        let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) if exited_at.is_some() => return,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return,
+        }
+    }
+}
