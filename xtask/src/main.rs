@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod fuzz;
 mod test;
 mod util;
@@ -25,6 +26,8 @@ enum Task {
     Bench(bench::Args),
     /// Run the cargo-fuzz targets (briefly by default).
     Fuzz(fuzz::Args),
+    /// Build the static (musl) entrypoint binary that tenant containers run.
+    BuildEntrypoint(dist::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test(a) => test::run(a),
         Task::Bench(a) => bench::run(a),
         Task::Fuzz(a) => fuzz::run(a),
+        Task::BuildEntrypoint(a) => dist::run_task(a),
     }
 }
