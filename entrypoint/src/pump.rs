@@ -25,6 +25,12 @@ const READ_SIZE: usize = 128 << 10;
 /// After the command exits, a pipe still held open (by a process it left behind) is read until
 /// it has been quiet this long.
 const QUIET: Duration = Duration::from_millis(100);
+/// A round of reads that got at least this much means the command writes fast.
+const BUSY: usize = 256 << 10;
+/// Pause between read rounds while output trickles in.
+const NAP: Duration = Duration::from_millis(1);
+/// Empty naps before the reader blocks until the next write.
+const IDLE_NAPS: u32 = 10;
 /// How often an idle reader checks whether the command exited.
 const IDLE_CHECK: Duration = Duration::from_millis(250);
 
@@ -70,16 +76,20 @@ pub fn spawn(
 
 fn drain(mut pipe: File, shipper: &Shipper, exited: &ExitTime, grace: Duration) {
     let mut buf = vec![0; READ_SIZE];
+    let mut idle_naps = 0;
     loop {
-        match pipe.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                shipper.write(&buf[..n]);
-                continue;
+        let mut got = 0;
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    shipper.write(&buf[..n]);
+                    got += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
         }
         let exited_at = exited.get();
         if let Some(t) = exited_at
@@ -87,6 +97,16 @@ fn drain(mut pipe: File, shipper: &Shipper, exited: &ExitTime, grace: Duration) 
         {
             return;
         }
+        // A reader blocked in poll makes every write of the command wake it, which costs the
+        // command a cross-CPU wakeup per write. While output trickles in, nap instead: the large
+        // pipe holds what arrives meanwhile and the command's writes stay cheap. Block only when
+        // the command writes fast (wakeups are then amortized over large reads) or is idle.
+        if got < BUSY && idle_naps < IDLE_NAPS {
+            idle_naps = if got > 0 { 0 } else { idle_naps + 1 };
+            thread::sleep(NAP);
+            continue;
+        }
+        idle_naps = 0;
         let wait = if exited_at.is_some() {
             QUIET
         } else {
