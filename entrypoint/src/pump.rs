@@ -25,8 +25,10 @@ const READ_SIZE: usize = 128 << 10;
 /// After the command exits, a pipe still held open (by a process it left behind) is read until
 /// it has been quiet this long.
 const QUIET: Duration = Duration::from_millis(100);
-/// A round of reads that got at least this much means the command writes fast.
-const BUSY: usize = 256 << 10;
+/// A wakeup that found less than this means small writes: nap between rounds instead.
+const SMALL_ROUND: usize = 16 << 10;
+/// A nap after which this much waited means the command writes fast: wake per write again.
+const FAST_ROUND: usize = 512 << 10;
 /// Pause between read rounds while output trickles in.
 const NAP: Duration = Duration::from_millis(1);
 /// Empty naps before the reader blocks until the next write.
@@ -76,6 +78,7 @@ pub fn spawn(
 
 fn drain(mut pipe: File, shipper: &Shipper, exited: &ExitTime, grace: Duration) {
     let mut buf = vec![0; READ_SIZE];
+    let mut napping = false;
     let mut idle_naps = 0;
     loop {
         let mut got = 0;
@@ -97,16 +100,29 @@ fn drain(mut pipe: File, shipper: &Shipper, exited: &ExitTime, grace: Duration) 
         {
             return;
         }
-        // A reader blocked in poll makes every write of the command wake it, which costs the
-        // command a cross-CPU wakeup per write. While output trickles in, nap instead: the large
-        // pipe holds what arrives meanwhile and the command's writes stay cheap. Block only when
-        // the command writes fast (wakeups are then amortized over large reads) or is idle.
-        if got < BUSY && idle_naps < IDLE_NAPS {
-            idle_naps = if got > 0 { 0 } else { idle_naps + 1 };
+        // A reader blocked in poll makes every write of the command wake it: a cross-CPU wakeup
+        // the command pays per write. That is nothing for large writes but most of the cost of
+        // small ones, so while rounds are small the reader naps instead and the large pipe
+        // holds what arrives meanwhile. A nap that let the pipe fill a lot means the command
+        // writes fast enough to block on it: back to waking per write. An idle command gets a
+        // blocking wait too, so an idle reader costs nothing.
+        if napping {
+            if got >= FAST_ROUND {
+                napping = false;
+            } else if got > 0 {
+                idle_naps = 0;
+            } else {
+                idle_naps += 1;
+            }
+        } else if got > 0 && got < SMALL_ROUND {
+            napping = true;
+            idle_naps = 0;
+        }
+        if napping && idle_naps < IDLE_NAPS {
             thread::sleep(NAP);
             continue;
         }
-        idle_naps = 0;
+        napping = false;
         let wait = if exited_at.is_some() {
             QUIET
         } else {

@@ -41,6 +41,9 @@ const FORWARDED: [Signal; 7] = [
     Signal::SIGWINCH,
 ];
 
+/// Niceness added to the shipping threads.
+const SHIP_NICE: i32 = 10;
+
 /// `si_code` of a signal the kernel raised itself (a terminal's ^C, a window resize).
 const SI_KERNEL: i32 = 0x80;
 
@@ -265,6 +268,9 @@ fn ship(
     err: Shipper,
     (out_spec, err_spec): (StreamSpec, StreamSpec),
 ) -> Option<(ShipReport, ShipReport)> {
+    // Shipping yields the CPU to the command: under contention it falls behind (and drops, with
+    // markers) rather than slowing the workload. Threads it starts (gzip) inherit this.
+    let _ = rustix::process::nice(SHIP_NICE);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .enable_io()
@@ -277,9 +283,12 @@ fn ship(
             return None;
         }
     };
-    Some(rt.block_on(async {
+    let reports = rt.block_on(async {
         tokio::join!(out.run(client.clone(), out_spec), err.run(client, err_spec))
-    }))
+    });
+    // Every task is done; idle pooled connections need no orderly goodbye.
+    rt.shutdown_background();
+    Some(reports)
 }
 
 /// One line per stream that lost or dropped bytes; the last line sums up what was lost.

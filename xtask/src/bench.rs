@@ -402,7 +402,7 @@ fn verify(url: &str, upload: &Upload) -> anyhow::Result<()> {
 }
 
 /// CPU seconds (user + system, all threads) the process has used so far.
-fn server_cpu(pid: u32, tck: f64) -> anyhow::Result<f64> {
+pub(crate) fn server_cpu(pid: u32, tck: f64) -> anyhow::Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
     // The command name (field 2) is in parentheses and may hold spaces: count after it. The
@@ -423,7 +423,7 @@ fn server_cpu(pid: u32, tck: f64) -> anyhow::Result<f64> {
 }
 
 /// `getconf CLK_TCK`, or 100 (the usual value) when it cannot be had.
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -625,7 +625,7 @@ const KEYS: &[&str] = &[
 
 /// Generates `total` bytes of log lines (timestamp, level, component, words, fields) from a
 /// fixed seed: the same data on every run.
-fn generate(total: usize) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn generate(total: usize) -> anyhow::Result<Vec<u8>> {
     let mut rng = StdRng::seed_from_u64(0x10c5_bec4);
     let pick = |rng: &mut StdRng, list: &[&'static str]| list[rng.random_range(0..list.len())];
     let mut out = Vec::with_capacity(total + 512);
@@ -668,10 +668,10 @@ fn generate(total: usize) -> anyhow::Result<Vec<u8>> {
 
 /// A directory under the system temp dir, removed with everything in it on drop.
 #[derive(Debug)]
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn create() -> anyhow::Result<Self> {
+    pub(crate) fn create() -> anyhow::Result<Self> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());

@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: development tasks for the workspace.
 
 mod bench;
+mod bench_entrypoint;
 mod demo;
 mod dist;
 mod fuzz;
@@ -28,6 +29,11 @@ enum Task {
     Fuzz(fuzz::Args),
     /// Build the static (musl) entrypoint binary that tenant containers run.
     BuildEntrypoint(dist::Args),
+    /// What the entrypoint costs a command that logs, against a pipe into `cat`.
+    BenchEntrypoint(bench_entrypoint::Args),
+    /// The entrypoint benchmark's child: writes log lines in fixed-size writes.
+    #[command(hide = true)]
+    GenOutput(bench_entrypoint::GenArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +43,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(a) => bench::run(a),
         Task::Fuzz(a) => fuzz::run(a),
         Task::BuildEntrypoint(a) => dist::run_task(a),
+        Task::BenchEntrypoint(a) => bench_entrypoint::run(a),
+        Task::GenOutput(a) => bench_entrypoint::gen_output(a),
     }
 }

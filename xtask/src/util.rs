@@ -54,13 +54,19 @@ pub struct Server {
 impl Server {
     /// Starts `bin serve` with `args` and waits for its "listening on" line.
     pub fn start(bin: &Path, args: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin)
-            .arg("serve")
-            .args(args)
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve").args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Starts `cmd` (a `serve` command line, possibly behind a wrapper such as `nice`).
+    pub fn spawn(mut cmd: Command) -> anyhow::Result<Self> {
+        let bin = format!("{:?}", cmd.get_program());
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+            .with_context(|| format!("cannot start {bin}"))?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;

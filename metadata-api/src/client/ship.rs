@@ -171,8 +171,11 @@ impl Shipper {
             b.late += data.len() as u64;
             return 0;
         }
+        let mut wake = false;
         if b.overflowing && b.held <= cfg.buffer_limit / 2 {
             b.overflowing = false;
+            // The gap is closed now: its marker can go.
+            wake |= !b.lost.is_empty();
         }
         let room = if b.overflowing {
             0
@@ -180,7 +183,6 @@ impl Shipper {
             cfg.buffer_limit.saturating_sub(b.held)
         };
         let take = room.min(data.len());
-        let mut wake = false;
         if take > 0 {
             let start = b.next;
             match b.segs.back_mut() {
@@ -256,6 +258,18 @@ impl Shipper {
         b.data_deadline = Some(deadline - reserve);
         drop(b);
         self.shared.wake.notify_one();
+    }
+
+    /// Takes the next dropped range to report. The range still growing at the end of an overflow
+    /// waits until the overflow ends (or the stream is closed): one marker for the whole gap
+    /// rather than one per write.
+    fn take_lost(&self) -> Option<Span> {
+        let mut b = self.buf();
+        let first = *b.lost.spans().first()?;
+        if b.overflowing && !b.closed && first.end == b.next {
+            return None;
+        }
+        b.lost.pop_first()
     }
 
     /// Takes the next batch when one is due.
@@ -430,7 +444,7 @@ impl Run {
         {
             let (job, abs) = if let Some(s) = self.prior.pop() {
                 (Job::MarkPrior(s), s)
-            } else if let Some(s) = self.shipper.buf().lost.pop_first() {
+            } else if let Some(s) = self.shipper.take_lost() {
                 (Job::Mark(s), Span::new(base + s.start, base + s.end))
             } else {
                 break;
@@ -576,8 +590,13 @@ impl Run {
     }
 
     fn release(&self, n: u64) {
+        let limit = self.shipper.shared.cfg.buffer_limit;
         let mut b = self.shipper.buf();
         b.held = b.held.saturating_sub(n as usize);
+        // Drained enough: the overflow is over and its gap can be reported.
+        if b.overflowing && b.held <= limit / 2 {
+            b.overflowing = false;
+        }
     }
 
     /// The data deadline passed: bytes not stored yet become dropped ranges, reported while
