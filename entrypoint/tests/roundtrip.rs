@@ -89,3 +89,34 @@ fn output_never_reaches_the_wrappers_own_stdout_or_stderr() {
     assert_eq!(api.read("stdout").1, b"to-stdout\n");
     assert_eq!(api.read("stderr").1, b"to-stderr\n");
 }
+
+#[test]
+fn output_reaches_the_api_while_the_command_still_runs() {
+    let api = Api::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let mut child = api
+        .wrap(&[
+            "sh",
+            "-c",
+            r#"echo first line; while [ ! -e "$1" ]; do sleep 0.02; done"#,
+            "sh",
+        ])
+        .arg(&go)
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    common::wait_for(
+        std::time::Duration::from_secs(5),
+        "the line to be stored",
+        || api.read("stdout").1 == b"first line\n",
+    );
+    let latency = start.elapsed();
+    println!("first line readable after {latency:?}");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the command is still running"
+    );
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
