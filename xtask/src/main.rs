@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod test;
+mod testbed;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -19,12 +20,14 @@ struct Cli {
 enum Task {
     /// Start the metadata API on local storage, write a stream, read it back, print it.
     Demo(demo::Args),
-    /// Install what the tests need (storage emulators), check formatting and lints, run all tests.
+    /// Install what the tests need (storage emulators, containerd), check formatting and lints, run all tests.
     Test(test::Args),
     /// Ingest throughput benchmark of the metadata API against a plain file write.
     Bench(bench::Args),
     /// Run the cargo-fuzz targets (briefly by default).
     Fuzz(fuzz::Args),
+    /// Container test bed: `install` unpacks containerd, runc and busybox into ~/.cache/relay.
+    Testbed(testbed::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test(a) => test::run(a),
         Task::Bench(a) => bench::run(a),
         Task::Fuzz(a) => fuzz::run(a),
+        Task::Testbed(a) => testbed::run(a),
     }
 }
