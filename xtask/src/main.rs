@@ -6,6 +6,7 @@ mod demo;
 mod dist;
 mod fuzz;
 mod test;
+mod testbed;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -21,7 +22,7 @@ struct Cli {
 enum Task {
     /// Start the metadata API on local storage, write a stream, read it back, print it.
     Demo(demo::Args),
-    /// Install what the tests need (storage emulators), check formatting and lints, run all tests.
+    /// Install what the tests need (storage emulators, containerd), check formatting and lints, run all tests.
     Test(test::Args),
     /// Ingest throughput benchmark of the metadata API against a plain file write.
     Bench(bench::Args),
@@ -34,6 +35,8 @@ enum Task {
     /// The entrypoint benchmark's child: writes log lines in fixed-size writes.
     #[command(hide = true)]
     GenOutput(bench_entrypoint::GenArgs),
+    /// Container test bed: `install` unpacks containerd, runc and busybox into ~/.cache/relay.
+    Testbed(testbed::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEntrypoint(a) => dist::run_task(a),
         Task::BenchEntrypoint(a) => bench_entrypoint::run(a),
         Task::GenOutput(a) => bench_entrypoint::gen_output(a),
+        Task::Testbed(a) => testbed::run(a),
     }
 }

@@ -53,6 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } = args;
     let root = util::root();
     let venv_bin = emulators().context("installing the storage emulators")?;
+    crate::testbed::install().context("installing the container test bed")?;
     let path = std::env::join_paths(std::iter::once(venv_bin).chain(std::env::split_paths(
         &std::env::var_os("PATH").unwrap_or_default(),
     )))?;
@@ -80,9 +81,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             target: None,
         })?;
     }
-    // Tests that need an emulator fail rather than skip under CI.
+    // Tests that need an emulator or containerd fail rather than skip under CI.
     sh(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
-        .env("RELAY_REQUIRE_EMULATORS", "1"))?;
+        .env("RELAY_REQUIRE_EMULATORS", "1")
+        .env(testbed::REQUIRE_ENV, "1"))?;
     Ok(())
 }

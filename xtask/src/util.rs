@@ -17,8 +17,7 @@ pub fn root() -> PathBuf {
 
 /// `~/.cache/relay`, where slow downloads and builds are kept between runs.
 pub fn cache_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    home.join(".cache").join("relay")
+    testbed::layout::cache_dir()
 }
 
 /// Runs a command to completion, failing on a non-zero exit.
