@@ -60,6 +60,9 @@ pub struct Run {
     pub cgroup: Option<String>,
     /// How long the container may run before it is killed and the run fails.
     pub timeout: Duration,
+    /// Share the host's network namespace (as a pod with `hostNetwork`), so the container reaches
+    /// servers on the host's loopback.
+    pub host_network: bool,
 }
 
 /// A mount added to a container.
@@ -122,6 +125,7 @@ impl Run {
             mounts: Vec::new(),
             cgroup: None,
             timeout: Duration::from_secs(60),
+            host_network: false,
         }
     }
 
@@ -178,6 +182,13 @@ impl Run {
     #[must_use]
     pub fn cgroup(mut self, path: impl Into<String>) -> Self {
         self.cgroup = Some(path.into());
+        self
+    }
+
+    /// Runs in the host's network namespace.
+    #[must_use]
+    pub fn host_network(mut self) -> Self {
+        self.host_network = true;
         self
     }
 
@@ -277,6 +288,15 @@ impl Run {
                 }),
             });
         }
+        let mut namespaces = vec![
+            json!({"type": "pid"}),
+            json!({"type": "ipc"}),
+            json!({"type": "uts"}),
+            json!({"type": "mount"}),
+        ];
+        if !self.host_network {
+            namespaces.push(json!({"type": "network"}));
+        }
         json!({
             "ociVersion": "1.0.2",
             "process": {
@@ -299,10 +319,7 @@ impl Run {
             "linux": {
                 "cgroupsPath": cgroup,
                 "resources": {"devices": [{"allow": false, "access": "rwm"}]},
-                "namespaces": [
-                    {"type": "pid"}, {"type": "ipc"}, {"type": "uts"},
-                    {"type": "mount"}, {"type": "network"},
-                ],
+                "namespaces": namespaces,
                 "maskedPaths": [
                     "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                     "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",

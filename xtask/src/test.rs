@@ -81,9 +81,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             target: None,
         })?;
     }
+    // The container tests run the static entrypoint, as tenant containers do.
+    let entrypoint = crate::dist::build_entrypoint().context("building the static entrypoint")?;
     // Tests that need an emulator or containerd fail rather than skip under CI.
     sh(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+        .env("RELAY_ENTRYPOINT_STATIC", &entrypoint)
         .env("RELAY_REQUIRE_EMULATORS", "1")
         .env(testbed::REQUIRE_ENV, "1"))?;
     Ok(())
