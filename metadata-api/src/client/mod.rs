@@ -233,14 +233,7 @@ impl Payload {
 
     /// Bytes gzip-compressed at `level` (1 fastest .. 9 smallest).
     pub fn gzip(data: &[u8], level: u32) -> Self {
-        use std::io::Write;
-        let mut enc = flate2::write::GzEncoder::new(
-            Vec::with_capacity(data.len() / 4 + 64),
-            flate2::Compression::new(level.min(9)),
-        );
-        // Writing into a Vec cannot fail.
-        let compressed = enc.write_all(data).and_then(|()| enc.finish());
-        match compressed {
+        match gzip_into(data, level, Vec::with_capacity(data.len() / 4 + 64)) {
             Ok(body) => Self {
                 body: body.into(),
                 len: data.len() as u64,
@@ -249,6 +242,15 @@ impl Payload {
             Err(_) => Self::plain(Bytes::copy_from_slice(data)),
         }
     }
+}
+
+/// gzip-compresses `data` at `level` into `out` (emptied first, its capacity reused).
+pub fn gzip_into(data: &[u8], level: u32, mut out: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    out.clear();
+    let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::new(level.min(9)));
+    enc.write_all(data)?;
+    enc.finish()
 }
 
 /// One connection pool to one metadata API.

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use rand::Rng;
 use tokio::{
     sync::Notify,
@@ -23,7 +23,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Client, ClientError, Created, Payload, StreamSpec};
+use super::{Client, ClientError, Created, Payload, StreamSpec, gzip_into};
 use crate::range::{RangeSet, Span};
 
 /// Most generations tried when earlier ones of a stream are already complete.
@@ -96,11 +96,72 @@ impl ShipReport {
     }
 }
 
-/// A contiguous run of queued bytes starting at `start` (offsets relative to the writer's base).
+/// A contiguous run of queued bytes starting at `start` (offsets relative to the writer's base),
+/// at most one batch long: each segment is shipped as one batch.
 #[derive(Debug)]
 struct Seg {
     start: u64,
-    data: BytesMut,
+    data: Vec<u8>,
+}
+
+/// Batch-sized buffers kept for reuse. A fresh large allocation costs page faults and zeroing
+/// for every page (musl's allocator returns large blocks to the kernel at once); reusing them
+/// makes the producer's copy the only cost per byte.
+#[derive(Debug)]
+struct Pool {
+    free: Mutex<Vec<Vec<u8>>>,
+    keep: usize,
+}
+
+impl Pool {
+    fn get(&self, capacity: usize) -> Vec<u8> {
+        let reused = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match reused {
+            Some(mut v) => {
+                v.clear();
+                v.reserve_exact(capacity);
+                v
+            }
+            None => Vec::with_capacity(capacity),
+        }
+    }
+
+    fn put(&self, v: Vec<u8>) {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        if free.len() < self.keep {
+            free.push(v);
+        }
+    }
+
+    /// `data` as `Bytes` whose buffer comes back to the pool when the last clone is dropped.
+    fn share(self: &Arc<Self>, data: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled {
+            data,
+            pool: self.clone(),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Pooled {
+    data: Vec<u8>,
+    pool: Arc<Pool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.put(std::mem::take(&mut self.data));
+    }
 }
 
 #[derive(Debug, Default)]
@@ -132,6 +193,7 @@ struct Shared {
     buf: Mutex<Buf>,
     wake: Notify,
     cfg: ShipConfig,
+    pool: Arc<Pool>,
 }
 
 /// The producer's handle on one shipped stream. Cheap to clone; [`Shipper::write`] never blocks
@@ -147,6 +209,11 @@ impl Shipper {
             shared: Arc::new(Shared {
                 buf: Mutex::new(Buf::default()),
                 wake: Notify::new(),
+                pool: Arc::new(Pool {
+                    free: Mutex::new(Vec::new()),
+                    // Queued and in-flight batches, and a compressed copy of each in flight.
+                    keep: cfg.buffer_limit / cfg.batch_bytes.max(1) + 2 * cfg.max_in_flight + 2,
+                }),
                 cfg,
             }),
         }
@@ -184,15 +251,32 @@ impl Shipper {
         };
         let take = room.min(data.len());
         if take > 0 {
-            let start = b.next;
-            match b.segs.back_mut() {
-                Some(s) if s.start + s.data.len() as u64 == start => {
-                    s.data.extend_from_slice(&data[..take]);
-                }
-                _ => b.segs.push_back(Seg {
-                    start,
-                    data: BytesMut::from(&data[..take]),
-                }),
+            let block = cfg.batch_bytes.max(1);
+            let buf = &mut *b;
+            let mut rest = &data[..take];
+            while !rest.is_empty() {
+                let at = buf.next;
+                let open = buf
+                    .segs
+                    .back_mut()
+                    .filter(|s| s.start + s.data.len() as u64 == at && s.data.len() < block);
+                let seg = match open {
+                    Some(s) => s,
+                    None => {
+                        buf.segs.push_back(Seg {
+                            start: at,
+                            data: self.shared.pool.get(block),
+                        });
+                        match buf.segs.back_mut() {
+                            Some(s) => s,
+                            None => break,
+                        }
+                    }
+                };
+                let n = (block - seg.data.len()).min(rest.len());
+                seg.data.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                buf.next += n as u64;
             }
             if b.queued == 0 {
                 b.oldest = Some(Instant::now());
@@ -201,7 +285,6 @@ impl Shipper {
             let before = b.queued;
             b.queued += take;
             b.held += take;
-            b.next += take as u64;
             wake |= before < cfg.batch_bytes && b.queued >= cfg.batch_bytes;
         }
         if take < data.len() {
@@ -283,17 +366,10 @@ impl Shipper {
         if !due {
             return None;
         }
-        let front = b.segs.front_mut()?;
-        let n = front.data.len().min(cfg.batch_bytes);
-        let start = front.start;
-        let data = front.data.split_to(n).freeze();
-        front.start += n as u64;
-        if front.data.is_empty() {
-            b.segs.pop_front();
-        }
-        b.queued -= n;
+        let Seg { start, data } = b.segs.pop_front()?;
+        b.queued -= data.len();
         b.oldest = (b.queued > 0).then_some(now);
-        Some((start, data))
+        Some((start, self.shared.pool.share(data)))
     }
 
     /// Ships the stream until it is closed and finished (or its deadline passed). Run it once,
@@ -467,13 +543,21 @@ impl Run {
                 let span = Span::new(start, start + data.len() as u64);
                 let (client, id) = (self.client.clone(), id.clone());
                 let cfg = cfg.clone();
+                let pool = self.shipper.shared.pool.clone();
                 self.spawn(Job::Data(span), async move {
                     let payload = if cfg.gzip_level > 0 {
-                        let level = cfg.gzip_level;
-                        let raw = data.clone();
-                        tokio::task::spawn_blocking(move || Payload::gzip(&raw, level))
-                            .await
-                            .unwrap_or_else(|_| Payload::plain(data))
+                        let (level, raw) = (cfg.gzip_level, data.clone());
+                        let out = pool.get(data.len());
+                        let packed =
+                            tokio::task::spawn_blocking(move || gzip_into(&raw, level, out)).await;
+                        match packed {
+                            Ok(Ok(body)) => Payload {
+                                body: pool.share(body),
+                                len: data.len() as u64,
+                                gzip: true,
+                            },
+                            _ => Payload::plain(data),
+                        }
                     } else {
                         Payload::plain(data)
                     };
