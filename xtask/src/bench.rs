@@ -29,9 +29,15 @@ pub struct Args {
     /// MiB of log data sent in each cell [default: 256, or 32 with --quick].
     #[arg(long)]
     pub total_mb: Option<usize>,
-    /// Smoke test: 32 MiB by default, and only the cells with 1 MiB parts.
+    /// Smoke test: 32 MiB by default, and only the cells with 1 MiB parts (unless `--part` says).
     #[arg(long)]
     pub quick: bool,
+    /// Only cells with these part sizes (`64K`, `1M`; repeatable) [default: 64K and 1M].
+    #[arg(long = "part", value_parser = parse_part)]
+    pub parts: Vec<usize>,
+    /// Only cells with these connection counts (repeatable) [default: 1 and 8].
+    #[arg(long = "conns", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub conns: Vec<u16>,
 }
 
 const MIB: usize = 1 << 20;
@@ -57,18 +63,52 @@ const SERVE_LIMITS: [&str; 12] = [
     "256M",
 ];
 
+/// `64K`, `1M` or a plain byte count.
+fn parse_part(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let (digits, shift) = if let Some(d) = t.strip_suffix(['K', 'k']) {
+        (d, 10)
+    } else if let Some(d) = t.strip_suffix(['M', 'm']) {
+        (d, 20)
+    } else {
+        (t, 0)
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{s:?} is not a part size like 64K or 1M"))
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let Args { total_mb, quick } = args;
+    let Args {
+        total_mb,
+        quick,
+        parts,
+        conns,
+    } = args;
     let total_mb = total_mb.unwrap_or(if quick { 32 } else { 256 });
     ensure!(total_mb > 0, "--total-mb must be positive");
     let total = total_mb
         .checked_mul(MIB)
         .context("--total-mb is too large")?;
 
+    let parts = match (parts.is_empty(), quick) {
+        (false, _) => parts,
+        (true, true) => vec![MIB],
+        (true, false) => PARTS.to_vec(),
+    };
+    let conns: Vec<usize> = if conns.is_empty() {
+        CONNS.to_vec()
+    } else {
+        conns.into_iter().map(usize::from).collect()
+    };
+
     let bin = util::build_metadata_api()?;
     let dir = TempDir::create()?;
     let key_file = dir.0.join("bench.key");
-    let max_conns = CONNS.iter().copied().max().unwrap_or(1);
+    let max_conns = conns.iter().copied().max().unwrap_or(1);
     let tokens = (1..=max_conns)
         .map(|i| {
             let context = format!("workflows/bench/runs/1/steps/s{i}");
@@ -81,10 +121,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let data = generate(total)?;
     let cat = cat_baseline(&dir.0, &data)?;
 
-    let cells: Vec<Cell> = CONNS
+    let cells: Vec<Cell> = conns
         .iter()
-        .flat_map(|&conns| PARTS.iter().map(move |&part| (conns, part)))
-        .filter(|&(_, part)| !quick || part == MIB)
+        .flat_map(|&conns| parts.iter().map(move |&part| (conns, part)))
         .flat_map(|(conns, part)| {
             [Encoding::Plain, Encoding::Gzip].map(|encoding| Cell {
                 conns,
@@ -727,6 +766,15 @@ mod tests {
             .unwrap();
         }
         assert_eq!(decoded, share);
+    }
+
+    #[test]
+    fn part_sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_part("64K"), Ok(64 << 10));
+        assert_eq!(parse_part("1M"), Ok(MIB));
+        assert_eq!(parse_part("4096"), Ok(4096));
+        assert!(parse_part("0").is_err());
+        assert!(parse_part("1G").is_err());
     }
 
     #[test]
