@@ -54,6 +54,9 @@ pub struct GenArgs {
     /// File that receives "WRITE_WALL_SECONDS TOTAL_CPU_SECONDS" when done.
     #[arg(long)]
     pub report: PathBuf,
+    /// Pace in MB/s (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate_mb: u64,
 }
 
 /// Writes `bytes` of log lines to stdout in `write_size` writes, timing only the writing.
@@ -62,6 +65,7 @@ pub fn gen_output(args: GenArgs) -> anyhow::Result<()> {
         bytes,
         write_size,
         report,
+        rate_mb,
     } = args;
     ensure!(write_size > 0, "--write-size must be positive");
     let pattern = generate(PATTERN)?;
@@ -75,6 +79,15 @@ pub fn gen_output(args: GenArgs) -> anyhow::Result<()> {
         out.write_all(&pattern[at..at + n])?;
         written += n as u64;
         at = (at + n) % pattern.len();
+        if rate_mb > 0 {
+            // Ahead of the pace: wait until the clock catches up.
+            let due = Duration::from_secs_f64(written as f64 / (rate_mb as f64 * 1e6));
+            if let Some(ahead) = due.checked_sub(start.elapsed())
+                && ahead > Duration::from_millis(1)
+            {
+                std::thread::sleep(ahead);
+            }
+        }
     }
     let wall = start.elapsed().as_secs_f64();
     // All of this process's CPU (generating the text too): the caller subtracts it from the CPU
@@ -102,16 +115,44 @@ fn children_cpu() -> anyhow::Result<f64> {
 struct Workload {
     name: &'static str,
     write_size: usize,
+    /// Writing pace in MB/s; 0 writes as fast as possible.
+    rate_mb: u64,
+    /// The entrypoint's gzip level (0: uncompressed).
+    gzip_level: u32,
 }
 
-const WORKLOADS: [Workload; 2] = [
+/// As fast as possible (what the child pays; the wrapper drops what it cannot ship), then paced
+/// at a rate a log pipeline should carry without loss (what shipping costs per GB).
+const WORKLOADS: [Workload; 5] = [
     Workload {
         name: "64 KiB writes",
         write_size: 64 << 10,
+        rate_mb: 0,
+        gzip_level: 1,
     },
     Workload {
         name: "100-byte writes",
         write_size: 100,
+        rate_mb: 0,
+        gzip_level: 1,
+    },
+    Workload {
+        name: "64 KiB writes at 50 MB/s",
+        write_size: 64 << 10,
+        rate_mb: 50,
+        gzip_level: 1,
+    },
+    Workload {
+        name: "100-byte writes at 50 MB/s",
+        write_size: 100,
+        rate_mb: 50,
+        gzip_level: 1,
+    },
+    Workload {
+        name: "100-byte writes at 50 MB/s, gzip off",
+        write_size: 100,
+        rate_mb: 50,
+        gzip_level: 0,
     },
 ];
 
@@ -146,6 +187,8 @@ fn gen_command(xtask: &Path, bytes: u64, w: &Workload, report: &Path) -> Vec<Str
         w.write_size.to_string(),
         "--report".into(),
         report.display().to_string(),
+        "--rate-mb".into(),
+        w.rate_mb.to_string(),
     ]
 }
 
@@ -246,13 +289,17 @@ fn start_api(env: &Env, dir: &Path) -> anyhow::Result<(util::Server, PathBuf)> {
 }
 
 fn wrapped(env: &Env, bytes: u64, w: &Workload, dir: &Path) -> anyhow::Result<Measured> {
-    let run_dir = dir.join(format!("run-{}", w.write_size));
+    let run_dir = dir.join(format!(
+        "run-{}-{}-{}",
+        w.write_size, w.rate_mb, w.gzip_level
+    ));
     std::fs::create_dir_all(&run_dir)?;
     let (server, token_file) = start_api(env, &run_dir)?;
     let report = run_dir.join("gen-report");
     let api_cpu0 = server_cpu(server.child.id(), env.tck)?;
     let cpu0 = children_cpu()?;
     let mut child = Command::new(&env.entrypoint)
+        .env("RELAY_GZIP_LEVEL", w.gzip_level.to_string())
         .env("RELAY_METADATA_API_URL", &server.url)
         .env("RELAY_METADATA_API_TOKEN_FILE", &token_file)
         .arg("--")
@@ -301,14 +348,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tck: clock_ticks(),
     };
     let dir = TempDir::create()?;
-    let gb = bytes as f64 / 1e9;
     let mut rows = Vec::new();
     for w in &WORKLOADS {
+        // Paced runs take bytes / rate: cap them at 512 MiB.
+        let bytes = if w.rate_mb > 0 {
+            bytes.min(512 * MIB)
+        } else {
+            bytes
+        };
         eprintln!("bench: {} to cat", w.name);
         let base = baseline(&env.xtask, bytes, w, &dir.0)?;
         eprintln!("bench: {} through the entrypoint", w.name);
         let ours = wrapped(&env, bytes, w, &dir.0)?;
-        rows.push((w, base, ours));
+        rows.push((w, bytes, base, ours));
     }
     let runs = if quick { 50 } else { 300 };
     let plain = mean_wall(runs, || Command::new("true"))?;
@@ -333,7 +385,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let size = std::fs::metadata(&env.entrypoint)?.len();
     println!();
     println!(
-        "entrypoint: {} MiB per workload, static binary {:.2} MiB, gzip level 1",
+        "entrypoint: {} MiB per workload (512 MiB when paced), static binary {:.2} MiB, gzip level 1 unless said",
         bytes / MIB,
         size as f64 / MIB as f64
     );
@@ -342,7 +394,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "| workload | reader | child wall s | child overhead | reader CPU s/GB | of which API | CPU s per GB stored | peak RSS MiB | stored | dropped |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (w, base, ours) in &rows {
+    for (w, bytes, base, ours) in &rows {
+        let gb = *bytes as f64 / 1e9;
         println!(
             "| {} | cat > /dev/null | {:.2} | - | {:.2} | - | {:.2} | - | 100% | 0 |",
             w.name,
@@ -359,8 +412,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ours.api_cpu / gb,
             ours.reader_cpu / (ours.stored.max(1) as f64 / 1e9),
             ours.rss_mib.unwrap_or(0.0),
-            ours.stored as f64 * 100.0 / bytes as f64,
-            ours.dropped as f64 * 100.0 / bytes as f64,
+            ours.stored as f64 * 100.0 / *bytes as f64,
+            ours.dropped as f64 * 100.0 / *bytes as f64,
         );
     }
     println!();
