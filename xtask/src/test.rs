@@ -83,10 +83,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     // The container tests run the static entrypoint, as tenant containers do.
     let entrypoint = crate::dist::build_entrypoint().context("building the static entrypoint")?;
+    // Tests of other crates start the server binary: built here, not from inside a test.
+    let api = util::build_metadata_api().context("building metadata-api")?;
     // Tests that need an emulator or containerd fail rather than skip under CI.
     sh(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .env("RELAY_ENTRYPOINT_STATIC", &entrypoint)
+        .env("RELAY_METADATA_API_BIN", &api)
         .env("RELAY_REQUIRE_EMULATORS", "1")
         .env(testbed::REQUIRE_ENV, "1"))?;
     Ok(())

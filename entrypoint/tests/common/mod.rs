@@ -18,10 +18,14 @@ pub fn entrypoint() -> &'static str {
     env!("CARGO_BIN_EXE_entrypoint")
 }
 
-/// The metadata-api binary of this build, built once if the test runner did not build it.
+/// The metadata-api binary: `RELAY_METADATA_API_BIN` (set by `cargo xtask test`), or this
+/// build's, built once here when missing.
 pub fn api_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("RELAY_METADATA_API_BIN") {
+            return PathBuf::from(bin);
+        }
         // CARGO_BIN_EXE_entrypoint lives in the profile directory the server binary goes to.
         let dir = Path::new(entrypoint()).parent().unwrap().to_path_buf();
         let bin = dir.join("metadata-api");
