@@ -687,17 +687,22 @@ impl Store {
             .filter(|(_, r)| matches!(r, Ok(Written::Stored)))
             .map(|(o, _)| *o)
             .collect();
+        // A write that is not acknowledged leaves none of its objects behind unchecked.
         if let Some(e) = puts.into_iter().find_map(Result::err) {
-            if matches!(e, StoreError::Conflict { .. }) {
-                self.withdraw(&stream.id, &created).await;
-            }
+            self.withdraw(&stream.id, &created).await;
             return Err(e);
         }
         // Another replica may have stored different bytes over part of this range since our
         // snapshot: list the parts that can reach it again and compare with those we did not know.
         let reach = MAX_OBJECT_LEN.max(lock(&stream.state).longest);
         let from = span.start.saturating_sub(reach);
-        let listed = self.list_parts_from(&stream.id, from).await?;
+        let listed = match self.list_parts_from(&stream.id, from).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                self.withdraw(&stream.id, &created).await;
+                return Err(e);
+            }
+        };
         let known: HashSet<(u64, u64)> = overlapping
             .iter()
             .map(|p| key_of(p.span))
@@ -721,7 +726,8 @@ impl Store {
                 });
             }
             Err(e) => {
-                // Ours lost the race: remove it so readers never see two versions.
+                // Ours lost the race (or could not be checked): remove it so readers never see
+                // two versions.
                 self.withdraw(&stream.id, &created).await;
                 let created: HashSet<(u64, u64)> = created.into_iter().map(key_of).collect();
                 stream.absorb(Listing {
@@ -800,13 +806,13 @@ impl Store {
         }
     }
 
-    /// Removes objects this write created, after it lost a race; best effort, as a part left
-    /// behind is still found and compared by the next writer of its range.
+    /// Removes the objects a failed write created; best effort, as a part left behind is still
+    /// found and compared by the next writer of its range.
     async fn withdraw(&self, id: &str, created: &[Span]) {
         for &o in created {
             let key = self.key(id, &format!("parts/{}", span_name(o)));
             if let Err(e) = self.timed("delete", self.os.delete(&key)).await {
-                tracing::warn!(stream = id, part = %o, error = %e, "Cannot remove a part that lost a race.");
+                tracing::warn!(stream = id, part = %o, error = %e, "Cannot remove a part of a failed write.");
             }
         }
     }
@@ -1051,6 +1057,24 @@ mod tests {
             Err(StoreError::Conflict { .. })
         ));
         assert_eq!(part_keys(&os).await, keys);
+        // A part another replica stored inside the second object, unknown to this one: the check
+        // after the puts finds it and every object of the write is removed again.
+        let st3 = fresh.create("b".into(), meta()).await.unwrap();
+        let theirs = Span::new(MAX_OBJECT_LEN + 5, MAX_OBJECT_LEN + 9);
+        let key = Path::from(format!("t/streams/b/parts/{}", span_name(theirs)));
+        os.put(&key, Bytes::from_static(b"zzzz").into())
+            .await
+            .unwrap();
+        assert!(matches!(
+            fresh.write(&st3, Some(0), data.clone(), None).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        let left: Vec<String> = part_keys(&os)
+            .await
+            .into_iter()
+            .filter(|k| k.contains("/b/"))
+            .collect();
+        assert_eq!(left, vec![key.to_string()]);
     }
 
     #[tokio::test]
