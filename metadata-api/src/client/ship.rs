@@ -704,6 +704,7 @@ impl Run {
 
     /// The deadline passed: stop everything and account for what was not reported.
     async fn abandon(mut self) -> ShipReport {
+        self.give_up_data();
         for (h, _) in self.running.values() {
             h.abort();
         }
@@ -711,11 +712,6 @@ impl Run {
             self.finish_job(res);
         }
         let mut b = self.shipper.buf();
-        while let Some(seg) = b.segs.pop_front() {
-            b.lost
-                .insert(Span::new(seg.start, seg.start + seg.data.len() as u64));
-        }
-        b.queued = 0;
         while let Some(s) = b.lost.pop_first() {
             self.report.unreported.insert(s);
         }
