@@ -352,20 +352,30 @@ impl Client {
             .map_err(|_| ClientError::Timeout(self.timeout))?
     }
 
+    /// [`Client::call`], with the answer decoded from JSON.
+    async fn call_json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(header::HeaderName, String)],
+        body: Bytes,
+    ) -> Result<T, ClientError> {
+        let b = self.call(method, path, headers, body).await?;
+        serde_json::from_slice(&b).map_err(|source| ClientError::Decode { source })
+    }
+
     /// `POST /logs`: creates the stream or finds it (idempotent).
     pub async fn create(&self, spec: &StreamSpec) -> Result<Created, ClientError> {
         let body = serde_json::to_vec(spec).map_err(|source| ClientError::Decode { source })?;
         let json = [(header::CONTENT_TYPE, "application/json".to_owned())];
-        let b = self.call(Method::POST, "/logs", &json, body.into()).await?;
-        serde_json::from_slice(&b).map_err(|source| ClientError::Decode { source })
+        self.call_json(Method::POST, "/logs", &json, body.into())
+            .await
     }
 
     /// `GET /logs/{id}`.
     pub async fn status(&self, id: &str) -> Result<StreamStatus, ClientError> {
-        let b = self
-            .call(Method::GET, &format!("/logs/{id}"), &[], Bytes::new())
-            .await?;
-        serde_json::from_slice(&b).map_err(|source| ClientError::Decode { source })
+        self.call_json(Method::GET, &format!("/logs/{id}"), &[], Bytes::new())
+            .await
     }
 
     /// `PATCH /logs/{id}/data`: stores `payload` at `start`.
@@ -385,29 +395,25 @@ impl Client {
         if payload.gzip {
             headers.push((header::CONTENT_ENCODING, "gzip".to_owned()));
         }
-        let b = self
-            .call(
-                Method::PATCH,
-                &format!("/logs/{id}/data"),
-                &headers,
-                payload.body.clone(),
-            )
-            .await?;
-        serde_json::from_slice(&b).map_err(|source| ClientError::Decode { source })
+        self.call_json(
+            Method::PATCH,
+            &format!("/logs/{id}/data"),
+            &headers,
+            payload.body.clone(),
+        )
+        .await
     }
 
     /// `PATCH /logs/{id}/data` with `bytes */total`: declares the final length.
     pub async fn finish(&self, id: &str, total: u64) -> Result<Ack, ClientError> {
         let headers = [(header::CONTENT_RANGE, format!("bytes */{total}"))];
-        let b = self
-            .call(
-                Method::PATCH,
-                &format!("/logs/{id}/data"),
-                &headers,
-                Bytes::new(),
-            )
-            .await?;
-        serde_json::from_slice(&b).map_err(|source| ClientError::Decode { source })
+        self.call_json(
+            Method::PATCH,
+            &format!("/logs/{id}/data"),
+            &headers,
+            Bytes::new(),
+        )
+        .await
     }
 
     /// `POST /logs/{id}/markers`: reports `span` as dropped.
@@ -417,15 +423,13 @@ impl Client {
             "markers": ["dropped"],
         });
         let json = [(header::CONTENT_TYPE, "application/json".to_owned())];
-        let b = self
-            .call(
-                Method::POST,
-                &format!("/logs/{id}/markers"),
-                &json,
-                body.to_string().into(),
-            )
-            .await?;
-        serde_json::from_slice(&b).map_err(|source| ClientError::Decode { source })
+        self.call_json(
+            Method::POST,
+            &format!("/logs/{id}/markers"),
+            &json,
+            body.to_string().into(),
+        )
+        .await
     }
 }
 
