@@ -16,12 +16,15 @@ const WORKLOAD: &str = r#"s=$(date +%s%N)
 awk 'BEGIN { for (i = 0; i < 300000; i++) { s = 0; for (j = 0; j < 20; j++) s += j * i; printf "line %d sum %d some log text here\n", i, s } }'
 e=$(date +%s%N); echo $((e - s)) > "$1""#;
 
-/// The output of `WORKLOAD`.
+/// The output of `WORKLOAD`, from running it without the wrapper.
 fn workload_output() -> Vec<u8> {
-    let out = Command::new("awk")
-        .arg(r#"BEGIN { for (i = 0; i < 300000; i++) { s = 0; for (j = 0; j < 20; j++) s += j * i; printf "line %d sum %d some log text here\n", i, s } }"#)
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("sh")
+        .args(["-c", WORKLOAD, "sh"])
+        .arg(dir.path().join("t"))
         .output()
         .unwrap();
+    assert!(out.status.success());
     out.stdout
 }
 
