@@ -1,0 +1,483 @@
+//! Kernel side of the collector: captures what tasks in watched cgroups write to their stdout and
+//! stderr.
+//!
+//! `sys_enter_write[v]` filters (fd 1 or 2, a watched cgroup, a pipe or tty behind the fd) and
+//! saves the arguments per thread; `sys_exit_write[v]` copies exactly the `ret` bytes that were
+//! written into the ring buffer, in chunks of at most [`CHUNK_BYTES`], each with its offset in the
+//! stream. A chunk that does not fit into the ring buffer is counted, never waited for: user space
+//! sees the gap in the offsets and reports it as dropped.
+#![no_std]
+#![no_main]
+// The BPF target has no compare-and-swap, so core's atomic types offer no `fetch_add`, and
+// LLVM only selects the fetching atomic add for CPU v3, while rustc asks bpf-linker for `generic`
+// (and aya-build owns the rustflags). The instruction itself is in every kernel since 5.12.
+#![feature(asm_experimental_arch)]
+
+use core::{arch::asm, ffi::c_void};
+
+use aya_ebpf::{
+    Global,
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_loop,
+            bpf_probe_read_user,
+        },
+    },
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::debug;
+use collector_common::{
+    CHUNK_BYTES, ChunkHeader, FILE_KIND_FIFO, FILE_KIND_TTY, HEADER_BYTES, KernelOffsets,
+    MAX_CGROUP_DEPTH, STREAM_IGNORE, StreamKey, StreamState, Verdict, counter,
+};
+
+/// Our own process: the collector must never capture itself.
+#[unsafe(no_mangle)]
+static SELF_TGID: Global<u32> = Global::new(0);
+
+/// Struct member offsets of the running kernel, from its BTF.
+#[unsafe(no_mangle)]
+static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    task_files: 0,
+    files_fdt: 0,
+    fdt_fd: 0,
+    fdt_max_fds: 0,
+    file_inode: 0,
+    inode_mode: 0,
+    inode_ino: 0,
+    inode_rdev: 0,
+});
+
+/// Wake the reader only once this many bytes wait in the ring buffer; user space also reads on a
+/// short timer, so a trickle is not held back. 0 wakes it for every record.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: Global<u64> = Global::new(0);
+
+/// Watched cgroup ids (maintained by user space); the value is unused.
+#[map]
+static WATCHED: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Cached verdicts per cgroup id, valid while their generation is current.
+#[map]
+static VERDICTS: LruHashMap<u64, Verdict> = LruHashMap::with_max_entries(16384, 0);
+
+/// Index 0: the watch generation, bumped by user space whenever `WATCHED` changes.
+#[map]
+static GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Offsets and loss counters per stream.
+#[map]
+static STREAMS: HashMap<StreamKey, StreamState> = HashMap::with_max_entries(16384, 0);
+
+/// A write in progress, per thread (`pid_tgid`), saved at syscall entry.
+#[map]
+static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0);
+
+/// Captured chunks for user space. Its size is set by the loader.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 23, 0);
+
+/// See [`counter`].
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// A watched write between its syscall entry and exit. It also holds the state of the copy loop:
+/// `bpf_loop` callbacks compare values kept in map memory far more cheaply for the verifier than
+/// values on the stack.
+#[repr(C)]
+struct Pending {
+    key: StreamKey,
+    /// The data (`write`) or the iovec array (`writev`).
+    buf: u64,
+    /// Bytes (`write`) or iovecs (`writev`).
+    count: u64,
+    /// Stream offset of the write's first byte.
+    base: u64,
+    /// Bytes written by the syscall.
+    total: u64,
+    /// Bytes copied (or lost) so far.
+    done: u64,
+    /// Next iovec to load, and the one being copied.
+    iov_next: u64,
+    iov_base: u64,
+    iov_len: u64,
+    iov_off: u64,
+    fd: u32,
+    kind: u32,
+    tgid: u32,
+    /// u32 flag instead of bool so this type has no implicit padding.
+    vectored: u32,
+}
+
+/// `struct iovec` as user space passes it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Iovec {
+    base: u64,
+    len: u64,
+}
+
+const S_IFMT: u16 = 0o170_000;
+const S_IFIFO: u16 = 0o010_000;
+const S_IFCHR: u16 = 0o020_000;
+/// Major number of /dev/null, /dev/zero and friends: a character device, but not a terminal.
+const MEM_MAJOR: u32 = 1;
+
+// Offsets into `struct trace_event_raw_sys_enter` / `sys_exit` for these syscalls (see
+// /sys/kernel/tracing/events/syscalls/sys_enter_write/format).
+const ARG_FD: usize = 16;
+const ARG_BUF: usize = 24;
+const ARG_COUNT: usize = 32;
+const EXIT_RET: usize = 16;
+
+#[tracepoint]
+pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
+    enter(&ctx, false).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn sys_enter_writev(ctx: TracePointContext) -> u32 {
+    enter(&ctx, true).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn sys_exit_write(ctx: TracePointContext) -> u32 {
+    exit(&ctx).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn sys_exit_writev(ctx: TracePointContext) -> u32 {
+    exit(&ctx).unwrap_or(0)
+}
+
+fn count(index: u32, n: u64) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: the pointer is to this CPU's slot of a live map value; an atomic add keeps it
+        // right even if the program is preempted by another run of itself on this CPU.
+        unsafe { fetch_add(c, n) };
+    }
+}
+
+/// Atomically adds `n` to `*dst` and returns the previous value.
+///
+/// # Safety
+///
+/// `dst` must point to a live, aligned `u64` in map memory.
+unsafe fn fetch_add(dst: *mut u64, n: u64) -> u64 {
+    let mut value = n;
+    // SAFETY: as the caller promises; BPF_ATOMIC | BPF_FETCH | BPF_ADD on a double word.
+    unsafe {
+        asm!(
+            "{v} = atomic_fetch_add((u64 *)({p} + 0), {v})",
+            p = in(reg) dst,
+            v = inout(reg) value,
+            options(nostack),
+        );
+    }
+    value
+}
+
+fn enter(ctx: &TracePointContext, vectored: bool) -> Result<u32, i64> {
+    // SAFETY: the offsets are those of this tracepoint's format.
+    let fd: u64 = unsafe { ctx.read_at(ARG_FD) }.map_err(i64::from)?;
+    if fd != 1 && fd != 2 {
+        return Ok(0);
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == SELF_TGID.load() {
+        return Ok(0);
+    }
+    if watched_root() == 0 {
+        return Ok(0);
+    }
+    let Some((ino, kind)) = stdio_file(fd) else {
+        return Ok(0);
+    };
+    // SAFETY: as above.
+    let buf: u64 = unsafe { ctx.read_at(ARG_BUF) }.map_err(i64::from)?;
+    // SAFETY: as above.
+    let count_arg: u64 = unsafe { ctx.read_at(ARG_COUNT) }.map_err(i64::from)?;
+    let pending = Pending {
+        key: StreamKey {
+            // SAFETY: a helper without arguments.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            ino,
+        },
+        buf,
+        count: count_arg,
+        base: 0,
+        total: 0,
+        done: 0,
+        iov_next: 0,
+        iov_base: 0,
+        iov_len: 0,
+        iov_off: 0,
+        fd: fd as u32,
+        kind,
+        tgid,
+        vectored: u32::from(vectored),
+    };
+    if PENDING.insert(&pid_tgid, &pending, 0).is_err() {
+        count(counter::UNTRACKED_WRITES, 1);
+    }
+    Ok(0)
+}
+
+/// The watched cgroup the current task is in or under, or 0.
+fn watched_root() -> u64 {
+    // SAFETY: a helper without arguments.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let generation = GENERATION.get(0).copied().unwrap_or(0);
+    // SAFETY: a copy is taken at once; a concurrent update can at worst give a stale verdict,
+    // which the generation check rejects.
+    if let Some(v) = unsafe { VERDICTS.get(&cgroup) }
+        && v.generation == generation
+    {
+        return v.root;
+    }
+    let mut root = 0;
+    // Level 0 is the root of the hierarchy; the walk stops past the task's own level.
+    for level in 0..MAX_CGROUP_DEPTH {
+        // SAFETY: a helper without memory arguments.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        if WATCHED.get_ptr(&id).is_some() {
+            root = id;
+            break;
+        }
+    }
+    let _ = VERDICTS.insert(&cgroup, &Verdict { root, generation }, 0);
+    root
+}
+
+fn read_kernel<T>(base: u64, offset: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error, not a fault.
+    unsafe { bpf_probe_read_kernel((base + offset) as *const T) }.ok()
+}
+
+/// The inode number and kind of the file behind `fd` of the current task, when it is a pipe,
+/// FIFO or terminal; `None` for files, sockets, /dev/null and everything else.
+fn stdio_file(fd: u64) -> Option<(u64, u32)> {
+    let off = OFFSETS.load();
+    // SAFETY: a helper without memory arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read_kernel(task, off.task_files)?;
+    let fdt: u64 = read_kernel(files, off.files_fdt)?;
+    let max_fds: u32 = read_kernel(fdt, off.fdt_max_fds)?;
+    if fd >= u64::from(max_fds) {
+        return None;
+    }
+    let fds: u64 = read_kernel(fdt, off.fdt_fd)?;
+    let file: u64 = read_kernel(fds, fd * 8)?;
+    if file == 0 {
+        return None;
+    }
+    let inode: u64 = read_kernel(file, off.file_inode)?;
+    let mode: u16 = read_kernel(inode, off.inode_mode)?;
+    let kind = match mode & S_IFMT {
+        S_IFIFO => FILE_KIND_FIFO,
+        S_IFCHR => {
+            let rdev: u32 = read_kernel(inode, off.inode_rdev)?;
+            if rdev >> 20 == MEM_MAJOR {
+                return None;
+            }
+            FILE_KIND_TTY
+        }
+        _ => return None,
+    };
+    let ino: u64 = read_kernel(inode, off.inode_ino)?;
+    Some((ino, kind))
+}
+
+fn exit(ctx: &TracePointContext) -> Result<u32, i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(pending) = PENDING.get_ptr_mut(&pid_tgid) else {
+        return Ok(0);
+    };
+    // SAFETY: the format's offset of `ret`.
+    let ret: i64 = unsafe { ctx.read_at(EXIT_RET) }.map_err(i64::from)?;
+    if ret > 0 {
+        // SAFETY: our thread's entry, which only this thread touches between enter and exit.
+        let p = unsafe { &mut *pending };
+        if capture(p, ret as u64) == Some(0) {
+            debug!(ctx, "new stream: cgroup {} inode {} fd {}", p.key.cgroup_id, p.key.ino, p.fd);
+        }
+    }
+    let _ = PENDING.remove(&pid_tgid);
+    Ok(0)
+}
+
+fn stream(key: &StreamKey, fd: u32) -> Option<*mut StreamState> {
+    if let Some(s) = STREAMS.get_ptr_mut(key) {
+        return Some(s);
+    }
+    let fresh = StreamState {
+        fd,
+        ..StreamState::default()
+    };
+    // Another CPU may create it first: then its entry is used.
+    let _ = STREAMS.insert(key, &fresh, u64::from(BPF_NOEXIST));
+    STREAMS.get_ptr_mut(key)
+}
+
+/// Copies the `written` bytes of a finished write into the ring buffer. Returns the stream
+/// offset they were given.
+fn capture(p: &mut Pending, written: u64) -> Option<u64> {
+    let Some(state) = stream(&p.key, p.fd) else {
+        count(counter::UNTRACKED_WRITES, 1);
+        return None;
+    };
+    // SAFETY: a live map value; concurrent writers only ever do atomic adds on it.
+    let base = unsafe { fetch_add(&raw mut (*state).offset, written) };
+    // SAFETY: as above; `mode` is a word user space stores.
+    if unsafe { (*state).mode } == STREAM_IGNORE {
+        return Some(base);
+    }
+    p.base = base;
+    p.total = written;
+    p.done = 0;
+    p.iov_next = 0;
+    p.iov_len = 0;
+    p.iov_off = 0;
+    let chunks = written / CHUNK_BYTES as u64 + 1;
+    let loops = if p.vectored != 0 {
+        chunks + p.count
+    } else {
+        chunks
+    };
+    // SAFETY: `copy_chunk` has the callback signature and `p` outlives the loop.
+    unsafe {
+        bpf_loop(
+            loops.min(1 << 23) as u32,
+            copy_chunk as *mut c_void,
+            (p as *mut Pending).cast(),
+            0,
+        );
+    }
+    let lost = p.total - p.done.min(p.total);
+    if lost > 0 {
+        // The loop bound ran out (a writev with more iovecs than it allowed for).
+        lose(state, lost, 1);
+    }
+    Some(base)
+}
+
+/// Counts bytes that did not reach the ring buffer, per stream and in total.
+fn lose(state: *mut StreamState, bytes: u64, chunks: u64) {
+    // SAFETY: a live map value, only updated with atomic adds.
+    unsafe {
+        fetch_add(&raw mut (*state).lost_bytes, bytes);
+        fetch_add(&raw mut (*state).lost_chunks, chunks);
+    }
+    count(counter::LOST_BYTES, bytes);
+    count(counter::LOST_CHUNKS, chunks);
+}
+
+/// One `bpf_loop` step: copies the next chunk. Returns 1 to stop the loop.
+extern "C" fn copy_chunk(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Pending` passed to `bpf_loop`.
+    let p = unsafe { &mut *ctx.cast::<Pending>() };
+    if p.done >= p.total {
+        return 1;
+    }
+    let left = p.total - p.done;
+    let (src, n) = if p.vectored != 0 {
+        if p.iov_off >= p.iov_len {
+            if p.iov_next >= p.count {
+                return 1;
+            }
+            let at = p.buf + p.iov_next * core::mem::size_of::<Iovec>() as u64;
+            // SAFETY: bpf_probe_read_user checks the address.
+            let Ok(iov) = (unsafe { aya_ebpf::helpers::bpf_probe_read_user(at as *const Iovec) })
+            else {
+                return 1;
+            };
+            p.iov_next += 1;
+            p.iov_base = iov.base;
+            p.iov_len = iov.len;
+            p.iov_off = 0;
+            // An empty iovec: the next step loads the one after it.
+            return 0;
+        }
+        let n = (p.iov_len - p.iov_off).min(left);
+        (p.iov_base + p.iov_off, n)
+    } else {
+        (p.buf + p.done, left)
+    };
+    let n = n.min(CHUNK_BYTES as u64) as u32;
+    let offset = p.base + p.done;
+    if !emit(p, src, n, offset) {
+        if let Some(state) = STREAMS.get_ptr_mut(&p.key) {
+            lose(state, u64::from(n), 1);
+        }
+    }
+    p.done += u64::from(n);
+    p.iov_off += u64::from(n);
+    0
+}
+
+/// Puts one chunk into the ring buffer, in the smallest record size class that holds it.
+fn emit(p: &Pending, src: u64, n: u32, offset: u64) -> bool {
+    match n {
+        0..=64 => emit_sized::<64>(p, src, n, offset),
+        65..=512 => emit_sized::<512>(p, src, n, offset),
+        513..=4096 => emit_sized::<4096>(p, src, n, offset),
+        _ => emit_sized::<CHUNK_BYTES>(p, src, n, offset),
+    }
+}
+
+fn emit_sized<const N: usize>(p: &Pending, src: u64, n: u32, offset: u64) -> bool {
+    if n as usize > N {
+        return false;
+    }
+    let Some(mut record) = EVENTS.reserve_bytes(HEADER_BYTES + N, 0) else {
+        return false;
+    };
+    let header = ChunkHeader {
+        cgroup_id: p.key.cgroup_id,
+        ino: p.key.ino,
+        offset,
+        tgid: p.tgid,
+        len: n,
+        fd: p.fd,
+        kind: p.kind,
+    };
+    let dst = record.as_mut_ptr();
+    // SAFETY: the record has room for the header and N bytes; n <= N is checked above.
+    let read = unsafe {
+        dst.cast::<ChunkHeader>().write_unaligned(header);
+        bpf_probe_read_user(dst.add(HEADER_BYTES).cast(), n, src as *const c_void)
+    };
+    if read != 0 {
+        record.discard(0);
+        count(counter::FAULTED_BYTES, u64::from(n));
+        return false;
+    }
+    let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    let flags = if waiting >= WAKEUP_BYTES.load() {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    record.submit(u64::from(flags));
+    count(counter::CAPTURED_BYTES, u64::from(n));
+    count(counter::CAPTURED_CHUNKS, 1);
+    true
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
