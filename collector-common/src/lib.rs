@@ -71,6 +71,16 @@ pub const STREAM_CAPTURE: u32 = 1;
 /// Some other pipe of the container (`a | b` inside it): offsets still count, nothing is captured.
 pub const STREAM_IGNORE: u32 = 2;
 
+/// The inodes behind fds 1 and 2 of the first task seen writing in a cgroup: what user space
+/// falls back on to tell a container's stdout from its stderr when no process is left to look at.
+/// Replaced while both are the same file (a terminal, or a shell's `>&2` that dup'ed fd 2 onto 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StdioInodes {
+    pub stdout: u64,
+    pub stderr: u64,
+}
+
 /// Cached answer to "which watched cgroup is this task under?" for one cgroup id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -132,5 +142,6 @@ mod user {
     unsafe impl aya::Pod for super::StreamKey {}
     unsafe impl aya::Pod for super::StreamState {}
     unsafe impl aya::Pod for super::Verdict {}
+    unsafe impl aya::Pod for super::StdioInodes {}
     unsafe impl aya::Pod for super::KernelOffsets {}
 }

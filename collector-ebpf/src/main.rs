@@ -21,8 +21,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_loop,
-            bpf_probe_read_user,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_loop, bpf_probe_read_user,
         },
     },
     macros::{map, tracepoint},
@@ -32,7 +31,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use collector_common::{
     CHUNK_BYTES, ChunkHeader, FILE_KIND_FIFO, FILE_KIND_TTY, HEADER_BYTES, KernelOffsets,
-    MAX_CGROUP_DEPTH, STREAM_IGNORE, StreamKey, StreamState, Verdict, counter,
+    MAX_CGROUP_DEPTH, STREAM_IGNORE, StdioInodes, StreamKey, StreamState, Verdict, counter,
 };
 
 /// Our own process: the collector must never capture itself.
@@ -72,6 +71,10 @@ static GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 /// Offsets and loss counters per stream.
 #[map]
 static STREAMS: HashMap<StreamKey, StreamState> = HashMap::with_max_entries(16384, 0);
+
+/// The stdio of the first task seen writing in each cgroup (see [`StdioInodes`]).
+#[map]
+static CGROUP_STDIO: HashMap<u64, StdioInodes> = HashMap::with_max_entries(16384, 0);
 
 /// A write in progress, per thread (`pid_tgid`), saved at syscall entry.
 #[map]
@@ -198,16 +201,15 @@ fn enter(ctx: &TracePointContext, vectored: bool) -> Result<u32, i64> {
     let Some((ino, kind)) = stdio_file(fd) else {
         return Ok(0);
     };
+    // SAFETY: a helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    note_stdio(cgroup_id);
     // SAFETY: as above.
     let buf: u64 = unsafe { ctx.read_at(ARG_BUF) }.map_err(i64::from)?;
     // SAFETY: as above.
     let count_arg: u64 = unsafe { ctx.read_at(ARG_COUNT) }.map_err(i64::from)?;
     let pending = Pending {
-        key: StreamKey {
-            // SAFETY: a helper without arguments.
-            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-            ino,
-        },
+        key: StreamKey { cgroup_id, ino },
         buf,
         count: count_arg,
         base: 0,
@@ -255,6 +257,20 @@ fn watched_root() -> u64 {
     }
     let _ = VERDICTS.insert(&cgroup, &Verdict { root, generation }, 0);
     root
+}
+
+/// Records the stdio of the current task for its cgroup, unless a clear one is known.
+fn note_stdio(cgroup_id: u64) {
+    // SAFETY: a copy is taken at once.
+    if let Some(known) = unsafe { CGROUP_STDIO.get(&cgroup_id) }
+        && known.stdout != known.stderr
+    {
+        return;
+    }
+    let (Some((stdout, _)), Some((stderr, _))) = (stdio_file(1), stdio_file(2)) else {
+        return;
+    };
+    let _ = CGROUP_STDIO.insert(&cgroup_id, &StdioInodes { stdout, stderr }, 0);
 }
 
 fn read_kernel<T>(base: u64, offset: u64) -> Option<T> {
@@ -307,7 +323,10 @@ fn exit(ctx: &TracePointContext) -> Result<u32, i64> {
         // SAFETY: our thread's entry, which only this thread touches between enter and exit.
         let p = unsafe { &mut *pending };
         if capture(p, ret as u64) == Some(0) {
-            debug!(ctx, "new stream: cgroup {} inode {} fd {}", p.key.cgroup_id, p.key.ino, p.fd);
+            debug!(
+                ctx,
+                "new stream: cgroup {} inode {} fd {}", p.key.cgroup_id, p.key.ino, p.fd
+            );
         }
     }
     let _ = PENDING.remove(&pid_tgid);
@@ -352,12 +371,16 @@ fn capture(p: &mut Pending, written: u64) -> Option<u64> {
     } else {
         chunks
     };
-    // SAFETY: `copy_chunk` has the callback signature and `p` outlives the loop.
+    // The callback context must live on the stack; it points at the map value.
+    let mut ctx = LoopCtx {
+        pending: p as *mut Pending,
+    };
+    // SAFETY: `copy_chunk` has the callback signature and `ctx` outlives the loop.
     unsafe {
         bpf_loop(
             loops.min(1 << 23) as u32,
             copy_chunk as *mut c_void,
-            (p as *mut Pending).cast(),
+            (&raw mut ctx).cast(),
             0,
         );
     }
@@ -380,10 +403,16 @@ fn lose(state: *mut StreamState, bytes: u64, chunks: u64) {
     count(counter::LOST_CHUNKS, chunks);
 }
 
+/// What `bpf_loop` hands each step (on the caller's stack, as the verifier requires).
+#[repr(C)]
+struct LoopCtx {
+    pending: *mut Pending,
+}
+
 /// One `bpf_loop` step: copies the next chunk. Returns 1 to stop the loop.
 extern "C" fn copy_chunk(_index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `Pending` passed to `bpf_loop`.
-    let p = unsafe { &mut *ctx.cast::<Pending>() };
+    // SAFETY: `ctx` is the `LoopCtx` passed to `bpf_loop`, pointing at the thread's entry.
+    let p = unsafe { &mut *(*ctx.cast::<LoopCtx>()).pending };
     if p.done >= p.total {
         return 1;
     }

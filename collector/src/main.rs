@@ -1,1 +1,178 @@
-fn main() {}
+//! The collector: a node agent that captures tenant containers' stdout and stderr writes with
+//! eBPF and ships them to the metadata API as `ebpf` streams.
+
+mod args;
+mod btf;
+mod capture;
+mod cgroups;
+mod ebpf;
+mod local;
+mod metrics;
+
+use std::{process::ExitCode, sync::Arc, time::Instant};
+
+use aya::maps::{MapData, RingBuf};
+use clap::Parser as _;
+use metadata_api::client::{Client, Token};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    args::Args,
+    capture::{Attributor, Engine, EngineConfig},
+    ebpf::{LoadOptions, Probes},
+    metrics::Metrics,
+};
+
+/// Exit code of a configuration error (EX_USAGE).
+const USAGE: u8 = 64;
+/// Exit code when this machine cannot run the collector (EX_UNAVAILABLE).
+const UNAVAILABLE: u8 = 69;
+/// Records read per wakeup before timers get a turn.
+const RECORDS_PER_TURN: usize = 65_536;
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { USAGE } else { 0 });
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = check(&args) {
+        eprintln!("collector: {e}");
+        return ExitCode::from(USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("collector: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("collector: {e}");
+            ExitCode::from(UNAVAILABLE)
+        }
+    }
+}
+
+/// Configuration errors that clap cannot see.
+fn check(args: &Args) -> Result<(), String> {
+    if args.cgroups.is_empty() {
+        return Err("nothing to watch: give --cgroup DIR=CONTEXT".to_owned());
+    }
+    if !args.ring_bytes.is_power_of_two() || args.ring_bytes < 4096 || args.ring_bytes > 1 << 30 {
+        return Err(format!(
+            "--ring-bytes {} must be a power of two between 4K and 1G",
+            args.ring_bytes
+        ));
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let (attributor, roots) = local::Local::new(&args.cgroups).map_err(|e| e.to_string())?;
+    let ring_bytes = u32::try_from(args.ring_bytes).map_err(|e| e.to_string())?;
+    let probes = Probes::load(LoadOptions {
+        ring_bytes,
+        // Wake the reader when an eighth of the ring is used; the poll timer covers the rest.
+        wakeup_bytes: u64::from(ring_bytes / 8),
+        log: args.ebpf_log,
+    })
+    .map_err(|e| e.to_string())?;
+    let (ebpf, ring, maps, counters) = probes.split();
+    let metrics = Arc::new(Metrics::new());
+    metrics.attach_kernel(counters);
+    let listener = metrics::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let listen = listener.local_addr().map_err(|e| e.to_string())?;
+    tokio::spawn(metrics::serve(listener, metrics.clone()));
+    let token = args.token_file.clone().map_or(Token::None, Token::File);
+    let client = Client::new(&args.url, token, args.request_timeout)
+        .map_err(|e| format!("metadata API {}: {e}", args.url))?;
+    let mut engine = Engine::new(
+        EngineConfig {
+            ship: args.ship_config(),
+            grace: args.grace_period,
+            hold: args.attribution_hold,
+        },
+        maps,
+        attributor,
+        Arc::new(client),
+        metrics,
+    );
+    for id in roots {
+        engine
+            .watch(id)
+            .map_err(|e| format!("cannot watch cgroup {id}: {e}"))?;
+    }
+    // Tests and scripts wait for this line.
+    println!("collector ready; metrics on http://{listen}/metrics");
+    let ring = ebpf::register_readable(ring).map_err(|e| format!("ring buffer: {e}"))?;
+    read_loop(ring, &mut engine, args.ring_poll).await;
+    engine.shutdown().await;
+    drop(ebpf);
+    Ok(())
+}
+
+/// Reads the ring buffer until SIGINT or SIGTERM: at once when the kernel wakes us (an eighth of
+/// the ring is full), and every `poll` otherwise, so a trickle waits at most that long.
+async fn read_loop<A: Attributor>(
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    engine: &mut Engine<A>,
+    poll: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot handle SIGTERM.");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            ready = ring.readable_mut() => {
+                let Ok(mut guard) = ready else { return };
+                if drain(guard.get_inner_mut(), engine) {
+                    guard.clear_ready();
+                }
+            }
+            _ = tick.tick() => {
+                drain(ring.get_mut(), engine);
+                engine.tick(Instant::now());
+                engine.reap();
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    drain(ring.get_mut(), engine);
+    tracing::info!("Stopping: shipping what is left.");
+}
+
+/// Hands ring buffer records to the engine. Returns whether the ring is empty.
+fn drain<A: Attributor>(ring: &mut RingBuf<MapData>, engine: &mut Engine<A>) -> bool {
+    for _ in 0..RECORDS_PER_TURN {
+        let Some(record) = ring.next() else {
+            return true;
+        };
+        engine.record(&record);
+    }
+    false
+}

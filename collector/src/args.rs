@@ -1,0 +1,124 @@
+//! Command line and environment.
+
+use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use metadata_api::{client::ShipConfig, size::parse_size};
+
+/// Captures what tenant containers write to their stdout and stderr, in the kernel, and ships it
+/// to the metadata API as `ebpf` streams.
+///
+/// Local mode (`--cgroup DIR=CONTEXT`, repeatable) watches cgroup v2 directories and everything
+/// below them; each container cgroup's output goes to CONTEXT.
+#[derive(Debug, clap::Parser)]
+#[command(name = "collector", version)]
+pub struct Args {
+    /// Metadata API base URL (`http://host:port`).
+    #[arg(long, env = "RELAY_METADATA_API_URL")]
+    pub url: String,
+    /// Bearer token file (a collector token), read again whenever it changes.
+    #[arg(long, env = "RELAY_METADATA_API_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// A cgroup v2 directory to watch, with the log context its output belongs to.
+    #[arg(
+        long = "cgroup",
+        value_name = "DIR=CONTEXT",
+        env = "RELAY_COLLECTOR_CGROUPS",
+        value_delimiter = ','
+    )]
+    pub cgroups: Vec<CgroupArg>,
+    /// Address of `/metrics` and `/healthz`.
+    #[arg(long, env = "RELAY_COLLECTOR_LISTEN", default_value = "127.0.0.1:9464")]
+    pub listen: SocketAddr,
+    /// Size of the kernel ring buffer (a power of two, at least a page).
+    #[arg(long, env = "RELAY_RING_BYTES", default_value = "16M", value_parser = parse_size)]
+    pub ring_bytes: u64,
+    /// How long user space may leave captured bytes in the ring before it reads them.
+    #[arg(long, env = "RELAY_RING_POLL", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub ring_poll: Duration,
+    /// How long bytes of a cgroup not attributed to a container yet are held before they are
+    /// dropped.
+    #[arg(long, env = "RELAY_ATTRIBUTION_HOLD", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub attribution_hold: Duration,
+    /// Time allowed after a container ends to ship what is left and declare the final lengths.
+    #[arg(long, env = "RELAY_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub grace_period: Duration,
+    /// A batch is sent once it holds this many bytes...
+    #[arg(long, env = "RELAY_BATCH_BYTES", default_value = "1M", value_parser = parse_size)]
+    pub batch_bytes: u64,
+    /// ...or once its oldest byte waited this long.
+    #[arg(long, env = "RELAY_BATCH_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub batch_interval: Duration,
+    /// Bytes buffered per stream before output is dropped (and reported as dropped).
+    #[arg(long, env = "RELAY_BUFFER_LIMIT", default_value = "16M", value_parser = parse_size)]
+    pub buffer_limit: u64,
+    /// Append requests in flight per stream.
+    #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_in_flight: u16,
+    /// gzip level for request bodies (0 = uncompressed).
+    #[arg(long, env = "RELAY_GZIP_LEVEL", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=9))]
+    pub gzip_level: u32,
+    /// Longest a single request to the API may take.
+    #[arg(long, env = "RELAY_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Forward the eBPF programs' debug log (aya-log) to this process's log.
+    #[arg(long, env = "RELAY_EBPF_LOG")]
+    pub ebpf_log: bool,
+}
+
+impl Args {
+    /// The shipper settings these arguments describe.
+    pub fn ship_config(&self) -> ShipConfig {
+        let buffer_limit = usize::try_from(self.buffer_limit).unwrap_or(usize::MAX);
+        ShipConfig {
+            batch_bytes: usize::try_from(self.batch_bytes)
+                .unwrap_or(usize::MAX)
+                .clamp(1, buffer_limit.max(1)),
+            batch_interval: self.batch_interval,
+            buffer_limit,
+            max_in_flight: usize::from(self.max_in_flight),
+            gzip_level: self.gzip_level,
+            ..ShipConfig::default()
+        }
+    }
+}
+
+/// `DIR=CONTEXT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupArg {
+    pub dir: PathBuf,
+    pub context: String,
+}
+
+impl FromStr for CgroupArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (dir, context) = s
+            .rsplit_once('=')
+            .ok_or_else(|| format!("{s:?} is not DIR=CONTEXT"))?;
+        if dir.is_empty() || context.is_empty() {
+            return Err(format!("{s:?} is not DIR=CONTEXT"));
+        }
+        Ok(Self {
+            dir: PathBuf::from(dir),
+            context: context.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_arg_splits_at_the_last_equals_sign() {
+        let a: CgroupArg = "/sys/fs/cgroup/a=b/c=workflows/w/triggers/t"
+            .parse()
+            .unwrap();
+        assert_eq!(a.dir, PathBuf::from("/sys/fs/cgroup/a=b/c"));
+        assert_eq!(a.context, "workflows/w/triggers/t");
+        assert!("/sys/fs/cgroup/a".parse::<CgroupArg>().is_err());
+        assert!("=ctx".parse::<CgroupArg>().is_err());
+        assert!("/dir=".parse::<CgroupArg>().is_err());
+    }
+}

@@ -1,0 +1,96 @@
+//! Kernel struct offsets from the running kernel's BTF.
+//!
+//! aya has no CO-RE relocations for programs written in Rust, so the kernel side reads
+//! `task->files->fdt->fd[n]->f_inode->i_mode` at offsets the loader looks up here and passes in
+//! as read-only globals.
+
+use std::path::Path;
+
+use btf_rs::{Btf, Type};
+use collector_common::KernelOffsets;
+
+/// Where the kernel publishes its own BTF.
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("cannot read kernel BTF from {path} (needs CONFIG_DEBUG_INFO_BTF)")]
+    Read {
+        path: String,
+        #[source]
+        source: anyhow::Error,
+    },
+    #[error("kernel BTF has no member {member} in struct {strukt}")]
+    Missing {
+        strukt: &'static str,
+        member: &'static str,
+    },
+}
+
+/// The offsets the kernel side needs, from the BTF at `path`.
+pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
+    let btf = Btf::from_file(path).map_err(|source| BtfError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let off = |strukt, member| member_offset(&btf, strukt, member);
+    Ok(KernelOffsets {
+        task_files: off("task_struct", "files")?,
+        files_fdt: off("files_struct", "fdt")?,
+        fdt_fd: off("fdtable", "fd")?,
+        fdt_max_fds: off("fdtable", "max_fds")?,
+        file_inode: off("file", "f_inode")?,
+        inode_mode: off("inode", "i_mode")?,
+        inode_ino: off("inode", "i_ino")?,
+        inode_rdev: off("inode", "i_rdev")?,
+    })
+}
+
+fn member_offset(btf: &Btf, strukt: &'static str, member: &'static str) -> Result<u64, BtfError> {
+    let missing = || BtfError::Missing { strukt, member };
+    let types = btf.resolve_types_by_name(strukt).map_err(|_| missing())?;
+    types
+        .iter()
+        .find_map(|t| match t {
+            Type::Struct(s) => find_in(btf, s, member),
+            _ => None,
+        })
+        .ok_or_else(missing)
+}
+
+/// Byte offset of `member` in `s`, looking into anonymous structs and unions too.
+fn find_in(btf: &Btf, s: &btf_rs::Struct, member: &str) -> Option<u64> {
+    for m in &s.members {
+        let name = btf.resolve_name(m).unwrap_or_default();
+        let here = u64::from(m.bit_offset() / 8);
+        if name == member {
+            return Some(here);
+        }
+        if name.is_empty()
+            && let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m)
+            && let Some(off) = find_in(btf, &inner, member)
+        {
+            return Some(here + off);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_of_the_running_kernel_are_plausible() {
+        if !Path::new(VMLINUX).exists() {
+            println!("SKIPPED: {VMLINUX} is missing");
+            return;
+        }
+        let o = kernel_offsets(Path::new(VMLINUX)).unwrap();
+        // Members the loader needs exist, and members of one struct differ.
+        assert!(o.task_files > 0, "{o:?}");
+        assert_ne!(o.fdt_fd, o.fdt_max_fds);
+        assert_ne!(o.inode_mode, o.inode_ino);
+        assert!(o.file_inode > 0);
+    }
+}

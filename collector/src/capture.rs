@@ -1,0 +1,525 @@
+//! From ring buffer records to shipped streams.
+//!
+//! The [`Engine`] is owned by the ring buffer reader task. For each chunk it finds the stream
+//! (cgroup, file), attributes a new cgroup to a container and log context, decides whether the
+//! file is the container's stdout, stderr or some other pipe, and hands the bytes to that stream's
+//! [`Shipper`] in offset order. Offsets come from the kernel, so a gap is exact: chunks of one
+//! stream written concurrently on two CPUs may arrive out of order and wait briefly for each
+//! other; a gap that stays open is a chunk the kernel could not put into the ring, and becomes a
+//! `dropped` range. When a container's cgroup has no process left, its streams get their final
+//! length from the kernel's offset counter.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use collector_common::{ChunkHeader, HEADER_BYTES, StreamKey};
+use metadata_api::{
+    client::{Client, ShipConfig, Shipper, StreamSpec},
+    source::Source,
+};
+
+use crate::{
+    cgroups::{self, Role, Stdio},
+    ebpf::Maps,
+    metrics::Metrics,
+};
+
+/// How long a chunk that arrived ahead of its predecessor waits for it before the gap counts as
+/// lost. Chunks are reserved in the ring in nearly the order their offsets were taken, so this
+/// only has to cover two CPUs racing between the two.
+const REORDER_WAIT: Duration = Duration::from_millis(50);
+/// How often cgroups with open streams are checked for processes left.
+const SWEEP_EVERY: Duration = Duration::from_millis(200);
+/// Most bytes held per cgroup while it waits for attribution.
+const HOLD_BYTES: usize = 4 << 20;
+
+/// Where a container cgroup's output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub context: String,
+    /// Put in front of `stdout`/`stderr` in stream names (empty, or ending in `.`).
+    pub prefix: String,
+    /// The cgroup directory.
+    pub dir: PathBuf,
+}
+
+/// The answer to "whose is this cgroup?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attributed {
+    Target(Target),
+    /// Not known yet (a pod the reflector has not seen); ask again soon.
+    NotYet,
+    /// Not a container we capture.
+    Never,
+}
+
+/// Maps cgroup ids to containers: local directories or Kubernetes pods.
+pub trait Attributor: Send {
+    fn attribute(&mut self, cgroup_id: u64) -> Attributed;
+    fn forget(&mut self, cgroup_id: u64);
+}
+
+/// One container stream being shipped.
+#[derive(Debug)]
+struct Stream {
+    shipper: Shipper,
+    /// Kernel offset of the next byte to hand to the shipper.
+    next: u64,
+    /// Chunks that arrived before their predecessors, by offset.
+    early: BTreeMap<u64, Vec<u8>>,
+    gap_since: Option<Instant>,
+}
+
+/// A cgroup the engine has seen.
+#[derive(Debug)]
+struct Cgroup {
+    target: Target,
+    stdio: Option<Stdio>,
+    /// Files seen, and what they are.
+    files: HashMap<u64, Role>,
+}
+
+/// Chunks of a cgroup waiting for attribution.
+#[derive(Debug)]
+struct Held {
+    since: Instant,
+    bytes: usize,
+    chunks: Vec<(ChunkHeader, Vec<u8>)>,
+}
+
+/// Settings of the [`Engine`].
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub ship: ShipConfig,
+    pub grace: Duration,
+    pub hold: Duration,
+}
+
+#[derive(Debug)]
+pub struct Engine<A> {
+    cfg: EngineConfig,
+    maps: Maps,
+    attributor: A,
+    client: Arc<Client>,
+    metrics: Arc<Metrics>,
+    cgroups: HashMap<u64, Cgroup>,
+    streams: HashMap<StreamKey, Stream>,
+    held: HashMap<u64, Held>,
+    last_sweep: Instant,
+    shippers: tokio::task::JoinSet<()>,
+}
+
+/// Splits a ring buffer record into its header and data.
+pub fn parse(record: &[u8]) -> Option<(ChunkHeader, &[u8])> {
+    let u64_at = |i: usize| {
+        record
+            .get(i..i + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+    };
+    let u32_at = |i: usize| {
+        record
+            .get(i..i + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_ne_bytes)
+    };
+    let header = ChunkHeader {
+        cgroup_id: u64_at(0)?,
+        ino: u64_at(8)?,
+        offset: u64_at(16)?,
+        tgid: u32_at(24)?,
+        len: u32_at(28)?,
+        fd: u32_at(32)?,
+        kind: u32_at(36)?,
+    };
+    let data = record.get(HEADER_BYTES..HEADER_BYTES + header.len as usize)?;
+    Some((header, data))
+}
+
+impl<A: Attributor> Engine<A> {
+    pub fn new(
+        cfg: EngineConfig,
+        maps: Maps,
+        attributor: A,
+        client: Arc<Client>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            cfg,
+            maps,
+            attributor,
+            client,
+            metrics,
+            cgroups: HashMap::new(),
+            streams: HashMap::new(),
+            held: HashMap::new(),
+            last_sweep: Instant::now(),
+            shippers: tokio::task::JoinSet::new(),
+        }
+    }
+
+    /// Watches a cgroup (and everything below it) in the kernel.
+    pub fn watch(&mut self, cgroup_id: u64) -> Result<(), aya::maps::MapError> {
+        self.maps.watch(cgroup_id)
+    }
+
+    /// Takes one ring buffer record.
+    pub fn record(&mut self, record: &[u8]) {
+        match parse(record) {
+            Some((header, data)) => self.chunk(header, data),
+            None => tracing::warn!(len = record.len(), "Malformed ring buffer record."),
+        }
+    }
+
+    fn chunk(&mut self, h: ChunkHeader, data: &[u8]) {
+        let key = StreamKey {
+            cgroup_id: h.cgroup_id,
+            ino: h.ino,
+        };
+        if let Some(stream) = self.streams.get_mut(&key) {
+            feed(stream, h.offset, data);
+            return;
+        }
+        if let Some(held) = self.held.get_mut(&h.cgroup_id) {
+            hold(held, h, data, &self.metrics);
+            return;
+        }
+        if !self.cgroups.contains_key(&h.cgroup_id) {
+            match self.attributor.attribute(h.cgroup_id) {
+                Attributed::Target(target) => {
+                    let stdio = cgroups::container_stdio(&target.dir);
+                    self.cgroups.insert(
+                        h.cgroup_id,
+                        Cgroup {
+                            target,
+                            stdio,
+                            files: HashMap::new(),
+                        },
+                    );
+                }
+                Attributed::NotYet => {
+                    let held = self.held.entry(h.cgroup_id).or_insert_with(|| Held {
+                        since: Instant::now(),
+                        bytes: 0,
+                        chunks: Vec::new(),
+                    });
+                    hold(held, h, data, &self.metrics);
+                    return;
+                }
+                Attributed::Never => {
+                    self.metrics
+                        .attribution_miss_bytes
+                        .inc_by(data.len() as u64);
+                    return;
+                }
+            }
+        }
+        let Some(cgroup) = self.cgroups.get_mut(&h.cgroup_id) else {
+            return;
+        };
+        let role = match cgroup.files.get(&h.ino) {
+            Some(role) => *role,
+            None => {
+                let taken: Vec<Role> = cgroup.files.values().copied().collect();
+                let stdio = cgroup.stdio.or_else(|| {
+                    self.maps
+                        .cgroup_stdio(h.cgroup_id)
+                        .filter(|s| s.stdout != s.stderr)
+                        .map(|s| Stdio {
+                            stdout: s.stdout,
+                            stderr: s.stderr,
+                        })
+                });
+                let role = role_of(stdio, &taken, h.ino, h.fd);
+                cgroup.files.insert(h.ino, role);
+                role
+            }
+        };
+        if role == Role::Other {
+            self.metrics.other_pipe_bytes.inc_by(data.len() as u64);
+            self.maps.ignore(&key);
+            return;
+        }
+        let name = format!("{}{}", cgroup.target.prefix, role.stream_name());
+        let spec = StreamSpec {
+            name,
+            source: Some(Source::Ebpf),
+            context: Some(cgroup.target.context.clone()),
+        };
+        let shipper = Shipper::new(self.cfg.ship.clone());
+        {
+            let shipper = shipper.clone();
+            let client = self.client.clone();
+            let metrics = self.metrics.clone();
+            self.metrics.streams_open.inc();
+            self.shippers.spawn(async move {
+                let report = shipper.run(client, spec).await;
+                tracing::info!(
+                    stream = %report.name,
+                    stored = report.stored,
+                    dropped = report.dropped,
+                    lost = report.lost(),
+                    "Stream finished."
+                );
+                metrics.finished(&report);
+            });
+        }
+        let mut stream = Stream {
+            shipper,
+            next: 0,
+            early: BTreeMap::new(),
+            gap_since: None,
+        };
+        feed(&mut stream, h.offset, data);
+        self.streams.insert(key, stream);
+    }
+
+    /// Timers: gaps that stayed open, held cgroups, finished containers.
+    pub fn tick(&mut self, now: Instant) {
+        for stream in self.streams.values_mut() {
+            if stream.gap_since.is_some_and(|t| now >= t + REORDER_WAIT) {
+                close_gap(stream);
+            }
+        }
+        let waiting: Vec<u64> = self.held.keys().copied().collect();
+        for cgroup_id in waiting {
+            match self.attributor.attribute(cgroup_id) {
+                Attributed::NotYet => {
+                    let expired = self
+                        .held
+                        .get(&cgroup_id)
+                        .is_some_and(|h| now >= h.since + self.cfg.hold);
+                    if expired && let Some(held) = self.held.remove(&cgroup_id) {
+                        tracing::warn!(
+                            cgroup_id,
+                            bytes = held.bytes,
+                            "cgroup not attributed in time; its bytes are dropped."
+                        );
+                        self.metrics
+                            .attribution_miss_bytes
+                            .inc_by(held.bytes as u64);
+                    }
+                }
+                Attributed::Never => {
+                    if let Some(held) = self.held.remove(&cgroup_id) {
+                        self.metrics
+                            .attribution_miss_bytes
+                            .inc_by(held.bytes as u64);
+                    }
+                }
+                Attributed::Target(_) => {
+                    // Replay: with the hold gone, `chunk` attributes the cgroup again.
+                    if let Some(held) = self.held.remove(&cgroup_id) {
+                        for (h, data) in held.chunks {
+                            self.chunk(h, &data);
+                        }
+                    }
+                }
+            }
+        }
+        if now >= self.last_sweep + SWEEP_EVERY {
+            self.last_sweep = now;
+            self.sweep();
+        }
+    }
+
+    /// Finishes the streams of containers that have no process left. The caller drained the ring
+    /// buffer just before, and a cgroup with no process cannot write any more: every chunk of it
+    /// has been seen, and the kernel's offset counter is the final length.
+    fn sweep(&mut self) {
+        let gone: Vec<u64> = self
+            .cgroups
+            .iter()
+            .filter(|(_, c)| !cgroups::populated(&c.target.dir))
+            .map(|(id, _)| *id)
+            .collect();
+        for cgroup_id in gone {
+            self.finish_cgroup(cgroup_id);
+        }
+    }
+
+    fn finish_cgroup(&mut self, cgroup_id: u64) {
+        let Some(cgroup) = self.cgroups.remove(&cgroup_id) else {
+            return;
+        };
+        let deadline = Instant::now() + self.cfg.grace;
+        for ino in cgroup.files.keys() {
+            let key = StreamKey {
+                cgroup_id,
+                ino: *ino,
+            };
+            let Some(mut stream) = self.streams.remove(&key) else {
+                continue;
+            };
+            while !stream.early.is_empty() {
+                close_gap(&mut stream);
+            }
+            if let Some(state) = self.maps.stream(&key)
+                && state.offset > stream.next
+            {
+                stream.shipper.skip(state.offset - stream.next);
+            }
+            stream.shipper.close(deadline);
+        }
+        self.maps.forget_cgroup(cgroup_id);
+        self.attributor.forget(cgroup_id);
+        tracing::debug!(cgroup_id, dir = %cgroup.target.dir.display(), "Container finished.");
+    }
+
+    /// Closes every stream (the collector is stopping) and waits for the shippers until the
+    /// grace period ends.
+    pub async fn shutdown(mut self) {
+        let ids: Vec<u64> = self.cgroups.keys().copied().collect();
+        for id in ids {
+            self.finish_cgroup(id);
+        }
+        let wait = async { while self.shippers.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(self.cfg.grace + Duration::from_secs(1), wait).await;
+    }
+
+    /// Reaps finished shipper tasks.
+    pub fn reap(&mut self) {
+        while self.shippers.try_join_next().is_some() {}
+    }
+}
+
+/// What the file `ino` is to a container whose stdio is `stdio` (when known: from its oldest
+/// process, or else from its first writer as the kernel saw it), given the roles its other files
+/// have. Without stdio the fd of the write decides, and a role already taken makes the file an
+/// "other" pipe.
+fn role_of(stdio: Option<Stdio>, taken: &[Role], ino: u64, fd: u32) -> Role {
+    let role = match stdio {
+        Some(s) => s.role(ino),
+        None if fd == 2 => Role::Stderr,
+        None => Role::Stdout,
+    };
+    if role != Role::Other && taken.contains(&role) {
+        Role::Other
+    } else {
+        role
+    }
+}
+
+fn hold(held: &mut Held, h: ChunkHeader, data: &[u8], metrics: &Metrics) {
+    if held.bytes + data.len() > HOLD_BYTES {
+        metrics.attribution_miss_bytes.inc_by(data.len() as u64);
+        return;
+    }
+    held.bytes += data.len();
+    held.chunks.push((h, data.to_vec()));
+}
+
+/// Hands a chunk to the stream in offset order.
+fn feed(stream: &mut Stream, offset: u64, data: &[u8]) {
+    if offset == stream.next {
+        put(stream, data);
+        while let Some(entry) = stream.early.first_entry() {
+            if *entry.key() != stream.next {
+                break;
+            }
+            let data = entry.remove();
+            put(stream, &data);
+        }
+        stream.gap_since = if stream.early.is_empty() {
+            None
+        } else {
+            stream.gap_since.or(Some(Instant::now()))
+        };
+    } else if offset > stream.next {
+        stream.early.insert(offset, data.to_vec());
+        stream.gap_since.get_or_insert_with(Instant::now);
+    } else {
+        tracing::warn!(
+            offset,
+            next = stream.next,
+            "Chunk behind the stream; ignored."
+        );
+    }
+}
+
+fn put(stream: &mut Stream, data: &[u8]) {
+    stream.shipper.write(data);
+    stream.next += data.len() as u64;
+}
+
+/// Gives up on the bytes before the first early chunk: they are reported as dropped.
+fn close_gap(stream: &mut Stream) {
+    let Some((&offset, _)) = stream.early.first_key_value() else {
+        stream.gap_since = None;
+        return;
+    };
+    stream.shipper.skip(offset - stream.next);
+    stream.next = offset;
+    if let Some(data) = stream.early.remove(&offset) {
+        feed(stream, offset, &data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_parse_and_short_ones_do_not() {
+        let h = ChunkHeader {
+            cgroup_id: 7,
+            ino: 9,
+            offset: 100,
+            tgid: 42,
+            len: 3,
+            fd: 2,
+            kind: 1,
+        };
+        let mut rec = Vec::new();
+        for v in [h.cgroup_id, h.ino, h.offset] {
+            rec.extend_from_slice(&v.to_ne_bytes());
+        }
+        for v in [h.tgid, h.len, h.fd, h.kind] {
+            rec.extend_from_slice(&v.to_ne_bytes());
+        }
+        rec.extend_from_slice(b"abcdef");
+        let (got, data) = parse(&rec).unwrap();
+        assert_eq!(got, h);
+        assert_eq!(data, b"abc");
+        assert!(parse(&rec[..HEADER_BYTES + 2]).is_none());
+        assert!(parse(&rec[..10]).is_none());
+    }
+
+    #[test]
+    fn a_known_stdio_decides_roles() {
+        let s = Some(Stdio {
+            stdout: 1,
+            stderr: 2,
+        });
+        assert_eq!(role_of(s, &[], 2, 1), Role::Stderr);
+        assert_eq!(role_of(s, &[], 3, 1), Role::Other);
+        // Without stdio the fd decides, and a role is given once.
+        assert_eq!(role_of(None, &[], 5, 2), Role::Stderr);
+        assert_eq!(role_of(None, &[Role::Stdout], 6, 1), Role::Other);
+    }
+
+    #[tokio::test]
+    async fn chunks_are_handed_over_in_offset_order_and_gaps_become_drops() {
+        let shipper = Shipper::new(ShipConfig::default());
+        let mut s = Stream {
+            shipper: shipper.clone(),
+            next: 0,
+            early: BTreeMap::new(),
+            gap_since: None,
+        };
+        feed(&mut s, 3, b"def");
+        assert_eq!(shipper.offset(), 0);
+        assert!(s.gap_since.is_some());
+        feed(&mut s, 0, b"abc");
+        assert_eq!((shipper.offset(), s.next), (6, 6));
+        assert!(s.gap_since.is_none());
+        feed(&mut s, 10, b"kl");
+        close_gap(&mut s);
+        assert_eq!((shipper.offset(), s.next), (12, 12));
+        assert!(s.early.is_empty());
+    }
+}
