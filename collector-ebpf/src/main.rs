@@ -366,8 +366,9 @@ fn capture(p: &mut Pending, written: u64) -> Option<u64> {
     p.iov_len = 0;
     p.iov_off = 0;
     let chunks = written / CHUNK_BYTES as u64 + 1;
+    // Each iovec costs a step to load it and may end in a short chunk of its own.
     let loops = if p.vectored != 0 {
-        chunks + p.count
+        chunks + 2 * p.count
     } else {
         chunks
     };

@@ -51,10 +51,8 @@ pub struct Target {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attributed {
     Target(Target),
-    /// Not known yet (a pod the reflector has not seen); ask again soon.
+    /// Not known yet (a cgroup created since the last scan, a pod not seen yet); ask again soon.
     NotYet,
-    /// Not a container we capture.
-    Never,
 }
 
 /// Maps cgroup ids to containers: local directories or Kubernetes pods.
@@ -210,12 +208,6 @@ impl<A: Attributor> Engine<A> {
                     hold(held, h, data, &self.metrics);
                     return;
                 }
-                Attributed::Never => {
-                    self.metrics
-                        .attribution_miss_bytes
-                        .inc_by(data.len() as u64);
-                    return;
-                }
             }
         }
         let Some(cgroup) = self.cgroups.get_mut(&h.cgroup_id) else {
@@ -235,6 +227,15 @@ impl<A: Attributor> Engine<A> {
                         })
                 });
                 let role = role_of(stdio, &taken, h.ino, h.fd);
+                tracing::debug!(
+                    cgroup_id = h.cgroup_id,
+                    ino = h.ino,
+                    fd = h.fd,
+                    tgid = h.tgid,
+                    ?role,
+                    ?stdio,
+                    "New file."
+                );
                 cgroup.files.insert(h.ino, role);
                 role
             }
@@ -299,13 +300,6 @@ impl<A: Attributor> Engine<A> {
                             bytes = held.bytes,
                             "cgroup not attributed in time; its bytes are dropped."
                         );
-                        self.metrics
-                            .attribution_miss_bytes
-                            .inc_by(held.bytes as u64);
-                    }
-                }
-                Attributed::Never => {
-                    if let Some(held) = self.held.remove(&cgroup_id) {
                         self.metrics
                             .attribution_miss_bytes
                             .inc_by(held.bytes as u64);

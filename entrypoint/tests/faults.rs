@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Api, assert_accounted, sha256, wait_for};
+use common::{Api, Wrap, assert_accounted, sha256, wait_for};
 
 /// A command that computes and logs ~12 MB of lines, then writes its own wall time (ns) to $1.
 const WORKLOAD: &str = r#"s=$(date +%s%N)

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Api, entrypoint, wait_for};
+use common::{Api, Wrap, entrypoint, wait_for};
 
 fn code(api: &Api, args: &[&str]) -> Option<i32> {
     api.wrap(args).status().unwrap().code()

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Api, assert_accounted, sha256};
+use common::{Api, Wrap, assert_accounted, sha256};
 
 /// Deterministic bytes with NULs and every other value.
 fn noise(seed: u64, n: usize) -> Vec<u8> {

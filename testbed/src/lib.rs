@@ -15,6 +15,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod api;
 mod containerd;
 pub mod layout;
 mod run;
