@@ -1,9 +1,11 @@
 //! `cargo xtask <task>`: development tasks for the workspace.
 
 mod bench;
+mod bench_collector;
 mod bench_entrypoint;
 mod demo;
 mod dist;
+mod ebpf;
 mod fuzz;
 mod test;
 mod testbed;
@@ -35,8 +37,15 @@ enum Task {
     /// The entrypoint benchmark's child: writes log lines in fixed-size writes.
     #[command(hide = true)]
     GenOutput(bench_entrypoint::GenArgs),
+    /// What the eBPF collector costs a writing process, and its capture and shipping rates.
+    BenchCollector(bench_collector::Args),
+    /// The collector benchmark's writer: fixed-size write(2) calls on stdout.
+    #[command(hide = true)]
+    WriteLoop(bench_collector::WriteLoopArgs),
     /// Container test bed: `install` unpacks containerd, runc and busybox into ~/.cache/relay.
     Testbed(testbed::Args),
+    /// Installs the eBPF toolchain the collector's build needs (pinned nightly, bpf-linker).
+    EbpfToolchain,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +57,13 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEntrypoint(a) => dist::run_task(a),
         Task::BenchEntrypoint(a) => bench_entrypoint::run(a),
         Task::GenOutput(a) => bench_entrypoint::gen_output(a),
+        Task::BenchCollector(a) => bench_collector::run(a),
+        Task::WriteLoop(a) => bench_collector::write_loop(a),
         Task::Testbed(a) => testbed::run(a),
+        Task::EbpfToolchain => {
+            let bin = ebpf::install()?;
+            println!("bpf-linker ready in {}", bin.display());
+            Ok(())
+        }
     }
 }
