@@ -95,7 +95,7 @@ fn logs_come_back_byte_for_byte() {
     assert!(
         log.lines().any(|l| l.contains(" stdout P ")),
         "{}",
-        &log[..200]
+        log.chars().take(300).collect::<String>()
     );
     pod.stop_and_remove().unwrap();
 }
