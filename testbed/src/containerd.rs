@@ -267,32 +267,6 @@ impl Containerd {
         Ok(())
     }
 
-    /// Deletes, through runc itself, any container containerd left behind (when it died first).
-    fn remove_with_runc(&self) -> anyhow::Result<()> {
-        let root = self.dir.path().join("runc").join(NAMESPACE);
-        if !root.exists() {
-            return Ok(());
-        }
-        let runc = || {
-            let mut c = Command::new(layout::runc());
-            c.arg("--root").arg(&root).stdin(Stdio::null());
-            c
-        };
-        let out = runc()
-            .args(["list", "--quiet"])
-            .output()
-            .context("cannot run runc list")?;
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let out = runc().args(["delete", "--force", id]).output()?;
-            ensure!(
-                out.status.success(),
-                "runc delete {id}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
-
     fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -337,15 +311,45 @@ impl Drop for Containerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Err(e) = self.remove_with_runc() {
+        if let Err(e) = remove_with_runc(&self.dir.path().join("runc").join(NAMESPACE)) {
             eprintln!("testbed: removing containers through runc: {e:#}");
         }
-        // Shims outlive containerd by design; any still serving this instance has nothing left
-        // to serve.
-        for pid in shims(&self.address) {
-            if let Ok(fd) = pidfd_open(pid, PidfdFlags::empty()) {
-                let _ = pidfd_send_signal(fd, Signal::KILL);
-            }
+        kill_shims(&self.address);
+    }
+}
+
+/// Deletes, through runc itself, any container left in runc's state directory `root` (when
+/// containerd died before deleting them).
+pub(crate) fn remove_with_runc(root: &Path) -> anyhow::Result<()> {
+    if !root.exists() {
+        return Ok(());
+    }
+    let runc = || {
+        let mut c = Command::new(layout::runc());
+        c.arg("--root").arg(root).stdin(Stdio::null());
+        c
+    };
+    let out = runc()
+        .args(["list", "--quiet"])
+        .output()
+        .context("cannot run runc list")?;
+    for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        let out = runc().args(["delete", "--force", id]).output()?;
+        ensure!(
+            out.status.success(),
+            "runc delete {id}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Kills the shims serving the containerd at `address`. Shims outlive containerd by design; once
+/// it is gone and its containers are deleted, they have nothing left to serve.
+pub(crate) fn kill_shims(address: &Path) {
+    for pid in shims(address) {
+        if let Ok(fd) = pidfd_open(pid, PidfdFlags::empty()) {
+            let _ = pidfd_send_signal(fd, Signal::KILL);
         }
     }
 }
@@ -380,7 +384,7 @@ address = {ttrpc}
 }
 
 /// A path as a TOML basic string.
-fn toml_string(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn toml_string(path: &Path) -> anyhow::Result<String> {
     let s = path
         .to_str()
         .with_context(|| format!("{} is not UTF-8", path.display()))?;
@@ -392,7 +396,7 @@ fn toml_string(path: &Path) -> anyhow::Result<String> {
 }
 
 /// `PATH` for containerd: the extracted containerd (for its shims) and runc first.
-fn search_path() -> anyhow::Result<std::ffi::OsString> {
+pub(crate) fn search_path() -> anyhow::Result<std::ffi::OsString> {
     let runc = layout::runc();
     let ours = [
         layout::containerd_bin_dir(),

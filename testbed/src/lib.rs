@@ -1,5 +1,6 @@
 //! Real container infrastructure for tests: a private containerd (with runc) per test, running
-//! busybox containers to completion and handing back their exit code, stdout and stderr.
+//! busybox containers to completion and handing back their exit code, stdout and stderr; or,
+//! through [`cri`], running Kubernetes-shaped pods as a kubelet would.
 //!
 //! The binaries come from Debian packages that `cargo xtask testbed install` extracts into
 //! `~/.cache/relay` (see [`layout`]); nothing is installed system-wide and no service is started.
@@ -17,7 +18,9 @@
 
 pub mod api;
 mod containerd;
+pub mod cri;
 pub mod layout;
+mod oci;
 mod run;
 
 pub use containerd::{Containerd, NAMESPACE};

@@ -6,6 +6,11 @@
 //! `testbed` crate, which also owns the layout). Work already done is skipped: a package is kept
 //! when its stamp exists and its binary answers, the root filesystem when its stamp names the
 //! busybox it was built from.
+//!
+//! The same set serves the CRI tests (`testbed::cri`): Debian's containerd has the CRI plugin
+//! built in; the pod sandbox and container images are made from the busybox root filesystem by
+//! the test bed itself and imported with `ctr`, so neither a registry nor `umoci` is needed; and
+//! the CRI client is plain Rust (prost messages), so neither is `protoc`.
 
 use std::{
     fs,
@@ -26,8 +31,9 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum Cmd {
-    /// Download and unpack containerd, runc and busybox-static into ~/.cache/relay (no services
-    /// started), and build the busybox root filesystem. Does nothing when already done.
+    /// Download and unpack containerd (with its CRI plugin), runc and busybox-static into
+    /// ~/.cache/relay (no services started), and build the busybox root filesystem. Does nothing
+    /// when already done.
     Install,
 }
 
@@ -37,8 +43,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// Applets the tests rely on; the root filesystem is refused without them.
-const APPLETS: [&str; 6] = ["sh", "echo", "cat", "sleep", "id", "touch"];
+/// Applets the tests rely on; the root filesystem is refused without them. `sleep` is also the
+/// CRI pod sandbox's process (`sleep infinity`).
+const APPLETS: [&str; 7] = ["sh", "echo", "cat", "sleep", "id", "touch", "printf"];
 
 /// Installs whatever of the test bed is missing.
 pub fn install() -> anyhow::Result<()> {
