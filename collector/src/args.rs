@@ -26,6 +26,30 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub cgroups: Vec<CgroupArg>,
+    /// Kubernetes mode: watch this node's pod cgroups and attribute them to pods through the API
+    /// server (in-cluster config or KUBECONFIG).
+    #[arg(long, env = "RELAY_COLLECTOR_KUBERNETES", conflicts_with = "cgroups")]
+    pub kubernetes: bool,
+    /// This node's name (Kubernetes mode; from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The node's kubepods cgroup v2 directory (default: `kubepods` or `kubepods.slice` under
+    /// the cgroup v2 mount).
+    #[arg(long, env = "RELAY_KUBEPODS_CGROUP")]
+    pub kubepods_cgroup: Option<PathBuf>,
+    /// Namespaces whose pods are captured (default: all but the system namespaces).
+    #[arg(
+        long = "namespace",
+        env = "RELAY_COLLECTOR_NAMESPACES",
+        value_delimiter = ','
+    )]
+    pub namespaces: Vec<String>,
+    /// Label selector of the pods to capture (`k=v,k!=v,k,!k`).
+    #[arg(long, env = "RELAY_COLLECTOR_POD_SELECTOR")]
+    pub pod_selector: Option<String>,
+    /// The collector's own namespace, never captured.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "relay-system")]
+    pub own_namespace: String,
     /// Address of `/metrics` and `/healthz`.
     #[arg(long, env = "RELAY_COLLECTOR_LISTEN", default_value = "127.0.0.1:9464")]
     pub listen: SocketAddr,

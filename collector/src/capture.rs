@@ -53,6 +53,8 @@ pub enum Attributed {
     Target(Target),
     /// Not known yet (a cgroup created since the last scan, a pod not seen yet); ask again soon.
     NotYet,
+    /// Not a container whose output is captured: the kernel is told to pass it over.
+    Never,
 }
 
 /// Maps cgroup ids to containers: local directories or Kubernetes pods.
@@ -199,6 +201,10 @@ impl<A: Attributor> Engine<A> {
                         },
                     );
                 }
+                Attributed::Never => {
+                    self.pass_over(h.cgroup_id, data.len());
+                    return;
+                }
                 Attributed::NotYet => {
                     let held = self.held.entry(h.cgroup_id).or_insert_with(|| Held {
                         since: Instant::now(),
@@ -300,9 +306,12 @@ impl<A: Attributor> Engine<A> {
                             bytes = held.bytes,
                             "cgroup not attributed in time; its bytes are dropped."
                         );
-                        self.metrics
-                            .attribution_miss_bytes
-                            .inc_by(held.bytes as u64);
+                        self.pass_over(cgroup_id, held.bytes);
+                    }
+                }
+                Attributed::Never => {
+                    if let Some(held) = self.held.remove(&cgroup_id) {
+                        self.pass_over(cgroup_id, held.bytes);
                     }
                 }
                 Attributed::Target(_) => {
@@ -319,6 +328,13 @@ impl<A: Attributor> Engine<A> {
             self.last_sweep = now;
             self.sweep();
         }
+    }
+
+    /// Drops `bytes` of a cgroup that is not (or could not be) attributed, and has the kernel pass
+    /// it over from now on.
+    fn pass_over(&mut self, cgroup_id: u64, bytes: usize) {
+        self.metrics.attribution_miss_bytes.inc_by(bytes as u64);
+        self.maps.pass_over(cgroup_id);
     }
 
     /// Finishes the streams of containers that have no process left. The caller drained the ring

@@ -43,6 +43,20 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, CgroupError> {
     Ok(fs::metadata(dir).map_err(io)?.ino())
 }
 
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` on a pure v2 host,
+/// `/sys/fs/cgroup/unified` on a hybrid one).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
+        let (left, right) = line.split_once(" - ")?;
+        if right.split(' ').next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(left.split(' ').nth(4)?))
+    })
+}
+
 /// Whether any process is in the cgroup at `dir` or below it. A removed cgroup is not.
 pub fn populated(dir: &Path) -> bool {
     fs::read_to_string(dir.join("cgroup.events"))
@@ -206,6 +220,15 @@ mod tests {
             stderr: 5,
         };
         assert_eq!(tty.role(5), Role::Stdout);
+    }
+
+    #[test]
+    fn the_cgroup2_mount_is_a_cgroup2() {
+        let Some(mount) = cgroup2_mount() else {
+            println!("SKIPPED: no cgroup v2 mount");
+            return;
+        };
+        assert!(cgroup_id(&mount).is_ok(), "{}", mount.display());
     }
 
     #[test]

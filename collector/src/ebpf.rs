@@ -7,7 +7,9 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-use collector_common::{KernelOffsets, STREAM_IGNORE, StdioInodes, StreamKey, StreamState};
+use collector_common::{
+    KernelOffsets, STREAM_IGNORE, StdioInodes, StreamKey, StreamState, Verdict,
+};
 
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -63,6 +65,7 @@ pub struct Probes {
     pub generation: Array<MapData, u64>,
     pub streams: HashMap<MapData, StreamKey, StreamState>,
     pub stdio: HashMap<MapData, u64, StdioInodes>,
+    pub verdicts: HashMap<MapData, u64, Verdict>,
     pub counters: PerCpuArray<MapData, u64>,
 }
 
@@ -138,6 +141,7 @@ impl Probes {
         let streams = take("STREAMS")?;
         let counters = take("COUNTERS")?;
         let stdio = take("CGROUP_STDIO")?;
+        let verdicts = take("VERDICTS")?;
         let conv = |e: aya::maps::MapError| Refusal::Load(chain(&e));
         Ok(Self {
             events: RingBuf::try_from(events).map_err(conv)?,
@@ -145,6 +149,7 @@ impl Probes {
             generation: Array::try_from(generation).map_err(conv)?,
             streams: HashMap::try_from(streams).map_err(conv)?,
             stdio: HashMap::try_from(stdio).map_err(conv)?,
+            verdicts: HashMap::try_from(verdicts).map_err(conv)?,
             counters: PerCpuArray::try_from(counters).map_err(conv)?,
             ebpf,
         })
@@ -164,6 +169,7 @@ pub struct Maps {
     pub generation: Array<MapData, u64>,
     pub streams: HashMap<MapData, StreamKey, StreamState>,
     pub stdio: HashMap<MapData, u64, StdioInodes>,
+    pub verdicts: HashMap<MapData, u64, Verdict>,
 }
 
 impl std::fmt::Debug for Maps {
@@ -183,6 +189,19 @@ impl Maps {
     fn bump_generation(&mut self) -> Result<(), aya::maps::MapError> {
         let g = self.generation.get(&0, 0)?;
         self.generation.set(0, g + 1, 0)
+    }
+
+    /// Has the kernel pass over cgroup `id` (its cached verdict says "not watched") until the
+    /// watched set changes.
+    pub fn pass_over(&mut self, id: u64) {
+        let generation = self.generation.get(&0, 0).unwrap_or(0);
+        let verdict = Verdict {
+            root: 0,
+            generation,
+        };
+        if let Err(e) = self.verdicts.insert(id, verdict, 0) {
+            tracing::warn!(error = %e, "Cannot make the kernel pass over a cgroup.");
+        }
     }
 
     /// The kernel's state of a stream, if it has one.
@@ -236,6 +255,7 @@ impl Probes {
             generation,
             streams,
             stdio,
+            verdicts,
             counters,
         } = self;
         (
@@ -246,6 +266,7 @@ impl Probes {
                 generation,
                 streams,
                 stdio,
+                verdicts,
             },
             counters,
         )

@@ -4,8 +4,11 @@
 mod args;
 mod btf;
 mod capture;
+mod cgroup_path;
 mod cgroups;
 mod ebpf;
+mod k8s;
+mod kubernetes;
 mod local;
 mod metrics;
 
@@ -71,8 +74,11 @@ fn main() -> ExitCode {
 
 /// Configuration errors that clap cannot see.
 fn check(args: &Args) -> Result<(), String> {
-    if args.cgroups.is_empty() {
-        return Err("nothing to watch: give --cgroup DIR=CONTEXT".to_owned());
+    if args.cgroups.is_empty() && !args.kubernetes {
+        return Err("nothing to watch: give --cgroup DIR=CONTEXT or --kubernetes".to_owned());
+    }
+    if args.kubernetes && args.node_name.as_deref().is_none_or(str::is_empty) {
+        return Err("--kubernetes needs --node-name (NODE_NAME)".to_owned());
     }
     if !args.ring_bytes.is_power_of_two() || args.ring_bytes < 4096 || args.ring_bytes > 1 << 30 {
         return Err(format!(
@@ -84,7 +90,43 @@ fn check(args: &Args) -> Result<(), String> {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let (attributor, roots) = local::Local::new(&args.cgroups).map_err(|e| e.to_string())?;
+    if args.kubernetes {
+        let (attributor, root) = kubernetes_mode(&args).await?;
+        run_with(args, attributor, vec![root]).await
+    } else {
+        let (attributor, roots) = local::Local::new(&args.cgroups).map_err(|e| e.to_string())?;
+        run_with(args, attributor, roots).await
+    }
+}
+
+/// Starts the pod reflector for this node and finds the kubepods cgroup.
+async fn kubernetes_mode(args: &Args) -> Result<(kubernetes::Kube, u64), String> {
+    let root = match &args.kubepods_cgroup {
+        Some(dir) => dir.clone(),
+        None => cgroups::cgroup2_mount()
+            .and_then(|m| kubernetes::find_kubepods(&m))
+            .ok_or("no kubepods cgroup under the cgroup v2 mount (give --kubepods-cgroup)")?,
+    };
+    let root_id = cgroups::cgroup_id(&root).map_err(|e| e.to_string())?;
+    let node = args.node_name.clone().unwrap_or_default();
+    let selection = k8s::Selection::new(
+        args.namespaces.clone(),
+        args.pod_selector.as_deref(),
+        &args.own_namespace,
+    )
+    .map_err(|e| e.to_string())?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("Kubernetes API: {}", ebpf::chain(&e)))?;
+    let (index, driver) = k8s::PodIndex::start(client, &node, selection)
+        .await
+        .map_err(|e| ebpf::chain(&e))?;
+    tokio::spawn(driver);
+    index.wait_ready().await.map_err(|e| ebpf::chain(&e))?;
+    Ok((kubernetes::Kube::new(root, index), root_id))
+}
+
+async fn run_with<A: Attributor>(args: Args, attributor: A, roots: Vec<u64>) -> Result<(), String> {
     let ring_bytes = u32::try_from(args.ring_bytes).map_err(|e| e.to_string())?;
     let probes = Probes::load(LoadOptions {
         ring_bytes,

@@ -1,0 +1,935 @@
+//! Kubernetes mode: which tenant pod, container and log context a container cgroup writes for.
+//!
+//! # Pod labels
+//!
+//! A pod's log context comes from its labels alone. These are the labels the metadata API's
+//! `kubernetes` auth mode reads too, so a pod's own token and the collector agree on its context.
+//!
+//! | context                                  | pod kind                | required labels                                        |
+//! |------------------------------------------|-------------------------|--------------------------------------------------------|
+//! | `workflows/{w}/runs/{r}/steps/{s}`       | Tekton TaskRun pod      | [`labels::TEKTON_TASK_RUN`] (any value), [`labels::WORKFLOW`] = w, [`labels::RUN`] = r, [`labels::STEP`] = s |
+//! | `workflows/{w}/triggers/{t}`             | Knative Serving pod     | [`labels::KNATIVE_REVISION`] (any value), [`labels::WORKFLOW`] = w, [`labels::TRIGGER_SYNC_ID`] = t |
+//!
+//! When `relay.sh/run` or `relay.sh/step` is absent, Tekton's own [`labels::TEKTON_PIPELINE_RUN`]
+//! and [`labels::TEKTON_PIPELINE_TASK`] stand in for it (each on its own). A present but invalid
+//! label does not fall back. Every value must be a context segment: 1-253 characters of
+//! `[A-Za-z0-9._-]`, not `.` or `..`. A pod with both a TaskRun and a Knative revision label is
+//! ambiguous and has no context.
+//!
+//! # Selection
+//!
+//! The collector watches the pods scheduled on its node (field selector `spec.nodeName`). A
+//! [`Selection`] narrows them by namespace and label selector; system namespaces and the
+//! collector's own are never selected. The label selector is parsed here, so a typo fails at
+//! start with a clear error instead of as a watch that retries forever; it then goes to the API
+//! server with the watch (fewer pods cross the wire and sit in memory) and is also evaluated
+//! locally, so [`Selection::selects`] is the whole decision. Namespaces are evaluated locally only:
+//! a field selector cannot OR several namespaces.
+//!
+//! # Testing
+//!
+//! Everything here but [`PodIndex`] is a pure function of a `Pod` and has table tests. The
+//! reflector behind `PodIndex` needs an API server; it is not mocked, it gets tested against the
+//! real kube-apiserver test bed once that exists.
+
+use std::future::Future;
+
+use futures::{StreamExt, TryStreamExt, future};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use kube::api::{Api, ListParams};
+use kube::core::{Expression, Selector, SelectorExt};
+use kube::runtime::reflector::{self, Store, store::WriterDropped};
+use kube::runtime::{WatchStreamExt, watcher};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::cgroup_path::ContainerCgroup;
+
+/// The pod labels a log context is made of. See the module documentation.
+pub mod labels {
+    /// The workflow's name, on every tenant pod.
+    pub const WORKFLOW: &str = "relay.sh/workflow";
+    /// The workflow run of a step pod.
+    pub const RUN: &str = "relay.sh/run";
+    /// The step of a step pod.
+    pub const STEP: &str = "relay.sh/step";
+    /// The trigger of a webhook trigger pod.
+    pub const TRIGGER_SYNC_ID: &str = "relay.sh/trigger-sync-id";
+    /// Set by Tekton on every TaskRun pod: marks a step pod.
+    pub const TEKTON_TASK_RUN: &str = "tekton.dev/taskRun";
+    /// Set by Tekton on TaskRun pods of a PipelineRun: the run when [`RUN`] is absent.
+    pub const TEKTON_PIPELINE_RUN: &str = "tekton.dev/pipelineRun";
+    /// Set by Tekton on TaskRun pods of a PipelineRun: the step when [`STEP`] is absent.
+    pub const TEKTON_PIPELINE_TASK: &str = "tekton.dev/pipelineTask";
+    /// Set by Knative Serving on every revision pod: marks a trigger pod.
+    pub const KNATIVE_REVISION: &str = "serving.knative.dev/revision";
+}
+
+/// Namespaces whose pods are never selected, whatever the configuration says.
+pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+
+/// A [`Selection`] that cannot be made: configuration the collector must refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectionError {
+    #[error("invalid label selector {selector:?}")]
+    LabelSelector {
+        selector: String,
+        #[source]
+        source: SelectorError,
+    },
+    #[error(
+        "namespace {namespace:?} is never selected: it is a system namespace or the collector's own"
+    )]
+    SystemNamespace { namespace: String },
+    #[error("invalid namespace name {namespace:?}")]
+    Namespace { namespace: String },
+}
+
+/// A [`PodIndex`] that cannot start or become ready.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid node name {node:?}")]
+    Node { node: String },
+    #[error("cannot list the pods of node {node}")]
+    List {
+        node: String,
+        // Boxed: kube's error is large and this is a cold path.
+        #[source]
+        source: Box<kube::Error>,
+    },
+    #[error("the pod watch stopped before its first list completed")]
+    WatchStopped {
+        #[source]
+        source: WriterDropped,
+    },
+}
+
+/// One term of a label selector that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    #[error("empty term (stray comma?)")]
+    EmptyTerm,
+    #[error("set-based term {term:?} is not supported: use `k=v`, `k!=v`, `k` or `!k`")]
+    SetBased { term: String },
+    #[error("{key:?} in term {term:?} is not a label key")]
+    Key { term: String, key: String },
+    #[error("{value:?} in term {term:?} is not a label value")]
+    Value { term: String, value: String },
+}
+
+/// The log context of a tenant pod, from its labels; `None` for any other pod.
+/// The labels are in the module documentation.
+pub fn context_for_pod(pod: &Pod) -> Option<String> {
+    let labels = pod.metadata.labels.as_ref()?;
+    let get = |key| labels.get(key).map(String::as_str);
+    fn segment(value: Option<&str>) -> Option<&str> {
+        value.filter(|v| valid_segment(v))
+    }
+    let workflow = segment(get(labels::WORKFLOW))?;
+    match (
+        get(labels::TEKTON_TASK_RUN).is_some(),
+        get(labels::KNATIVE_REVISION).is_some(),
+    ) {
+        (true, false) => {
+            let run = segment(get(labels::RUN).or_else(|| get(labels::TEKTON_PIPELINE_RUN)))?;
+            let step = segment(get(labels::STEP).or_else(|| get(labels::TEKTON_PIPELINE_TASK)))?;
+            Some(format!("workflows/{workflow}/runs/{run}/steps/{step}"))
+        }
+        (false, true) => {
+            let trigger = segment(get(labels::TRIGGER_SYNC_ID))?;
+            Some(format!("workflows/{workflow}/triggers/{trigger}"))
+        }
+        _ => None,
+    }
+}
+
+/// A log context segment, as the metadata API accepts it.
+fn valid_segment(s: &str) -> bool {
+    (1..=253).contains(&s.len())
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Whose output a container's writes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attribution {
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: String,
+    /// The container's name in the pod spec (regular, init or ephemeral).
+    pub container: String,
+    /// Which run of the container this is: the pod status's `restartCount` for it.
+    pub restart_count: u32,
+    /// The log context, from [`context_for_pod`].
+    pub context: String,
+}
+
+/// The attribution of the container with runtime id `container_id` (no `containerd://` scheme)
+/// in `pod`, or `None` when the pod has no log context or no container status with that id.
+///
+/// The id is matched against each regular, init and ephemeral container's current `containerID`,
+/// then its last terminated one (the run before a restart, `restartCount - 1`): a crash-looping
+/// container's old cgroup can be looked up after the kubelet has reported the new run. A new
+/// container's cgroup exists before the kubelet reports its id, so `None` can mean "not yet".
+pub fn attribute(pod: &Pod, container_id: &str) -> Option<Attribution> {
+    let context = context_for_pod(pod)?;
+    let status = pod.status.as_ref()?;
+    let statuses = [
+        &status.container_statuses,
+        &status.init_container_statuses,
+        &status.ephemeral_container_statuses,
+    ];
+    let statuses = || statuses.into_iter().flatten().flatten();
+    let restart_count = |s: &ContainerStatus| u32::try_from(s.restart_count).unwrap_or(0);
+    let (found, restart_count) = statuses()
+        .find(|s| runtime_id(s.container_id.as_deref()) == Some(container_id))
+        .map(|s| (s, restart_count(s)))
+        .or_else(|| {
+            statuses()
+                .find(|s| {
+                    let last = s.last_state.as_ref().and_then(|l| l.terminated.as_ref());
+                    runtime_id(last.and_then(|t| t.container_id.as_deref())) == Some(container_id)
+                })
+                .map(|s| (s, restart_count(s).saturating_sub(1)))
+        })?;
+    let meta = &pod.metadata;
+    Some(Attribution {
+        namespace: meta.namespace.clone()?,
+        pod: meta.name.clone()?,
+        pod_uid: meta.uid.clone()?,
+        container: found.name.clone(),
+        restart_count,
+        context,
+    })
+}
+
+/// The id in a status `containerID` (`containerd://<id>`, `cri-o://<id>`, `docker://<id>`).
+fn runtime_id(container_id: Option<&str>) -> Option<&str> {
+    container_id
+        .and_then(|id| id.split_once("://"))
+        .map(|(_, id)| id)
+        .filter(|id| !id.is_empty())
+}
+
+/// Which of the node's pods the collector captures.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// Empty: every namespace but the excluded ones.
+    namespaces: Vec<String>,
+    /// The collector's own namespace, excluded like the system ones.
+    own_namespace: String,
+    labels: Selector,
+}
+
+impl Selection {
+    /// `namespaces` empty selects all but the system namespaces and `own_namespace`; naming one of
+    /// those is an error. `label_selector` takes the equality forms `k=v` (or `k==v`), `k!=v`,
+    /// `k` and `!k`, comma-separated; an empty one selects everything, as in Kubernetes.
+    pub fn new(
+        namespaces: Vec<String>,
+        label_selector: Option<&str>,
+        own_namespace: &str,
+    ) -> Result<Self, SelectionError> {
+        for namespace in &namespaces {
+            if !is_dns_label(namespace) {
+                return Err(SelectionError::Namespace {
+                    namespace: namespace.clone(),
+                });
+            }
+            if is_excluded(namespace, own_namespace) {
+                return Err(SelectionError::SystemNamespace {
+                    namespace: namespace.clone(),
+                });
+            }
+        }
+        let labels = match label_selector {
+            Some(selector) => {
+                parse_label_selector(selector).map_err(|source| SelectionError::LabelSelector {
+                    selector: selector.to_owned(),
+                    source,
+                })?
+            }
+            None => Selector::default(),
+        };
+        Ok(Self {
+            namespaces,
+            own_namespace: own_namespace.to_owned(),
+            labels,
+        })
+    }
+
+    /// Whether the collector captures `pod`'s containers.
+    pub fn selects(&self, pod: &Pod) -> bool {
+        let Some(namespace) = pod.metadata.namespace.as_deref() else {
+            return false;
+        };
+        if is_excluded(namespace, &self.own_namespace) {
+            return false;
+        }
+        if !self.namespaces.is_empty() && !self.namespaces.iter().any(|n| n == namespace) {
+            return false;
+        }
+        match &pod.metadata.labels {
+            Some(labels) => self.labels.matches(labels),
+            None => self.labels.matches(&Default::default()),
+        }
+    }
+
+    /// The parsed label selector, as sent to the API server.
+    pub fn label_selector(&self) -> &Selector {
+        &self.labels
+    }
+}
+
+fn is_excluded(namespace: &str, own_namespace: &str) -> bool {
+    namespace == own_namespace || SYSTEM_NAMESPACES.contains(&namespace)
+}
+
+/// Parses the equality-based label selector forms into kube's [`Selector`], which renders them
+/// back for the API server and matches them locally.
+fn parse_label_selector(selector: &str) -> Result<Selector, SelectorError> {
+    if selector.trim().is_empty() {
+        return Ok(Selector::default());
+    }
+    selector.split(',').map(parse_term).collect()
+}
+
+fn parse_term(term: &str) -> Result<Expression, SelectorError> {
+    let t = term.trim();
+    if t.is_empty() {
+        return Err(SelectorError::EmptyTerm);
+    }
+    if t.contains(['(', ')']) {
+        return Err(SelectorError::SetBased { term: t.to_owned() });
+    }
+    let key_err = |key: &str| SelectorError::Key {
+        term: t.to_owned(),
+        key: key.to_owned(),
+    };
+    let (key, value, equal) = if let Some((k, v)) = t.split_once("!=") {
+        (k, Some(v), false)
+    } else if let Some((k, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
+        (k, Some(v), true)
+    } else if let Some(k) = t.strip_prefix('!') {
+        let k = k.trim();
+        return if is_label_key(k) {
+            Ok(Expression::DoesNotExist(k.to_owned()))
+        } else {
+            Err(key_err(k))
+        };
+    } else {
+        (t, None, true)
+    };
+    let key = key.trim();
+    if !is_label_key(key) {
+        return Err(key_err(key));
+    }
+    let Some(value) = value else {
+        return Ok(Expression::Exists(key.to_owned()));
+    };
+    let value = value.trim();
+    if !is_label_value(value) {
+        return Err(SelectorError::Value {
+            term: t.to_owned(),
+            value: value.to_owned(),
+        });
+    }
+    Ok(if equal {
+        Expression::Equal(key.to_owned(), value.to_owned())
+    } else {
+        Expression::NotEqual(key.to_owned(), value.to_owned())
+    })
+}
+
+/// A label key: an optional DNS subdomain prefix and `/`, then a name (Kubernetes
+/// `IsQualifiedName`).
+fn is_label_key(key: &str) -> bool {
+    let name = match key.split_once('/') {
+        Some((prefix, name)) => {
+            if !is_dns_subdomain(prefix) {
+                return false;
+            }
+            name
+        }
+        None => key,
+    };
+    !name.is_empty() && is_label_value(name)
+}
+
+/// At most 63 characters of `[A-Za-z0-9_.-]`, beginning and ending alphanumeric; may be empty.
+fn is_label_value(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    match (bytes.first(), bytes.last()) {
+        (None, _) | (_, None) => true,
+        (Some(first), Some(last)) => {
+            bytes.len() <= 63
+                && first.is_ascii_alphanumeric()
+                && last.is_ascii_alphanumeric()
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        }
+    }
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    (1..=253).contains(&s.len()) && s.split('.').all(is_dns_label)
+}
+
+/// RFC 1123 label: 1-63 of `[a-z0-9-]`, beginning and ending alphanumeric (namespace names too).
+fn is_dns_label(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+/// Drops what the index does not need and keeps unselected pods out of it. A pod whose labels
+/// change so that it is no longer selected becomes a delete, so the store forgets it.
+fn filter_event(selection: &Selection, event: watcher::Event<Pod>) -> Option<watcher::Event<Pod>> {
+    let event = event.modify(|pod| pod.metadata.managed_fields = None);
+    match event {
+        watcher::Event::Apply(pod) if !selection.selects(&pod) => Some(watcher::Event::Delete(pod)),
+        watcher::Event::InitApply(pod) if !selection.selects(&pod) => None,
+        event => Some(event),
+    }
+}
+
+/// The selected pods of one node, kept current by a `kube` reflector.
+///
+/// Lookups scan the store for the pod UID under its read lock and clone one `Arc`: a node holds
+/// at most the kubelet's `maxPods` (110 by default), and lookups happen once per new container
+/// cgroup, not per write, so a second index keyed by UID would cost more in consistency (it must
+/// follow the reflector's relists) than it saves. Not tested here: it needs an API server (see
+/// the module documentation).
+#[derive(Debug, Clone)]
+pub struct PodIndex {
+    store: Store<Pod>,
+}
+
+impl PodIndex {
+    /// Checks that `client` may list the pods of `node`, then returns the index and the future
+    /// that keeps it current. The caller spawns the future; it runs until dropped, retrying a
+    /// failed watch with backoff and logging each failure.
+    pub async fn start(
+        client: kube::Client,
+        node: &str,
+        selection: Selection,
+    ) -> Result<(Self, impl Future<Output = ()> + Send + 'static), Error> {
+        // A node name is a DNS subdomain; checking it keeps the field selector well formed.
+        if !is_dns_subdomain(node) {
+            return Err(Error::Node {
+                node: node.to_owned(),
+            });
+        }
+        let api: Api<Pod> = Api::all(client);
+        let fields = format!("spec.nodeName={node}");
+        let labels = selection.label_selector().to_string();
+        // Fail at start on RBAC or connection problems, which the watcher would retry forever.
+        api.list_metadata(
+            &ListParams::default()
+                .fields(&fields)
+                .labels(&labels)
+                .limit(1),
+        )
+        .await
+        .map_err(|source| Error::List {
+            node: node.to_owned(),
+            source: Box::new(source),
+        })?;
+
+        let config = watcher::Config::default()
+            .fields(&fields)
+            .labels(&labels)
+            // List from the API server's watch cache, as client-go informers (the kubelet's
+            // too) do: a DaemonSet relisting from etcd on every node at once is heavy.
+            .any_semantic();
+        let (store, writer) = reflector::store();
+        let events = watcher(api, config)
+            .default_backoff()
+            .try_filter_map(move |event| future::ready(Ok(filter_event(&selection, event))))
+            .reflect(writer);
+        let driver = async move {
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::InitDone) => debug!("Listed pods."),
+                    Ok(_) => {}
+                    Err(error) => {
+                        warn!(
+                            error = &error as &dyn std::error::Error,
+                            "Pod watch failed; retrying."
+                        )
+                    }
+                }
+            }
+            warn!("Pod watch ended.");
+        }
+        .instrument(info_span!("pod_watch", node));
+        Ok((Self { store }, driver))
+    }
+
+    /// Waits until the first list of pods is in the index. Errors when the driver future was
+    /// dropped before that.
+    pub async fn wait_ready(&self) -> Result<(), Error> {
+        self.store
+            .wait_until_ready()
+            .await
+            .map_err(|source| Error::WatchStopped { source })
+    }
+
+    /// Who a container cgroup writes for, or `None` when its pod is not selected, not (yet) known,
+    /// or has no log context, or when the pod has not (yet) reported the container's id.
+    pub fn lookup(&self, cgroup: &ContainerCgroup) -> Option<Attribution> {
+        let pod = self
+            .store
+            .find(|pod| pod.metadata.uid.as_deref() == Some(cgroup.pod_uid.as_str()))?;
+        attribute(&pod, &cgroup.container_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    const CID: &str = "0765f197c9158576f202e50498b488cd0d2b022fb2462b0a629f214bb51cd57d";
+
+    fn pod(value: Value) -> Pod {
+        serde_json::from_value(value).expect("a Pod")
+    }
+
+    fn labelled(labels: Value) -> Pod {
+        pod(json!({
+            "metadata": { "name": "p", "namespace": "tenant", "uid": "u", "labels": labels },
+        }))
+    }
+
+    #[test]
+    fn tekton_contexts() {
+        let cases = [
+            (
+                json!({"tekton.dev/taskRun": "tr", "relay.sh/workflow": "w", "relay.sh/run": "7", "relay.sh/step": "build"}),
+                Some("workflows/w/runs/7/steps/build"),
+            ),
+            // Tekton's own labels stand in, each on its own.
+            (
+                json!({"tekton.dev/taskRun": "tr", "relay.sh/workflow": "w", "tekton.dev/pipelineRun": "pr", "tekton.dev/pipelineTask": "pt"}),
+                Some("workflows/w/runs/pr/steps/pt"),
+            ),
+            (
+                json!({"tekton.dev/taskRun": "tr", "relay.sh/workflow": "w", "relay.sh/run": "7", "tekton.dev/pipelineRun": "pr", "tekton.dev/pipelineTask": "pt"}),
+                Some("workflows/w/runs/7/steps/pt"),
+            ),
+            (
+                json!({"tekton.dev/taskRun": "tr", "relay.sh/workflow": "w", "tekton.dev/pipelineRun": "pr", "relay.sh/step": "s", "tekton.dev/pipelineTask": "pt"}),
+                Some("workflows/w/runs/pr/steps/s"),
+            ),
+            (
+                json!({"tekton.dev/taskRun": "", "relay.sh/workflow": "W.x_y-Z", "relay.sh/run": "..a", "relay.sh/step": "."}),
+                None,
+            ),
+            (
+                json!({"tekton.dev/taskRun": "", "relay.sh/workflow": "W.x_y-Z", "relay.sh/run": "..a", "relay.sh/step": "s."}),
+                Some("workflows/W.x_y-Z/runs/..a/steps/s."),
+            ),
+            // Missing pieces.
+            (
+                json!({"relay.sh/workflow": "w", "relay.sh/run": "7", "relay.sh/step": "build"}),
+                None,
+            ),
+            (
+                json!({"tekton.dev/taskRun": "tr", "relay.sh/run": "7", "relay.sh/step": "build"}),
+                None,
+            ),
+            (
+                json!({"tekton.dev/taskRun": "tr", "relay.sh/workflow": "w", "relay.sh/step": "build"}),
+                None,
+            ),
+            (
+                json!({"tekton.dev/taskRun": "tr", "relay.sh/workflow": "w", "relay.sh/run": "7"}),
+                None,
+            ),
+            // An invalid relay label does not fall back to Tekton's.
+            (
+                json!({"tekton.dev/taskRun": "tr", "relay.sh/workflow": "w", "relay.sh/run": "", "tekton.dev/pipelineRun": "pr", "relay.sh/step": "s"}),
+                None,
+            ),
+        ];
+        for (labels, want) in cases {
+            let got = context_for_pod(&labelled(labels.clone()));
+            assert_eq!(got.as_deref(), want, "{labels}");
+        }
+    }
+
+    #[test]
+    fn knative_contexts() {
+        let cases = [
+            (
+                json!({"serving.knative.dev/revision": "r-1", "relay.sh/workflow": "w", "relay.sh/trigger-sync-id": "t1"}),
+                Some("workflows/w/triggers/t1"),
+            ),
+            (
+                json!({"relay.sh/workflow": "w", "relay.sh/trigger-sync-id": "t1"}),
+                None,
+            ),
+            (
+                json!({"serving.knative.dev/revision": "r-1", "relay.sh/trigger-sync-id": "t1"}),
+                None,
+            ),
+            (
+                json!({"serving.knative.dev/revision": "r-1", "relay.sh/workflow": "w"}),
+                None,
+            ),
+            // Tekton's run/step labels do not make a trigger a step.
+            (
+                json!({"serving.knative.dev/revision": "r-1", "relay.sh/workflow": "w", "relay.sh/run": "7", "relay.sh/step": "s"}),
+                None,
+            ),
+            // Both kinds at once is ambiguous.
+            (
+                json!({"serving.knative.dev/revision": "r-1", "tekton.dev/taskRun": "tr", "relay.sh/workflow": "w", "relay.sh/trigger-sync-id": "t1", "relay.sh/run": "7", "relay.sh/step": "s"}),
+                None,
+            ),
+        ];
+        for (labels, want) in cases {
+            let got = context_for_pod(&labelled(labels.clone()));
+            assert_eq!(got.as_deref(), want, "{labels}");
+        }
+        assert_eq!(
+            context_for_pod(&pod(json!({"metadata": {"name": "p"}}))),
+            None
+        );
+    }
+
+    #[test]
+    fn context_segments() {
+        let long = "a".repeat(253);
+        let too_long = "a".repeat(254);
+        let cases = [
+            ("w", true),
+            ("a.b_c-D9", true),
+            ("...", true),
+            (long.as_str(), true),
+            ("", false),
+            (".", false),
+            ("..", false),
+            (too_long.as_str(), false),
+            ("a/b", false),
+            ("a b", false),
+            ("a%2F", false),
+            ("é", false),
+        ];
+        for (workflow, ok) in cases {
+            let got = context_for_pod(&labelled(json!({
+                "serving.knative.dev/revision": "r", "relay.sh/workflow": workflow, "relay.sh/trigger-sync-id": "t",
+            })));
+            assert_eq!(got.is_some(), ok, "{workflow:?}");
+            let got = context_for_pod(&labelled(json!({
+                "tekton.dev/taskRun": "tr", "relay.sh/workflow": "w", "relay.sh/run": "r", "relay.sh/step": workflow,
+            })));
+            assert_eq!(got.is_some(), ok, "{workflow:?}");
+        }
+    }
+
+    fn step_pod(status: Value) -> Pod {
+        pod(json!({
+            "metadata": {
+                "name": "build-pod", "namespace": "tenant", "uid": "2cde702b-a0cf-438d-a228-fb164e54434b",
+                "labels": {"tekton.dev/taskRun": "tr", "relay.sh/workflow": "w", "relay.sh/run": "7", "relay.sh/step": "build"},
+            },
+            "status": status,
+        }))
+    }
+
+    fn container(name: &str, id: Option<String>, restarts: i32) -> Value {
+        json!({"name": name, "containerID": id, "restartCount": restarts, "image": "i", "imageID": "", "ready": true})
+    }
+
+    fn attributed(container: &str, restart_count: u32) -> Option<Attribution> {
+        Some(Attribution {
+            namespace: "tenant".into(),
+            pod: "build-pod".into(),
+            pod_uid: "2cde702b-a0cf-438d-a228-fb164e54434b".into(),
+            container: container.into(),
+            restart_count,
+            context: "workflows/w/runs/7/steps/build".into(),
+        })
+    }
+
+    #[test]
+    fn attribute_finds_any_kind_of_container() {
+        let other = "f".repeat(64);
+        let cases = [
+            (
+                json!({"containerStatuses": [container("a", Some(format!("containerd://{other}")), 0), container("step-build", Some(format!("containerd://{CID}")), 2)]}),
+                attributed("step-build", 2),
+            ),
+            (
+                json!({"containerStatuses": [container("step-build", Some(format!("cri-o://{CID}")), 0)]}),
+                attributed("step-build", 0),
+            ),
+            (
+                json!({"containerStatuses": [container("step-build", Some(format!("docker://{CID}")), 0)]}),
+                attributed("step-build", 0),
+            ),
+            (
+                json!({"initContainerStatuses": [container("prepare", Some(format!("containerd://{CID}")), 1)],
+                       "containerStatuses": [container("step-build", Some(format!("containerd://{other}")), 0)]}),
+                attributed("prepare", 1),
+            ),
+            (
+                json!({"ephemeralContainerStatuses": [container("debugger", Some(format!("containerd://{CID}")), 0)]}),
+                attributed("debugger", 0),
+            ),
+            // The run before a restart.
+            (
+                json!({"containerStatuses": [{
+                    "name": "step-build", "containerID": format!("containerd://{other}"), "restartCount": 3,
+                    "lastState": {"terminated": {"containerID": format!("containerd://{CID}"), "exitCode": 1}},
+                    "image": "i", "imageID": "", "ready": false,
+                }]}),
+                attributed("step-build", 2),
+            ),
+            // Unknown, not yet reported, or not an id of this pod.
+            (
+                json!({"containerStatuses": [container("step-build", Some(format!("containerd://{other}")), 0)]}),
+                None,
+            ),
+            (
+                json!({"containerStatuses": [container("step-build", None, 0)]}),
+                None,
+            ),
+            (
+                json!({"containerStatuses": [container("step-build", Some(CID.to_owned()), 0)]}),
+                None,
+            ),
+            (
+                json!({"containerStatuses": [container("step-build", Some("containerd://".to_owned()), 0)]}),
+                None,
+            ),
+            (json!({}), None),
+        ];
+        for (status, want) in cases {
+            assert_eq!(attribute(&step_pod(status.clone()), CID), want, "{status}");
+        }
+        let no_status = pod(json!({"metadata": {"name": "build-pod", "namespace": "tenant"}}));
+        assert_eq!(attribute(&no_status, CID), None);
+        assert_eq!(
+            attribute(
+                &step_pod(
+                    json!({"containerStatuses": [container("c", Some("containerd://".to_owned()), 0)]})
+                ),
+                ""
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn attribute_needs_a_context() {
+        let mut p = step_pod(
+            json!({"containerStatuses": [container("c", Some(format!("containerd://{CID}")), 0)]}),
+        );
+        assert!(attribute(&p, CID).is_some());
+        p.metadata.labels = None;
+        assert_eq!(attribute(&p, CID), None);
+    }
+
+    fn in_namespace(namespace: &str, labels: Value) -> Pod {
+        pod(json!({"metadata": {"name": "p", "namespace": namespace, "labels": labels}}))
+    }
+
+    #[test]
+    fn selection_by_namespace() {
+        let all = Selection::new(vec![], None, "relay-system").expect("valid");
+        let some =
+            Selection::new(vec!["a".into(), "b".into()], None, "relay-system").expect("valid");
+        let cases = [
+            ("tenant", true, false),
+            ("a", true, true),
+            ("b", true, true),
+            ("kube-system", false, false),
+            ("kube-public", false, false),
+            ("kube-node-lease", false, false),
+            ("relay-system", false, false),
+        ];
+        for (namespace, by_all, by_some) in cases {
+            let p = in_namespace(namespace, json!({}));
+            assert_eq!(all.selects(&p), by_all, "{namespace}");
+            assert_eq!(some.selects(&p), by_some, "{namespace}");
+        }
+        let no_namespace = pod(json!({"metadata": {"name": "p"}}));
+        assert!(!all.selects(&no_namespace));
+    }
+
+    #[test]
+    fn selection_rejects_excluded_or_invalid_namespaces() {
+        for namespace in [
+            "kube-system",
+            "kube-public",
+            "kube-node-lease",
+            "relay-system",
+        ] {
+            let err = Selection::new(vec!["a".into(), namespace.into()], None, "relay-system")
+                .expect_err(namespace);
+            assert!(
+                matches!(err, SelectionError::SystemNamespace { .. }),
+                "{err}"
+            );
+        }
+        for namespace in ["", "A", "a_b", "-a", &"a".repeat(64)] {
+            let err =
+                Selection::new(vec![namespace.into()], None, "relay-system").expect_err(namespace);
+            assert!(matches!(err, SelectionError::Namespace { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn selection_by_labels() {
+        let cases = [
+            ("", json!({}), true),
+            ("  ", json!({"a": "1"}), true),
+            ("app=web", json!({"app": "web"}), true),
+            ("app==web", json!({"app": "web"}), true),
+            ("app = web", json!({"app": "web"}), true),
+            ("app=web", json!({"app": "db"}), false),
+            ("app=web", json!({}), false),
+            ("app!=web", json!({"app": "db"}), true),
+            ("app!=web", json!({}), true),
+            ("app!=web", json!({"app": "web"}), false),
+            ("app", json!({"app": ""}), true),
+            ("app", json!({}), false),
+            ("!app", json!({}), true),
+            ("!app", json!({"app": "x"}), false),
+            ("app=", json!({"app": ""}), true),
+            ("app=", json!({"app": "x"}), false),
+            (
+                "relay.sh/capture=ebpf,!skip,tier!=infra",
+                json!({"relay.sh/capture": "ebpf", "tier": "app"}),
+                true,
+            ),
+            (
+                "relay.sh/capture=ebpf,!skip,tier!=infra",
+                json!({"relay.sh/capture": "ebpf", "skip": "1"}),
+                false,
+            ),
+        ];
+        for (selector, labels, want) in cases {
+            let selection = Selection::new(vec![], Some(selector), "relay-system").expect(selector);
+            assert_eq!(
+                selection.selects(&in_namespace("tenant", labels.clone())),
+                want,
+                "{selector} on {labels}"
+            );
+        }
+        let selection = Selection::new(vec![], Some("app"), "relay-system").expect("valid");
+        assert!(!selection.selects(&pod(json!({"metadata": {"name": "p", "namespace": "t"}}))));
+    }
+
+    #[test]
+    fn label_selector_renders_for_the_api_server() {
+        let selection =
+            Selection::new(vec![], Some(" a = 1 ,b!=2,c, !d,e==5"), "x").expect("valid");
+        assert_eq!(selection.label_selector().to_string(), "a=1,b!=2,c,!d,e=5");
+    }
+
+    #[test]
+    fn label_selector_errors() {
+        let set_based = |term: &str| SelectorError::SetBased { term: term.into() };
+        let key = |term: &str, key: &str| SelectorError::Key {
+            term: term.into(),
+            key: key.into(),
+        };
+        let value = |term: &str, value: &str| SelectorError::Value {
+            term: term.into(),
+            value: value.into(),
+        };
+        let long = "a".repeat(64);
+        let cases = [
+            ("a=1,", SelectorError::EmptyTerm),
+            (",a", SelectorError::EmptyTerm),
+            ("a,,b", SelectorError::EmptyTerm),
+            ("env in (a,b)", set_based("env in (a")),
+            ("env notin (a)", set_based("env notin (a)")),
+            ("=v", key("=v", "")),
+            ("!", key("!", "")),
+            ("!=v", key("!=v", "")),
+            ("-a=v", key("-a=v", "-a")),
+            ("a/b/c=v", key("a/b/c=v", "a/b/c")),
+            ("Example.com/a=v", key("Example.com/a=v", "Example.com/a")),
+            ("/a=v", key("/a=v", "/a")),
+            ("a/=v", key("a/=v", "a/")),
+            ("!a=b", key("!a=b", "!a")),
+            ("a=b=c", value("a=b=c", "b=c")),
+            ("a=-b", value("a=-b", "-b")),
+            ("a!=b c", value("a!=b c", "b c")),
+        ];
+        for (selector, want) in cases {
+            let err = Selection::new(vec![], Some(selector), "x").expect_err(selector);
+            match err {
+                SelectionError::LabelSelector {
+                    selector: s,
+                    source,
+                } => {
+                    assert_eq!(s, selector);
+                    assert_eq!(source, want, "{selector}");
+                }
+                other => panic!("{selector}: {other}"),
+            }
+        }
+        assert!(Selection::new(vec![], Some(&format!("{long}=v")), "x").is_err());
+        assert!(Selection::new(vec![], Some(&format!("k={long}")), "x").is_err());
+        assert!(
+            Selection::new(vec![], Some(&format!("example.com/{}=v", &long[1..])), "x").is_ok()
+        );
+    }
+
+    #[test]
+    fn unselected_pods_stay_out_of_the_index() {
+        let selection = Selection::new(vec![], Some("capture"), "relay-system").expect("valid");
+        let selected = pod(json!({"metadata": {
+            "name": "p", "namespace": "t", "labels": {"capture": ""},
+            "managedFields": [{"manager": "kubectl"}],
+        }}));
+        let unselected = in_namespace("t", json!({}));
+
+        let Some(watcher::Event::Apply(kept)) =
+            filter_event(&selection, watcher::Event::Apply(selected.clone()))
+        else {
+            panic!("a selected pod is applied");
+        };
+        assert_eq!(kept.metadata.managed_fields, None);
+        assert!(matches!(
+            filter_event(&selection, watcher::Event::InitApply(selected.clone())),
+            Some(watcher::Event::InitApply(_))
+        ));
+        assert!(matches!(
+            filter_event(&selection, watcher::Event::Delete(selected)),
+            Some(watcher::Event::Delete(_))
+        ));
+        // No longer selected: forget it.
+        assert!(matches!(
+            filter_event(&selection, watcher::Event::Apply(unselected.clone())),
+            Some(watcher::Event::Delete(_))
+        ));
+        assert!(filter_event(&selection, watcher::Event::InitApply(unselected.clone())).is_none());
+        assert!(matches!(
+            filter_event(&selection, watcher::Event::Delete(unselected)),
+            Some(watcher::Event::Delete(_))
+        ));
+        assert!(matches!(
+            filter_event(&selection, watcher::Event::Init),
+            Some(watcher::Event::Init)
+        ));
+        assert!(matches!(
+            filter_event(&selection, watcher::Event::InitDone),
+            Some(watcher::Event::InitDone)
+        ));
+    }
+}

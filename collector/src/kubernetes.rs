@@ -1,0 +1,117 @@
+//! Kubernetes mode: the collector watches the node's `kubepods` cgroup tree and attributes each
+//! container cgroup to its pod, through a node-scoped pod reflector.
+
+use std::path::{Path, PathBuf};
+
+use crate::{
+    capture::{Attributed, Attributor, Target},
+    cgroup_path::parse_container_cgroup,
+    cgroups::Tree,
+    k8s::{Attribution, PodIndex},
+};
+
+/// Longest stream name the metadata API takes.
+const MAX_NAME: usize = 64;
+
+/// Attributes container cgroups under the kubepods root to pods on this node.
+#[derive(Debug)]
+pub struct Kube {
+    tree: Tree,
+    index: PodIndex,
+}
+
+impl Kube {
+    pub fn new(root: PathBuf, index: PodIndex) -> Self {
+        Self {
+            tree: Tree::new(root),
+            index,
+        }
+    }
+}
+
+/// The kubepods cgroup v2 directory of this node: `kubepods` (cgroupfs driver) or
+/// `kubepods.slice` (systemd driver) under the cgroup v2 mount.
+pub fn find_kubepods(cgroup2: &Path) -> Option<PathBuf> {
+    ["kubepods", "kubepods.slice"]
+        .iter()
+        .map(|d| cgroup2.join(d))
+        .find(|p| p.is_dir())
+}
+
+impl Attributor for Kube {
+    fn attribute(&mut self, cgroup_id: u64) -> Attributed {
+        let Some(path) = self.tree.path(cgroup_id) else {
+            return Attributed::NotYet;
+        };
+        let Some(container) = path.to_str().and_then(parse_container_cgroup) else {
+            // A pod or QoS cgroup itself: not a container's output.
+            return Attributed::Never;
+        };
+        // Until the pod is listed and its status names the container, it is not known yet; a
+        // pod that is not selected (or a system namespace) stays unknown and its bytes are
+        // dropped when the hold ends.
+        match self.index.lookup(&container) {
+            Some(a) => Attributed::Target(Target {
+                prefix: prefix(&a),
+                context: a.context,
+                dir: path.to_path_buf(),
+            }),
+            None => Attributed::NotYet,
+        }
+    }
+
+    fn forget(&mut self, cgroup_id: u64) {
+        self.tree.forget(cgroup_id);
+    }
+}
+
+/// Stream names in Kubernetes mode: `<container>.stdout`. A trigger context is shared by every
+/// replica of a Knative revision, so there the pod's UID (first 8 hex digits) keeps replicas
+/// apart: `<container>.<uid8>.stdout`. A restarted container continues as the next generation
+/// (`.1`, `.2`, ...) of the same name.
+fn prefix(a: &Attribution) -> String {
+    let room = MAX_NAME - ".stderr.999".len();
+    let mut p: String = a.container.chars().take(room).collect();
+    if a.context.contains("/triggers/") {
+        let uid: String = a
+            .pod_uid
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .take(8)
+            .collect();
+        let keep = room.saturating_sub(uid.len() + 1);
+        p.truncate(keep);
+        p.push('.');
+        p.push_str(&uid);
+    }
+    p.push('.');
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attribution(context: &str, container: &str) -> Attribution {
+        Attribution {
+            namespace: "tenant".into(),
+            pod: "p".into(),
+            pod_uid: "0a1b2c3d-4e5f-6789-abcd-ef0123456789".into(),
+            container: container.into(),
+            restart_count: 0,
+            context: context.into(),
+        }
+    }
+
+    #[test]
+    fn step_streams_are_named_by_container_and_trigger_streams_by_pod_too() {
+        let step = attribution("workflows/w/runs/r/steps/s", "step-build");
+        assert_eq!(prefix(&step), "step-build.");
+        let trigger = attribution("workflows/w/triggers/t", "user-container");
+        assert_eq!(prefix(&trigger), "user-container.0a1b2c3d.");
+        let long = attribution("workflows/w/triggers/t", &"c".repeat(63));
+        let p = prefix(&long);
+        assert!(p.len() + "stderr.999".len() <= MAX_NAME, "{p}");
+        assert!(p.ends_with(".0a1b2c3d."), "{p}");
+    }
+}
