@@ -149,12 +149,12 @@ pub fn sys_enter_writev(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sys_exit_write(ctx: TracePointContext) -> u32 {
-    exit(&ctx).unwrap_or(0)
+    exit(&ctx, false).unwrap_or(0)
 }
 
 #[tracepoint]
 pub fn sys_exit_writev(ctx: TracePointContext) -> u32 {
-    exit(&ctx).unwrap_or(0)
+    exit(&ctx, true).unwrap_or(0)
 }
 
 fn count(index: u32, n: u64) {
@@ -312,22 +312,21 @@ fn stdio_file(fd: u64) -> Option<(u64, u32)> {
     Some((ino, kind))
 }
 
-fn exit(ctx: &TracePointContext) -> Result<u32, i64> {
+fn exit(ctx: &TracePointContext, vectored: bool) -> Result<u32, i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(pending) = PENDING.get_ptr_mut(&pid_tgid) else {
         return Ok(0);
     };
     // SAFETY: the format's offset of `ret`.
-    let ret: i64 = unsafe { ctx.read_at(EXIT_RET) }.map_err(i64::from)?;
-    if ret > 0 {
-        // SAFETY: our thread's entry, which only this thread touches between enter and exit.
-        let p = unsafe { &mut *pending };
-        if capture(p, ret as u64) == Some(0) {
-            debug!(
-                ctx,
-                "new stream: cgroup {} inode {} fd {}", p.key.cgroup_id, p.key.ino, p.fd
-            );
-        }
+    let ret: i64 = unsafe { ctx.read_at(EXIT_RET) }.unwrap_or(0);
+    // SAFETY: our thread's entry, which only this thread touches between enter and exit.
+    let p = unsafe { &mut *pending };
+    // An entry of the other syscall is stale (its exit was missed); never copy with it.
+    if ret > 0 && p.vectored == u32::from(vectored) && capture(p, ret as u64) == Some(0) {
+        debug!(
+            ctx,
+            "new stream: cgroup {} inode {} fd {}", p.key.cgroup_id, p.key.ino, p.fd
+        );
     }
     let _ = PENDING.remove(&pid_tgid);
     Ok(0)

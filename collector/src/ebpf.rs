@@ -19,12 +19,13 @@ use crate::btf;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector"));
 
 /// The syscall tracepoints the programs attach to (category `syscalls`); the program names are
-/// the tracepoint names.
+/// the tracepoint names. Exits first: an entry saved before its exit program is attached would
+/// otherwise stay behind.
 const TRACEPOINTS: [&str; 4] = [
-    "sys_enter_write",
-    "sys_enter_writev",
     "sys_exit_write",
     "sys_exit_writev",
+    "sys_enter_write",
+    "sys_enter_writev",
 ];
 
 /// Why the collector cannot run here. Each message is one line saying what is missing.
