@@ -142,14 +142,7 @@ pub fn context_for_pod(pod: &Pod) -> Option<String> {
     }
 }
 
-/// A log context segment, as the metadata API accepts it.
-fn valid_segment(s: &str) -> bool {
-    (1..=253).contains(&s.len())
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+use metadata_api::names::valid_context_segment as valid_segment;
 
 /// Whose output a container's writes are.
 #[derive(Debug, Clone, PartialEq, Eq)]

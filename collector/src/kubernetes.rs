@@ -10,8 +10,7 @@ use crate::{
     k8s::{Attribution, PodIndex},
 };
 
-/// Longest stream name the metadata API takes.
-const MAX_NAME: usize = 64;
+use metadata_api::names::MAX_STREAM_NAME as MAX_NAME;
 
 /// Attributes container cgroups under the kubepods root to pods on this node.
 #[derive(Debug)]

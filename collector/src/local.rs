@@ -8,8 +8,7 @@ use crate::{
     cgroups::{self, CgroupError, Tree},
 };
 
-/// Longest stream name the metadata API takes.
-const MAX_NAME: usize = 64;
+use metadata_api::names::{MAX_STREAM_NAME as MAX_NAME, stream_name_byte};
 
 /// Attributes the cgroups under the watched directories to their contexts. The directory itself
 /// ships as `stdout`/`stderr`; a cgroup below it as `<relative path with dots>.stdout`.
@@ -60,11 +59,8 @@ fn prefix(rel: &Path) -> String {
     for c in rel.components() {
         if let Component::Normal(part) = c {
             for ch in part.to_string_lossy().chars() {
-                out.push(if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' {
-                    if ch == '_' { '-' } else { ch }
-                } else {
-                    '-'
-                });
+                let keep = u8::try_from(ch).is_ok_and(|b| b != b'.' && stream_name_byte(b));
+                out.push(if keep { ch } else { '-' });
             }
             out.push('.');
         }
@@ -86,7 +82,7 @@ mod tests {
     fn prefixes_are_valid_stream_name_parts() {
         assert_eq!(prefix(Path::new("")), "");
         assert_eq!(prefix(Path::new("job1")), "job1.");
-        assert_eq!(prefix(Path::new("a/b c/d_e")), "a.b-c.d-e.");
+        assert_eq!(prefix(Path::new("a/b c/d_e.f")), "a.b-c.d_e-f.");
         let long = "x".repeat(100);
         let p = prefix(Path::new(&long));
         assert!(p.len() + "stderr.999".len() <= MAX_NAME, "{p}");

@@ -4,25 +4,9 @@
 
 mod common;
 
-use std::{os::unix::fs::PermissionsExt, path::PathBuf};
+use std::os::unix::fs::PermissionsExt;
 
 use common::*;
-
-/// The static entrypoint (`cargo xtask build-entrypoint`; `cargo xtask test` builds it first).
-fn static_entrypoint() -> Option<PathBuf> {
-    let path = std::env::var_os("RELAY_ENTRYPOINT_STATIC").map_or_else(
-        || workspace().join("target/x86_64-unknown-linux-musl/dist/entrypoint"),
-        PathBuf::from,
-    );
-    if path.exists() {
-        return Some(path);
-    }
-    testbed::skip_or_fail(&format!(
-        "no static entrypoint at {} (run `cargo xtask build-entrypoint`)",
-        path.display()
-    ));
-    None
-}
 
 const SCRIPT: &str = "echo out-line; echo err-line >&2; i=0; \
     while [ $i -lt 300 ]; do echo line $i; i=$((i+1)); done; \

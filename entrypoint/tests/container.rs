@@ -4,28 +4,9 @@
 
 mod common;
 
-use std::{os::unix::fs::PermissionsExt, path::PathBuf};
+use std::os::unix::fs::PermissionsExt;
 
-use common::Api;
-
-/// The static build (`cargo xtask build-entrypoint`; `cargo xtask test` builds it first).
-fn static_entrypoint() -> Option<PathBuf> {
-    let path = std::env::var_os("RELAY_ENTRYPOINT_STATIC").map_or_else(
-        || {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/x86_64-unknown-linux-musl/dist/entrypoint")
-        },
-        PathBuf::from,
-    );
-    if path.exists() {
-        return Some(path);
-    }
-    testbed::skip_or_fail(&format!(
-        "no static entrypoint at {} (run `cargo xtask build-entrypoint`)",
-        path.display()
-    ));
-    None
-}
+use common::{Api, static_entrypoint};
 
 #[test]
 fn ships_from_a_container_as_non_root_with_a_read_only_root() {

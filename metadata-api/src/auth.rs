@@ -46,13 +46,7 @@ pub enum ContextError {
     Segment(String),
 }
 
-fn valid_segment(s: &str) -> bool {
-    (1..=253).contains(&s.len())
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+use crate::names::valid_context_segment as valid_segment;
 
 impl Context {
     /// A full context a stream can live in.

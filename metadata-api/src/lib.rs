@@ -16,6 +16,7 @@ pub mod error;
 pub mod limits;
 #[cfg(feature = "server")]
 pub mod metrics;
+pub mod names;
 pub mod range;
 #[cfg(feature = "server")]
 pub mod read;

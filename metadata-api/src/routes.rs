@@ -27,8 +27,6 @@ use crate::{
 
 /// Largest JSON request body (stream creation, markers).
 const MAX_JSON: usize = 64 << 10;
-/// Longest stream name.
-const MAX_NAME: usize = 64;
 pub const NDJSON: &str = "application/x-ndjson";
 
 /// Every route and method the service answers; `openapi.json` is checked against this list.
@@ -192,13 +190,6 @@ struct CreateResponse {
     complete: bool,
 }
 
-fn valid_name(name: &str) -> bool {
-    (1..=MAX_NAME).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 async fn create_stream(
     State(s): S,
     headers: HeaderMap,
@@ -206,7 +197,7 @@ async fn create_stream(
 ) -> Result<Json<CreateResponse>, ApiError> {
     let p = principal(&s, &headers)?;
     let req: CreateRequest = parse_json(&read_body(body, MAX_JSON).await?)?;
-    if !valid_name(&req.name) {
+    if !crate::names::valid_stream_name(&req.name) {
         return Err(ApiError::bad(
             "name must be 1-64 characters of [A-Za-z0-9._-]",
         ));

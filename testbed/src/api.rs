@@ -50,6 +50,23 @@ pub fn api_bin() -> &'static Path {
     })
 }
 
+/// The static entrypoint (`RELAY_ENTRYPOINT_STATIC`, set by `cargo xtask test`, or the
+/// `cargo xtask build-entrypoint` output), or `None` after [`crate::skip_or_fail`] when missing.
+pub fn static_entrypoint() -> Option<PathBuf> {
+    let path = std::env::var_os("RELAY_ENTRYPOINT_STATIC").map_or_else(
+        || workspace().join("target/x86_64-unknown-linux-musl/dist/entrypoint"),
+        PathBuf::from,
+    );
+    if path.exists() {
+        return Some(path);
+    }
+    crate::skip_or_fail(&format!(
+        "no static entrypoint at {} (run `cargo xtask build-entrypoint`)",
+        path.display()
+    ));
+    None
+}
+
 /// A loopback address nobody listens on now.
 pub fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
