@@ -203,7 +203,6 @@ fn enter(ctx: &TracePointContext, vectored: bool) -> Result<u32, i64> {
     };
     // SAFETY: a helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    note_stdio(cgroup_id);
     // SAFETY: as above.
     let buf: u64 = unsafe { ctx.read_at(ARG_BUF) }.map_err(i64::from)?;
     // SAFETY: as above.
@@ -259,7 +258,8 @@ fn watched_root() -> u64 {
     root
 }
 
-/// Records the stdio of the current task for its cgroup, unless a clear one is known.
+/// Records the stdio of the current task for its cgroup, unless a clear one is known. Called for
+/// the first write of each stream, so a cgroup's first writer sets it.
 fn note_stdio(cgroup_id: u64) {
     // SAFETY: a copy is taken at once.
     if let Some(known) = unsafe { CGROUP_STDIO.get(&cgroup_id) }
@@ -354,6 +354,10 @@ fn capture(p: &mut Pending, written: u64) -> Option<u64> {
     };
     // SAFETY: a live map value; concurrent writers only ever do atomic adds on it.
     let base = unsafe { fetch_add(&raw mut (*state).offset, written) };
+    if base == 0 {
+        // A new stream: the writer's stdio says which file is stdout and which stderr.
+        note_stdio(p.key.cgroup_id);
+    }
     // SAFETY: as above; `mode` is a word user space stores.
     if unsafe { (*state).mode } == STREAM_IGNORE {
         return Some(base);
