@@ -34,6 +34,8 @@ use crate::{
 const REORDER_WAIT: Duration = Duration::from_millis(50);
 /// How often cgroups with open streams are checked for processes left.
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
+/// Every this many sweeps, the kernel's streams are checked for cgroups never seen.
+const UNSEEN_EVERY: u64 = 25;
 /// Most bytes held per cgroup while it waits for attribution.
 const HOLD_BYTES: usize = 4 << 20;
 
@@ -110,6 +112,7 @@ pub struct Engine<A> {
     streams: HashMap<StreamKey, Stream>,
     held: HashMap<u64, Held>,
     last_sweep: Instant,
+    sweeps: u64,
     shippers: tokio::task::JoinSet<()>,
 }
 
@@ -158,6 +161,7 @@ impl<A: Attributor> Engine<A> {
             streams: HashMap::new(),
             held: HashMap::new(),
             last_sweep: Instant::now(),
+            sweeps: 0,
             shippers: tokio::task::JoinSet::new(),
         }
     }
@@ -190,17 +194,7 @@ impl<A: Attributor> Engine<A> {
         }
         if !self.cgroups.contains_key(&h.cgroup_id) {
             match self.attributor.attribute(h.cgroup_id) {
-                Attributed::Target(target) => {
-                    let stdio = cgroups::container_stdio(&target.dir);
-                    self.cgroups.insert(
-                        h.cgroup_id,
-                        Cgroup {
-                            target,
-                            stdio,
-                            files: HashMap::new(),
-                        },
-                    );
-                }
+                Attributed::Target(target) => self.adopt(h.cgroup_id, target),
                 Attributed::Never => {
                     self.pass_over(h.cgroup_id, data.len());
                     return;
@@ -216,44 +210,65 @@ impl<A: Attributor> Engine<A> {
                 }
             }
         }
-        let Some(cgroup) = self.cgroups.get_mut(&h.cgroup_id) else {
-            return;
-        };
-        let role = match cgroup.files.get(&h.ino) {
-            Some(role) => *role,
-            None => {
-                let taken: Vec<Role> = cgroup.files.values().copied().collect();
-                let stdio = cgroup.stdio.or_else(|| {
-                    self.maps
-                        .cgroup_stdio(h.cgroup_id)
-                        .filter(|s| s.stdout != s.stderr)
-                        .map(|s| Stdio {
-                            stdout: s.stdout,
-                            stderr: s.stderr,
-                        })
-                });
-                let role = role_of(stdio, &taken, h.ino, h.fd);
-                tracing::debug!(
-                    cgroup_id = h.cgroup_id,
-                    ino = h.ino,
-                    fd = h.fd,
-                    tgid = h.tgid,
-                    ?role,
-                    ?stdio,
-                    "New file."
-                );
-                cgroup.files.insert(h.ino, role);
-                role
-            }
-        };
-        if role == Role::Other {
+        if self.role(key, h.fd) == Role::Other {
             self.metrics.other_pipe_bytes.inc_by(data.len() as u64);
             self.maps.ignore(&key);
             return;
         }
-        let name = format!("{}{}", cgroup.target.prefix, role.stream_name());
+        if let Some(stream) = self.open(key) {
+            feed(stream, h.offset, data);
+        }
+    }
+
+    /// Starts following an attributed cgroup.
+    fn adopt(&mut self, cgroup_id: u64, target: Target) {
+        let stdio = cgroups::container_stdio(&target.dir);
+        self.cgroups.insert(
+            cgroup_id,
+            Cgroup {
+                target,
+                stdio,
+                files: HashMap::new(),
+            },
+        );
+    }
+
+    /// What file `key` is to its (adopted) container, deciding it on first sight.
+    fn role(&mut self, key: StreamKey, fd: u32) -> Role {
+        let Some(cgroup) = self.cgroups.get_mut(&key.cgroup_id) else {
+            return Role::Other;
+        };
+        if let Some(role) = cgroup.files.get(&key.ino) {
+            return *role;
+        }
+        let taken: Vec<Role> = cgroup.files.values().copied().collect();
+        let stdio = cgroup.stdio.or_else(|| {
+            self.maps
+                .cgroup_stdio(key.cgroup_id)
+                .filter(|s| s.stdout != s.stderr)
+                .map(|s| Stdio {
+                    stdout: s.stdout,
+                    stderr: s.stderr,
+                })
+        });
+        let role = role_of(stdio, &taken, key.ino, fd);
+        tracing::debug!(
+            cgroup_id = key.cgroup_id,
+            ino = key.ino,
+            fd,
+            ?role,
+            "New file."
+        );
+        cgroup.files.insert(key.ino, role);
+        role
+    }
+
+    /// Opens the stream of a container's stdout or stderr and starts shipping it.
+    fn open(&mut self, key: StreamKey) -> Option<&mut Stream> {
+        let cgroup = self.cgroups.get(&key.cgroup_id)?;
+        let role = *cgroup.files.get(&key.ino)?;
         let spec = StreamSpec {
-            name,
+            name: format!("{}{}", cgroup.target.prefix, role.stream_name()),
             source: Some(Source::Ebpf),
             context: Some(cgroup.target.context.clone()),
         };
@@ -275,14 +290,34 @@ impl<A: Attributor> Engine<A> {
                 metrics.finished(&report);
             });
         }
-        let mut stream = Stream {
+        Some(self.streams.entry(key).or_insert(Stream {
             shipper,
             next: 0,
             early: BTreeMap::new(),
             gap_since: None,
-        };
-        feed(&mut stream, h.offset, data);
-        self.streams.insert(key, stream);
+        }))
+    }
+
+    /// Adopts cgroups the kernel has streams for but user space never saw a chunk of (the ring
+    /// was full for all of them), so that their losses are reported too.
+    fn adopt_unseen(&mut self) {
+        let unseen: Vec<u64> = self
+            .maps
+            .stream_keys()
+            .into_iter()
+            .map(|k| k.cgroup_id)
+            .filter(|id| !self.cgroups.contains_key(id) && !self.held.contains_key(id))
+            .collect();
+        for cgroup_id in unseen {
+            if self.cgroups.contains_key(&cgroup_id) {
+                continue;
+            }
+            match self.attributor.attribute(cgroup_id) {
+                Attributed::Target(target) => self.adopt(cgroup_id, target),
+                Attributed::Never => self.pass_over(cgroup_id, 0),
+                Attributed::NotYet => {}
+            }
+        }
     }
 
     /// Timers: gaps that stayed open, held cgroups, finished containers.
@@ -326,6 +361,10 @@ impl<A: Attributor> Engine<A> {
         }
         if now >= self.last_sweep + SWEEP_EVERY {
             self.last_sweep = now;
+            self.sweeps += 1;
+            if self.sweeps.is_multiple_of(UNSEEN_EVERY) {
+                self.adopt_unseen();
+            }
             self.sweep();
         }
     }
@@ -347,12 +386,35 @@ impl<A: Attributor> Engine<A> {
             .filter(|(_, c)| !cgroups::populated(&c.target.dir))
             .map(|(id, _)| *id)
             .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let mut kernel: HashMap<u64, Vec<u64>> = HashMap::new();
+        for key in self.maps.stream_keys() {
+            kernel.entry(key.cgroup_id).or_default().push(key.ino);
+        }
         for cgroup_id in gone {
-            self.finish_cgroup(cgroup_id);
+            let inos = kernel.remove(&cgroup_id).unwrap_or_default();
+            self.finish_cgroup(cgroup_id, &inos);
         }
     }
 
-    fn finish_cgroup(&mut self, cgroup_id: u64) {
+    /// Closes the streams of a container that has no process left; `kernel_inos` are the files
+    /// the kernel counted for it.
+    fn finish_cgroup(&mut self, cgroup_id: u64, kernel_inos: &[u64]) {
+        // Streams of the cgroup whose every chunk was lost have no file entry yet.
+        for &ino in kernel_inos {
+            let key = StreamKey { cgroup_id, ino };
+            if self
+                .cgroups
+                .get(&cgroup_id)
+                .is_some_and(|c| !c.files.contains_key(&ino))
+                && let Some(state) = self.maps.stream(&key)
+                && self.role(key, state.fd) != Role::Other
+            {
+                self.open(key);
+            }
+        }
         let Some(cgroup) = self.cgroups.remove(&cgroup_id) else {
             return;
         };
@@ -375,7 +437,8 @@ impl<A: Attributor> Engine<A> {
             }
             stream.shipper.close(deadline);
         }
-        self.maps.forget_cgroup(cgroup_id);
+        self.maps
+            .forget_cgroup(cgroup_id, cgroup.files.keys().copied());
         self.attributor.forget(cgroup_id);
         tracing::debug!(cgroup_id, dir = %cgroup.target.dir.display(), "Container finished.");
     }
@@ -383,9 +446,14 @@ impl<A: Attributor> Engine<A> {
     /// Closes every stream (the collector is stopping) and waits for the shippers until the
     /// grace period ends.
     pub async fn shutdown(mut self) {
+        let mut kernel: HashMap<u64, Vec<u64>> = HashMap::new();
+        for key in self.maps.stream_keys() {
+            kernel.entry(key.cgroup_id).or_default().push(key.ino);
+        }
         let ids: Vec<u64> = self.cgroups.keys().copied().collect();
         for id in ids {
-            self.finish_cgroup(id);
+            let inos = kernel.remove(&id).unwrap_or_default();
+            self.finish_cgroup(id, &inos);
         }
         let wait = async { while self.shippers.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(self.cfg.grace + Duration::from_secs(1), wait).await;

@@ -230,17 +230,17 @@ impl Maps {
         self.stdio.get(&cgroup_id, 0).ok()
     }
 
-    /// Forgets every stream of a cgroup that is gone.
-    pub fn forget_cgroup(&mut self, cgroup_id: u64) {
+    /// The keys of every stream the kernel counts.
+    pub fn stream_keys(&self) -> Vec<StreamKey> {
+        self.streams.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Forgets a cgroup that is gone, and its streams (files `inos`).
+    pub fn forget_cgroup(&mut self, cgroup_id: u64, inos: impl IntoIterator<Item = u64>) {
         let _ = self.stdio.remove(&cgroup_id);
-        let keys: Vec<StreamKey> = self
-            .streams
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.cgroup_id == cgroup_id)
-            .collect();
-        for k in keys {
-            self.forget(&k);
+        let _ = self.verdicts.remove(&cgroup_id);
+        for ino in inos {
+            self.forget(&StreamKey { cgroup_id, ino });
         }
     }
 }

@@ -40,3 +40,36 @@ fn a_full_ring_loses_exact_ranges_and_never_blocks_the_writer() {
     assert_eq!(collector.metric("kernel_lost_bytes_total"), dropped);
     assert_eq!(collector.metric("unreported_bytes_total"), 0);
 }
+
+#[test]
+fn a_stream_whose_every_chunk_was_lost_is_still_reported_in_full() {
+    if !can_run() {
+        return;
+    }
+    let api = Api::start(&[]);
+    let cg = Cgroup::new("all-lost");
+    // One page of ring: no 16 KiB chunk ever fits, so user space sees nothing of this stream.
+    let collector = Collector::start(&api, &[(&cg.path, CTX)], &["--ring-bytes", "4K"]);
+    let files = tempfile::tempdir().unwrap();
+    let data = random(1 << 20);
+    let path = files.path().join("data");
+    std::fs::write(&path, &data).unwrap();
+    let (code, out, _) = run_piped(Cgroup::sh(
+        &cg.path,
+        &format!("exec cat {}", path.display()),
+    ));
+    assert_eq!(code, 0);
+    assert!(out == data);
+
+    let (status, stored) = complete_ebpf(&api, CTX, "stdout");
+    assert!(stored.is_empty(), "{status}");
+    assert_eq!(
+        spans(&status, "dropped"),
+        vec![(0, data.len() as u64)],
+        "{status}"
+    );
+    assert_eq!(
+        collector.metric("kernel_lost_bytes_total"),
+        data.len() as u64
+    );
+}
