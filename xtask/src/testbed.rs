@@ -39,7 +39,7 @@ enum Cmd {
     /// Download and unpack containerd (with its CRI plugin), runc and busybox-static into
     /// ~/.cache/relay (no services started), and build the busybox root filesystem; fetch etcd
     /// and build kube-apiserver and kube-controller-manager 1.20.2 from Debian's source package
-    /// (about 7 minutes once) into ~/.cache/relay/kube. Does nothing when already done.
+    /// (4-10 minutes, once) into ~/.cache/relay/kube. Does nothing when already done.
     Install,
 }
 

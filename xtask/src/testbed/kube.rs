@@ -7,11 +7,12 @@
 //!   system's sources and lists stay untouched;
 //! - `root/`: [`layout::KUBE_PACKAGES`] extracted together with `dpkg-deb -x` (Go 1.19, etcd,
 //!   kubectl, rsync, Debian's reflect2 and json-iterator);
-//! - `bin/`: the two binaries built from the source package, the only slow part (about 7 minutes
+//! - `bin/`: the two binaries built from the source package, the only slow part (4-10 minutes
 //!   on 2 cores). The source tree and Go's build cache are removed once they are built.
 //!
 //! Each part is skipped when it is already there: the binaries when they answer `--version` with
-//! [`layout::KUBE_VERSION`], the packages when their stamp exists and etcd and kubectl answer.
+//! [`layout::KUBE_VERSION`] and were built with the current recipe (flags, replaced packages; see
+//! `kube/bin/.recipe`), the packages when their stamp exists and etcd and kubectl answer.
 
 use std::{
     ffi::OsString,
@@ -123,11 +124,55 @@ fn root_ready() -> bool {
         )
 }
 
+/// Whether the binaries were built the way [`build_recipe`] says and answer `--version`.
 fn binaries_ready() -> bool {
     let version = format!("Kubernetes {}", layout::KUBE_VERSION);
-    [layout::kube_apiserver(), layout::kube_controller_manager()]
-        .iter()
-        .all(|bin| answers(Command::new(bin).arg("--version"), &version))
+    build_recipe().is_ok_and(|recipe| fs::read_to_string(build_stamp()).ok() == Some(recipe))
+        && [layout::kube_apiserver(), layout::kube_controller_manager()]
+            .iter()
+            .all(|bin| answers(Command::new(bin).arg("--version"), &version))
+}
+
+/// The stamp next to the binaries, holding the [`build_recipe`] they were built with.
+fn build_stamp() -> PathBuf {
+    layout::kube_bin_dir().join(".recipe")
+}
+
+/// What the binaries depend on besides the source package: changing the way they are built
+/// changes this, and the next install builds them again.
+fn build_recipe() -> anyhow::Result<String> {
+    Ok(format!(
+        "commands: {}\nvendor replaced: {}\nldflags: {}\n",
+        COMMANDS.join(" "),
+        VENDOR_REPLACEMENTS.join(" "),
+        ldflags()?
+    ))
+}
+
+/// The linker flags: stripped, with the version stamped in.
+fn ldflags() -> anyhow::Result<String> {
+    let version = layout::KUBE_VERSION;
+    let minor = version
+        .split('.')
+        .nth(1)
+        .context("KUBE_VERSION without a minor version")?;
+    // Both copies, as hack/lib/version.sh does: with component-base's alone, `--version` says
+    // v1.20.2 but `/version` still answers v0.0.0-master. gitCommit is already in the tarball
+    // (`git archive` filled it in).
+    let mut ldflags = String::from("-s -w");
+    for package in ["client-go/pkg/version", "component-base/version"] {
+        for (key, value) in [
+            ("gitVersion", version),
+            ("gitMajor", "1"),
+            ("gitMinor", minor),
+            ("gitTreeState", "clean"),
+        ] {
+            ldflags.push_str(&format!(
+                " -X k8s.io/kubernetes/vendor/k8s.io/{package}.{key}={value}"
+            ));
+        }
+    }
+    Ok(ldflags)
 }
 
 /// A private APT: Debian's binary and source indexes in `kube/apt`, fetched on first use.
@@ -335,29 +380,9 @@ fn build(apt: &Apt) -> anyhow::Result<()> {
     })?;
     let out = build.join("out");
     fresh_dir(&out)?;
-    let version = layout::KUBE_VERSION;
-    let minor = version
-        .split('.')
-        .nth(1)
-        .context("KUBE_VERSION without a minor version")?;
-    // Both copies, as hack/lib/version.sh does: with component-base's alone, `--version` says
-    // v1.20.2 but `/version` still answers v0.0.0-master. gitCommit is already in the tarball
-    // (`git archive` filled it in).
-    let mut ldflags = String::from("-s -w");
-    for package in ["client-go/pkg/version", "component-base/version"] {
-        for (key, value) in [
-            ("gitVersion", version),
-            ("gitMajor", "1"),
-            ("gitMinor", minor),
-            ("gitTreeState", "clean"),
-        ] {
-            ldflags.push_str(&format!(
-                " -X k8s.io/kubernetes/vendor/k8s.io/{package}.{key}={value}"
-            ));
-        }
-    }
+    let ldflags = ldflags()?;
     let what = format!(
-        "go build {} (7-10 minutes on 2 cores, silent)",
+        "go build {} (4-10 minutes on 2 cores, silent)",
         COMMANDS.join(" ")
     );
     step(&what, || {
@@ -377,9 +402,11 @@ fn build(apt: &Apt) -> anyhow::Result<()> {
         fs::copy(out.join(cmd), &staged).with_context(|| format!("cannot copy {cmd}"))?;
         fs::rename(&staged, bin.join(cmd))?;
     }
+    fs::write(build_stamp(), build_recipe()?)?;
     ensure!(
         binaries_ready(),
-        "the built binaries do not answer --version with {version}"
+        "the built binaries do not answer --version with {}",
+        layout::KUBE_VERSION
     );
     // The tree (with generated code) and Go's cache take gigabytes; the binaries are all we keep.
     fs::remove_dir_all(&build).with_context(|| format!("cannot remove {}", build.display()))?;
