@@ -158,7 +158,7 @@ impl KubeApi {
             dir,
             url: String::new(),
             etcd_url: String::new(),
-            ca_pem: pki.ca_pem.clone(),
+            ca_pem: pki.ca_pem,
         };
         kube.start_etcd(deadline)?;
         kube.start_apiserver(options, deadline)?;
