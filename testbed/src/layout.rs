@@ -3,6 +3,11 @@
 //! Everything lives under `~/.cache/relay`: each Debian package extracted with `dpkg-deb -x` into
 //! `debs/<package>` (next to a `debs/<package>.stamp` naming the `.deb` it came from), and a busybox
 //! root filesystem in `rootfs/busybox` (stamp `rootfs/busybox.stamp`).
+//!
+//! The Kubernetes control plane lives under `kube/`: the Debian packages it needs (Go, etcd,
+//! kubectl, ...) extracted together into `kube/root` (stamp `kube/root.stamp`), and
+//! `kube-apiserver` and `kube-controller-manager`, built from Debian's `kubernetes` source package,
+//! in `kube/bin`.
 
 use std::path::PathBuf;
 
@@ -50,4 +55,63 @@ pub fn busybox_rootfs() -> PathBuf {
 /// The stamp file written once [`busybox_rootfs`] is complete.
 pub fn busybox_rootfs_stamp() -> PathBuf {
     cache_dir().join("rootfs").join("busybox.stamp")
+}
+
+/// The Kubernetes version the test bed builds and runs.
+pub const KUBE_VERSION: &str = "v1.20.2";
+
+/// The Debian packages behind the Kubernetes control plane, extracted together into [`kube_root`]:
+/// Go 1.19 (compiler and standard library) and Debian's reflect2 and json-iterator (replacing the
+/// vendored ones) for the build; rsync and its libraries for `make gen_openapi`; etcd; kubectl.
+pub const KUBE_PACKAGES: [&str; 9] = [
+    "golang-1.19-go",
+    "golang-1.19-src",
+    "golang-github-modern-go-reflect2-dev",
+    "golang-github-json-iterator-go-dev",
+    "rsync",
+    "libpopt0",
+    "libxxhash0",
+    "etcd-server",
+    "kubernetes-client",
+];
+
+/// `~/.cache/relay/kube`: everything behind the Kubernetes control plane.
+pub fn kube_dir() -> PathBuf {
+    cache_dir().join("kube")
+}
+
+/// The directory [`KUBE_PACKAGES`] are extracted into, together, so that links between packages
+/// (Go's `src`) resolve.
+pub fn kube_root() -> PathBuf {
+    kube_dir().join("root")
+}
+
+/// The stamp naming the `.deb` files [`kube_root`] was extracted from, one per line.
+pub fn kube_root_stamp() -> PathBuf {
+    kube_dir().join("root.stamp")
+}
+
+/// The directory holding the binaries built from the `kubernetes` source package.
+pub fn kube_bin_dir() -> PathBuf {
+    kube_dir().join("bin")
+}
+
+/// The `kube-apiserver` binary.
+pub fn kube_apiserver() -> PathBuf {
+    kube_bin_dir().join("kube-apiserver")
+}
+
+/// The `kube-controller-manager` binary.
+pub fn kube_controller_manager() -> PathBuf {
+    kube_bin_dir().join("kube-controller-manager")
+}
+
+/// The `etcd` binary.
+pub fn etcd() -> PathBuf {
+    kube_root().join("usr/bin/etcd")
+}
+
+/// The `kubectl` binary (Debian's, also 1.20.2).
+pub fn kubectl() -> PathBuf {
+    kube_root().join("usr/bin/kubectl")
 }

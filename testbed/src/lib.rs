@@ -1,6 +1,8 @@
 //! Real container infrastructure for tests: a private containerd (with runc) per test, running
 //! busybox containers to completion and handing back their exit code, stdout and stderr; or,
-//! through [`cri`], running Kubernetes-shaped pods as a kubelet would.
+//! through [`cri`], running Kubernetes-shaped pods as a kubelet would. [`kube`] runs a real
+//! Kubernetes API server (etcd, `kube-apiserver` and optionally `kube-controller-manager`, no
+//! kubelet) on loopback.
 //!
 //! The binaries come from Debian packages that `cargo xtask testbed install` extracts into
 //! `~/.cache/relay` (see [`layout`]); nothing is installed system-wide and no service is started.
@@ -19,6 +21,7 @@
 pub mod api;
 mod containerd;
 pub mod cri;
+pub mod kube;
 pub mod layout;
 mod oci;
 mod run;

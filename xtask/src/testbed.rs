@@ -11,6 +11,9 @@
 //! built in; the pod sandbox and container images are made from the busybox root filesystem by
 //! the test bed itself and imported with `ctr`, so neither a registry nor `umoci` is needed; and
 //! the CRI client is plain Rust (prost messages), so neither is `protoc`.
+//!
+//! It also installs a Kubernetes control plane (etcd, `kube-apiserver`, `kube-controller-manager`,
+//! for `testbed::kube`); see [`kube`].
 
 use std::{
     fs,
@@ -23,6 +26,8 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use testbed::layout;
 
+mod kube;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -32,8 +37,9 @@ pub struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Cmd {
     /// Download and unpack containerd (with its CRI plugin), runc and busybox-static into
-    /// ~/.cache/relay (no services started), and build the busybox root filesystem. Does nothing
-    /// when already done.
+    /// ~/.cache/relay (no services started), and build the busybox root filesystem; fetch etcd
+    /// and build kube-apiserver and kube-controller-manager 1.20.2 from Debian's source package
+    /// (4-10 minutes, once) into ~/.cache/relay/kube. Does nothing when already done.
     Install,
 }
 
@@ -68,7 +74,7 @@ pub fn install() -> anyhow::Result<()> {
             layout::cache_dir().display()
         );
     }
-    Ok(())
+    kube::install().context("installing the Kubernetes control plane")
 }
 
 /// The command that proves a package's binaries work (and find their shared libraries).

@@ -1,0 +1,631 @@
+//! A real Kubernetes control plane for tests, without kubelet: etcd and `kube-apiserver` (and,
+//! optionally, `kube-controller-manager`) 1.20.2 from the cache `cargo xtask testbed install`
+//! fills, on loopback ports of their own, with a PKI generated for each instance.
+//!
+//! Pods can be created, read, patched (status included) and watched; none of them runs, since
+//! there is no kubelet and no scheduler (set `spec.nodeName` yourself). A test harness can act as
+//! the kubelet: read a pod and run it on containerd through [`crate::cri`], then write its status.
+//!
+//! ```no_run
+//! use testbed::kube::KubeApi;
+//!
+//! let Some(kube) = KubeApi::start_or_skip() else { return };
+//! let client = kube.client().unwrap();
+//! let version: serde_json::Value = client
+//!     .get(format!("{}/version", kube.url()))
+//!     .send()
+//!     .unwrap()
+//!     .json()
+//!     .unwrap();
+//! assert_eq!(version["gitVersion"], "v1.20.2");
+//! // Or with kube-rs / kubectl: KUBECONFIG=kube.kubeconfig_path()
+//! ```
+//!
+//! Neither etcd nor the API server needs root. Everything (processes, data, keys) goes away when
+//! the [`KubeApi`] is dropped, also when the test panics.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use tempfile::TempDir;
+
+use crate::layout;
+
+/// The issuer written into service account tokens (`--service-account-issuer`), and the audience
+/// they are for.
+pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// The range Service cluster IPs come from; the `kubernetes` Service gets its first address.
+pub const SERVICE_CLUSTER_IP_RANGE: &str = "10.96.0.0/24";
+
+/// How often a start-up condition is checked again.
+const POLL: Duration = Duration::from_millis(50);
+
+/// How many times a start is tried again when a port picked as free was taken meanwhile.
+const PORT_ATTEMPTS: usize = 3;
+
+/// Why the control plane `options` describe cannot run here, or `None` when it can: the binaries
+/// must be in the cache (`kube-controller-manager` only when the options ask for it).
+pub fn unavailable(options: &KubeOptions) -> Option<String> {
+    let mut needed = vec![layout::etcd(), layout::kube_apiserver()];
+    if options.controller_manager {
+        needed.push(layout::kube_controller_manager());
+    }
+    needed.iter().find(|path| !path.exists()).map(|path| {
+        format!(
+            "{} is missing: run `cargo xtask testbed install`",
+            path.display()
+        )
+    })
+}
+
+/// What to start besides etcd and the API server, and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct KubeOptions {
+    controller_manager: bool,
+    start_timeout: Duration,
+}
+
+impl Default for KubeOptions {
+    fn default() -> Self {
+        Self {
+            controller_manager: false,
+            start_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+impl KubeOptions {
+    /// etcd and the API server only, with the `ServiceAccount` admission plugin off (nothing would
+    /// create the service accounts and tokens it requires).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Also runs `kube-controller-manager` (namespace deletion, garbage collection, default
+    /// service accounts and their tokens, Jobs, ReplicaSets, ...), with the `ServiceAccount`
+    /// admission plugin on. The start then also waits for the `default` service account of the
+    /// `default` namespace and its token.
+    pub fn controller_manager(mut self, on: bool) -> Self {
+        self.controller_manager = on;
+        self
+    }
+
+    /// How long the whole start may take (90 s unless set; it usually takes 4-6 s).
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+}
+
+/// A running Kubernetes control plane on 127.0.0.1. Dropping it kills the processes and removes
+/// its directory (etcd's data, the keys, the logs).
+#[derive(Debug)]
+pub struct KubeApi {
+    /// Started in order (etcd, API server, controller manager); stopped in reverse.
+    processes: Vec<Process>,
+    dir: TempDir,
+    url: String,
+    etcd_url: String,
+    ca_pem: String,
+}
+
+/// A child process with its log file.
+#[derive(Debug)]
+struct Process {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl KubeApi {
+    /// Starts etcd and the API server ([`KubeOptions::new`]).
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&KubeOptions::new())
+    }
+
+    /// Starts etcd, the API server and whatever `options` ask for, and waits until the API server
+    /// reports ready on `/readyz` (and, with the controller manager, until the `default`
+    /// service account has its token).
+    ///
+    /// Fails when the binaries are [unavailable], when a process exits or when the start takes
+    /// longer than [`KubeOptions::start_timeout`]; the error carries the end of the logs.
+    pub fn start_with(options: &KubeOptions) -> anyhow::Result<Self> {
+        if let Some(reason) = unavailable(options) {
+            bail!("{reason}");
+        }
+        let started = Instant::now();
+        let deadline = started + options.start_timeout;
+        let dir = tempfile::Builder::new()
+            .prefix("relay-kube-")
+            .tempdir()
+            .context("cannot create a directory for the control plane")?;
+        let pki = Pki::generate(dir.path()).context("cannot generate the PKI")?;
+        let mut kube = Self {
+            processes: Vec::new(),
+            dir,
+            url: String::new(),
+            etcd_url: String::new(),
+            ca_pem: pki.ca_pem,
+        };
+        kube.start_etcd(deadline)?;
+        kube.start_apiserver(options, deadline)?;
+        kube.write_kubeconfig()?;
+        if options.controller_manager {
+            kube.start_controller_manager(deadline)?;
+        }
+        eprintln!(
+            "testbed: Kubernetes API server ready at {} in {:.1?}",
+            kube.url,
+            started.elapsed()
+        );
+        Ok(kube)
+    }
+
+    /// For tests: [`start`](Self::start) when the binaries are installed, otherwise `None` after
+    /// [`skip_or_fail`](crate::skip_or_fail) has said why.
+    ///
+    /// # Panics
+    ///
+    /// When the binaries are missing and `RELAY_REQUIRE_TESTBED=1`, or when the control plane
+    /// does not start although it is installed.
+    pub fn start_or_skip() -> Option<Self> {
+        Self::start_or_skip_with(&KubeOptions::new())
+    }
+
+    /// For tests: [`start_with`](Self::start_with), or `None` like
+    /// [`start_or_skip`](Self::start_or_skip).
+    ///
+    /// # Panics
+    ///
+    /// As [`start_or_skip`](Self::start_or_skip).
+    pub fn start_or_skip_with(options: &KubeOptions) -> Option<Self> {
+        if let Some(reason) = unavailable(options) {
+            crate::skip_or_fail(&reason);
+            return None;
+        }
+        match Self::start_with(options) {
+            Ok(kube) => Some(kube),
+            Err(e) => panic!("the Kubernetes control plane did not start: {e:#}"),
+        }
+    }
+
+    /// The API server's base URL, `https://127.0.0.1:<port>`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// etcd's client URL, `http://127.0.0.1:<port>` (plain HTTP, loopback only).
+    pub fn etcd_url(&self) -> &str {
+        &self.etcd_url
+    }
+
+    /// A kubeconfig (JSON, which is YAML) for the admin user, with the CA, certificate and key
+    /// inline: for `KUBECONFIG`, `kubectl --kubeconfig` or kube-rs's
+    /// `Kubeconfig::read_from`/`Config::from_custom_kubeconfig`.
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// The PEM of the CA that signed the API server's serving certificate and that the API server
+    /// trusts for client certificates.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// [`ca_pem`](Self::ca_pem) as a file.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join(Pki::CA)
+    }
+
+    /// The admin's client certificate (PEM; group `system:masters`, so RBAC allows everything).
+    pub fn admin_cert_path(&self) -> PathBuf {
+        self.dir.path().join(Pki::ADMIN_CERT)
+    }
+
+    /// The admin's private key (PEM, PKCS#8).
+    pub fn admin_key_path(&self) -> PathBuf {
+        self.dir.path().join(Pki::ADMIN_KEY)
+    }
+
+    /// The key service account tokens are signed with (PEM, PKCS#8, ECDSA P-256, so ES256
+    /// tokens); the API server's `--service-account-signing-key-file`.
+    pub fn service_account_signing_key_path(&self) -> PathBuf {
+        self.dir.path().join(Pki::SA_KEY)
+    }
+
+    /// The public half of [`service_account_signing_key_path`](Self::service_account_signing_key_path)
+    /// (PEM), against which tokens verify; the API server's `--service-account-key-file`.
+    pub fn service_account_public_key_path(&self) -> PathBuf {
+        self.dir.path().join(Pki::SA_PUB)
+    }
+
+    /// The instance's directory: PKI, kubeconfig, etcd's data and the logs
+    /// (`etcd.log`, `kube-apiserver.log`, `kube-controller-manager.log`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A blocking HTTP client that trusts only this instance's CA and presents the admin's client
+    /// certificate. Requests time out after 30 s: give watches a `timeoutSeconds` below that.
+    pub fn client(&self) -> anyhow::Result<reqwest::blocking::Client> {
+        let ca = reqwest::Certificate::from_pem(self.ca_pem.as_bytes())?;
+        let mut identity = fs::read(self.admin_cert_path())?;
+        identity.extend(fs::read(self.admin_key_path())?);
+        Ok(reqwest::blocking::Client::builder()
+            .tls_certs_only([ca])
+            .identity(reqwest::Identity::from_pem(&identity)?)
+            .timeout(Duration::from_secs(30))
+            .build()?)
+    }
+
+    /// `kubectl` (1.20.2) with this instance's kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut kubectl = Command::new(layout::kubectl());
+        kubectl
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig_path())
+            .stdin(Stdio::null());
+        kubectl
+    }
+
+    /// The end of a process's log (`etcd`, `kube-apiserver`, `kube-controller-manager`).
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        log_tail(&self.dir.path().join(format!("{name}.log")), lines)
+    }
+
+    fn start_etcd(&mut self, deadline: Instant) -> anyhow::Result<()> {
+        let data = self.dir.path().join("etcd");
+        self.start_on_free_ports(deadline, |kube, deadline| {
+            let (client, peer) = (free_port()?, free_port()?);
+            let client_url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let mut etcd = Command::new(layout::etcd());
+            etcd.arg("--name=testbed")
+                .arg(format!("--data-dir={}", data.display()))
+                .arg(format!("--listen-client-urls={client_url}"))
+                .arg(format!("--advertise-client-urls={client_url}"))
+                .arg(format!("--listen-peer-urls={peer_url}"))
+                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+                .arg(format!("--initial-cluster=testbed={peer_url}"))
+                .arg("--initial-cluster-state=new")
+                // Data that lives as long as a test need not survive a power cut.
+                .arg("--unsafe-no-fsync")
+                .args(["--logger=zap", "--log-level=warn"]);
+            kube.spawn("etcd", etcd)?;
+            let health = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()?;
+            let url = format!("{client_url}/health");
+            kube.wait_for("etcd", deadline, || {
+                Ok(health
+                    .get(&url)
+                    .send()
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .and_then(|r| r.json::<serde_json::Value>().ok())
+                    .is_some_and(|h| h["health"] == "true"))
+            })?;
+            kube.etcd_url = client_url;
+            Ok(())
+        })
+    }
+
+    fn start_apiserver(&mut self, options: &KubeOptions, deadline: Instant) -> anyhow::Result<()> {
+        let dir = self.dir.path().to_path_buf();
+        let file = |name: &str| format!("{}", dir.join(name).display());
+        self.start_on_free_ports(deadline, |kube, deadline| {
+            let port = free_port()?;
+            let mut apiserver = Command::new(layout::kube_apiserver());
+            apiserver
+                .arg(format!("--etcd-servers={}", kube.etcd_url))
+                .arg("--bind-address=127.0.0.1")
+                .arg("--advertise-address=127.0.0.1")
+                .arg(format!("--secure-port={port}"))
+                // The endpoint reconciler would try to publish 127.0.0.1 as the `kubernetes`
+                // Service's endpoint, which validation refuses (loopback).
+                .arg("--endpoint-reconciler-type=none")
+                .arg(format!("--cert-dir={}", file("apiserver-certs")))
+                .arg(format!("--tls-cert-file={}", file(Pki::SERVING_CERT)))
+                .arg(format!("--tls-private-key-file={}", file(Pki::SERVING_KEY)))
+                .arg(format!("--client-ca-file={}", file(Pki::CA)))
+                .arg(format!("--service-account-key-file={}", file(Pki::SA_PUB)))
+                .arg(format!(
+                    "--service-account-signing-key-file={}",
+                    file(Pki::SA_KEY)
+                ))
+                .arg(format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"))
+                .arg(format!(
+                    "--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"
+                ))
+                .arg("--authorization-mode=Node,RBAC")
+                .arg("--allow-privileged=true")
+                .arg("--profiling=false");
+            if !options.controller_manager {
+                // Without the controller manager no service account (nor token) ever exists,
+                // and the plugin would refuse every pod.
+                apiserver.arg("--disable-admission-plugins=ServiceAccount");
+            }
+            kube.spawn("kube-apiserver", apiserver)?;
+            kube.url = format!("https://127.0.0.1:{port}");
+            let client = kube.client()?;
+            let readyz = format!("{}/readyz", kube.url);
+            kube.wait_for("kube-apiserver", deadline, || {
+                Ok(client
+                    .get(&readyz)
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .is_ok_and(|r| r.status().is_success()))
+            })
+        })
+    }
+
+    fn start_controller_manager(&mut self, deadline: Instant) -> anyhow::Result<()> {
+        let file = |name: &str| format!("{}", self.dir.path().join(name).display());
+        let mut cm = Command::new(layout::kube_controller_manager());
+        cm.arg(format!("--kubeconfig={}", file("kubeconfig")))
+            // The admin is in system:masters: no per-controller service account credentials.
+            .arg("--use-service-account-credentials=false")
+            .arg(format!(
+                "--service-account-private-key-file={}",
+                file(Pki::SA_KEY)
+            ))
+            .arg(format!("--root-ca-file={}", file(Pki::CA)))
+            .arg("--leader-elect=false")
+            // No serving at all (the defaults, 10252 and 10257, would clash between instances).
+            .arg("--port=0")
+            .arg("--secure-port=0")
+            .arg("--profiling=false");
+        self.spawn("kube-controller-manager", cm)?;
+        // Pods are admitted only once their namespace's `default` service account has a token;
+        // the `default` namespace's proves the service account and token controllers work.
+        let client = self.client()?;
+        let url = format!(
+            "{}/api/v1/namespaces/default/serviceaccounts/default",
+            self.url
+        );
+        self.wait_for("kube-controller-manager", deadline, || {
+            let Ok(response) = client.get(&url).send() else {
+                return Ok(false);
+            };
+            if !response.status().is_success() {
+                return Ok(false);
+            }
+            let account: serde_json::Value = response.json()?;
+            Ok(account["secrets"]
+                .as_array()
+                .is_some_and(|secrets| !secrets.is_empty()))
+        })
+    }
+
+    /// Runs `start` (which picks free ports and starts one process) again when the process died
+    /// because a port picked as free was taken in between.
+    fn start_on_free_ports(
+        &mut self,
+        deadline: Instant,
+        mut start: impl FnMut(&mut Self, Instant) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut attempt = 1;
+        loop {
+            let started = start(self, deadline);
+            let Err(e) = started else { return Ok(()) };
+            let port_taken = self.processes.last_mut().is_some_and(|p| {
+                matches!(p.child.try_wait(), Ok(Some(_)))
+                    && fs::read_to_string(&p.log)
+                        .is_ok_and(|log| log.contains("address already in use"))
+            });
+            if !port_taken || attempt >= PORT_ATTEMPTS {
+                return Err(e);
+            }
+            if let Some(mut dead) = self.processes.pop() {
+                let _ = dead.child.wait();
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Starts `cmd` with its output going to `<name>.log`; from then on, dropping `self` stops it.
+    fn spawn(&mut self, name: &'static str, mut cmd: Command) -> anyhow::Result<()> {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let file =
+            fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let child = cmd
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        self.processes.push(Process { name, child, log });
+        Ok(())
+    }
+
+    /// Waits until `ready` holds, failing when any process exits or at `deadline`.
+    fn wait_for(
+        &mut self,
+        what: &str,
+        deadline: Instant,
+        mut ready: impl FnMut() -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        loop {
+            for p in &mut self.processes {
+                if let Some(status) = p.child.try_wait()? {
+                    bail!("{} exited with {status}:\n{}", p.name, log_tail(&p.log, 30));
+                }
+            }
+            if ready()? {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let logs: Vec<String> = self
+                    .processes
+                    .iter()
+                    .map(|p| format!("--- {}:\n{}", p.name, log_tail(&p.log, 20)))
+                    .collect();
+                bail!("{what} was not ready in time:\n{}", logs.join("\n"));
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    fn write_kubeconfig(&self) -> anyhow::Result<()> {
+        let read = |name: &str| -> anyhow::Result<String> {
+            Ok(BASE64.encode(fs::read(self.dir.path().join(name))?))
+        };
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{
+                "name": "testbed",
+                "cluster": {
+                    "server": self.url,
+                    "certificate-authority-data": read(Pki::CA)?,
+                },
+            }],
+            "users": [{
+                "name": "admin",
+                "user": {
+                    "client-certificate-data": read(Pki::ADMIN_CERT)?,
+                    "client-key-data": read(Pki::ADMIN_KEY)?,
+                },
+            }],
+            "contexts": [{
+                "name": "testbed",
+                "context": {"cluster": "testbed", "user": "admin", "namespace": "default"},
+            }],
+            "current-context": "testbed",
+        });
+        let path = self.kubeconfig_path();
+        fs::write(&path, serde_json::to_vec_pretty(&config)?)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        let panicking = thread::panicking();
+        while let Some(mut p) = self.processes.pop() {
+            if panicking {
+                eprintln!(
+                    "testbed: end of the {} log:\n{}",
+                    p.name,
+                    log_tail(&p.log, 15)
+                );
+            }
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        // The TempDir removes the directory next.
+    }
+}
+
+/// The last `lines` lines of a log file.
+fn log_tail(path: &Path, lines: usize) -> String {
+    let log = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> anyhow::Result<u16> {
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The keys and certificates of one instance, written into its directory.
+struct Pki {
+    ca_pem: String,
+}
+
+impl Pki {
+    const CA: &'static str = "ca.crt";
+    const SERVING_CERT: &'static str = "apiserver.crt";
+    const SERVING_KEY: &'static str = "apiserver.key";
+    const ADMIN_CERT: &'static str = "admin.crt";
+    const ADMIN_KEY: &'static str = "admin.key";
+    const SA_KEY: &'static str = "service-account.key";
+    const SA_PUB: &'static str = "service-account.pub";
+
+    /// A CA, the API server's serving certificate (127.0.0.1, localhost and the in-cluster
+    /// names), an admin client certificate in `system:masters`, and the service account key.
+    fn generate(dir: &Path) -> anyhow::Result<Self> {
+        let write = |name: &str, pem: &str| -> anyhow::Result<()> {
+            let path = dir.join(name);
+            fs::write(&path, pem).with_context(|| format!("cannot write {}", path.display()))
+        };
+
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.distinguished_name
+            .push(DnType::CommonName, "relay-testbed-ca");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_pem = ca.self_signed(&ca_key)?.pem();
+        write(Self::CA, &ca_pem)?;
+        let issuer = Issuer::new(ca, ca_key);
+
+        let serving_key = KeyPair::generate()?;
+        let mut serving = CertificateParams::new(
+            [
+                "127.0.0.1",
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+                // The `kubernetes` Service's cluster IP: the first of SERVICE_CLUSTER_IP_RANGE.
+                "10.96.0.1",
+            ]
+            .map(String::from)
+            .to_vec(),
+        )?;
+        serving
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
+        serving.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        write(
+            Self::SERVING_CERT,
+            &serving.signed_by(&serving_key, &issuer)?.pem(),
+        )?;
+        write(Self::SERVING_KEY, &serving_key.serialize_pem())?;
+
+        let admin_key = KeyPair::generate()?;
+        let mut admin = CertificateParams::new(Vec::<String>::new())?;
+        admin
+            .distinguished_name
+            .push(DnType::CommonName, "relay-testbed-admin");
+        admin
+            .distinguished_name
+            .push(DnType::OrganizationName, "system:masters");
+        admin.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        write(
+            Self::ADMIN_CERT,
+            &admin.signed_by(&admin_key, &issuer)?.pem(),
+        )?;
+        write(Self::ADMIN_KEY, &admin_key.serialize_pem())?;
+
+        let sa_key = KeyPair::generate()?;
+        write(Self::SA_KEY, &sa_key.serialize_pem())?;
+        write(Self::SA_PUB, &sa_key.public_key_pem())?;
+        Ok(Self { ca_pem })
+    }
+}
