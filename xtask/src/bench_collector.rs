@@ -953,7 +953,7 @@ fn print_report(writes: u64, total: u64, cost: &[CostRound], flows: &[(Flow, f64
 
     println!();
     println!(
-        "## Throughput: {} MiB per run ({PACED_SECONDS} s' worth at most when paced) in the watched cgroup, collector shipping to a local metadata-api (gzip 1)",
+        "## Throughput: {} MiB per run ({PACED_SECONDS} s' worth at most when paced) in the watched cgroup, collector shipping to a local metadata-api (its defaults: gzip off)",
         total / MIB
     );
     println!();
