@@ -32,6 +32,8 @@ use crate::{
 /// lost. Chunks are reserved in the ring in nearly the order their offsets were taken, so this
 /// only has to cover two CPUs racing between the two.
 const REORDER_WAIT: Duration = Duration::from_millis(50);
+/// Most bytes held waiting for an earlier chunk before the gap counts as lost.
+const EARLY_MAX: usize = 4 << 20;
 /// How often cgroups with open streams are checked for processes left.
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
 /// Every this many sweeps, the kernel's streams are checked for cgroups never seen.
@@ -73,6 +75,8 @@ struct Stream {
     next: u64,
     /// Chunks that arrived before their predecessors, by offset.
     early: BTreeMap<u64, Vec<u8>>,
+    /// Bytes in `early`.
+    early_bytes: usize,
     gap_since: Option<Instant>,
 }
 
@@ -294,6 +298,7 @@ impl<A: Attributor> Engine<A> {
             shipper,
             next: 0,
             early: BTreeMap::new(),
+            early_bytes: 0,
             gap_since: None,
         }))
     }
@@ -500,6 +505,7 @@ fn feed(stream: &mut Stream, offset: u64, data: &[u8]) {
                 break;
             }
             let data = entry.remove();
+            stream.early_bytes -= data.len();
             put(stream, &data);
         }
         stream.gap_since = if stream.early.is_empty() {
@@ -508,8 +514,13 @@ fn feed(stream: &mut Stream, offset: u64, data: &[u8]) {
             stream.gap_since.or(Some(Instant::now()))
         };
     } else if offset > stream.next {
+        stream.early_bytes += data.len();
         stream.early.insert(offset, data.to_vec());
         stream.gap_since.get_or_insert_with(Instant::now);
+        // A chunk this far behind the ones arriving is lost, not late: stop holding them.
+        if stream.early_bytes > EARLY_MAX {
+            close_gap(stream);
+        }
     } else {
         tracing::warn!(
             offset,
@@ -533,6 +544,7 @@ fn close_gap(stream: &mut Stream) {
     stream.shipper.skip(offset - stream.next);
     stream.next = offset;
     if let Some(data) = stream.early.remove(&offset) {
+        stream.early_bytes -= data.len();
         feed(stream, offset, &data);
     }
 }
@@ -587,6 +599,7 @@ mod tests {
             shipper: shipper.clone(),
             next: 0,
             early: BTreeMap::new(),
+            early_bytes: 0,
             gap_since: None,
         };
         feed(&mut s, 3, b"def");
@@ -599,5 +612,12 @@ mod tests {
         close_gap(&mut s);
         assert_eq!((shipper.offset(), s.next), (12, 12));
         assert!(s.early.is_empty());
+        // Past EARLY_MAX waiting behind a gap, the gap is given up at once.
+        let big = vec![0; EARLY_MAX];
+        feed(&mut s, 20, &big);
+        assert_eq!(s.next, 12, "one chunk waits");
+        feed(&mut s, 20 + EARLY_MAX as u64, b"x");
+        assert_eq!(s.next, 21 + EARLY_MAX as u64);
+        assert_eq!((s.early.len(), s.early_bytes), (0, 0));
     }
 }
