@@ -65,23 +65,18 @@ impl Attributor for Kube {
 }
 
 /// Stream names in Kubernetes mode: `<container>.stdout`. A trigger context is shared by every
-/// replica of a Knative revision, so there the pod's UID (first 8 hex digits) keeps replicas
-/// apart: `<container>.<uid8>.stdout`. A restarted container continues as the next generation
-/// (`.1`, `.2`, ...) of the same name.
+/// replica of a Knative revision, so there the pod's UID keeps replicas apart:
+/// `<container>.<pod uid>.stdout`, the name the operator gives the entrypoint through the downward
+/// API. A restarted container continues as the next generation (`.1`, `.2`, ...) of the name.
 fn prefix(a: &Attribution) -> String {
     let room = MAX_NAME - ".stderr.999".len();
     let mut p: String = a.container.chars().take(room).collect();
     if a.context.contains("/triggers/") {
-        let uid: String = a
-            .pod_uid
-            .chars()
-            .filter(char::is_ascii_hexdigit)
-            .take(8)
-            .collect();
+        let uid = &a.pod_uid;
         let keep = room.saturating_sub(uid.len() + 1);
         p.truncate(keep);
         p.push('.');
-        p.push_str(&uid);
+        p.push_str(uid);
     }
     p.push('.');
     p
@@ -107,10 +102,13 @@ mod tests {
         let step = attribution("workflows/w/runs/r/steps/s", "step-build");
         assert_eq!(prefix(&step), "step-build.");
         let trigger = attribution("workflows/w/triggers/t", "user-container");
-        assert_eq!(prefix(&trigger), "user-container.0a1b2c3d.");
+        assert_eq!(
+            prefix(&trigger),
+            "user-container.0a1b2c3d-4e5f-6789-abcd-ef0123456789."
+        );
         let long = attribution("workflows/w/triggers/t", &"c".repeat(63));
         let p = prefix(&long);
         assert!(p.len() + "stderr.999".len() <= MAX_NAME, "{p}");
-        assert!(p.ends_with(".0a1b2c3d."), "{p}");
+        assert!(p.ends_with(".0a1b2c3d-4e5f-6789-abcd-ef0123456789."), "{p}");
     }
 }
