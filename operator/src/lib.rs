@@ -1,0 +1,6 @@
+//! The operator: the `Tenant` custom resource, its tools volumes, the pod injection webhook and
+//! the collector DaemonSet.
+#![forbid(unsafe_code)]
+
+pub mod crd;
+pub mod mutate;
