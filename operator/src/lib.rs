@@ -2,5 +2,6 @@
 //! the collector DaemonSet.
 #![forbid(unsafe_code)]
 
+pub mod conditions;
 pub mod crd;
 pub mod mutate;
