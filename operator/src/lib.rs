@@ -1,0 +1,7 @@
+//! The operator: the `Tenant` custom resource, its tools volumes, the pod injection webhook and
+//! the collector DaemonSet.
+#![forbid(unsafe_code)]
+
+pub mod conditions;
+pub mod crd;
+pub mod mutate;

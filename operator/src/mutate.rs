@@ -1,0 +1,1 @@
+//! Pod mutation: wrapping containers with the injected entrypoint.
