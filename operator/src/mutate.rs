@@ -31,9 +31,12 @@ pub const KNATIVE_REVISION_LABEL: &str = "serving.knative.dev/revision";
 /// The one container of a Knative pod that runs tenant code.
 pub const KNATIVE_USER_CONTAINER: &str = "user-container";
 
-/// Environment the entrypointer reads (see `entrypoint/src/args.rs`).
+// Environment the entrypointer reads (`entrypoint/src/args.rs`).
+/// Metadata API base URL.
 pub const ENV_API_URL: &str = "RELAY_METADATA_API_URL";
+/// Bearer token file.
 pub const ENV_TOKEN_FILE: &str = "RELAY_METADATA_API_TOKEN_FILE";
+/// Stream names, `<container>.stdout` and `<container>.stderr` as the collector names them.
 pub const ENV_STDOUT_STREAM: &str = "RELAY_STDOUT_STREAM";
 pub const ENV_STDERR_STREAM: &str = "RELAY_STDERR_STREAM";
 /// The pod's UID from the downward API, for Knative stream names.
@@ -498,4 +501,543 @@ fn under(path: &str, dir: &str) -> bool {
     let dir = dir.trim_end_matches('/');
     path.strip_prefix(dir)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::core::v1::PodSpec;
+    use serde_json::json;
+
+    use super::*;
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn container(name: &str, image: &str, command: &[&str], args: &[&str]) -> Container {
+        let opt = |s: &[&str]| (!s.is_empty()).then(|| strings(s));
+        Container {
+            name: name.to_owned(),
+            image: Some(image.to_owned()),
+            command: opt(command),
+            args: opt(args),
+            ..Default::default()
+        }
+    }
+
+    fn pod(label: Option<&str>, containers: Vec<Container>, init: Vec<Container>) -> Pod {
+        let mut p = Pod {
+            spec: Some(PodSpec {
+                containers,
+                init_containers: (!init.is_empty()).then_some(init),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        p.metadata.name = Some("p".to_owned());
+        p.metadata.labels = label.map(|l| BTreeMap::from([(l.to_owned(), "x".to_owned())]));
+        p
+    }
+
+    fn injection() -> Injection {
+        Injection::new("tools-v1", "http://metadata-api.relay:7000", "metadata-api")
+    }
+
+    /// Images the registry knows: `ENTRYPOINT` + `CMD`.
+    fn resolve(c: &Container) -> Option<ImageCommand> {
+        let (entrypoint, cmd): (&[&str], &[&str]) = match c.image.as_deref()? {
+            "nginx" => (&["/docker-entrypoint.sh"], &["nginx", "-g", "daemon off;"]),
+            "alpine" => (&[], &["/bin/sh"]),
+            "dollar" => (&["/bin/echo"], &["$(HOME)"]),
+            "scratch" => (&[], &[]),
+            _ => return None,
+        };
+        Some(ImageCommand {
+            entrypoint: strings(entrypoint),
+            cmd: strings(cmd),
+        })
+    }
+
+    fn run(p: &Pod) -> Mutation {
+        mutate(p, &injection(), &resolve).unwrap()
+    }
+
+    fn find<'a>(p: &'a Pod, name: &str) -> &'a Container {
+        let spec = p.spec.as_ref().unwrap();
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .find(|c| c.name == name)
+            .unwrap()
+    }
+
+    fn wrapped(args: &[&str]) -> (Option<Vec<String>>, Option<Vec<String>>) {
+        let mut a = vec!["--"];
+        a.extend_from_slice(args);
+        (Some(strings(&[ENTRYPOINT_PATH])), Some(strings(&a)))
+    }
+
+    const TEKTON_FLAGS: [&str; 4] = [
+        "-wait_file",
+        "/tekton/downward/ready",
+        "-post_file",
+        "/tekton/run/0/out",
+    ];
+
+    #[test]
+    fn commands_are_wrapped_following_kubernetes_rules() {
+        struct Case {
+            what: &'static str,
+            label: Option<&'static str>,
+            container: Container,
+            want: Result<(Vec<&'static str>, Vec<&'static str>), SkipReason>,
+        }
+        let c = container;
+        let tekton = |args: &[&str]| {
+            let mut a = TEKTON_FLAGS.to_vec();
+            a.extend_from_slice(args);
+            c("step-build", "alpine", &["/tekton/bin/entrypoint"], &a)
+        };
+        let t = |args: &[&'static str]| {
+            let mut a = TEKTON_FLAGS.to_vec();
+            a.extend_from_slice(args);
+            (vec!["/tekton/bin/entrypoint"], a)
+        };
+        let w = |args: &[&'static str]| {
+            let mut a = vec!["--"];
+            a.extend_from_slice(args);
+            (vec![ENTRYPOINT_PATH], a)
+        };
+        let cases = [
+            Case {
+                what: "command and args",
+                label: None,
+                container: c("app", "nginx", &["/bin/sh", "-c"], &["echo hi"]),
+                want: Ok(w(&["/bin/sh", "-c", "echo hi"])),
+            },
+            Case {
+                what: "command only: the image CMD is dropped",
+                label: None,
+                container: c("app", "nginx", &["/bin/date"], &[]),
+                want: Ok(w(&["/bin/date"])),
+            },
+            Case {
+                what: "args only: image ENTRYPOINT, args replace CMD",
+                label: None,
+                container: c("app", "nginx", &[], &["nginx", "-T"]),
+                want: Ok(w(&["/docker-entrypoint.sh", "nginx", "-T"])),
+            },
+            Case {
+                what: "neither: ENTRYPOINT + CMD",
+                label: None,
+                container: c("app", "nginx", &[], &[]),
+                want: Ok(w(&["/docker-entrypoint.sh", "nginx", "-g", "daemon off;"])),
+            },
+            Case {
+                what: "CMD only",
+                label: None,
+                container: c("app", "alpine", &[], &[]),
+                want: Ok(w(&["/bin/sh"])),
+            },
+            Case {
+                what: "image values are escaped against $(VAR) expansion",
+                label: None,
+                container: c("app", "dollar", &[], &[]),
+                want: Ok(w(&["/bin/echo", "$$(HOME)"])),
+            },
+            Case {
+                what: "args stay subject to $(VAR) expansion",
+                label: None,
+                container: c("app", "dollar", &[], &["$(HOME)"]),
+                want: Ok(w(&["/bin/echo", "$(HOME)"])),
+            },
+            Case {
+                what: "unresolvable image",
+                label: None,
+                container: c("app", "private/unknown", &[], &["x"]),
+                want: Err(SkipReason::UnresolvedImage),
+            },
+            Case {
+                what: "image without ENTRYPOINT or CMD",
+                label: None,
+                container: c("app", "scratch", &[], &[]),
+                want: Err(SkipReason::EmptyCommand),
+            },
+            Case {
+                what: "already wrapped",
+                label: None,
+                container: c("app", "nginx", &[ENTRYPOINT_PATH], &["--", "x"]),
+                want: Err(SkipReason::AlreadyWrapped),
+            },
+            Case {
+                what: "Tekton -entrypoint X --",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint", "/bin/sh", "--", "-c", "echo hi"]),
+                want: Ok(t(&[
+                    "-entrypoint",
+                    ENTRYPOINT_PATH,
+                    "--",
+                    "/bin/sh",
+                    "-c",
+                    "echo hi",
+                ])),
+            },
+            Case {
+                what: "Tekton -entrypoint=X",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint=/ko-app/x", "--", "a"]),
+                want: Ok(t(&[
+                    "-entrypoint=/relay/lib/entrypoint",
+                    "--",
+                    "/ko-app/x",
+                    "a",
+                ])),
+            },
+            Case {
+                what: "Tekton --entrypoint X with no args after --",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["--entrypoint", "/bin/true", "--"]),
+                want: Ok(t(&["--entrypoint", ENTRYPOINT_PATH, "--", "/bin/true"])),
+            },
+            Case {
+                what: "Tekton: -entrypoint after -- is an argument, not the flag",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["--", "-entrypoint", "x"]),
+                want: Err(SkipReason::NoTektonEntrypoint),
+            },
+            Case {
+                what: "Tekton sidecar without -entrypoint",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: c("sidecar-x", "nginx", &["/bin/sh"], &[]),
+                want: Err(SkipReason::NoTektonEntrypoint),
+            },
+            Case {
+                what: "Tekton -entrypoint without a value",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint"]),
+                want: Err(SkipReason::MalformedTektonArgs),
+            },
+            Case {
+                what: "Tekton -entrypoint directly before --",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint", "--", "x"]),
+                want: Err(SkipReason::MalformedTektonArgs),
+            },
+            Case {
+                what: "Tekton -entrypoint given twice",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint", "a", "-entrypoint=b", "--"]),
+                want: Err(SkipReason::MalformedTektonArgs),
+            },
+            Case {
+                what: "Tekton without --",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint", "/bin/sh"]),
+                want: Err(SkipReason::MalformedTektonArgs),
+            },
+            Case {
+                what: "Tekton already wrapped",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint", ENTRYPOINT_PATH, "--", "/bin/sh"]),
+                want: Err(SkipReason::AlreadyWrapped),
+            },
+            Case {
+                what: "Knative user-container",
+                label: Some(KNATIVE_REVISION_LABEL),
+                container: c("user-container", "nginx", &[], &[]),
+                want: Ok(w(&["/docker-entrypoint.sh", "nginx", "-g", "daemon off;"])),
+            },
+            Case {
+                what: "Knative queue-proxy",
+                label: Some(KNATIVE_REVISION_LABEL),
+                container: c("queue-proxy", "nginx", &["/ko-app/queue"], &[]),
+                want: Err(SkipReason::NotUserContainer),
+            },
+        ];
+        for case in cases {
+            let before = pod(case.label, vec![case.container.clone()], vec![]);
+            let m = run(&before);
+            let after = find(&m.pod, &case.container.name);
+            match case.want {
+                Ok((command, args)) => {
+                    assert!(m.skipped.is_empty(), "{}: {:?}", case.what, m.skipped);
+                    assert_eq!(after.command, Some(strings(&command)), "{}", case.what);
+                    assert_eq!(after.args, Some(strings(&args)), "{}", case.what);
+                }
+                Err(reason) => {
+                    let want = vec![Skipped {
+                        container: case.container.name.clone(),
+                        reason,
+                    }];
+                    assert_eq!(m.skipped, want, "{}", case.what);
+                    assert_eq!(
+                        m.pod, before,
+                        "{}: a pod with nothing wrapped is unchanged",
+                        case.what
+                    );
+                    assert!(m.patch.0.is_empty(), "{}", case.what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn plain_pods_wrap_every_container_but_no_init_container() {
+        let p = pod(
+            None,
+            vec![
+                container("a", "nginx", &[], &[]),
+                container("b", "alpine", &["/bin/true"], &[]),
+            ],
+            vec![container("init", "alpine", &["/bin/setup"], &[])],
+        );
+        let m = run(&p);
+        assert!(m.skipped.is_empty());
+        assert_eq!(find(&m.pod, "init"), find(&p, "init"));
+        for name in ["a", "b"] {
+            assert_eq!(
+                find(&m.pod, name).command,
+                Some(strings(&[ENTRYPOINT_PATH]))
+            );
+        }
+    }
+
+    #[test]
+    fn tekton_init_containers_and_knative_queue_proxy_are_untouched() {
+        let init = container(
+            "prepare",
+            "tekton/entrypoint",
+            &["/ko-app/entrypoint", "init"],
+            &[],
+        );
+        let mut args = TEKTON_FLAGS.to_vec();
+        args.extend(["-entrypoint", "/bin/sh", "--", "-c", "make"]);
+        let step = container("step-build", "alpine", &["/tekton/bin/entrypoint"], &args);
+        let p = pod(Some(TEKTON_TASK_RUN_LABEL), vec![step], vec![init.clone()]);
+        let m = run(&p);
+        assert_eq!(find(&m.pod, "prepare"), &init);
+        assert_eq!(
+            find(&m.pod, "step-build").command,
+            Some(strings(&["/tekton/bin/entrypoint"]))
+        );
+
+        let queue = container("queue-proxy", "queue", &["/ko-app/queue"], &[]);
+        let user = container("user-container", "nginx", &["/app"], &[]);
+        let p = pod(
+            Some(KNATIVE_REVISION_LABEL),
+            vec![user, queue.clone()],
+            vec![],
+        );
+        let m = run(&p);
+        assert_eq!(find(&m.pod, "queue-proxy"), &queue);
+        assert_eq!(
+            m.skipped,
+            vec![Skipped {
+                container: "queue-proxy".to_owned(),
+                reason: SkipReason::NotUserContainer
+            }]
+        );
+        let user = find(&m.pod, "user-container");
+        assert_eq!(
+            (user.command.clone(), user.args.clone()),
+            wrapped(&["/app"])
+        );
+    }
+
+    #[test]
+    fn volumes_mounts_env_and_annotation_are_added() {
+        let m = run(&pod(
+            None,
+            vec![container("app", "x", &["/app"], &[])],
+            vec![],
+        ));
+        let spec = serde_json::to_value(m.pod.spec.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            spec["volumes"],
+            json!([
+                {"name": "relay-tools", "persistentVolumeClaim": {"claimName": "tools-v1", "readOnly": true}},
+                {"name": "relay-token", "projected": {"sources": [{"serviceAccountToken": {
+                    "audience": "metadata-api", "expirationSeconds": 3600, "path": "token"}}]}},
+            ])
+        );
+        let c = &spec["containers"][0];
+        assert_eq!(
+            c["volumeMounts"],
+            json!([
+                {"name": "relay-tools", "mountPath": "/relay", "readOnly": true},
+                {"name": "relay-token", "mountPath": "/var/run/secrets/relay", "readOnly": true},
+            ])
+        );
+        assert_eq!(
+            c["env"],
+            json!([
+                {"name": "RELAY_METADATA_API_URL", "value": "http://metadata-api.relay:7000"},
+                {"name": "RELAY_METADATA_API_TOKEN_FILE", "value": "/var/run/secrets/relay/token"},
+                {"name": "RELAY_STDOUT_STREAM", "value": "app.stdout"},
+                {"name": "RELAY_STDERR_STREAM", "value": "app.stderr"},
+            ])
+        );
+        let annotations = m.pod.metadata.annotations.unwrap();
+        assert_eq!(annotations[INJECTED_ANNOTATION], "true");
+    }
+
+    #[test]
+    fn knative_streams_carry_the_pod_uid_filled_in_by_the_kubelet() {
+        let p = pod(
+            Some(KNATIVE_REVISION_LABEL),
+            vec![container("user-container", "x", &["/app"], &[])],
+            vec![],
+        );
+        let m = run(&p);
+        let env = serde_json::to_value(&find(&m.pod, "user-container").env).unwrap();
+        assert_eq!(
+            env[2],
+            json!({"name": "RELAY_POD_UID", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.uid"}}})
+        );
+        assert_eq!(env[3]["value"], "user-container.$(RELAY_POD_UID).stdout");
+        assert_eq!(env[4]["value"], "user-container.$(RELAY_POD_UID).stderr");
+    }
+
+    #[test]
+    fn already_injected_pod_is_unchanged() {
+        let once = run(&pod(
+            None,
+            vec![container("app", "x", &["/app"], &[])],
+            vec![],
+        ));
+        let twice = run(&once.pod);
+        assert_eq!(twice.pod, once.pod);
+        assert!(twice.patch.0.is_empty());
+        assert!(twice.skipped.is_empty());
+    }
+
+    #[test]
+    fn volumes_mounts_and_env_are_not_duplicated() {
+        // A pod copied from an injected one, without the annotation: ours are replaced in place.
+        let once = run(&pod(
+            None,
+            vec![container("app", "x", &["/app"], &[])],
+            vec![],
+        ));
+        let mut copy = once.pod.clone();
+        copy.metadata.annotations = None;
+        let c = &mut copy.spec.as_mut().unwrap().containers[0];
+        (c.command, c.args) = (Some(strings(&["/app"])), None);
+        c.env.as_mut().unwrap().insert(
+            0,
+            EnvVar {
+                name: ENV_STDOUT_STREAM.to_owned(),
+                value: Some("stale".to_owned()),
+                ..Default::default()
+            },
+        );
+        let again = run(&copy);
+        assert_eq!(again.pod, once.pod);
+    }
+
+    #[test]
+    fn a_foreign_volume_at_our_mount_path_skips_the_container() {
+        let mut c = container("app", "x", &["/app"], &[]);
+        c.volume_mounts = Some(vec![VolumeMount {
+            name: "mine".to_owned(),
+            mount_path: "/relay/".to_owned(),
+            ..Default::default()
+        }]);
+        let m = run(&pod(None, vec![c], vec![]));
+        assert_eq!(m.skipped[0].reason, SkipReason::MountPathTaken);
+        assert!(m.patch.0.is_empty());
+    }
+
+    #[test]
+    fn the_patch_applied_to_the_original_gives_the_mutated_pod() {
+        let mut args = TEKTON_FLAGS.to_vec();
+        args.extend(["-entrypoint=/bin/sh", "--", "-c", "make"]);
+        let mut with_existing = container("app", "nginx", &[], &["-T"]);
+        with_existing.env = Some(vec![EnvVar {
+            name: "KEEP".to_owned(),
+            value: Some("1".to_owned()),
+            ..Default::default()
+        }]);
+        let mut annotated = pod(None, vec![with_existing.clone()], vec![]);
+        annotated.metadata.annotations = Some(BTreeMap::from([("a/b".to_owned(), "c".to_owned())]));
+        annotated.spec.as_mut().unwrap().volumes = Some(vec![Volume {
+            name: "data".to_owned(),
+            ..Default::default()
+        }]);
+        let pods = [
+            pod(
+                None,
+                vec![with_existing, container("b", "alpine", &[], &[])],
+                vec![],
+            ),
+            annotated,
+            pod(
+                Some(TEKTON_TASK_RUN_LABEL),
+                vec![container("step-a", "x", &["/tekton/bin/entrypoint"], &args)],
+                vec![container("prepare", "x", &["/init"], &[])],
+            ),
+            pod(
+                Some(KNATIVE_REVISION_LABEL),
+                vec![
+                    container("user-container", "nginx", &[], &[]),
+                    container("queue-proxy", "q", &["/q"], &[]),
+                ],
+                vec![],
+            ),
+        ];
+        for p in pods {
+            let m = run(&p);
+            assert!(!m.patch.0.is_empty());
+            // The round trip the API server makes: JSON of the submitted pod, patched, decoded.
+            let mut doc = serde_json::to_value(&p).unwrap();
+            json_patch::patch(&mut doc, &m.patch).unwrap();
+            let patched: Pod = serde_json::from_value(doc).unwrap();
+            assert_eq!(patched, m.pod);
+            // And the patch survives its own JSON form, as it travels in the AdmissionReview.
+            let wire: json_patch::Patch =
+                serde_json::from_str(&serde_json::to_string(&m.patch).unwrap()).unwrap();
+            assert_eq!(wire, m.patch);
+        }
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_not_a_panic() {
+        let no_spec = Pod::default();
+        assert!(matches!(
+            mutate(&no_spec, &injection(), &resolve),
+            Err(MutateError::MissingSpec)
+        ));
+        let p = pod(None, vec![container("app", "x", &["/app"], &[])], vec![]);
+        for (token_path, claim) in [
+            ("token", "c"),
+            ("/token", "c"),
+            ("/var/run/", "c"),
+            ("/var/../token", "c"),
+            ("/relay/token", "c"),
+            (DEFAULT_TOKEN_PATH, ""),
+        ] {
+            let i = Injection {
+                token_path: token_path.to_owned(),
+                claim_name: claim.to_owned(),
+                ..injection()
+            };
+            let err = mutate(&p, &i, &resolve).unwrap_err();
+            assert!(
+                matches!(err, MutateError::InvalidInjection { .. }),
+                "{token_path}: {err}"
+            );
+        }
+        let custom = Injection {
+            token_path: "/etc/relay/t".to_owned(),
+            ..injection()
+        };
+        let m = mutate(&p, &custom, &resolve).unwrap();
+        let c = find(&m.pod, "app");
+        assert_eq!(
+            c.volume_mounts.as_ref().unwrap()[1].mount_path,
+            "/etc/relay"
+        );
+    }
 }
