@@ -1,1 +1,1043 @@
 //! Pod mutation: wrapping containers with the injected entrypoint.
+//!
+//! [`mutate`] is pure: the webhook resolves image entrypoints from the registry beforehand and
+//! hands them in through `resolve`, so every rule here is covered by table tests.
+
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod,
+    ProjectedVolumeSource, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+};
+
+/// Marks a pod the webhook has already mutated; such a pod is returned unchanged.
+pub const INJECTED_ANNOTATION: &str = "relay.sh/injected";
+/// The tools PVC's volume name.
+pub const TOOLS_VOLUME: &str = "relay-tools";
+/// Where the tools volume is mounted in wrapped containers.
+pub const TOOLS_MOUNT_PATH: &str = "/relay";
+/// The entrypointer inside the tools volume.
+pub const ENTRYPOINT_PATH: &str = "/relay/lib/entrypoint";
+/// The projected ServiceAccount token's volume name.
+pub const TOKEN_VOLUME: &str = "relay-token";
+/// Default path of the projected token in wrapped containers.
+pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/relay/token";
+/// Lifetime the kubelet requests for the projected token; it rotates it well before expiry.
+pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
+/// Label Tekton puts on TaskRun pods.
+pub const TEKTON_TASK_RUN_LABEL: &str = "tekton.dev/taskRun";
+/// Label Knative Serving puts on revision pods.
+pub const KNATIVE_REVISION_LABEL: &str = "serving.knative.dev/revision";
+/// The one container of a Knative pod that runs tenant code.
+pub const KNATIVE_USER_CONTAINER: &str = "user-container";
+
+// Environment the entrypointer reads (`entrypoint/src/args.rs`).
+/// Metadata API base URL.
+pub const ENV_API_URL: &str = "RELAY_METADATA_API_URL";
+/// Bearer token file.
+pub const ENV_TOKEN_FILE: &str = "RELAY_METADATA_API_TOKEN_FILE";
+/// Stream names, `<container>.stdout` and `<container>.stderr` as the collector names them.
+pub const ENV_STDOUT_STREAM: &str = "RELAY_STDOUT_STREAM";
+pub const ENV_STDERR_STREAM: &str = "RELAY_STDERR_STREAM";
+/// The pod's UID from the downward API, for Knative stream names.
+pub const ENV_POD_UID: &str = "RELAY_POD_UID";
+
+/// What to inject, from the tenant's state and the operator's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Injection {
+    /// The tenant's tools PVC (ReadOnlyMany) in the pod's namespace.
+    pub claim_name: String,
+    /// Metadata API base URL as the pod reaches it.
+    pub api_url: String,
+    /// Audience of the projected ServiceAccount token (the metadata API's).
+    pub audience: String,
+    /// Absolute path of the token file in wrapped containers; its directory is the mount.
+    pub token_path: String,
+}
+
+impl Injection {
+    /// An injection with the default token path.
+    pub fn new(
+        claim_name: impl Into<String>,
+        api_url: impl Into<String>,
+        audience: impl Into<String>,
+    ) -> Self {
+        Self {
+            claim_name: claim_name.into(),
+            api_url: api_url.into(),
+            audience: audience.into(),
+            token_path: DEFAULT_TOKEN_PATH.to_owned(),
+        }
+    }
+
+    /// The token's mount directory and file name.
+    fn token_location(&self) -> Result<(&str, &str), MutateError> {
+        let invalid = |reason| MutateError::InvalidInjection {
+            field: "token_path",
+            reason,
+        };
+        let (dir, file) = self
+            .token_path
+            .rsplit_once('/')
+            .ok_or(invalid("must be absolute"))?;
+        if !self.token_path.starts_with('/') {
+            return Err(invalid("must be absolute"));
+        }
+        if dir.is_empty() || file.is_empty() {
+            return Err(invalid("must name a file below a directory other than /"));
+        }
+        if dir.split('/').any(|s| s == ".." || s == ".") || file == ".." || file == "." {
+            return Err(invalid("must not contain . or .. segments"));
+        }
+        if under(dir, TOOLS_MOUNT_PATH) || under(TOOLS_MOUNT_PATH, dir) {
+            return Err(invalid("must not overlap the tools mount"));
+        }
+        Ok((dir, file))
+    }
+
+    fn validate(&self) -> Result<(&str, &str), MutateError> {
+        for (field, value) in [
+            ("claim_name", &self.claim_name),
+            ("api_url", &self.api_url),
+            ("audience", &self.audience),
+        ] {
+            if value.is_empty() {
+                return Err(MutateError::InvalidInjection {
+                    field,
+                    reason: "must not be empty",
+                });
+            }
+        }
+        self.token_location()
+    }
+}
+
+/// An image's configured `ENTRYPOINT` and `CMD`, as the registry reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageCommand {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+}
+
+/// The result of [`mutate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mutation {
+    /// The pod as it should be created.
+    pub pod: Pod,
+    /// RFC 6902 patch from the given pod to [`Mutation::pod`]; empty when nothing changed.
+    pub patch: json_patch::Patch,
+    /// Regular containers left as they were, and why.
+    pub skipped: Vec<Skipped>,
+}
+
+/// A regular container that was not wrapped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub container: String,
+    pub reason: SkipReason,
+}
+
+/// Why a container was not wrapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// No `command`, and the image's entrypoint could not be resolved.
+    UnresolvedImage,
+    /// No `command`, and the image has neither `ENTRYPOINT` nor `CMD`.
+    EmptyCommand,
+    /// The container already runs the entrypointer.
+    AlreadyWrapped,
+    /// A Knative container other than `user-container` (for example `queue-proxy`).
+    NotUserContainer,
+    /// A Tekton pod container whose arguments have no `-entrypoint` (for example a sidecar).
+    NoTektonEntrypoint,
+    /// Tekton arguments we cannot rewrite safely: `-entrypoint` without a value, given twice,
+    /// or no `--` separator.
+    MalformedTektonArgs,
+    /// Another volume is already mounted where ours go.
+    MountPathTaken,
+}
+
+impl SkipReason {
+    /// A stable name, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnresolvedImage => "unresolved_image",
+            Self::EmptyCommand => "empty_command",
+            Self::AlreadyWrapped => "already_wrapped",
+            Self::NotUserContainer => "not_user_container",
+            Self::NoTektonEntrypoint => "no_tekton_entrypoint",
+            Self::MalformedTektonArgs => "malformed_tekton_args",
+            Self::MountPathTaken => "mount_path_taken",
+        }
+    }
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a pod cannot be mutated at all.
+#[derive(Debug, thiserror::Error)]
+pub enum MutateError {
+    #[error("pod has no spec")]
+    MissingSpec,
+    #[error("invalid injection: {field} {reason}")]
+    InvalidInjection {
+        field: &'static str,
+        reason: &'static str,
+    },
+    #[error("failed to represent the pod as JSON")]
+    Json(#[from] serde_json::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    Plain,
+    Tekton,
+    Knative,
+}
+
+impl Workload {
+    fn of(pod: &Pod) -> Self {
+        let has = |label| {
+            pod.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(label))
+        };
+        if has(TEKTON_TASK_RUN_LABEL) {
+            Self::Tekton
+        } else if has(KNATIVE_REVISION_LABEL) {
+            Self::Knative
+        } else {
+            Self::Plain
+        }
+    }
+}
+
+/// Wraps `pod`'s containers with the entrypointer.
+///
+/// Plain pods: every regular container. Tekton TaskRun pods: step containers, inside Tekton's
+/// own `-entrypoint` argument. Knative pods: `user-container` only. Init containers are never
+/// wrapped (the collector covers them). `resolve` gives the image's `ENTRYPOINT` and `CMD` and is
+/// called only for containers without `command`.
+///
+/// A pod already annotated [`INJECTED_ANNOTATION`], or one where no container could be wrapped,
+/// comes back unchanged with an empty patch.
+pub fn mutate(
+    pod: &Pod,
+    injection: &Injection,
+    resolve: &dyn Fn(&Container) -> Option<ImageCommand>,
+) -> Result<Mutation, MutateError> {
+    let (token_dir, token_file) = injection.validate()?;
+    let unchanged = |skipped| Mutation {
+        pod: pod.clone(),
+        patch: json_patch::Patch::default(),
+        skipped,
+    };
+    let injected = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(INJECTED_ANNOTATION))
+        .is_some_and(|v| v == "true");
+    if injected {
+        return Ok(unchanged(Vec::new()));
+    }
+    let workload = Workload::of(pod);
+    let mut new = pod.clone();
+    let spec = new.spec.as_mut().ok_or(MutateError::MissingSpec)?;
+
+    let mut skipped = Vec::new();
+    let mut wrapped = 0usize;
+    for c in &mut spec.containers {
+        match wrap(workload, c, resolve, injection, token_dir) {
+            Ok(()) => wrapped += 1,
+            Err(reason) => skipped.push(Skipped {
+                container: c.name.clone(),
+                reason,
+            }),
+        }
+    }
+    if wrapped == 0 {
+        // The PVC and token would serve nobody, and a PVC that cannot bind would hold the pod.
+        return Ok(unchanged(skipped));
+    }
+
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    upsert(volumes, tools_volume(injection), |v| &v.name);
+    upsert(volumes, token_volume(injection, token_file), |v| &v.name);
+    new.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(INJECTED_ANNOTATION.to_owned(), "true".to_owned());
+
+    let patch = json_patch::diff(&serde_json::to_value(pod)?, &serde_json::to_value(&new)?);
+    Ok(Mutation {
+        pod: new,
+        patch,
+        skipped,
+    })
+}
+
+/// Wraps one regular container, or says why not; on `Err` the container is untouched.
+fn wrap(
+    workload: Workload,
+    c: &mut Container,
+    resolve: &dyn Fn(&Container) -> Option<ImageCommand>,
+    injection: &Injection,
+    token_dir: &str,
+) -> Result<(), SkipReason> {
+    if workload == Workload::Knative && c.name != KNATIVE_USER_CONTAINER {
+        return Err(SkipReason::NotUserContainer);
+    }
+    let taken = c.volume_mounts.iter().flatten().any(|m| {
+        let ours = [(TOOLS_VOLUME, TOOLS_MOUNT_PATH), (TOKEN_VOLUME, token_dir)];
+        ours.iter()
+            .any(|(name, path)| m.name != *name && same_path(&m.mount_path, path))
+    });
+    if taken {
+        return Err(SkipReason::MountPathTaken);
+    }
+    match workload {
+        Workload::Tekton => {
+            c.args = Some(tekton_args(c.args.as_deref().unwrap_or_default())?);
+        }
+        Workload::Plain | Workload::Knative => {
+            let original = original_command(c, resolve)?;
+            c.command = Some(vec![ENTRYPOINT_PATH.to_owned()]);
+            c.args = Some(std::iter::once("--".to_owned()).chain(original).collect());
+        }
+    }
+
+    let mounts = c.volume_mounts.get_or_insert_with(Vec::new);
+    upsert(mounts, mount(TOOLS_VOLUME, TOOLS_MOUNT_PATH), |m| &m.name);
+    upsert(mounts, mount(TOKEN_VOLUME, token_dir), |m| &m.name);
+
+    let env = c.env.get_or_insert_with(Vec::new);
+    // Ours go last and in order: a `$(VAR)` reference sees only variables defined before it.
+    let names = [
+        ENV_API_URL,
+        ENV_TOKEN_FILE,
+        ENV_POD_UID,
+        ENV_STDOUT_STREAM,
+        ENV_STDERR_STREAM,
+    ];
+    env.retain(|e| !names.contains(&e.name.as_str()));
+    env.push(value(ENV_API_URL, &injection.api_url));
+    env.push(value(ENV_TOKEN_FILE, &injection.token_path));
+    // The collector names Knative streams per replica, since replicas of a revision share one
+    // trigger context; the UID is not known at admission, so the kubelet fills it in.
+    let prefix = if workload == Workload::Knative {
+        env.push(EnvVar {
+            name: ENV_POD_UID.to_owned(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    api_version: Some("v1".to_owned()),
+                    field_path: "metadata.uid".to_owned(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        format!("{}.$({ENV_POD_UID})", c.name)
+    } else {
+        c.name.clone()
+    };
+    env.push(value(ENV_STDOUT_STREAM, &format!("{prefix}.stdout")));
+    env.push(value(ENV_STDERR_STREAM, &format!("{prefix}.stderr")));
+    Ok(())
+}
+
+/// The command the container would run without us, following Kubernetes: `command` replaces the
+/// image's `ENTRYPOINT` (and drops its `CMD`); `args` replace `CMD`. Empty counts as unset, as in
+/// the container runtimes.
+fn original_command(
+    c: &Container,
+    resolve: &dyn Fn(&Container) -> Option<ImageCommand>,
+) -> Result<Vec<String>, SkipReason> {
+    let args = c.args.as_deref().unwrap_or_default();
+    match c.command.as_deref() {
+        Some([first, ..]) if first == ENTRYPOINT_PATH => Err(SkipReason::AlreadyWrapped),
+        Some(command @ [_, ..]) => Ok(command.iter().chain(args).cloned().collect()),
+        _ => {
+            let image = resolve(c).ok_or(SkipReason::UnresolvedImage)?;
+            if image
+                .entrypoint
+                .first()
+                .is_some_and(|e| e == ENTRYPOINT_PATH)
+            {
+                return Err(SkipReason::AlreadyWrapped);
+            }
+            // Image values were never subject to `$(VAR)` expansion; in `args` they would be.
+            let mut original: Vec<String> = image.entrypoint.iter().map(|s| escape(s)).collect();
+            if args.is_empty() {
+                original.extend(image.cmd.iter().map(|s| escape(s)));
+            } else {
+                original.extend_from_slice(args);
+            }
+            if original.is_empty() {
+                return Err(SkipReason::EmptyCommand);
+            }
+            Ok(original)
+        }
+    }
+}
+
+/// Rewrites Tekton's entrypoint arguments `... -entrypoint X ... -- ARGS` to
+/// `... -entrypoint /relay/lib/entrypoint ... -- X ARGS`, so Tekton's entrypoint (which does the
+/// step ordering) runs ours, which runs `X ARGS`. Go's flag package accepts `-f v`, `-f=v`,
+/// `--f v` and `--f=v`, and stops at `--`.
+fn tekton_args(args: &[String]) -> Result<Vec<String>, SkipReason> {
+    let separator = args.iter().position(|a| a == "--");
+    let flags = &args[..separator.unwrap_or(args.len())];
+    // (index of the argument holding the value, the value, whether it is the `-f=v` form)
+    let mut found: Option<(usize, &str, bool)> = None;
+    let mut i = 0;
+    while let Some(arg) = flags.get(i) {
+        let flag = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-'));
+        let hit = match flag {
+            Some("entrypoint") => match flags.get(i + 1) {
+                Some(v) => Some((i + 1, v.as_str(), false)),
+                None => return Err(SkipReason::MalformedTektonArgs),
+            },
+            Some(f) => f.strip_prefix("entrypoint=").map(|v| (i, v, true)),
+            None => None,
+        };
+        if let Some(hit) = hit {
+            if found.replace(hit).is_some() {
+                return Err(SkipReason::MalformedTektonArgs);
+            }
+            i = hit.0;
+        }
+        i += 1;
+    }
+    let (at, command, inline) = found.ok_or(SkipReason::NoTektonEntrypoint)?;
+    if command == ENTRYPOINT_PATH {
+        return Err(SkipReason::AlreadyWrapped);
+    }
+    let separator = separator.ok_or(SkipReason::MalformedTektonArgs)?;
+    if command.is_empty() {
+        return Err(SkipReason::MalformedTektonArgs);
+    }
+    let mut out = args.to_vec();
+    out.insert(separator + 1, command.to_owned());
+    out[at] = if inline {
+        let dashes = &args[at][..args[at].len() - command.len()];
+        format!("{dashes}{ENTRYPOINT_PATH}")
+    } else {
+        ENTRYPOINT_PATH.to_owned()
+    };
+    Ok(out)
+}
+
+fn tools_volume(injection: &Injection) -> Volume {
+    Volume {
+        name: TOOLS_VOLUME.to_owned(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: injection.claim_name.clone(),
+            read_only: Some(true),
+        }),
+        ..Default::default()
+    }
+}
+
+fn token_volume(injection: &Injection, token_file: &str) -> Volume {
+    Volume {
+        name: TOKEN_VOLUME.to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(injection.audience.clone()),
+                    expiration_seconds: Some(TOKEN_EXPIRATION_SECONDS),
+                    path: token_file.to_owned(),
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(true),
+        ..Default::default()
+    }
+}
+
+fn value(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        ..Default::default()
+    }
+}
+
+/// Replaces the element with `item`'s name, or appends it.
+fn upsert<T>(list: &mut Vec<T>, item: T, name: impl Fn(&T) -> &String) {
+    match list.iter().position(|x| name(x) == name(&item)) {
+        Some(i) => list[i] = item,
+        None => list.push(item),
+    }
+}
+
+/// Escapes `$` so Kubernetes' `$(VAR)` expansion leaves the string as it is.
+fn escape(s: &str) -> String {
+    s.replace('$', "$$")
+}
+
+fn same_path(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// Whether `path` is `dir` or below it.
+fn under(path: &str, dir: &str) -> bool {
+    let dir = dir.trim_end_matches('/');
+    path.strip_prefix(dir)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::core::v1::PodSpec;
+    use serde_json::json;
+
+    use super::*;
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn container(name: &str, image: &str, command: &[&str], args: &[&str]) -> Container {
+        let opt = |s: &[&str]| (!s.is_empty()).then(|| strings(s));
+        Container {
+            name: name.to_owned(),
+            image: Some(image.to_owned()),
+            command: opt(command),
+            args: opt(args),
+            ..Default::default()
+        }
+    }
+
+    fn pod(label: Option<&str>, containers: Vec<Container>, init: Vec<Container>) -> Pod {
+        let mut p = Pod {
+            spec: Some(PodSpec {
+                containers,
+                init_containers: (!init.is_empty()).then_some(init),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        p.metadata.name = Some("p".to_owned());
+        p.metadata.labels = label.map(|l| BTreeMap::from([(l.to_owned(), "x".to_owned())]));
+        p
+    }
+
+    fn injection() -> Injection {
+        Injection::new("tools-v1", "http://metadata-api.relay:7000", "metadata-api")
+    }
+
+    /// Images the registry knows: `ENTRYPOINT` + `CMD`.
+    fn resolve(c: &Container) -> Option<ImageCommand> {
+        let (entrypoint, cmd): (&[&str], &[&str]) = match c.image.as_deref()? {
+            "nginx" => (&["/docker-entrypoint.sh"], &["nginx", "-g", "daemon off;"]),
+            "alpine" => (&[], &["/bin/sh"]),
+            "dollar" => (&["/bin/echo"], &["$(HOME)"]),
+            "scratch" => (&[], &[]),
+            _ => return None,
+        };
+        Some(ImageCommand {
+            entrypoint: strings(entrypoint),
+            cmd: strings(cmd),
+        })
+    }
+
+    fn run(p: &Pod) -> Mutation {
+        mutate(p, &injection(), &resolve).unwrap()
+    }
+
+    fn find<'a>(p: &'a Pod, name: &str) -> &'a Container {
+        let spec = p.spec.as_ref().unwrap();
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .find(|c| c.name == name)
+            .unwrap()
+    }
+
+    fn wrapped(args: &[&str]) -> (Option<Vec<String>>, Option<Vec<String>>) {
+        let mut a = vec!["--"];
+        a.extend_from_slice(args);
+        (Some(strings(&[ENTRYPOINT_PATH])), Some(strings(&a)))
+    }
+
+    const TEKTON_FLAGS: [&str; 4] = [
+        "-wait_file",
+        "/tekton/downward/ready",
+        "-post_file",
+        "/tekton/run/0/out",
+    ];
+
+    #[test]
+    fn commands_are_wrapped_following_kubernetes_rules() {
+        struct Case {
+            what: &'static str,
+            label: Option<&'static str>,
+            container: Container,
+            want: Result<(Vec<&'static str>, Vec<&'static str>), SkipReason>,
+        }
+        let c = container;
+        let tekton = |args: &[&str]| {
+            let mut a = TEKTON_FLAGS.to_vec();
+            a.extend_from_slice(args);
+            c("step-build", "alpine", &["/tekton/bin/entrypoint"], &a)
+        };
+        let t = |args: &[&'static str]| {
+            let mut a = TEKTON_FLAGS.to_vec();
+            a.extend_from_slice(args);
+            (vec!["/tekton/bin/entrypoint"], a)
+        };
+        let w = |args: &[&'static str]| {
+            let mut a = vec!["--"];
+            a.extend_from_slice(args);
+            (vec![ENTRYPOINT_PATH], a)
+        };
+        let cases = [
+            Case {
+                what: "command and args",
+                label: None,
+                container: c("app", "nginx", &["/bin/sh", "-c"], &["echo hi"]),
+                want: Ok(w(&["/bin/sh", "-c", "echo hi"])),
+            },
+            Case {
+                what: "command only: the image CMD is dropped",
+                label: None,
+                container: c("app", "nginx", &["/bin/date"], &[]),
+                want: Ok(w(&["/bin/date"])),
+            },
+            Case {
+                what: "args only: image ENTRYPOINT, args replace CMD",
+                label: None,
+                container: c("app", "nginx", &[], &["nginx", "-T"]),
+                want: Ok(w(&["/docker-entrypoint.sh", "nginx", "-T"])),
+            },
+            Case {
+                what: "neither: ENTRYPOINT + CMD",
+                label: None,
+                container: c("app", "nginx", &[], &[]),
+                want: Ok(w(&["/docker-entrypoint.sh", "nginx", "-g", "daemon off;"])),
+            },
+            Case {
+                what: "CMD only",
+                label: None,
+                container: c("app", "alpine", &[], &[]),
+                want: Ok(w(&["/bin/sh"])),
+            },
+            Case {
+                what: "image values are escaped against $(VAR) expansion",
+                label: None,
+                container: c("app", "dollar", &[], &[]),
+                want: Ok(w(&["/bin/echo", "$$(HOME)"])),
+            },
+            Case {
+                what: "args stay subject to $(VAR) expansion",
+                label: None,
+                container: c("app", "dollar", &[], &["$(HOME)"]),
+                want: Ok(w(&["/bin/echo", "$(HOME)"])),
+            },
+            Case {
+                what: "unresolvable image",
+                label: None,
+                container: c("app", "private/unknown", &[], &["x"]),
+                want: Err(SkipReason::UnresolvedImage),
+            },
+            Case {
+                what: "image without ENTRYPOINT or CMD",
+                label: None,
+                container: c("app", "scratch", &[], &[]),
+                want: Err(SkipReason::EmptyCommand),
+            },
+            Case {
+                what: "already wrapped",
+                label: None,
+                container: c("app", "nginx", &[ENTRYPOINT_PATH], &["--", "x"]),
+                want: Err(SkipReason::AlreadyWrapped),
+            },
+            Case {
+                what: "Tekton -entrypoint X --",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint", "/bin/sh", "--", "-c", "echo hi"]),
+                want: Ok(t(&[
+                    "-entrypoint",
+                    ENTRYPOINT_PATH,
+                    "--",
+                    "/bin/sh",
+                    "-c",
+                    "echo hi",
+                ])),
+            },
+            Case {
+                what: "Tekton -entrypoint=X",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint=/ko-app/x", "--", "a"]),
+                want: Ok(t(&[
+                    "-entrypoint=/relay/lib/entrypoint",
+                    "--",
+                    "/ko-app/x",
+                    "a",
+                ])),
+            },
+            Case {
+                what: "Tekton --entrypoint X with no args after --",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["--entrypoint", "/bin/true", "--"]),
+                want: Ok(t(&["--entrypoint", ENTRYPOINT_PATH, "--", "/bin/true"])),
+            },
+            Case {
+                what: "Tekton: -entrypoint after -- is an argument, not the flag",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["--", "-entrypoint", "x"]),
+                want: Err(SkipReason::NoTektonEntrypoint),
+            },
+            Case {
+                what: "Tekton sidecar without -entrypoint",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: c("sidecar-x", "nginx", &["/bin/sh"], &[]),
+                want: Err(SkipReason::NoTektonEntrypoint),
+            },
+            Case {
+                what: "Tekton -entrypoint without a value",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint"]),
+                want: Err(SkipReason::MalformedTektonArgs),
+            },
+            Case {
+                what: "Tekton -entrypoint directly before --",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint", "--", "x"]),
+                want: Err(SkipReason::MalformedTektonArgs),
+            },
+            Case {
+                what: "Tekton -entrypoint given twice",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint", "a", "-entrypoint=b", "--"]),
+                want: Err(SkipReason::MalformedTektonArgs),
+            },
+            Case {
+                what: "Tekton without --",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint", "/bin/sh"]),
+                want: Err(SkipReason::MalformedTektonArgs),
+            },
+            Case {
+                what: "Tekton already wrapped",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint", ENTRYPOINT_PATH, "--", "/bin/sh"]),
+                want: Err(SkipReason::AlreadyWrapped),
+            },
+            Case {
+                what: "Knative user-container",
+                label: Some(KNATIVE_REVISION_LABEL),
+                container: c("user-container", "nginx", &[], &[]),
+                want: Ok(w(&["/docker-entrypoint.sh", "nginx", "-g", "daemon off;"])),
+            },
+            Case {
+                what: "Knative queue-proxy",
+                label: Some(KNATIVE_REVISION_LABEL),
+                container: c("queue-proxy", "nginx", &["/ko-app/queue"], &[]),
+                want: Err(SkipReason::NotUserContainer),
+            },
+        ];
+        for case in cases {
+            let before = pod(case.label, vec![case.container.clone()], vec![]);
+            let m = run(&before);
+            let after = find(&m.pod, &case.container.name);
+            match case.want {
+                Ok((command, args)) => {
+                    assert!(m.skipped.is_empty(), "{}: {:?}", case.what, m.skipped);
+                    assert_eq!(after.command, Some(strings(&command)), "{}", case.what);
+                    assert_eq!(after.args, Some(strings(&args)), "{}", case.what);
+                }
+                Err(reason) => {
+                    let want = vec![Skipped {
+                        container: case.container.name.clone(),
+                        reason,
+                    }];
+                    assert_eq!(m.skipped, want, "{}", case.what);
+                    assert_eq!(
+                        m.pod, before,
+                        "{}: a pod with nothing wrapped is unchanged",
+                        case.what
+                    );
+                    assert!(m.patch.0.is_empty(), "{}", case.what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn plain_pods_wrap_every_container_but_no_init_container() {
+        let p = pod(
+            None,
+            vec![
+                container("a", "nginx", &[], &[]),
+                container("b", "alpine", &["/bin/true"], &[]),
+            ],
+            vec![container("init", "alpine", &["/bin/setup"], &[])],
+        );
+        let m = run(&p);
+        assert!(m.skipped.is_empty());
+        assert_eq!(find(&m.pod, "init"), find(&p, "init"));
+        for name in ["a", "b"] {
+            assert_eq!(
+                find(&m.pod, name).command,
+                Some(strings(&[ENTRYPOINT_PATH]))
+            );
+        }
+    }
+
+    #[test]
+    fn tekton_init_containers_and_knative_queue_proxy_are_untouched() {
+        let init = container(
+            "prepare",
+            "tekton/entrypoint",
+            &["/ko-app/entrypoint", "init"],
+            &[],
+        );
+        let mut args = TEKTON_FLAGS.to_vec();
+        args.extend(["-entrypoint", "/bin/sh", "--", "-c", "make"]);
+        let step = container("step-build", "alpine", &["/tekton/bin/entrypoint"], &args);
+        let p = pod(Some(TEKTON_TASK_RUN_LABEL), vec![step], vec![init.clone()]);
+        let m = run(&p);
+        assert_eq!(find(&m.pod, "prepare"), &init);
+        assert_eq!(
+            find(&m.pod, "step-build").command,
+            Some(strings(&["/tekton/bin/entrypoint"]))
+        );
+
+        let queue = container("queue-proxy", "queue", &["/ko-app/queue"], &[]);
+        let user = container("user-container", "nginx", &["/app"], &[]);
+        let p = pod(
+            Some(KNATIVE_REVISION_LABEL),
+            vec![user, queue.clone()],
+            vec![],
+        );
+        let m = run(&p);
+        assert_eq!(find(&m.pod, "queue-proxy"), &queue);
+        assert_eq!(
+            m.skipped,
+            vec![Skipped {
+                container: "queue-proxy".to_owned(),
+                reason: SkipReason::NotUserContainer
+            }]
+        );
+        let user = find(&m.pod, "user-container");
+        assert_eq!(
+            (user.command.clone(), user.args.clone()),
+            wrapped(&["/app"])
+        );
+    }
+
+    #[test]
+    fn volumes_mounts_env_and_annotation_are_added() {
+        let m = run(&pod(
+            None,
+            vec![container("app", "x", &["/app"], &[])],
+            vec![],
+        ));
+        let spec = serde_json::to_value(m.pod.spec.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            spec["volumes"],
+            json!([
+                {"name": "relay-tools", "persistentVolumeClaim": {"claimName": "tools-v1", "readOnly": true}},
+                {"name": "relay-token", "projected": {"sources": [{"serviceAccountToken": {
+                    "audience": "metadata-api", "expirationSeconds": 3600, "path": "token"}}]}},
+            ])
+        );
+        let c = &spec["containers"][0];
+        assert_eq!(
+            c["volumeMounts"],
+            json!([
+                {"name": "relay-tools", "mountPath": "/relay", "readOnly": true},
+                {"name": "relay-token", "mountPath": "/var/run/secrets/relay", "readOnly": true},
+            ])
+        );
+        assert_eq!(
+            c["env"],
+            json!([
+                {"name": "RELAY_METADATA_API_URL", "value": "http://metadata-api.relay:7000"},
+                {"name": "RELAY_METADATA_API_TOKEN_FILE", "value": "/var/run/secrets/relay/token"},
+                {"name": "RELAY_STDOUT_STREAM", "value": "app.stdout"},
+                {"name": "RELAY_STDERR_STREAM", "value": "app.stderr"},
+            ])
+        );
+        let annotations = m.pod.metadata.annotations.unwrap();
+        assert_eq!(annotations[INJECTED_ANNOTATION], "true");
+    }
+
+    #[test]
+    fn knative_streams_carry_the_pod_uid_filled_in_by_the_kubelet() {
+        let p = pod(
+            Some(KNATIVE_REVISION_LABEL),
+            vec![container("user-container", "x", &["/app"], &[])],
+            vec![],
+        );
+        let m = run(&p);
+        let env = serde_json::to_value(&find(&m.pod, "user-container").env).unwrap();
+        assert_eq!(
+            env[2],
+            json!({"name": "RELAY_POD_UID", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.uid"}}})
+        );
+        assert_eq!(env[3]["value"], "user-container.$(RELAY_POD_UID).stdout");
+        assert_eq!(env[4]["value"], "user-container.$(RELAY_POD_UID).stderr");
+    }
+
+    #[test]
+    fn already_injected_pod_is_unchanged() {
+        let once = run(&pod(
+            None,
+            vec![container("app", "x", &["/app"], &[])],
+            vec![],
+        ));
+        let twice = run(&once.pod);
+        assert_eq!(twice.pod, once.pod);
+        assert!(twice.patch.0.is_empty());
+        assert!(twice.skipped.is_empty());
+    }
+
+    #[test]
+    fn volumes_mounts_and_env_are_not_duplicated() {
+        // A pod copied from an injected one, without the annotation: ours are replaced in place.
+        let once = run(&pod(
+            None,
+            vec![container("app", "x", &["/app"], &[])],
+            vec![],
+        ));
+        let mut copy = once.pod.clone();
+        copy.metadata.annotations = None;
+        let c = &mut copy.spec.as_mut().unwrap().containers[0];
+        (c.command, c.args) = (Some(strings(&["/app"])), None);
+        c.env.as_mut().unwrap().insert(
+            0,
+            EnvVar {
+                name: ENV_STDOUT_STREAM.to_owned(),
+                value: Some("stale".to_owned()),
+                ..Default::default()
+            },
+        );
+        let again = run(&copy);
+        assert_eq!(again.pod, once.pod);
+    }
+
+    #[test]
+    fn a_foreign_volume_at_our_mount_path_skips_the_container() {
+        let mut c = container("app", "x", &["/app"], &[]);
+        c.volume_mounts = Some(vec![VolumeMount {
+            name: "mine".to_owned(),
+            mount_path: "/relay/".to_owned(),
+            ..Default::default()
+        }]);
+        let m = run(&pod(None, vec![c], vec![]));
+        assert_eq!(m.skipped[0].reason, SkipReason::MountPathTaken);
+        assert!(m.patch.0.is_empty());
+    }
+
+    #[test]
+    fn the_patch_applied_to_the_original_gives_the_mutated_pod() {
+        let mut args = TEKTON_FLAGS.to_vec();
+        args.extend(["-entrypoint=/bin/sh", "--", "-c", "make"]);
+        let mut with_existing = container("app", "nginx", &[], &["-T"]);
+        with_existing.env = Some(vec![EnvVar {
+            name: "KEEP".to_owned(),
+            value: Some("1".to_owned()),
+            ..Default::default()
+        }]);
+        let mut annotated = pod(None, vec![with_existing.clone()], vec![]);
+        annotated.metadata.annotations = Some(BTreeMap::from([("a/b".to_owned(), "c".to_owned())]));
+        annotated.spec.as_mut().unwrap().volumes = Some(vec![Volume {
+            name: "data".to_owned(),
+            ..Default::default()
+        }]);
+        let pods = [
+            pod(
+                None,
+                vec![with_existing, container("b", "alpine", &[], &[])],
+                vec![],
+            ),
+            annotated,
+            pod(
+                Some(TEKTON_TASK_RUN_LABEL),
+                vec![container("step-a", "x", &["/tekton/bin/entrypoint"], &args)],
+                vec![container("prepare", "x", &["/init"], &[])],
+            ),
+            pod(
+                Some(KNATIVE_REVISION_LABEL),
+                vec![
+                    container("user-container", "nginx", &[], &[]),
+                    container("queue-proxy", "q", &["/q"], &[]),
+                ],
+                vec![],
+            ),
+        ];
+        for p in pods {
+            let m = run(&p);
+            assert!(!m.patch.0.is_empty());
+            // The round trip the API server makes: JSON of the submitted pod, patched, decoded.
+            let mut doc = serde_json::to_value(&p).unwrap();
+            json_patch::patch(&mut doc, &m.patch).unwrap();
+            let patched: Pod = serde_json::from_value(doc).unwrap();
+            assert_eq!(patched, m.pod);
+            // And the patch survives its own JSON form, as it travels in the AdmissionReview.
+            let wire: json_patch::Patch =
+                serde_json::from_str(&serde_json::to_string(&m.patch).unwrap()).unwrap();
+            assert_eq!(wire, m.patch);
+        }
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_not_a_panic() {
+        let no_spec = Pod::default();
+        assert!(matches!(
+            mutate(&no_spec, &injection(), &resolve),
+            Err(MutateError::MissingSpec)
+        ));
+        let p = pod(None, vec![container("app", "x", &["/app"], &[])], vec![]);
+        for (token_path, claim) in [
+            ("token", "c"),
+            ("/token", "c"),
+            ("/var/run/", "c"),
+            ("/var/../token", "c"),
+            ("/relay/token", "c"),
+            (DEFAULT_TOKEN_PATH, ""),
+        ] {
+            let i = Injection {
+                token_path: token_path.to_owned(),
+                claim_name: claim.to_owned(),
+                ..injection()
+            };
+            let err = mutate(&p, &i, &resolve).unwrap_err();
+            assert!(
+                matches!(err, MutateError::InvalidInjection { .. }),
+                "{token_path}: {err}"
+            );
+        }
+        let custom = Injection {
+            token_path: "/etc/relay/t".to_owned(),
+            ..injection()
+        };
+        let m = mutate(&p, &custom, &resolve).unwrap();
+        let c = find(&m.pod, "app");
+        assert_eq!(
+            c.volume_mounts.as_ref().unwrap()[1].mount_path,
+            "/etc/relay"
+        );
+    }
+}
