@@ -5,3 +5,4 @@
 pub mod conditions;
 pub mod crd;
 pub mod mutate;
+pub mod tls;

@@ -1,0 +1,309 @@
+//! The webhook's TLS material: a self-signed CA and a serving certificate it signs, with the
+//! Secret layout that stores them and the check that says when to make new ones. Pure: no
+//! Kubernetes I/O.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
+use time::{Duration, OffsetDateTime};
+use x509_parser::extensions::GeneralName;
+
+/// Common name of the CA.
+pub const CA_COMMON_NAME: &str = "relay-operator-webhook-ca";
+/// Validity of the CA, in days (10 years).
+pub const CA_VALIDITY_DAYS: i64 = 3650;
+/// Validity of the serving certificate, in days (1 year).
+pub const CERT_VALIDITY_DAYS: i64 = 365;
+/// A serving certificate expiring within this many days is renewed.
+pub const RENEW_BEFORE_DAYS: i64 = 30;
+
+/// Secret key of the CA certificate (PEM).
+pub const CA_CRT_KEY: &str = "ca.crt";
+/// Secret key of the CA private key (PEM).
+pub const CA_KEY_KEY: &str = "ca.key";
+/// Secret key of the serving certificate (PEM).
+pub const TLS_CRT_KEY: &str = "tls.crt";
+/// Secret key of the serving private key (PEM).
+pub const TLS_KEY_KEY: &str = "tls.key";
+
+/// The webhook's CA and serving certificate, all PEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookTls {
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Why TLS material could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("time out of range for a certificate: {0}")]
+    Time(String),
+}
+
+/// The DNS names the serving certificate must carry for `service` in `namespace`.
+pub fn dns_names(service: &str, namespace: &str) -> Vec<String> {
+    vec![
+        service.to_owned(),
+        format!("{service}.{namespace}"),
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+    ]
+}
+
+fn to_offset(now: SystemTime) -> Result<OffsetDateTime, TlsError> {
+    let secs = match now.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).map_err(|e| TlsError::Time(e.to_string()))?,
+        Err(e) => i64::try_from(e.duration().as_secs())
+            .map(|s| -s)
+            .map_err(|e| TlsError::Time(e.to_string()))?,
+    };
+    OffsetDateTime::from_unix_timestamp(secs).map_err(|e| TlsError::Time(e.to_string()))
+}
+
+fn plus_days(t: OffsetDateTime, days: i64) -> Result<OffsetDateTime, TlsError> {
+    t.checked_add(Duration::days(days))
+        .ok_or_else(|| TlsError::Time(format!("{t} + {days} days overflows")))
+}
+
+/// A CA (ECDSA P-256, 10 years) and a serving certificate it signs (ECDSA P-256, 1 year) for
+/// the Service `service` in `namespace`, both valid from `now`.
+pub fn generate(service: &str, namespace: &str, now: SystemTime) -> Result<WebhookTls, TlsError> {
+    let start = to_offset(now)?;
+
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut ca_params = CertificateParams::default();
+    let mut ca_dn = DistinguishedName::new();
+    ca_dn.push(DnType::CommonName, CA_COMMON_NAME);
+    ca_params.distinguished_name = ca_dn;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params.not_before = start;
+    ca_params.not_after = plus_days(start, CA_VALIDITY_DAYS)?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, &ca_key);
+
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(dns_names(service, namespace))?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("{service}.{namespace}.svc"));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = start;
+    params.not_after = plus_days(start, CERT_VALIDITY_DAYS)?;
+    let cert = params.signed_by(&key, &issuer)?;
+
+    Ok(WebhookTls {
+        ca_cert_pem: ca_cert.pem(),
+        ca_key_pem: ca_key.serialize_pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// True when `cert_pem` cannot be parsed, expires within [`RENEW_BEFORE_DAYS`] of `now` (or is
+/// not yet valid), or lacks one of the DNS names of `service` in `namespace`.
+pub fn needs_renewal(cert_pem: &str, service: &str, namespace: &str, now: SystemTime) -> bool {
+    !still_good(cert_pem, service, namespace, now).unwrap_or(false)
+}
+
+fn still_good(cert_pem: &str, service: &str, namespace: &str, now: SystemTime) -> Option<bool> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let now = to_offset(now).ok()?;
+    let validity = cert.validity();
+    let renew_at = validity
+        .not_after
+        .to_datetime()
+        .checked_sub(Duration::days(RENEW_BEFORE_DAYS))?;
+    if now >= renew_at || now < validity.not_before.to_datetime() {
+        return Some(false);
+    }
+    let san = cert.subject_alternative_name().ok()??;
+    let present: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(*d),
+            _ => None,
+        })
+        .collect();
+    Some(
+        dns_names(service, namespace)
+            .iter()
+            .all(|want| present.contains(&want.as_str())),
+    )
+}
+
+/// The Secret `stringData` holding `tls`.
+pub fn secret_data(tls: &WebhookTls) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (CA_CRT_KEY.to_owned(), tls.ca_cert_pem.clone()),
+        (CA_KEY_KEY.to_owned(), tls.ca_key_pem.clone()),
+        (TLS_CRT_KEY.to_owned(), tls.cert_pem.clone()),
+        (TLS_KEY_KEY.to_owned(), tls.key_pem.clone()),
+    ])
+}
+
+/// The material back from Secret data; `None` when any of the four keys is missing.
+pub fn from_secret_data(data: &BTreeMap<String, String>) -> Option<WebhookTls> {
+    Some(WebhookTls {
+        ca_cert_pem: data.get(CA_CRT_KEY)?.clone(),
+        ca_key_pem: data.get(CA_KEY_KEY)?.clone(),
+        cert_pem: data.get(TLS_CRT_KEY)?.clone(),
+        key_pem: data.get(TLS_KEY_KEY)?.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+    use std::time::Duration as StdDuration;
+
+    const DAY: StdDuration = StdDuration::from_secs(86_400);
+
+    fn der(pem: &str) -> Vec<u8> {
+        x509_parser::pem::parse_x509_pem(pem.as_bytes())
+            .expect("pem")
+            .1
+            .contents
+    }
+
+    #[test]
+    fn serving_cert_verifies_against_ca_for_every_name() {
+        let now = SystemTime::now();
+        let tls = generate("relay-webhook", "relay-system", now).expect("generate");
+        let ca_der = CertificateDer::from(der(&tls.ca_cert_pem));
+        let anchor = webpki::anchor_from_trusted_cert(&ca_der).expect("anchor");
+        let leaf_der = CertificateDer::from(der(&tls.cert_pem));
+        let leaf = webpki::EndEntityCert::try_from(&leaf_der).expect("leaf");
+        let at = UnixTime::since_unix_epoch(
+            (now + StdDuration::from_secs(60))
+                .duration_since(UNIX_EPOCH)
+                .expect("epoch"),
+        );
+        leaf.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &[],
+            at,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .expect("chain verifies");
+        for name in dns_names("relay-webhook", "relay-system") {
+            let sn = ServerName::try_from(name.as_str()).expect("name");
+            leaf.verify_is_valid_for_subject_name(&sn)
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        }
+        let other = ServerName::try_from("other.relay-system.svc").expect("name");
+        assert!(leaf.verify_is_valid_for_subject_name(&other).is_err());
+    }
+
+    #[test]
+    fn ca_subject_and_validity() {
+        let now = SystemTime::now();
+        let tls = generate("w", "ns", now).expect("generate");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(tls.ca_cert_pem.as_bytes()).expect("pem");
+        let ca = pem.parse_x509().expect("ca");
+        assert!(ca.is_ca());
+        assert_eq!(ca.subject().to_string(), format!("CN={CA_COMMON_NAME}"));
+        let days =
+            (ca.validity().not_after.timestamp() - ca.validity().not_before.timestamp()) / 86_400;
+        assert_eq!(days, CA_VALIDITY_DAYS);
+        let (_, pem) = x509_parser::pem::parse_x509_pem(tls.cert_pem.as_bytes()).expect("pem");
+        let leaf = pem.parse_x509().expect("leaf");
+        assert_eq!(leaf.issuer(), ca.subject());
+        let days = (leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp())
+            / 86_400;
+        assert_eq!(days, CERT_VALIDITY_DAYS);
+    }
+
+    #[test]
+    fn sans_present() {
+        let tls = generate("svc", "ns", SystemTime::now()).expect("generate");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(tls.cert_pem.as_bytes()).expect("pem");
+        let cert = pem.parse_x509().expect("cert");
+        let san = cert
+            .subject_alternative_name()
+            .expect("ext")
+            .expect("san present");
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => (*d).to_owned(),
+                other => panic!("unexpected SAN {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["svc", "svc.ns", "svc.ns.svc", "svc.ns.svc.cluster.local"]
+        );
+    }
+
+    #[test]
+    fn fresh_cert_needs_no_renewal() {
+        let now = SystemTime::now();
+        let tls = generate("svc", "ns", now).expect("generate");
+        assert!(!needs_renewal(&tls.cert_pem, "svc", "ns", now));
+        assert!(!needs_renewal(&tls.cert_pem, "svc", "ns", now + 300 * DAY));
+    }
+
+    #[test]
+    fn garbage_needs_renewal() {
+        let now = SystemTime::now();
+        assert!(needs_renewal("", "svc", "ns", now));
+        assert!(needs_renewal("not a certificate", "svc", "ns", now));
+        let garbage = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(needs_renewal(garbage, "svc", "ns", now));
+    }
+
+    #[test]
+    fn nearly_expired_cert_needs_renewal() {
+        let now = SystemTime::now();
+        let tls = generate("svc", "ns", now - 364 * DAY).expect("generate");
+        assert!(needs_renewal(&tls.cert_pem, "svc", "ns", now));
+        assert!(needs_renewal(&tls.cert_pem, "svc", "ns", now + 2 * DAY));
+    }
+
+    #[test]
+    fn other_service_needs_renewal() {
+        let now = SystemTime::now();
+        let tls = generate("svc", "ns", now).expect("generate");
+        assert!(needs_renewal(&tls.cert_pem, "svc", "other-ns", now));
+        assert!(needs_renewal(&tls.cert_pem, "other", "ns", now));
+    }
+
+    #[test]
+    fn secret_data_round_trip() {
+        let tls = generate("svc", "ns", SystemTime::now()).expect("generate");
+        let data = secret_data(&tls);
+        assert_eq!(
+            data.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["ca.crt", "ca.key", "tls.crt", "tls.key"]
+        );
+        assert_eq!(from_secret_data(&data), Some(tls));
+        let mut partial = data.clone();
+        partial.remove("tls.key");
+        assert_eq!(from_secret_data(&partial), None);
+    }
+}
