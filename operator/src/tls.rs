@@ -73,10 +73,15 @@ fn plus_days(t: OffsetDateTime, days: i64) -> Result<OffsetDateTime, TlsError> {
         .ok_or_else(|| TlsError::Time(format!("{t} + {days} days overflows")))
 }
 
+/// Certificates are valid from this long before they are made, so an API server whose clock runs
+/// a little behind the operator's accepts them at once.
+const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// A CA (ECDSA P-256, 10 years) and a serving certificate it signs (ECDSA P-256, 1 year) for
-/// the Service `service` in `namespace`, both valid from `now`.
+/// the Service `service` in `namespace`, both valid from `now` (less [`CLOCK_SKEW`]).
 pub fn generate(service: &str, namespace: &str, now: SystemTime) -> Result<WebhookTls, TlsError> {
-    let start = to_offset(now)?;
+    let issued = to_offset(now)?;
+    let start = to_offset(now.checked_sub(CLOCK_SKEW).unwrap_or(now))?;
 
     let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut ca_params = CertificateParams::default();
@@ -90,7 +95,7 @@ pub fn generate(service: &str, namespace: &str, now: SystemTime) -> Result<Webho
         KeyUsagePurpose::DigitalSignature,
     ];
     ca_params.not_before = start;
-    ca_params.not_after = plus_days(start, CA_VALIDITY_DAYS)?;
+    ca_params.not_after = plus_days(issued, CA_VALIDITY_DAYS)?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, &ca_key);
 
@@ -104,7 +109,7 @@ pub fn generate(service: &str, namespace: &str, now: SystemTime) -> Result<Webho
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
     params.not_before = start;
-    params.not_after = plus_days(start, CERT_VALIDITY_DAYS)?;
+    params.not_after = plus_days(issued, CERT_VALIDITY_DAYS)?;
     let cert = params.signed_by(&key, &issuer)?;
 
     Ok(WebhookTls {
