@@ -449,25 +449,8 @@ struct Api {
 
 impl Api {
     fn start(env: &Env) -> anyhow::Result<Self> {
-        let key = env.dir.join("key");
-        let storage = format!("file://{}", env.dir.join("streams").display());
-        let mut cmd = Command::new(&env.api);
-        cmd.arg("serve").args([
-            "--listen",
-            "127.0.0.1:0",
-            "--storage",
-            &storage,
-            "--key-file",
-            &key.display().to_string(),
-            "--stream-rate",
-            "100G",
-            "--global-rate",
-            "100G",
-        ]);
-        let server = util::Server::spawn(cmd)?;
-        let token = util::token(&env.api, &key, "workflows", "collector")?;
-        let token_file = env.dir.join("collector-token");
-        std::fs::write(&token_file, &token)?;
+        let (server, token, token_file) =
+            util::bench_api(&env.api, &env.dir, false, "workflows", "collector")?;
         Ok(Self {
             server,
             token,

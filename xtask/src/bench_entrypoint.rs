@@ -265,26 +265,14 @@ struct Env {
 }
 
 fn start_api(env: &Env, dir: &Path) -> anyhow::Result<(util::Server, PathBuf)> {
-    let key = dir.join("key");
-    let storage = format!("file://{}", dir.join("streams").display());
     // Niced: in a cluster the API runs on other nodes; here it should not take the child's CPU.
-    let mut cmd = Command::new("nice");
-    cmd.args(["-n", "10"]).arg(&env.api).arg("serve").args([
-        "--listen",
-        "127.0.0.1:0",
-        "--storage",
-        &storage,
-        "--key-file",
-        &key.display().to_string(),
-        "--stream-rate",
-        "100G",
-        "--global-rate",
-        "100G",
-    ]);
-    let server = util::Server::spawn(cmd)?;
-    let token = util::token(&env.api, &key, "workflows/bench/runs/1/steps/s", "write")?;
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, token)?;
+    let (server, _, token_file) = util::bench_api(
+        &env.api,
+        dir,
+        true,
+        "workflows/bench/runs/1/steps/s",
+        "write",
+    )?;
     Ok((server, token_file))
 }
 

@@ -86,6 +86,44 @@ impl Drop for Server {
 }
 
 /// Mints a token with the binary's `token` subcommand.
+/// A metadata API (`bin`) on file storage in `dir`, with its rate limits out of the way
+/// (benchmarks measure the writers, not the limiter), and a token for `context` with `scope`,
+/// also written to `dir/token`. `niced` runs it at nice 10, as if on another node.
+pub fn bench_api(
+    bin: &Path,
+    dir: &Path,
+    niced: bool,
+    context: &str,
+    scope: &str,
+) -> anyhow::Result<(Server, String, PathBuf)> {
+    let key = dir.join("key");
+    let storage = format!("file://{}", dir.join("streams").display());
+    let mut cmd = if niced {
+        let mut c = Command::new("nice");
+        c.args(["-n", "10"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    cmd.arg("serve").args([
+        "--listen",
+        "127.0.0.1:0",
+        "--storage",
+        &storage,
+        "--key-file",
+        &key.display().to_string(),
+        "--stream-rate",
+        "100G",
+        "--global-rate",
+        "100G",
+    ]);
+    let server = Server::spawn(cmd)?;
+    let token = token(bin, &key, context, scope)?;
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, &token)?;
+    Ok((server, token, token_file))
+}
+
 pub fn token(bin: &Path, key_file: &Path, context: &str, scope: &str) -> anyhow::Result<String> {
     let out = Command::new(bin)
         .args(["token", "--key-file"])
