@@ -308,15 +308,11 @@ impl<A: Attributor> Engine<A> {
     fn adopt_unseen(&mut self) {
         let unseen: Vec<u64> = self
             .maps
-            .stream_keys()
-            .into_iter()
-            .map(|k| k.cgroup_id)
+            .streams_by_cgroup()
+            .into_keys()
             .filter(|id| !self.cgroups.contains_key(id) && !self.held.contains_key(id))
             .collect();
         for cgroup_id in unseen {
-            if self.cgroups.contains_key(&cgroup_id) {
-                continue;
-            }
             match self.attributor.attribute(cgroup_id) {
                 Attributed::Target(target) => self.adopt(cgroup_id, target),
                 Attributed::Never => self.pass_over(cgroup_id, 0),
@@ -394,10 +390,7 @@ impl<A: Attributor> Engine<A> {
         if gone.is_empty() {
             return;
         }
-        let mut kernel: HashMap<u64, Vec<u64>> = HashMap::new();
-        for key in self.maps.stream_keys() {
-            kernel.entry(key.cgroup_id).or_default().push(key.ino);
-        }
+        let mut kernel = self.maps.streams_by_cgroup();
         for cgroup_id in gone {
             let inos = kernel.remove(&cgroup_id).unwrap_or_default();
             self.finish_cgroup(cgroup_id, &inos);
@@ -451,10 +444,7 @@ impl<A: Attributor> Engine<A> {
     /// Closes every stream (the collector is stopping) and waits for the shippers until the
     /// grace period ends.
     pub async fn shutdown(mut self) {
-        let mut kernel: HashMap<u64, Vec<u64>> = HashMap::new();
-        for key in self.maps.stream_keys() {
-            kernel.entry(key.cgroup_id).or_default().push(key.ino);
-        }
+        let mut kernel = self.maps.streams_by_cgroup();
         let ids: Vec<u64> = self.cgroups.keys().copied().collect();
         for id in ids {
             let inos = kernel.remove(&id).unwrap_or_default();

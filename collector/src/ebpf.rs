@@ -230,9 +230,13 @@ impl Maps {
         self.stdio.get(&cgroup_id, 0).ok()
     }
 
-    /// The keys of every stream the kernel counts.
-    pub fn stream_keys(&self) -> Vec<StreamKey> {
-        self.streams.keys().filter_map(Result::ok).collect()
+    /// The files of every stream the kernel counts, by cgroup (one scan of the map).
+    pub fn streams_by_cgroup(&self) -> std::collections::HashMap<u64, Vec<u64>> {
+        let mut by_cgroup: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+        for key in self.streams.keys().filter_map(Result::ok) {
+            by_cgroup.entry(key.cgroup_id).or_default().push(key.ino);
+        }
+        by_cgroup
     }
 
     /// Forgets a cgroup that is gone, and its streams (files `inos`).
