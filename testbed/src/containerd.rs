@@ -96,14 +96,7 @@ impl Containerd {
     /// When the test bed is unavailable and `RELAY_REQUIRE_TESTBED=1`, or when containerd does
     /// not start although it is installed.
     pub fn start_or_skip() -> Option<Self> {
-        if let Some(reason) = crate::unavailable() {
-            crate::skip_or_fail(&reason);
-            return None;
-        }
-        match Self::start() {
-            Ok(containerd) => Some(containerd),
-            Err(e) => panic!("containerd did not start: {e:#}"),
-        }
+        crate::start_or_skip("containerd", Self::start)
     }
 
     /// containerd's gRPC socket.

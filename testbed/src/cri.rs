@@ -174,14 +174,7 @@ impl Cri {
     /// When the test bed is unavailable and `RELAY_REQUIRE_TESTBED=1`, or when containerd does
     /// not start although it is installed.
     pub fn start_or_skip() -> Option<Self> {
-        if let Some(reason) = crate::unavailable() {
-            crate::skip_or_fail(&reason);
-            return None;
-        }
-        match Self::start() {
-            Ok(cri) => Some(cri),
-            Err(e) => panic!("containerd with CRI did not start: {e:#}"),
-        }
+        crate::start_or_skip("containerd with CRI", Self::start)
     }
 
     /// containerd's gRPC socket, which also serves CRI.

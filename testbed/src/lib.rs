@@ -54,6 +54,19 @@ pub fn unavailable() -> Option<String> {
     })
 }
 
+/// `start()` when containers can run here, otherwise `None` after [`skip_or_fail`] has said
+/// why; panics when `what` does not start although it is installed.
+fn start_or_skip<T>(what: &str, start: impl FnOnce() -> anyhow::Result<T>) -> Option<T> {
+    if let Some(reason) = unavailable() {
+        skip_or_fail(&reason);
+        return None;
+    }
+    match start() {
+        Ok(started) => Some(started),
+        Err(e) => panic!("{what} did not start: {e:#}"),
+    }
+}
+
 /// Whether [`REQUIRE_ENV`] asks for missing infrastructure to fail tests.
 pub fn required() -> bool {
     std::env::var_os(REQUIRE_ENV).is_some_and(|v| !v.is_empty() && v != "0")
