@@ -68,7 +68,8 @@ pub struct TenantStatus {
     /// The `metadata.generation` the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Name of the PersistentVolumeClaim holding the current tools.
+    /// Name of the PersistentVolumeClaim new pods mount: the latest one whose install Job
+    /// succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools_volume_claim: Option<String>,
     /// Version of the tools in that claim.
@@ -136,6 +137,14 @@ impl TenantSpec {
             return Err(InvalidSpec::MissingStorageRequest);
         }
         Ok(())
+    }
+}
+
+impl Tenant {
+    /// The tools claim new pods mount: the last claim whose install Job succeeded. While a new tools
+    /// version installs, this stays on the previous one; `None` until a first install succeeded.
+    pub fn usable_tools_claim(&self) -> Option<&str> {
+        self.status.as_ref()?.tools_volume_claim.as_deref()
     }
 }
 
