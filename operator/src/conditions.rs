@@ -127,13 +127,16 @@ pub fn tools_ready(
     )
 }
 
-/// `Ready=True`: the tenant is fully served.
-pub fn ready(observed_generation: Option<i64>, now: Time) -> Condition {
+/// `Ready=True`: the tenant is fully served; new pods mount `claim`.
+///
+/// The message is never empty: Kubernetes' `Condition` requires one, and an empty string is
+/// serialized as absent.
+pub fn ready(observed_generation: Option<i64>, claim: &str, now: Time) -> Condition {
     condition(
         types::READY,
         status::TRUE,
         reasons::READY,
-        String::new(),
+        format!("new pods get the entrypoint from PersistentVolumeClaim {claim}"),
         observed_generation,
         now,
     )
@@ -210,7 +213,7 @@ mod tests {
                 reasons::TOOLS_READY,
             ),
             (
-                ready(Some(5), at(0)),
+                ready(Some(5), "tools-v1", at(0)),
                 types::READY,
                 status::TRUE,
                 reasons::READY,
@@ -238,7 +241,7 @@ mod tests {
 
     #[test]
     fn set_condition_appends_a_new_type() {
-        let conditions = set_condition(Vec::new(), ready(Some(1), at(10)));
+        let conditions = set_condition(Vec::new(), ready(Some(1), "tools-v1", at(10)));
         let conditions = set_condition(
             conditions,
             tools_job_running(Some(1), "tools-v1", "v1", at(11)),
@@ -266,7 +269,7 @@ mod tests {
     #[test]
     fn set_condition_updates_transition_time_when_status_changes() {
         let conditions = vec![
-            ready(Some(1), at(5)),
+            ready(Some(1), "tools-v1", at(5)),
             tools_job_running(Some(1), "tools-v1", "v1", at(10)),
         ];
         let conditions = set_condition(conditions, tools_ready(Some(1), "tools-v1", "v1", at(30)));
@@ -275,11 +278,11 @@ mod tests {
         assert_eq!(c.status, status::TRUE);
         assert_eq!(c.last_transition_time, at(30));
         // Other types are left alone, in place.
-        assert_eq!(conditions[0], ready(Some(1), at(5)));
+        assert_eq!(conditions[0], ready(Some(1), "tools-v1", at(5)));
     }
 
     #[test]
     fn find_returns_none_for_an_absent_type() {
-        assert!(find(&[ready(None, at(0))], types::TOOLS_READY).is_none());
+        assert!(find(&[ready(None, "c", at(0))], types::TOOLS_READY).is_none());
     }
 }

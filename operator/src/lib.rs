@@ -3,6 +3,9 @@
 #![forbid(unsafe_code)]
 
 pub mod conditions;
+pub mod controller;
 pub mod crd;
+pub mod lease;
+pub mod metrics;
 pub mod mutate;
 pub mod tls;
