@@ -2,6 +2,7 @@
 //! the collector DaemonSet.
 #![forbid(unsafe_code)]
 
+pub mod collector;
 pub mod conditions;
 pub mod controller;
 pub mod crd;

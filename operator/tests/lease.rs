@@ -32,15 +32,24 @@ async fn holder(client: &kube::Client) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_holder_at_a_time_with_hand_over_on_release_and_expiry() {
-    let Some(kube) = tokio::task::spawn_blocking(KubeApi::start_or_skip).await.unwrap() else {
+    let Some(kube) = tokio::task::spawn_blocking(KubeApi::start_or_skip)
+        .await
+        .unwrap()
+    else {
         return;
     };
     let client = client(&kube).await;
     let mut a = Elector::new(client.clone(), config("a"));
     let mut b = Elector::new(client.clone(), config("b"));
 
-    assert!(a.try_acquire_or_renew().await.unwrap(), "a takes a free lease");
-    assert!(!b.try_acquire_or_renew().await.unwrap(), "b cannot take a held lease");
+    assert!(
+        a.try_acquire_or_renew().await.unwrap(),
+        "a takes a free lease"
+    );
+    assert!(
+        !b.try_acquire_or_renew().await.unwrap(),
+        "b cannot take a held lease"
+    );
     assert!(a.try_acquire_or_renew().await.unwrap(), "a renews");
     assert_eq!(holder(&client).await.as_deref(), Some("a"));
 
@@ -50,7 +59,11 @@ async fn one_holder_at_a_time_with_hand_over_on_release_and_expiry() {
     tokio::time::timeout(Duration::from_secs(5), b.acquire())
         .await
         .expect("b takes the released lease");
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(holder(&client).await.as_deref(), Some("b"));
 
     // b holds and renews in the background; a cannot take it while it does.
@@ -60,7 +73,10 @@ async fn one_holder_at_a_time_with_hand_over_on_release_and_expiry() {
     });
     let deadline = Instant::now() + Duration::from_secs(4);
     while Instant::now() < deadline {
-        assert!(!a.try_acquire_or_renew().await.unwrap(), "a took a renewed lease");
+        assert!(
+            !a.try_acquire_or_renew().await.unwrap(),
+            "a took a renewed lease"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // b stops renewing (crashed): a takes over once a whole lease duration passed unrenewed.
@@ -68,10 +84,17 @@ async fn one_holder_at_a_time_with_hand_over_on_release_and_expiry() {
     let stopped = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !a.try_acquire_or_renew().await.unwrap() {
-        assert!(Instant::now() < deadline, "a did not take the expired lease");
+        assert!(
+            Instant::now() < deadline,
+            "a did not take the expired lease"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(stopped.elapsed() >= Duration::from_secs(2), "{:?}", stopped.elapsed());
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        stopped.elapsed()
+    );
     assert_eq!(holder(&client).await.as_deref(), Some("a"));
     let lease = Api::<Lease>::namespaced(client.clone(), "default")
         .get("relay-operator-test")
