@@ -143,6 +143,9 @@ pub struct Claims {
 pub struct Principal {
     pub context: Context,
     pub scope: Scope,
+    /// For collectors of the `kubernetes` auth mode: the node they run on. They may touch only
+    /// contexts of pods on that node. `None`: no node restriction (HMAC tokens).
+    pub node: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -296,6 +299,7 @@ impl Keys {
         Some(Principal {
             context: sub,
             scope,
+            node: None,
         })
     }
 

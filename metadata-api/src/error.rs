@@ -36,6 +36,8 @@ pub enum ApiError {
         budget: &'static str,
         retry_after: Duration,
     },
+    #[error("authentication is unavailable; retry later")]
+    AuthUnavailable,
     #[error("storage is unavailable; retry later")]
     Unavailable(#[source] object_store::Error),
     #[error("internal error")]
@@ -60,7 +62,7 @@ impl ApiError {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -78,7 +80,7 @@ impl ApiError {
             Self::TooLarge(_) => "too_large",
             Self::UnsupportedMedia(_) => "unsupported_media_type",
             Self::Throttled { .. } => "throttled",
-            Self::Unavailable(_) => "unavailable",
+            Self::Unavailable(_) | Self::AuthUnavailable => "unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -96,6 +98,18 @@ impl From<StoreError> for ApiError {
             StoreError::FinalLength { .. } => Self::Conflict(e.to_string()),
             StoreError::Corrupt { .. } => Self::Internal(e.to_string()),
             StoreError::Storage(source) => Self::Unavailable(source),
+        }
+    }
+}
+
+#[cfg(feature = "kubernetes")]
+impl From<crate::kube_auth::AuthError> for ApiError {
+    fn from(e: crate::kube_auth::AuthError) -> Self {
+        use crate::kube_auth::AuthError;
+        match e {
+            AuthError::Unauthenticated => Self::Unauthorized,
+            AuthError::Forbidden(why) => Self::Forbidden(why),
+            AuthError::Unavailable => Self::AuthUnavailable,
         }
     }
 }
@@ -121,7 +135,7 @@ impl IntoResponse for ApiError {
                     HeaderValue::from(retry_after_secs(*retry_after)),
                 );
             }
-            Self::Unavailable(_) => {
+            Self::Unavailable(_) | Self::AuthUnavailable => {
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             }

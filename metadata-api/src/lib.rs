@@ -12,11 +12,14 @@ pub mod auth;
 pub mod client;
 #[cfg(feature = "server")]
 pub mod error;
+#[cfg(feature = "kubernetes")]
+pub mod kube_auth;
 #[cfg(feature = "server")]
 pub mod limits;
 #[cfg(feature = "server")]
 pub mod metrics;
 pub mod names;
+pub mod pod_context;
 pub mod range;
 #[cfg(feature = "server")]
 pub mod read;

@@ -69,18 +69,18 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(args) => {
-            let state = match args.state() {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("metadata-api: {e}");
-                    return ExitCode::from(EX_CONFIG);
-                }
-            };
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("metadata-api: cannot start runtime: {e}");
                     return ExitCode::FAILURE;
+                }
+            };
+            let state = match rt.block_on(args.state()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("metadata-api: {:#}", anyhow::Error::from(e));
+                    return ExitCode::from(EX_CONFIG);
                 }
             };
             let result = rt.block_on(async {

@@ -54,6 +54,10 @@ pub struct AppState {
     pub keys: Keys,
     pub budget: Arc<Budget>,
     pub metrics: Arc<Metrics>,
+    /// The `kubernetes` auth mode's authenticator; `None` in `hmac` mode. Tokens that verify
+    /// with [`keys`](Self::keys) are accepted in both modes.
+    #[cfg(feature = "kubernetes")]
+    pub kube: Option<Arc<crate::kube_auth::KubeAuth>>,
 }
 
 type S = State<Arc<AppState>>;
@@ -116,7 +120,7 @@ async fn render_metrics(State(s): S) -> impl IntoResponse {
     )
 }
 
-fn principal(s: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+async fn principal(s: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -125,23 +129,46 @@ fn principal(s: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(ApiError::Unauthorized);
     }
-    s.keys.verify(token.trim()).ok_or(ApiError::Unauthorized)
+    let token = token.trim();
+    if let Some(p) = s.keys.verify(token) {
+        return Ok(p);
+    }
+    #[cfg(feature = "kubernetes")]
+    if let Some(kube) = &s.kube {
+        return Ok(kube.authenticate(token).await?);
+    }
+    Err(ApiError::Unauthorized)
+}
+
+/// Whether `p`'s node restriction (kubernetes collectors) lets it touch `context`.
+#[cfg(feature = "kubernetes")]
+fn node_allows(s: &AppState, p: &Principal, context: &Context) -> bool {
+    match (&p.node, &s.kube) {
+        (None, _) => true,
+        (Some(node), Some(kube)) => kube.node_runs(node, context),
+        (Some(_), None) => false,
+    }
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn node_allows(_: &AppState, p: &Principal, _: &Context) -> bool {
+    p.node.is_none()
 }
 
 fn valid_id(id: &str) -> bool {
     id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-fn may_read(p: &Principal, m: &StreamMeta) -> bool {
+fn may_read(s: &AppState, p: &Principal, m: &StreamMeta) -> bool {
     match p.scope {
         Scope::Read => p.context.covers(&m.context),
         Scope::Write => p.context == m.context && m.source == Source::Entrypoint,
-        Scope::Collector => m.source == Source::Ebpf,
+        Scope::Collector => m.source == Source::Ebpf && node_allows(s, p, &m.context),
     }
 }
 
-fn may_write(p: &Principal, m: &StreamMeta) -> bool {
-    p.scope != Scope::Read && may_read(p, m)
+fn may_write(s: &AppState, p: &Principal, m: &StreamMeta) -> bool {
+    p.scope != Scope::Read && may_read(s, p, m)
 }
 
 /// Opens a stream the caller may see; 404 for anything else, so ids of others are not revealed.
@@ -150,7 +177,7 @@ async fn visible(s: &AppState, p: &Principal, id: &str) -> Result<Arc<Stream>, A
         return Err(ApiError::NotFound);
     }
     match s.store.open(id).await? {
-        Some(st) if may_read(p, &st.meta) => Ok(st),
+        Some(st) if may_read(s, p, &st.meta) => Ok(st),
         _ => Err(ApiError::NotFound),
     }
 }
@@ -195,7 +222,7 @@ async fn create_stream(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<CreateResponse>, ApiError> {
-    let p = principal(&s, &headers)?;
+    let p = principal(&s, &headers).await?;
     let req: CreateRequest = parse_json(&read_body(body, MAX_JSON).await?)?;
     if !crate::names::valid_stream_name(&req.name) {
         return Err(ApiError::bad(
@@ -232,6 +259,11 @@ async fn create_stream(
             if !p.context.covers(&ctx) && p.context.as_str() != "workflows" {
                 return Err(ApiError::Forbidden(
                     "context is outside this collector's scope",
+                ));
+            }
+            if !node_allows(&s, &p, &ctx) {
+                return Err(ApiError::Forbidden(
+                    "no pod of this context runs on the collector's node",
                 ));
             }
             match req.source.unwrap_or(Source::Ebpf) {
@@ -319,9 +351,9 @@ async fn write_data(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<WriteResponse>), ApiError> {
-    let p = principal(&s, &headers)?;
+    let p = principal(&s, &headers).await?;
     let stream = visible(&s, &p, &id).await?;
-    if !may_write(&p, &stream.meta) {
+    if !may_write(&s, &p, &stream.meta) {
         return Err(ApiError::Forbidden("this token cannot write to the stream"));
     }
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
@@ -477,9 +509,9 @@ async fn add_markers(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<WriteResponse>), ApiError> {
-    let p = principal(&s, &headers)?;
+    let p = principal(&s, &headers).await?;
     let stream = visible(&s, &p, &id).await?;
-    if !may_write(&p, &stream.meta) {
+    if !may_write(&s, &p, &stream.meta) {
         return Err(ApiError::Forbidden("this token cannot write to the stream"));
     }
     let req: MarkerRequest = parse_json(&read_body(body, MAX_JSON).await?)?;
@@ -509,7 +541,7 @@ async fn stream_status(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<crate::store::Status>, ApiError> {
-    let p = principal(&s, &headers)?;
+    let p = principal(&s, &headers).await?;
     let stream = visible(&s, &p, &id).await?;
     s.store.refresh(&stream).await?;
     Ok(Json(stream.status()))
@@ -578,7 +610,7 @@ async fn read_stream(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
-    let p = principal(&s, &headers)?;
+    let p = principal(&s, &headers).await?;
     let stream = visible(&s, &p, &id).await?;
     s.store.refresh(&stream).await?;
     let status = stream.status();
@@ -662,7 +694,7 @@ async fn context_logs(
     q: ReadQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let p = principal(&s, &headers)?;
+    let p = principal(&s, &headers).await?;
     let context = Context::stream(&context).map_err(|e| ApiError::bad(e.to_string()))?;
     let allowed = match p.scope {
         Scope::Read => p.context.covers(&context),

@@ -24,6 +24,10 @@ use crate::{
 pub enum AuthMode {
     /// JWTs signed with the key in `--key-file` (mint them with `metadata-api token`).
     Hmac,
+    /// Projected ServiceAccount tokens, checked with TokenReview; the pod's labels give its
+    /// context ([`crate::kube_auth`]). `hmac` tokens keep working alongside.
+    #[cfg(feature = "kubernetes")]
+    Kubernetes,
 }
 
 /// `metadata-api serve`.
@@ -73,6 +77,10 @@ pub struct ServeArgs {
     /// Body bytes the service may have in flight.
     #[arg(long, env = "RELAY_METADATA_API_GLOBAL_INFLIGHT", default_value = "512M", value_parser = parse_size)]
     pub global_inflight: u64,
+    /// Settings of `--auth kubernetes`.
+    #[cfg(feature = "kubernetes")]
+    #[command(flatten)]
+    pub kubernetes: crate::kube_auth::KubeAuthArgs,
 }
 
 pub use crate::size::parse_size;
@@ -83,6 +91,9 @@ pub enum ConfigError {
     Storage { url: String, reason: String },
     #[error(transparent)]
     Key(#[from] crate::auth::KeyError),
+    #[cfg(feature = "kubernetes")]
+    #[error("cannot start Kubernetes authentication")]
+    Kubernetes(#[from] crate::kube_auth::StartError),
 }
 
 /// Opens the object store a storage URL names, and the prefix inside it.
@@ -137,8 +148,9 @@ fn open_dir(url: &str, dir: &str) -> Result<(Arc<dyn ObjectStore>, Path), Config
 }
 
 impl ServeArgs {
-    /// Builds the service state; errors here are configuration errors (exit 64).
-    pub fn state(&self) -> Result<Arc<AppState>, ConfigError> {
+    /// Builds the service state; errors here are configuration errors (exit 64). In `kubernetes`
+    /// mode this connects to the API server and waits for the first list of pods.
+    pub async fn state(&self) -> Result<Arc<AppState>, ConfigError> {
         let Self {
             listen: _,
             storage,
@@ -150,7 +162,15 @@ impl ServeArgs {
             global_rate,
             stream_inflight,
             global_inflight,
+            #[cfg(feature = "kubernetes")]
+            kubernetes,
         } = self;
+        #[cfg(feature = "kubernetes")]
+        let kube = match auth {
+            AuthMode::Hmac => None,
+            AuthMode::Kubernetes => Some(crate::kube_auth::KubeAuth::start(kubernetes).await?),
+        };
+        #[cfg(not(feature = "kubernetes"))]
         let AuthMode::Hmac = auth;
         let keys = Keys::load_or_create(key_file)?;
         let metrics = Arc::new(Metrics::new());
@@ -169,6 +189,8 @@ impl ServeArgs {
             keys,
             budget: Budget::new(limits),
             metrics,
+            #[cfg(feature = "kubernetes")]
+            kube,
         }))
     }
 }

@@ -118,7 +118,7 @@ fn deploy_manifests_apply_to_a_real_api_server() {
         &["mutatingwebhookconfiguration", "relay-pod-injection"],
         "mutatingwebhookconfiguration.admissionregistration.k8s.io/relay-pod-injection",
     );
-    for name in ["relay-collector", "relay-operator"] {
+    for name in ["metadata-api", "relay-collector", "relay-operator"] {
         exists(
             &["clusterrole", name],
             &format!("clusterrole.rbac.authorization.k8s.io/{name}"),
@@ -128,6 +128,10 @@ fn deploy_manifests_apply_to_a_real_api_server() {
             &format!("clusterrolebinding.rbac.authorization.k8s.io/{name}"),
         );
     }
+    exists(
+        &["clusterrolebinding", "metadata-api:auth-delegator"],
+        "clusterrolebinding.rbac.authorization.k8s.io/metadata-api:auth-delegator",
+    );
     exists(
         &[&ns[..], &["role", "relay-operator"]].concat(),
         "role.rbac.authorization.k8s.io/relay-operator",
@@ -167,6 +171,31 @@ fn deploy_manifests_apply_to_a_real_api_server() {
         ],
     );
     assert!(modes.contains("ReadOnlyMany"), "accessModes: {modes}");
+
+    // The metadata API's ServiceAccount may do what `--auth kubernetes` needs.
+    for (verb, resource) in [
+        ("create", "tokenreviews.authentication.k8s.io"),
+        ("get", "pods"),
+        ("watch", "pods"),
+    ] {
+        let answer = kubectl(
+            &kube,
+            &[
+                "auth",
+                "can-i",
+                verb,
+                resource,
+                "--all-namespaces",
+                "--as",
+                "system:serviceaccount:relay-system:metadata-api",
+            ],
+        );
+        assert_eq!(
+            answer.trim(),
+            "yes",
+            "metadata-api may not {verb} {resource}"
+        );
+    }
 
     // The kustomization lists every file but the DaemonSet and builds with kubectl 1.20's built-in kustomize;
     // the server accepts the result (everything exists by now: unchanged or configured).

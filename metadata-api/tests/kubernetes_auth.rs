@@ -1,0 +1,468 @@
+//! `--auth kubernetes` against the real kube-apiserver test bed: bound ServiceAccount tokens from
+//! TokenRequest, checked by the real binary with TokenReview, over real HTTP.
+#![cfg(feature = "kubernetes")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use common::Server;
+use k8s_openapi::api::{
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{Namespace, Pod, ServiceAccount},
+};
+use kube::{
+    Client,
+    api::{Api as KubeResource, DeleteParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use metadata_api::auth::Scope;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use testbed::kube::{KubeApi, SERVICE_ACCOUNT_ISSUER};
+
+const AUDIENCE: &str = "relay-metadata-api";
+const TENANT: &str = "tenant";
+const STEP_CTX: &str = "workflows/w1/runs/r1/steps/build";
+const TRIGGER_CTX: &str = "workflows/w1/triggers/sync-1";
+
+/// The control plane, an admin client and the API under test (stopped before the control plane).
+struct Bed {
+    api: Server,
+    client: Client,
+    kube: KubeApi,
+    _dir: tempfile::TempDir,
+}
+
+impl Bed {
+    async fn start(extra: &[&str]) -> Option<Self> {
+        // Its start uses a blocking HTTP client, which must not run on the runtime's thread.
+        let kube = tokio::task::spawn_blocking(KubeApi::start_or_skip)
+            .await
+            .unwrap()?;
+        let config = kube::Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(kube.kubeconfig_path()).unwrap(),
+            &KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        let client = Client::try_from(config).unwrap();
+        for ns in [TENANT, "relay-system"] {
+            create(
+                &client,
+                None,
+                json!({"metadata": {"name": ns}}) as Value,
+                |c, _| KubeResource::<Namespace>::all(c),
+            )
+            .await;
+        }
+        for (ns, sa) in [(TENANT, "runner"), ("relay-system", "relay-collector")] {
+            create(
+                &client,
+                Some(ns),
+                json!({"metadata": {"name": sa}}),
+                |c, ns| KubeResource::<ServiceAccount>::namespaced(c, ns.unwrap()),
+            )
+            .await;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let storage = format!("file://{}", dir.path().join("streams").display());
+        let mut args = vec!["--auth", "kubernetes"];
+        args.extend_from_slice(extra);
+        let api = Server::start_with_env(
+            dir.path(),
+            &storage,
+            &args,
+            &[(
+                "KUBECONFIG".to_owned(),
+                kube.kubeconfig_path().display().to_string(),
+            )],
+        );
+        Some(Self {
+            kube,
+            client,
+            api,
+            _dir: dir,
+        })
+    }
+
+    /// Creates a pod of `sa` in `ns` on `node` with `labels`; returns its UID.
+    async fn pod(&self, ns: &str, name: &str, sa: &str, node: &str, labels: Value) -> String {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "serviceAccountName": sa,
+                "nodeName": node,
+                "containers": [{"name": "c", "image": "busybox"}],
+            },
+        }))
+        .unwrap();
+        let pod = KubeResource::<Pod>::namespaced(self.client.clone(), ns)
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap();
+        pod.metadata.uid.unwrap()
+    }
+
+    async fn delete_pod(&self, ns: &str, name: &str) {
+        KubeResource::<Pod>::namespaced(self.client.clone(), ns)
+            .delete(name, &DeleteParams::default().grace_period(0))
+            .await
+            .unwrap();
+    }
+
+    /// A TokenRequest-minted token of `sa`, bound to the pod, for `audience`; never the same twice
+    /// (each lives a second longer than the one before, so no two share their claims).
+    async fn token(&self, ns: &str, sa: &str, pod: &str, uid: &str, audience: &str) -> String {
+        static MINTED: AtomicI64 = AtomicI64::new(0);
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![audience.to_owned()],
+                expiration_seconds: Some(3600 + MINTED.fetch_add(1, Ordering::Relaxed)),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(pod.into()),
+                    uid: Some(uid.into()),
+                }),
+            },
+            ..TokenRequest::default()
+        };
+        KubeResource::<ServiceAccount>::namespaced(self.client.clone(), ns)
+            .create_token_request(sa, &PostParams::default(), &request)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .token
+    }
+
+    fn http(&self, token: &str) -> common::Api {
+        self.api.client(token)
+    }
+}
+
+async fn create<K, F>(client: &Client, ns: Option<&str>, body: Value, api: F)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    F: Fn(Client, Option<&str>) -> KubeResource<K>,
+{
+    let obj: K = serde_json::from_value(body).unwrap();
+    api(client.clone(), ns)
+        .create(&PostParams::default(), &obj)
+        .await
+        .unwrap();
+}
+
+fn tekton_labels(run: &str, step: &str) -> Value {
+    json!({"tekton.dev/taskRun": "tr-1", "relay.sh/workflow": "w1", "relay.sh/run": run, "relay.sh/step": step})
+}
+
+fn knative_labels() -> Value {
+    json!({"serving.knative.dev/revision": "rev-1", "relay.sh/workflow": "w1", "relay.sh/trigger-sync-id": "sync-1"})
+}
+
+async fn status_of(r: reqwest::Response) -> (StatusCode, Value) {
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Creates a stream and returns the status and body.
+async fn create_stream(api: &common::Api, body: Value) -> (StatusCode, Value) {
+    status_of(api.create(body).await).await
+}
+
+/// A bound-token-shaped JWT for `pod` of `tenant/runner`, signed ES256 with `key_pem` (PKCS#8).
+fn signed_token(key_pem: &str, pod: &str, uid: &str, sa_uid: &str, exp: u64) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let der = b64.decode(body).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ec_der(&der);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({
+        "aud": [AUDIENCE],
+        "iss": SERVICE_ACCOUNT_ISSUER,
+        "sub": format!("system:serviceaccount:{TENANT}:runner"),
+        "iat": now - 7200,
+        "nbf": now - 7200,
+        "exp": exp,
+        "kubernetes.io": {
+            "namespace": TENANT,
+            "pod": {"name": pod, "uid": uid},
+            "serviceaccount": {"name": "runner", "uid": sa_uid},
+        },
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &key,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn pod_tokens_write_only_their_own_context() {
+    let Some(bed) = Bed::start(&[]).await else {
+        return;
+    };
+    let step_uid = bed
+        .pod(TENANT, "step", "runner", "n1", tekton_labels("r1", "build"))
+        .await;
+    let trigger_uid = bed
+        .pod(TENANT, "trigger", "runner", "n1", knative_labels())
+        .await;
+    let plain_uid = bed.pod(TENANT, "plain", "runner", "n1", json!({})).await;
+
+    // A Tekton step pod writes into its context, and only there.
+    let token = bed
+        .token(TENANT, "runner", "step", &step_uid, AUDIENCE)
+        .await;
+    let step = bed.http(&token);
+    let (status, body) = create_stream(&step, json!({"name": "stdout"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["context"], STEP_CTX);
+    let id = body["id"].as_str().unwrap().to_owned();
+    step.put_at(&id, 0, b"hello\n").await;
+    // Latency: a fresh token's first request (TokenReview and pod read), the same token cached,
+    // and an HMAC token of the same context for comparison.
+    let get_status = |api: common::Api, id: String| async move {
+        let started = Instant::now();
+        let r = api
+            .req(Method::GET, &format!("/logs/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        started.elapsed()
+    };
+    let fresh = bed.http(
+        &bed.token(TENANT, "runner", "step", &step_uid, AUDIENCE)
+            .await,
+    );
+    let reviewed = get_status(fresh.clone(), id.clone()).await;
+    let rounds = 100;
+    let mut cached = Duration::ZERO;
+    let mut hmac = Duration::ZERO;
+    let hmac_api = bed.http(&bed.api.token(STEP_CTX, Scope::Write));
+    for _ in 0..rounds {
+        cached += get_status(fresh.clone(), id.clone()).await;
+        hmac += get_status(hmac_api.clone(), id.clone()).await;
+    }
+    eprintln!(
+        "GET /logs/{{id}}: first with a new token (TokenReview + pod read) {reviewed:?}, \
+         cached {:?}, HMAC token {:?}",
+        cached / rounds,
+        hmac / rounds
+    );
+    let (status, _) = create_stream(&step, json!({"name": "stdout", "context": TRIGGER_CTX})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = create_stream(
+        &step,
+        json!({"name": "stdout", "source": "ebpf", "context": STEP_CTX}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // A Knative trigger pod writes into its trigger context.
+    let token = bed
+        .token(TENANT, "runner", "trigger", &trigger_uid, AUDIENCE)
+        .await;
+    let trigger = bed.http(&token);
+    let (status, body) = create_stream(&trigger, json!({"name": "stdout"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["context"], TRIGGER_CTX);
+    let (status, _) = create_stream(&trigger, json!({"name": "stdout", "context": STEP_CTX})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // ... and cannot see the step's stream.
+    let (status, _) = status_of(
+        trigger
+            .req(Method::GET, &format!("/logs/{id}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A pod without the labels: authenticated, but nothing to write to.
+    let token = bed
+        .token(TENANT, "runner", "plain", &plain_uid, AUDIENCE)
+        .await;
+    let (status, body) = create_stream(&bed.http(&token), json!({"name": "stdout"})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("labels"),
+        "{body}"
+    );
+
+    // Wrong audience.
+    let token = bed
+        .token(TENANT, "runner", "step", &step_uid, "some-other-service")
+        .await;
+    let (status, body) = create_stream(&bed.http(&token), json!({"name": "stdout"})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["message"], "a valid bearer token is required");
+
+    // A token of the API server's own signing key: accepted while valid (so the shape is right),
+    // refused once expired; the same claims under another key are refused.
+    let key_pem = std::fs::read_to_string(bed.kube.service_account_signing_key_path()).unwrap();
+    let sa_uid = KubeResource::<ServiceAccount>::namespaced(bed.client.clone(), TENANT)
+        .get("runner")
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let valid = signed_token(&key_pem, "step", &step_uid, &sa_uid, now + 600);
+    let (status, body) = create_stream(&bed.http(&valid), json!({"name": "stderr"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let expired = signed_token(&key_pem, "step", &step_uid, &sa_uid, now - 60);
+    let (status, _) = create_stream(&bed.http(&expired), json!({"name": "stderr"})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let other_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let forged = signed_token(
+        &other_key.serialize_pem(),
+        "step",
+        &step_uid,
+        &sa_uid,
+        now + 600,
+    );
+    let (status, _) = create_stream(&bed.http(&forged), json!({"name": "stderr"})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = create_stream(&bed.http("not-a-token"), json!({"name": "stderr"})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // A token bound to a pod that was deleted: the TokenReview refuses it.
+    let doomed_uid = bed
+        .pod(
+            TENANT,
+            "doomed",
+            "runner",
+            "n1",
+            tekton_labels("r1", "doomed"),
+        )
+        .await;
+    let doomed = bed
+        .token(TENANT, "runner", "doomed", &doomed_uid, AUDIENCE)
+        .await;
+    bed.delete_pod(TENANT, "doomed").await;
+    let (status, _) = create_stream(&bed.http(&doomed), json!({"name": "stdout"})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // HMAC read tokens minted from the key file still read.
+    let reader = bed.http(&bed.api.token("workflows/w1", Scope::Read));
+    let r = reader
+        .req(Method::GET, "/api/workflows/w1/runs/r1/steps/build/logs")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("hello"), "{text}");
+}
+
+#[tokio::test]
+async fn collector_tokens_write_only_for_pods_on_their_node() {
+    let grace = Duration::from_secs(4);
+    let Some(bed) = Bed::start(&["--deleted-pod-grace", "4s"]).await else {
+        return;
+    };
+    let collector_uid = bed
+        .pod(
+            "relay-system",
+            "collector-n1",
+            "relay-collector",
+            "n1",
+            json!({}),
+        )
+        .await;
+    bed.pod(TENANT, "step-a", "runner", "n1", tekton_labels("r1", "a"))
+        .await;
+    bed.pod(TENANT, "step-b", "runner", "n2", tekton_labels("r1", "b"))
+        .await;
+    let ctx_a = "workflows/w1/runs/r1/steps/a";
+    let ctx_b = "workflows/w1/runs/r1/steps/b";
+    let token = bed
+        .token(
+            "relay-system",
+            "relay-collector",
+            "collector-n1",
+            &collector_uid,
+            AUDIENCE,
+        )
+        .await;
+    let collector = bed.http(&token);
+    let ebpf = |ctx: &str, name: &str| json!({"name": name, "source": "ebpf", "context": ctx});
+
+    // The API watches pods: wait until it has seen step-a (created after it started).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let (status, body) = create_stream(&collector, ebpf(ctx_a, "stdout")).await;
+        if status == StatusCode::OK {
+            break body["id"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert!(Instant::now() < deadline, "step-a never became writable");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    collector.put_at(&id, 0, b"captured\n").await;
+    // step-b is on another node (and has been listed: step-a, created later, was seen).
+    let (status, body) = create_stream(&collector, ebpf(ctx_b, "stdout")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    // Not entrypoint streams, even on its node.
+    let (status, _) = create_stream(
+        &collector,
+        json!({"name": "x", "source": "entrypoint", "context": ctx_a}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // After step-a is deleted, the collector may still ship its output for the grace period,
+    // and no longer after it.
+    bed.delete_pod(TENANT, "step-a").await;
+    let deleted = Instant::now();
+    let deadline = deleted + grace + Duration::from_secs(30);
+    let mut n = 0;
+    let refused_at = loop {
+        n += 1;
+        let (status, body) = create_stream(&collector, ebpf(ctx_a, &format!("late-{n}"))).await;
+        match status {
+            StatusCode::OK => {
+                collector
+                    .put_at(body["id"].as_str().unwrap(), 0, b"late\n")
+                    .await
+            }
+            StatusCode::FORBIDDEN => break Instant::now(),
+            other => panic!("unexpected {other}: {body}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "deleted pod's context never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(n > 1, "refused right after the deletion");
+    assert!(
+        refused_at.duration_since(deleted) >= grace,
+        "refused {:?} after the deletion, before the grace period ended",
+        refused_at.duration_since(deleted)
+    );
+    // Appending to the stream it made earlier is refused now too.
+    let r = collector
+        .patch(&id, "bytes 9-13/*", b"more\n".to_vec())
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
