@@ -24,6 +24,7 @@ pub mod cri;
 pub mod kube;
 pub mod layout;
 mod oci;
+pub mod registry;
 mod run;
 
 pub use containerd::{Containerd, NAMESPACE};
