@@ -22,14 +22,21 @@ fn manifest(
     if let Some((user, password)) = creds {
         request = request.basic_auth(user, Some(password));
     }
-    let response = request.send().unwrap();
+    let response = match request.send() {
+        Ok(response) => response,
+        Err(e) => panic!("GET {path}: {e}"),
+    };
     let status = response.status().as_u16();
     let content_type = response
         .headers()
         .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let body = response.bytes().unwrap();
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = match response.bytes() {
+        Ok(body) => body,
+        Err(e) => panic!("GET {path}: {e}"),
+    };
     (
         status,
         content_type,
