@@ -5,4 +5,5 @@
 pub mod conditions;
 pub mod crd;
 pub mod mutate;
+pub mod registry;
 pub mod tls;
