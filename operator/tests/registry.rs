@@ -152,6 +152,9 @@ fn multi_arch_index_resolves_to_the_configured_platform() {
                     .variant("v8")
                     .entrypoint(["/arm64"]),
                 Image::new("linux", "arm")
+                    .variant("v6")
+                    .entrypoint(["/armv6"]),
+                Image::new("linux", "arm")
                     .variant("v7")
                     .entrypoint(["/armv7"]),
             ],
@@ -176,12 +179,14 @@ fn multi_arch_index_resolves_to_the_configured_platform() {
             amd64.image_command(&pinned, &auth).await,
             Ok(command(&["/amd64"], &[]))
         );
-        // arm64 without a variant is v8; 32-bit ARM v8 runs v7.
+        // arm64 without a variant is v8; 32-bit ARM prefers its own variant, then the newest
+        // older one.
         for (platform, entrypoint) in [
             ("linux/arm64", "/arm64"),
             ("linux/arm64/v8", "/arm64"),
             ("linux/arm/v7", "/armv7"),
             ("linux/arm/v8", "/armv7"),
+            ("linux/arm/v6", "/armv6"),
         ] {
             assert_eq!(
                 on(platform).image_command(&image, &auth).await,
@@ -189,13 +194,15 @@ fn multi_arch_index_resolves_to_the_configured_platform() {
                 "{platform}"
             );
         }
-        for platform in ["linux/arm/v6", "linux/s390x", "windows/amd64"] {
+        for platform in ["linux/arm/v5", "linux/s390x", "windows/amd64"] {
             match on(platform).image_command(&image, &auth).await {
                 Err(e @ RegistryError::NoPlatform { .. }) => {
                     let message = e.to_string();
                     assert!(
                         message.contains(platform)
-                            && message.contains("linux/amd64, linux/arm64/v8, linux/arm/v7"),
+                            && message.contains(
+                                "linux/amd64, linux/arm64/v8, linux/arm/v6, linux/arm/v7"
+                            ),
                         "{message}"
                     );
                 }

@@ -8,6 +8,9 @@
 //! kubectl, ...) extracted together into `kube/root` (stamp `kube/root.stamp`), and
 //! `kube-apiserver` and `kube-controller-manager`, built from Debian's `kubernetes` source package,
 //! in `kube/bin`.
+//!
+//! The registry tools (distribution, umoci, skopeo, htpasswd and the libraries they lack) are
+//! extracted together into `registry/root` (stamp `registry/root.stamp`).
 
 use std::path::PathBuf;
 
