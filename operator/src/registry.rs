@@ -53,6 +53,10 @@ pub const DOCKER_CFG_TYPE: &str = "kubernetes.io/dockercfg";
 const DOCKER_HUB: &str = "docker.io";
 const DOCKER_HUB_ALIASES: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
 
+/// At most this many registry clients (each with its connection pool) are kept, whatever
+/// [`RegistryConfig::cache_capacity`] says.
+const MAX_CLIENTS: usize = 64;
+
 /// An image platform: `os/architecture[/variant]`, as in an image index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Platform {
@@ -234,7 +238,8 @@ pub struct RegistryConfig {
     /// How long a tag's digest is trusted before the registry is asked again (60 s by default).
     /// Digest-pinned references are cached until evicted.
     pub tag_ttl: Duration,
-    /// How many entries each cache (tags, manifests, configurations, registry clients) keeps.
+    /// How many entries each cache (tags, manifests, configurations) keeps (1024 by default);
+    /// registry clients, one per registry and credentials, are kept up to 64.
     pub cache_capacity: NonZeroUsize,
     /// The largest image configuration blob accepted (1 MiB by default).
     pub max_config_size: u64,
@@ -812,7 +817,9 @@ impl Registry {
         let capacity = config.cache_capacity;
         Self {
             inner: Arc::new(Inner {
-                clients: Mutex::new(LruCache::new(capacity)),
+                clients: Mutex::new(LruCache::new(
+                    capacity.min(NonZeroUsize::new(MAX_CLIENTS).unwrap_or(NonZeroUsize::MIN)),
+                )),
                 tags: Mutex::new(LruCache::new(capacity)),
                 manifests: Mutex::new(LruCache::new(capacity)),
                 configs: Mutex::new(LruCache::new(capacity)),
