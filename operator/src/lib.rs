@@ -9,4 +9,5 @@ pub mod crd;
 pub mod lease;
 pub mod metrics;
 pub mod mutate;
+pub mod registry;
 pub mod tls;

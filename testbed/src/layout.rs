@@ -8,6 +8,9 @@
 //! kubectl, ...) extracted together into `kube/root` (stamp `kube/root.stamp`), and
 //! `kube-apiserver` and `kube-controller-manager`, built from Debian's `kubernetes` source package,
 //! in `kube/bin`.
+//!
+//! The registry tools (distribution, umoci, skopeo, htpasswd and the libraries they lack) are
+//! extracted together into `registry/root` (stamp `registry/root.stamp`).
 
 use std::path::PathBuf;
 
@@ -114,4 +117,70 @@ pub fn etcd() -> PathBuf {
 /// The `kubectl` binary (Debian's, also 1.20.2).
 pub fn kubectl() -> PathBuf {
     kube_root().join("usr/bin/kubectl")
+}
+
+/// The Debian packages behind the real OCI registry of [`crate::registry`], extracted together
+/// into [`registry_root`]: distribution 2.8 (`docker-registry`), `umoci` to build images, `skopeo`
+/// to push them and `htpasswd` (apache2-utils) for bcrypt password files; plus the shared
+/// libraries skopeo and htpasswd need that a minimal Debian lacks (found with `ldd`), used through
+/// [`registry_library_path`].
+pub const REGISTRY_PACKAGES: [&str; 10] = [
+    "docker-registry",
+    "umoci",
+    "skopeo",
+    "apache2-utils",
+    "libgpgme11",
+    "libassuan0",
+    "libdevmapper1.02.1",
+    "libapr1",
+    "libaprutil1",
+    "libexpat1",
+];
+
+/// `~/.cache/relay/registry`: everything behind the real OCI registry.
+pub fn registry_dir() -> PathBuf {
+    cache_dir().join("registry")
+}
+
+/// The directory [`REGISTRY_PACKAGES`] are extracted into, together.
+pub fn registry_root() -> PathBuf {
+    registry_dir().join("root")
+}
+
+/// The stamp naming the `.deb` files [`registry_root`] was extracted from, one per line.
+pub fn registry_root_stamp() -> PathBuf {
+    registry_dir().join("root.stamp")
+}
+
+/// The `LD_LIBRARY_PATH` under which the binaries of [`registry_root`] find the libraries
+/// extracted with them.
+pub fn registry_library_path() -> std::ffi::OsString {
+    let root = registry_root();
+    std::env::join_paths([
+        root.join("usr/lib/x86_64-linux-gnu"),
+        root.join("lib/x86_64-linux-gnu"),
+        root.join("usr/lib/aarch64-linux-gnu"),
+        root.join("lib/aarch64-linux-gnu"),
+    ])
+    .unwrap_or_default()
+}
+
+/// The `docker-registry` binary (distribution 2.8).
+pub fn docker_registry() -> PathBuf {
+    registry_root().join("usr/bin/docker-registry")
+}
+
+/// The `umoci` binary.
+pub fn umoci() -> PathBuf {
+    registry_root().join("usr/bin/umoci")
+}
+
+/// The `skopeo` binary (run it with [`registry_library_path`]).
+pub fn skopeo() -> PathBuf {
+    registry_root().join("usr/bin/skopeo")
+}
+
+/// The `htpasswd` binary (run it with [`registry_library_path`]).
+pub fn htpasswd() -> PathBuf {
+    registry_root().join("usr/bin/htpasswd")
 }

@@ -2,7 +2,8 @@
 //! busybox containers to completion and handing back their exit code, stdout and stderr; or,
 //! through [`cri`], running Kubernetes-shaped pods as a kubelet would. [`kube`] runs a real
 //! Kubernetes API server (etcd, `kube-apiserver` and optionally `kube-controller-manager`, no
-//! kubelet) on loopback.
+//! kubelet) on loopback. [`registry`] runs a real OCI registry (distribution 2.8) and pushes
+//! images built with umoci to it.
 //!
 //! The binaries come from Debian packages that `cargo xtask testbed install` extracts into
 //! `~/.cache/relay` (see [`layout`]); nothing is installed system-wide and no service is started.
@@ -24,6 +25,7 @@ pub mod cri;
 pub mod kube;
 pub mod layout;
 mod oci;
+pub mod registry;
 mod run;
 
 pub use containerd::{Containerd, NAMESPACE};

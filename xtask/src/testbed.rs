@@ -13,7 +13,8 @@
 //! the CRI client is plain Rust (prost messages), so neither is `protoc`.
 //!
 //! It also installs a Kubernetes control plane (etcd, `kube-apiserver`, `kube-controller-manager`,
-//! for `testbed::kube`); see [`kube`].
+//! for `testbed::kube`); see [`kube`]. And a real OCI registry with the tools to build and push
+//! images (for `testbed::registry`); see [`registry`].
 
 use std::{
     fs,
@@ -27,6 +28,7 @@ use anyhow::{Context, bail, ensure};
 use testbed::layout;
 
 mod kube;
+mod registry;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -74,6 +76,7 @@ pub fn install() -> anyhow::Result<()> {
             layout::cache_dir().display()
         );
     }
+    registry::install().context("installing the OCI registry tools")?;
     kube::install().context("installing the Kubernetes control plane")
 }
 
