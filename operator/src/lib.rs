@@ -6,3 +6,5 @@ pub mod conditions;
 pub mod crd;
 pub mod mutate;
 pub mod tls;
+pub mod webhook;
+pub mod webhook_tls;
