@@ -411,17 +411,7 @@ async fn pods_created_through_the_api_server_are_stored_mutated() {
         .expect("TLS upkeep");
     tokio::spawn(upkeep_loop);
     let material = tls_rx.borrow().clone();
-    let secret = Api::<Secret>::namespaced(client.clone(), SYSTEM_NS)
-        .get(SECRET)
-        .await
-        .expect("Secret made");
-    let stored: BTreeMap<String, String> = secret
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8(v.0).expect("utf-8")))
-        .collect();
-    assert_eq!(tls::from_secret_data(&stored), Some(material.clone()));
+    assert_eq!(secret_material(&client, SECRET).await, material);
     let configuration = Api::<MutatingWebhookConfiguration>::all(client.clone())
         .get("relay-test")
         .await
@@ -697,6 +687,28 @@ async fn pods_created_through_the_api_server_are_stored_mutated() {
     assert_eq!(main.metrics().admissions(Outcome::Error), 0);
 }
 
+fn secret_bytes(material: &WebhookTls) -> BTreeMap<String, k8s_openapi::ByteString> {
+    tls::secret_data(material)
+        .into_iter()
+        .map(|(k, v)| (k, k8s_openapi::ByteString(v.into_bytes())))
+        .collect()
+}
+
+/// The material stored in the Secret `name` of [`SYSTEM_NS`].
+async fn secret_material(client: &Client, name: &str) -> WebhookTls {
+    let secret = Api::<Secret>::namespaced(client.clone(), SYSTEM_NS)
+        .get(name)
+        .await
+        .expect("Secret");
+    let data: BTreeMap<String, String> = secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8(v.0).expect("utf-8")))
+        .collect();
+    tls::from_secret_data(&data).expect("complete material")
+}
+
 /// A TLS client that trusts only `ca_pem`, speaking HTTP/1.1.
 fn connector(ca_pem: &str) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
@@ -813,6 +825,47 @@ async fn direct_reviews_and_certificate_renewal() {
         )],
     )
     .await;
+    // Four replicas making the material at once: one wins, all use its material.
+    let loopback = [IpAddr::V4(Ipv4Addr::LOCALHOST)];
+    let racers = (0..4).map(|_| {
+        operator::webhook_tls::ensure_secret(&client, SYSTEM_NS, "race-tls", SERVICE, &loopback)
+    });
+    let results = futures::future::join_all(racers).await;
+    let winner = results[0].as_ref().expect("ensure_secret").clone();
+    for result in &results {
+        assert_eq!(result.as_ref().expect("ensure_secret"), &winner);
+    }
+    assert_eq!(secret_material(&client, "race-tls").await, winner);
+    // Material due for renewal is replaced.
+    let old = tls::generate_with_ips(
+        SERVICE,
+        SYSTEM_NS,
+        &loopback,
+        SystemTime::now() - Duration::from_secs(364 * 86_400),
+    )
+    .expect("generate");
+    Api::<Secret>::namespaced(client.clone(), SYSTEM_NS)
+        .patch(
+            "race-tls",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "data": secret_bytes(&old) })),
+        )
+        .await
+        .expect("store old material");
+    let renewed =
+        operator::webhook_tls::ensure_secret(&client, SYSTEM_NS, "race-tls", SERVICE, &loopback)
+            .await
+            .expect("ensure_secret");
+    assert_ne!(renewed, old);
+    assert!(!tls::needs_renewal_with_ips(
+        &renewed.cert_pem,
+        SERVICE,
+        SYSTEM_NS,
+        &loopback,
+        SystemTime::now()
+    ));
+    assert_eq!(secret_material(&client, "race-tls").await, renewed);
+
     let (tls_rx, upkeep_loop) = tls_upkeep(client.clone(), upkeep("relay-direct"))
         .await
         .expect("TLS upkeep");
@@ -933,10 +986,7 @@ async fn direct_reviews_and_certificate_renewal() {
     )
     .expect("generate");
     assert_ne!(renewed.ca_cert_pem, first.ca_cert_pem);
-    let data: BTreeMap<String, k8s_openapi::ByteString> = tls::secret_data(&renewed)
-        .into_iter()
-        .map(|(k, v)| (k, k8s_openapi::ByteString(v.into_bytes())))
-        .collect();
+    let data = secret_bytes(&renewed);
     Api::<Secret>::namespaced(client.clone(), SYSTEM_NS)
         .patch(
             SECRET,
