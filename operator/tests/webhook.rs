@@ -923,8 +923,10 @@ async fn direct_reviews_and_certificate_renewal() {
         (answer["uid"].clone(), answer["allowed"].clone()),
         (json!("uid-bad"), json!(false))
     );
-    // Too large.
-    let (status, _) = post(&mut sender, vec![b' '; 128 << 10]).await;
+    // Too large: 413, on a connection of its own (the server closes a connection whose body it
+    // did not read).
+    let mut big = connect(addr, &first.ca_cert_pem).await.expect("connect");
+    let (status, _) = post(&mut big, vec![b' '; 128 << 10]).await;
     assert_eq!(status, 413);
     // Not a CREATE: allowed unchanged.
     let update = review("uid-up", "UPDATE", pod_kind(), pod_object("p"), "ready");
