@@ -11,3 +11,5 @@ pub mod metrics;
 pub mod mutate;
 pub mod registry;
 pub mod tls;
+pub mod webhook;
+pub mod webhook_tls;

@@ -3,11 +3,12 @@
 //! Kubernetes I/O.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 use time::{Duration, OffsetDateTime};
 use x509_parser::extensions::GeneralName;
@@ -80,6 +81,17 @@ const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
 /// A CA (ECDSA P-256, 10 years) and a serving certificate it signs (ECDSA P-256, 1 year) for
 /// the Service `service` in `namespace`, both valid from `now` (less [`CLOCK_SKEW`]).
 pub fn generate(service: &str, namespace: &str, now: SystemTime) -> Result<WebhookTls, TlsError> {
+    generate_with_ips(service, namespace, &[], now)
+}
+
+/// As [`generate`], with `ips` as IP address SANs of the serving certificate besides the DNS
+/// names (a webhook registered by `url: https://127.0.0.1:PORT/...`, as in tests).
+pub fn generate_with_ips(
+    service: &str,
+    namespace: &str,
+    ips: &[IpAddr],
+    now: SystemTime,
+) -> Result<WebhookTls, TlsError> {
     let issued = to_offset(now)?;
     let start = to_offset(now.checked_sub(CLOCK_SKEW).unwrap_or(now))?;
 
@@ -101,6 +113,9 @@ pub fn generate(service: &str, namespace: &str, now: SystemTime) -> Result<Webho
 
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::new(dns_names(service, namespace))?;
+    params
+        .subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, format!("{service}.{namespace}.svc"));
     params.distinguished_name = dn;
@@ -123,10 +138,27 @@ pub fn generate(service: &str, namespace: &str, now: SystemTime) -> Result<Webho
 /// True when `cert_pem` cannot be parsed, expires within [`RENEW_BEFORE_DAYS`] of `now` (or is
 /// not yet valid), or lacks one of the DNS names of `service` in `namespace`.
 pub fn needs_renewal(cert_pem: &str, service: &str, namespace: &str, now: SystemTime) -> bool {
-    !still_good(cert_pem, service, namespace, now).unwrap_or(false)
+    needs_renewal_with_ips(cert_pem, service, namespace, &[], now)
 }
 
-fn still_good(cert_pem: &str, service: &str, namespace: &str, now: SystemTime) -> Option<bool> {
+/// As [`needs_renewal`], and also true when the certificate lacks one of `ips` as an IP SAN.
+pub fn needs_renewal_with_ips(
+    cert_pem: &str,
+    service: &str,
+    namespace: &str,
+    ips: &[IpAddr],
+    now: SystemTime,
+) -> bool {
+    !still_good(cert_pem, service, namespace, ips, now).unwrap_or(false)
+}
+
+fn still_good(
+    cert_pem: &str,
+    service: &str,
+    namespace: &str,
+    ips: &[IpAddr],
+    now: SystemTime,
+) -> Option<bool> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
     let cert = pem.parse_x509().ok()?;
     let now = to_offset(now).ok()?;
@@ -139,19 +171,33 @@ fn still_good(cert_pem: &str, service: &str, namespace: &str, now: SystemTime) -
         return Some(false);
     }
     let san = cert.subject_alternative_name().ok()??;
-    let present: Vec<&str> = san
-        .value
-        .general_names
+    let names = &san.value.general_names;
+    let present: Vec<&str> = names
         .iter()
         .filter_map(|n| match n {
             GeneralName::DNSName(d) => Some(*d),
             _ => None,
         })
         .collect();
+    let present_ips: Vec<&[u8]> = names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::IPAddress(ip) => Some(*ip),
+            _ => None,
+        })
+        .collect();
+    let has_ip = |ip: &IpAddr| {
+        let octets = match ip {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        present_ips.contains(&octets.as_slice())
+    };
     Some(
         dns_names(service, namespace)
             .iter()
-            .all(|want| present.contains(&want.as_str())),
+            .all(|want| present.contains(&want.as_str()))
+            && ips.iter().all(has_ip),
     )
 }
 
@@ -296,6 +342,45 @@ mod tests {
         let tls = generate("svc", "ns", now).expect("generate");
         assert!(needs_renewal(&tls.cert_pem, "svc", "other-ns", now));
         assert!(needs_renewal(&tls.cert_pem, "other", "ns", now));
+    }
+
+    #[test]
+    fn ip_sans_verify_and_are_required() {
+        let now = SystemTime::now();
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        let tls = generate_with_ips("svc", "ns", &[loopback], now).expect("generate");
+        assert!(!needs_renewal_with_ips(
+            &tls.cert_pem,
+            "svc",
+            "ns",
+            &[loopback],
+            now
+        ));
+        assert!(!needs_renewal(&tls.cert_pem, "svc", "ns", now));
+        let other = IpAddr::from([10, 0, 0, 1]);
+        assert!(needs_renewal_with_ips(
+            &tls.cert_pem,
+            "svc",
+            "ns",
+            &[other],
+            now
+        ));
+        let without = generate("svc", "ns", now).expect("generate");
+        assert!(needs_renewal_with_ips(
+            &without.cert_pem,
+            "svc",
+            "ns",
+            &[loopback],
+            now
+        ));
+
+        let leaf_der = CertificateDer::from(der(&tls.cert_pem));
+        let leaf = webpki::EndEntityCert::try_from(&leaf_der).expect("leaf");
+        let name = ServerName::from(loopback);
+        leaf.verify_is_valid_for_subject_name(&name)
+            .expect("valid for 127.0.0.1");
+        let name = ServerName::from(other);
+        assert!(leaf.verify_is_valid_for_subject_name(&name).is_err());
     }
 
     #[test]
