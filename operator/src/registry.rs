@@ -17,7 +17,7 @@
 //! and a manifest without a `mediaType` field (as umoci writes them) is recognized by its shape.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     hash::Hash,
     net::IpAddr,
@@ -1059,6 +1059,44 @@ impl Registry {
             command.clone(),
         );
         Ok(command)
+    }
+}
+
+/// The webhook's image lookup: the pull secrets of the pod and of its ServiceAccount, then every
+/// image concurrently through one [`Registry`].
+#[derive(Clone)]
+pub struct PodImageLookup {
+    pub registry: Registry,
+    pub client: kube::Client,
+}
+
+impl fmt::Debug for PodImageLookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PodImageLookup")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl crate::webhook::ImageLookup for PodImageLookup {
+    fn lookup<'a>(
+        &'a self,
+        pod: &'a Pod,
+        images: Vec<String>,
+    ) -> futures::future::BoxFuture<'a, HashMap<String, Result<ImageCommand, String>>> {
+        Box::pin(async move {
+            let auth = pull_auth_for_pod(&self.client, pod).await;
+            let auth = &auth;
+            let lookups = images.into_iter().map(|image| async move {
+                let result = self
+                    .registry
+                    .image_command(&image, auth)
+                    .await
+                    .map_err(|e| e.to_string());
+                (image, result)
+            });
+            futures::future::join_all(lookups).await.into_iter().collect()
+        })
     }
 }
 

@@ -527,8 +527,14 @@ impl Webhook {
         }
         let images: Vec<String> = wanted.into_iter().collect();
         let timeout = self.config.image_lookup_timeout;
+        // The review's object often has no namespace; the lookup needs it for pull secrets.
+        let mut placed = pod.clone();
+        placed
+            .metadata
+            .namespace
+            .get_or_insert_with(|| namespace.to_owned());
         let results =
-            match tokio::time::timeout(timeout, self.images.lookup(pod, images.clone())).await {
+            match tokio::time::timeout(timeout, self.images.lookup(&placed, images.clone())).await {
                 Ok(results) => results,
                 Err(_) => images
                     .iter()
