@@ -17,12 +17,15 @@ use metadata_api::names::MAX_STREAM_NAME as MAX_NAME;
 pub struct Kube {
     tree: Tree,
     index: PodIndex,
+    /// [`PodIndex::namespaces_added`] when last asked.
+    namespaces_added: u64,
 }
 
 impl Kube {
     pub fn new(root: PathBuf, index: PodIndex) -> Self {
         Self {
             tree: Tree::new(root),
+            namespaces_added: index.namespaces_added(),
             index,
         }
     }
@@ -61,6 +64,15 @@ impl Attributor for Kube {
 
     fn forget(&mut self, cgroup_id: u64) {
         self.tree.forget(cgroup_id);
+    }
+
+    /// A namespace that becomes selected makes its pods' containers attributable, also those
+    /// passed over while it was not.
+    fn reconsider(&mut self) -> bool {
+        let added = self.index.namespaces_added();
+        let changed = added != self.namespaces_added;
+        self.namespaces_added = added;
+        changed
     }
 }
 
