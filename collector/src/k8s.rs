@@ -52,7 +52,7 @@ use kube::api::{Api, ListParams};
 use kube::core::{Expression, Selector, SelectorExt};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::WriterDropped};
 use kube::runtime::{WatchStreamExt, watcher};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::cgroup_path::ContainerCgroup;
 
@@ -486,32 +486,46 @@ struct NamespaceNames {
     relist: Option<HashSet<String>>,
 }
 
+/// What one event changed in the set of selected namespaces (names sorted).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NamespaceChanges {
+    added: Vec<String>,
+    removed: Vec<String>,
+}
+
 impl NamespaceNames {
-    /// Follows one (filtered) event; returns whether a namespace was added.
-    fn apply(&mut self, event: &watcher::Event<Namespace>) -> bool {
+    /// Follows one (filtered) event.
+    fn apply(&mut self, event: &watcher::Event<Namespace>) -> NamespaceChanges {
+        let mut changes = NamespaceChanges::default();
         match event {
-            watcher::Event::Apply(ns) => self.current.insert(ns.name_any()),
+            watcher::Event::Apply(ns) => {
+                let name = ns.name_any();
+                if self.current.insert(name.clone()) {
+                    changes.added.push(name);
+                }
+            }
             watcher::Event::Delete(ns) => {
-                self.current.remove(&ns.name_any());
-                false
+                let name = ns.name_any();
+                if self.current.remove(&name) {
+                    changes.removed.push(name);
+                }
             }
-            watcher::Event::Init => {
-                self.relist = Some(HashSet::new());
-                false
-            }
+            watcher::Event::Init => self.relist = Some(HashSet::new()),
             watcher::Event::InitApply(ns) => {
                 self.relist
                     .get_or_insert_with(HashSet::new)
                     .insert(ns.name_any());
-                false
             }
             watcher::Event::InitDone => {
                 let listed = self.relist.take().unwrap_or_default();
-                let added = listed.iter().any(|name| !self.current.contains(name));
+                changes.added = listed.difference(&self.current).cloned().collect();
+                changes.removed = self.current.difference(&listed).cloned().collect();
+                changes.added.sort_unstable();
+                changes.removed.sort_unstable();
                 self.current = listed;
-                added
             }
         }
+        changes
     }
 }
 
@@ -702,12 +716,15 @@ async fn watch_namespaces(
         while let Some(event) = events.next().await {
             match event {
                 Ok(event) => {
-                    if names.apply(&event) {
+                    let changes = names.apply(&event);
+                    if !changes.added.is_empty() {
                         added.fetch_add(1, Ordering::Relaxed);
-                        debug!(
-                            namespaces = names.current.len(),
-                            "A namespace was selected."
-                        );
+                    }
+                    for namespace in &changes.added {
+                        info!(namespace, "Namespace selected.");
+                    }
+                    for namespace in &changes.removed {
+                        info!(namespace, "Namespace no longer selected.");
                     }
                 }
                 Err(error) => {
@@ -1220,34 +1237,38 @@ mod tests {
     }
 
     #[test]
-    fn namespaces_added_by_watch_events() {
+    fn namespaces_added_and_removed_by_watch_events() {
         use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
         let ns = |name: &str| namespace(name, json!({"relay.sh/tenant": "true"}));
         let mut names = NamespaceNames::default();
-        // (event, whether it adds a namespace)
-        let steps = [
-            (Init, false),
-            (InitApply(ns("a")), false),
-            (InitApply(ns("b")), false),
-            (InitDone, true),
+        // (event, namespaces it adds, namespaces it removes)
+        let steps: [(_, &[&str], &[&str]); 16] = [
+            (Init, &[], &[]),
+            (InitApply(ns("a")), &[], &[]),
+            (InitApply(ns("b")), &[], &[]),
+            (InitDone, &["a", "b"], &[]),
             // Already there: a label or annotation changed.
-            (Apply(ns("a")), false),
-            (Apply(ns("c")), true),
-            (Delete(ns("c")), false),
-            (Apply(ns("c")), true),
-            // A relist that only loses namespaces adds none...
-            (Init, false),
-            (InitApply(ns("a")), false),
-            (InitDone, false),
-            // ...and one that brings back one missed while the watch was down does.
-            (Init, false),
-            (InitApply(ns("a")), false),
-            (InitApply(ns("b")), false),
-            (InitDone, true),
-            (Delete(ns("x")), false),
+            (Apply(ns("a")), &[], &[]),
+            (Apply(ns("c")), &["c"], &[]),
+            (Delete(ns("c")), &[], &["c"]),
+            (Apply(ns("c")), &["c"], &[]),
+            // A relist after the watch was down: what it misses is removed...
+            (Init, &[], &[]),
+            (InitApply(ns("a")), &[], &[]),
+            (InitDone, &[], &["b", "c"]),
+            // ...and what it brings back is added.
+            (Init, &[], &[]),
+            (InitApply(ns("a")), &[], &[]),
+            (InitApply(ns("b")), &[], &[]),
+            (InitDone, &["b"], &[]),
+            (Delete(ns("x")), &[], &[]),
         ];
-        for (i, (event, added)) in steps.into_iter().enumerate() {
-            assert_eq!(names.apply(&event), added, "step {i}");
+        for (i, (event, added, removed)) in steps.into_iter().enumerate() {
+            let want = NamespaceChanges {
+                added: added.iter().map(ToString::to_string).collect(),
+                removed: removed.iter().map(ToString::to_string).collect(),
+            };
+            assert_eq!(names.apply(&event), want, "step {i}");
         }
         let mut current: Vec<&str> = names.current.iter().map(String::as_str).collect();
         current.sort_unstable();
