@@ -529,6 +529,16 @@ impl NamespaceNames {
     }
 }
 
+/// Why [`PodIndex::lookup`] has no attribution for a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// Not known yet, or never attributable; ask again until the attribution hold ends.
+    NotYet,
+    /// Its pod is known and its namespace not selected: not attributable until a namespace is
+    /// added.
+    NamespaceNotSelected,
+}
+
 /// The selected pods of one node, kept current by a `kube` reflector, and with a namespace
 /// selector the selected namespaces, kept current by a second one.
 ///
@@ -664,20 +674,23 @@ impl PodIndex {
         Ok(())
     }
 
-    /// Who a container cgroup writes for, or `None` when its pod is not selected, not (yet) known,
-    /// or has no log context, or when the pod has not (yet) reported the container's id.
-    pub fn lookup(&self, cgroup: &ContainerCgroup) -> Option<Attribution> {
+    /// Who a container cgroup writes for. [`Miss::NotYet`] when its pod is not known (yet, or
+    /// at all: pods the pod selector leaves out are not in the index), has no log context, or has
+    /// not (yet) reported the container's id; [`Miss::NamespaceNotSelected`] when the pod is known
+    /// but its namespace is not selected (now: see [`PodIndex::namespaces_added`]).
+    pub fn lookup(&self, cgroup: &ContainerCgroup) -> Result<Attribution, Miss> {
         let pod = self
             .store
-            .find(|pod| pod.metadata.uid.as_deref() == Some(cgroup.pod_uid.as_str()))?;
+            .find(|pod| pod.metadata.uid.as_deref() == Some(cgroup.pod_uid.as_str()))
+            .ok_or(Miss::NotYet)?;
         let namespace = match (&self.namespaces, pod.metadata.namespace.as_deref()) {
             (Some(namespaces), Some(name)) => namespaces.get(&ObjectRef::new(name)),
             _ => None,
         };
         if !self.selection.selects_in(&pod, namespace.as_deref()) {
-            return None;
+            return Err(Miss::NamespaceNotSelected);
         }
-        attribute(&pod, &cgroup.container_id)
+        attribute(&pod, &cgroup.container_id).ok_or(Miss::NotYet)
     }
 
     /// How many times a namespace became selected since the start (the first list included): a

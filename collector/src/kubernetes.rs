@@ -7,7 +7,7 @@ use crate::{
     capture::{Attributed, Attributor, Target},
     cgroup_path::parse_container_cgroup,
     cgroups::Tree,
-    k8s::{Attribution, PodIndex},
+    k8s::{Attribution, Miss, PodIndex},
 };
 
 use metadata_api::names::MAX_STREAM_NAME as MAX_NAME;
@@ -50,15 +50,21 @@ impl Attributor for Kube {
             return Attributed::Never;
         };
         // Until the pod is listed and its status names the container, it is not known yet; a
-        // pod that is not selected (or a system namespace) stays unknown and its bytes are
-        // dropped when the hold ends.
+        // pod that the pod selector leaves out (or in a system namespace) stays unknown and its
+        // bytes are dropped when the hold ends. A known pod in a namespace that is not selected
+        // is passed over at once: should the namespace be selected later, `reconsider` has the
+        // kernel look at it again.
         match self.index.lookup(&container) {
-            Some(a) => Attributed::Target(Target {
+            Ok(a) => Attributed::Target(Target {
                 prefix: prefix(&a),
                 context: a.context,
                 dir: path.to_path_buf(),
             }),
-            None => Attributed::NotYet,
+            Err(Miss::NotYet) => Attributed::NotYet,
+            Err(Miss::NamespaceNotSelected) => {
+                tracing::debug!(cgroup_id, pod_uid = %container.pod_uid, "Namespace not selected; passing over.");
+                Attributed::Never
+            }
         }
     }
 

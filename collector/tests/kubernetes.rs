@@ -252,15 +252,9 @@ fn pods_are_captured_while_their_namespace_is_labelled() {
     let cluster = Cluster::new(kube);
     let ns = "tenant-b";
     cluster.create_namespace(ns);
-    let cmd = collector_command(
-        &cluster,
-        &[
-            "--namespace-selector",
-            "relay.sh/tenant=true",
-            "--attribution-hold",
-            "2s",
-        ],
-    );
+    let mut cmd = collector_command(&cluster, &["--namespace-selector", "relay.sh/tenant=true"]);
+    // Passing over a container of an unselected namespace is logged at debug level.
+    cmd.env("RUST_LOG", "info,collector::kubernetes=debug");
     let collector = Collector::start_logged(cmd, &api, &[]);
     let triggers = tempfile::tempdir().unwrap();
     let (early_trigger, late_trigger) =
@@ -268,8 +262,8 @@ fn pods_are_captured_while_their_namespace_is_labelled() {
     fifo(&early_trigger);
     fifo(&late_trigger);
 
-    // Before the label: the collector holds the pod's output, then drops it and has the kernel
-    // pass the container over.
+    // Before the label: the collector drops the pod's output and has the kernel pass the container
+    // over.
     let uid = cluster.create_step_pod(ns, "early", "1", "wait");
     let early_sandbox = cluster.sandbox(&cri, ns, "early", &uid);
     let early = cluster.start(
@@ -286,7 +280,7 @@ fn pods_are_captured_while_their_namespace_is_labelled() {
         .bind(triggers.path(), "/triggers", true),
     );
     let early_cgroup = early.cgroup_id().unwrap().to_string();
-    collector.wait_for_log(NOTICE, &["not attributed in time", &early_cgroup]);
+    collector.wait_for_log(NOTICE, &["Namespace not selected", &early_cgroup]);
 
     // The operator labels the namespace: a new pod's output is captured.
     cluster.label_namespace(ns, json!({"relay.sh/tenant": "true"}));
@@ -334,7 +328,7 @@ fn pods_are_captured_while_their_namespace_is_labelled() {
         .bind(triggers.path(), "/triggers", true),
     );
     let late_cgroup = late.cgroup_id().unwrap().to_string();
-    collector.wait_for_log(NOTICE, &["not attributed in time", &late_cgroup]);
+    collector.wait_for_log(NOTICE, &["Namespace not selected", &late_cgroup]);
     let (status, stdout) = api.read_ebpf("workflows/wf/runs/3/steps/late", "step-late.stdout");
     assert_eq!(
         (status["length"].as_u64(), stdout.len()),

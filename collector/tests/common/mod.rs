@@ -149,14 +149,17 @@ impl Collector {
         logged: bool,
     ) -> Self {
         let listen = free_addr();
+        // A filter `cmd` sets wins over the test's own.
+        if !cmd.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            cmd.env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        }
         cmd.args(["--url", &api.url, "--listen", &listen])
             .arg("--token-file")
             .arg(api.collector_token_file())
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(if logged {
