@@ -44,6 +44,13 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub namespaces: Vec<String>,
+    /// Label selector of the namespaces whose pods are captured (`k=v,k!=v,k,!k`), e.g.
+    /// `relay.sh/tenant=true`, the label the operator puts on every namespace holding a Tenant.
+    /// Followed while the collector runs: a namespace that gains the labels has its pods' new
+    /// output captured from then on. Combines with `--namespace` and `--pod-selector` (all must
+    /// match).
+    #[arg(long, env = "RELAY_COLLECTOR_NAMESPACE_SELECTOR")]
+    pub namespace_selector: Option<String>,
     /// Label selector of the pods to capture (`k=v,k!=v,k,!k`).
     #[arg(long, env = "RELAY_COLLECTOR_POD_SELECTOR")]
     pub pod_selector: Option<String>,

@@ -65,6 +65,12 @@ pub enum Attributed {
 pub trait Attributor: Send {
     fn attribute(&mut self, cgroup_id: u64) -> Attributed;
     fn forget(&mut self, cgroup_id: u64);
+    /// Whether cgroups that were not attributable may be now (more pods are selected than when
+    /// this was last asked), so that the ones the kernel was told to pass over must be looked at
+    /// again.
+    fn reconsider(&mut self) -> bool {
+        false
+    }
 }
 
 /// One container stream being shipped.
@@ -200,7 +206,7 @@ impl<A: Attributor> Engine<A> {
             match self.attributor.attribute(h.cgroup_id) {
                 Attributed::Target(target) => self.adopt(h.cgroup_id, target),
                 Attributed::Never => {
-                    self.pass_over(h.cgroup_id, data.len());
+                    self.pass_over(h.cgroup_id, data.len(), [h.ino]);
                     return;
                 }
                 Attributed::NotYet => {
@@ -306,23 +312,28 @@ impl<A: Attributor> Engine<A> {
     /// Adopts cgroups the kernel has streams for but user space never saw a chunk of (the ring
     /// was full for all of them), so that their losses are reported too.
     fn adopt_unseen(&mut self) {
-        let unseen: Vec<u64> = self
+        let unseen: Vec<(u64, Vec<u64>)> = self
             .maps
             .streams_by_cgroup()
-            .into_keys()
-            .filter(|id| !self.cgroups.contains_key(id) && !self.held.contains_key(id))
+            .into_iter()
+            .filter(|(id, _)| !self.cgroups.contains_key(id) && !self.held.contains_key(id))
             .collect();
-        for cgroup_id in unseen {
+        for (cgroup_id, inos) in unseen {
             match self.attributor.attribute(cgroup_id) {
                 Attributed::Target(target) => self.adopt(cgroup_id, target),
-                Attributed::Never => self.pass_over(cgroup_id, 0),
+                Attributed::Never => self.pass_over(cgroup_id, 0, inos),
                 Attributed::NotYet => {}
             }
         }
     }
 
-    /// Timers: gaps that stayed open, held cgroups, finished containers.
+    /// Timers: gaps that stayed open, held cgroups, finished containers; and a selection that
+    /// grew.
     pub fn tick(&mut self, now: Instant) {
+        if self.attributor.reconsider() {
+            tracing::debug!("More containers may be attributable: the kernel looks at all again.");
+            self.maps.reconsider();
+        }
         for stream in self.streams.values_mut() {
             if stream.gap_since.is_some_and(|t| now >= t + REORDER_WAIT) {
                 close_gap(stream);
@@ -342,12 +353,12 @@ impl<A: Attributor> Engine<A> {
                             bytes = held.bytes,
                             "cgroup not attributed in time; its bytes are dropped."
                         );
-                        self.pass_over(cgroup_id, held.bytes);
+                        self.pass_over(cgroup_id, held.bytes, held.inos());
                     }
                 }
                 Attributed::Never => {
                     if let Some(held) = self.held.remove(&cgroup_id) {
-                        self.pass_over(cgroup_id, held.bytes);
+                        self.pass_over(cgroup_id, held.bytes, held.inos());
                     }
                 }
                 Attributed::Target(_) => {
@@ -371,10 +382,11 @@ impl<A: Attributor> Engine<A> {
     }
 
     /// Drops `bytes` of a cgroup that is not (or could not be) attributed, and has the kernel pass
-    /// it over from now on.
-    fn pass_over(&mut self, cgroup_id: u64, bytes: usize) {
+    /// it over from now on and forget its streams `inos`: should the cgroup become attributable
+    /// (its namespace selected later), its streams start afresh at offset 0.
+    fn pass_over(&mut self, cgroup_id: u64, bytes: usize, inos: impl IntoIterator<Item = u64>) {
         self.metrics.attribution_miss_bytes.inc_by(bytes as u64);
-        self.maps.pass_over(cgroup_id);
+        self.maps.pass_over(cgroup_id, inos);
     }
 
     /// Finishes the streams of containers that have no process left. The caller drained the ring
@@ -474,6 +486,16 @@ fn role_of(stdio: Option<Stdio>, taken: &[Role], ino: u64, fd: u32) -> Role {
         Role::Other
     } else {
         role
+    }
+}
+
+impl Held {
+    /// The files the held chunks were written to.
+    fn inos(&self) -> Vec<u64> {
+        let mut inos: Vec<u64> = self.chunks.iter().map(|(h, _)| h.ino).collect();
+        inos.sort_unstable();
+        inos.dedup();
+        inos
     }
 }
 

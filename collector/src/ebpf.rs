@@ -193,8 +193,9 @@ impl Maps {
     }
 
     /// Has the kernel pass over cgroup `id` (its cached verdict says "not watched") until the
-    /// watched set changes.
-    pub fn pass_over(&mut self, id: u64) {
+    /// watched set changes or [`Maps::reconsider`], and forget the cgroup's streams `inos`: their
+    /// offsets stop counting, so they would be wrong should the cgroup be captured again.
+    pub fn pass_over(&mut self, id: u64, inos: impl IntoIterator<Item = u64>) {
         let generation = self.generation.get(&0, 0).unwrap_or(0);
         let verdict = Verdict {
             root: 0,
@@ -202,6 +203,17 @@ impl Maps {
         };
         if let Err(e) = self.verdicts.insert(id, verdict, 0) {
             tracing::warn!(error = %e, "Cannot make the kernel pass over a cgroup.");
+        }
+        for ino in inos {
+            self.forget(&StreamKey { cgroup_id: id, ino });
+        }
+    }
+
+    /// Has the kernel look again at every cgroup it was told to pass over (their cached verdicts
+    /// become stale).
+    pub fn reconsider(&mut self) {
+        if let Err(e) = self.bump_generation() {
+            tracing::warn!(error = %e, "Cannot have the kernel look at passed-over cgroups again.");
         }
     }
 

@@ -11,28 +11,40 @@
 //! # Selection
 //!
 //! The collector watches the pods scheduled on its node (field selector `spec.nodeName`). A
-//! [`Selection`] narrows them by namespace and label selector; system namespaces and the
-//! collector's own are never selected. The label selector is parsed here, so a typo fails at
-//! start with a clear error instead of as a watch that retries forever; it then goes to the API
-//! server with the watch (fewer pods cross the wire and sit in memory) and is also evaluated
-//! locally, so [`Selection::selects`] is the whole decision. Namespaces are evaluated locally only:
-//! a field selector cannot OR several namespaces.
+//! [`Selection`] narrows them by namespace (a list of names, a label selector on the Namespace
+//! objects, or both) and by a label selector on the pods; system namespaces and the collector's
+//! own are never selected. Label selectors are parsed here, so a typo fails at start with a clear
+//! error instead of as a watch that retries forever; each then goes to the API server with its
+//! watch (fewer objects cross the wire and sit in memory) and is also evaluated locally. Namespace
+//! names are evaluated locally only: a field selector cannot OR several namespaces.
+//!
+//! Namespace labels change while pods run: the operator labels every namespace holding a `Tenant`
+//! with `relay.sh/tenant=true`. So a pod's namespace is not checked when the pod enters the index
+//! but at each lookup, against a second reflector of the selected namespaces
+//! ([`Selection::selects_in`] is the whole decision). A namespace that becomes selected can make
+//! cgroups attributable that the capture engine already told the kernel to pass over;
+//! [`PodIndex::namespaces_added`] counts such changes so that the engine has the kernel look at
+//! them again.
 //!
 //! # Testing
 //!
-//! Everything here but [`PodIndex`] is a pure function of a `Pod` and has table tests. The
-//! reflector behind `PodIndex` needs an API server; it is not mocked, it gets tested against the
-//! real kube-apiserver test bed once that exists.
+//! Everything here but [`PodIndex`] is a pure function of a `Pod` or a `Namespace` and has table
+//! tests. The reflectors behind `PodIndex` need an API server; they are not mocked but tested with
+//! the collector against the real kube-apiserver test bed (`collector/tests/kubernetes.rs`).
 
+use std::collections::HashSet;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{StreamExt, TryStreamExt, future};
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Namespace, Pod};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::core::{Expression, Selector, SelectorExt};
-use kube::runtime::reflector::{self, Store, store::WriterDropped};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::WriterDropped};
 use kube::runtime::{WatchStreamExt, watcher};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::cgroup_path::ContainerCgroup;
 
@@ -44,6 +56,12 @@ pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-no
 pub enum SelectionError {
     #[error("invalid label selector {selector:?}")]
     LabelSelector {
+        selector: String,
+        #[source]
+        source: SelectorError,
+    },
+    #[error("invalid namespace selector {selector:?}")]
+    NamespaceSelector {
         selector: String,
         #[source]
         source: SelectorError,
@@ -68,8 +86,15 @@ pub enum Error {
         #[source]
         source: Box<kube::Error>,
     },
-    #[error("the pod watch stopped before its first list completed")]
+    #[error("cannot list the namespaces")]
+    ListNamespaces {
+        #[source]
+        source: Box<kube::Error>,
+    },
+    #[error("the {watch} watch stopped before its first list completed")]
     WatchStopped {
+        /// `pod` or `namespace`.
+        watch: &'static str,
         #[source]
         source: WriterDropped,
     },
@@ -163,6 +188,8 @@ pub struct Selection {
     /// The collector's own namespace, excluded like the system ones.
     own_namespace: String,
     labels: Selector,
+    /// Labels a pod's Namespace object must match; `None`: namespaces are not chosen by label.
+    namespace_labels: Option<Selector>,
 }
 
 impl Selection {
@@ -199,18 +226,30 @@ impl Selection {
             namespaces,
             own_namespace: own_namespace.to_owned(),
             labels,
+            namespace_labels: None,
         })
     }
 
-    /// Whether the collector captures `pod`'s containers.
+    /// Also requires a pod's Namespace to match `selector` (the forms of `label_selector` in
+    /// [`Selection::new`]), on top of the namespace names and the pod label selector.
+    pub fn with_namespace_selector(mut self, selector: &str) -> Result<Self, SelectionError> {
+        let parsed =
+            parse_label_selector(selector).map_err(|source| SelectionError::NamespaceSelector {
+                selector: selector.to_owned(),
+                source,
+            })?;
+        self.namespace_labels = Some(parsed);
+        Ok(self)
+    }
+
+    /// Whether the collector may capture `pod`'s containers, judging by the pod alone: its
+    /// namespace's name and its labels. With a namespace selector, [`Selection::selects_in`] also
+    /// needs the pod's Namespace.
     pub fn selects(&self, pod: &Pod) -> bool {
         let Some(namespace) = pod.metadata.namespace.as_deref() else {
             return false;
         };
-        if is_excluded(namespace, &self.own_namespace) {
-            return false;
-        }
-        if !self.namespaces.is_empty() && !self.namespaces.iter().any(|n| n == namespace) {
+        if !self.selects_namespace_name(namespace) {
             return false;
         }
         match &pod.metadata.labels {
@@ -219,9 +258,52 @@ impl Selection {
         }
     }
 
+    /// Whether the pods of `namespace` are captured: its name is selected and, with a namespace
+    /// selector, its labels match it.
+    pub fn selects_namespace(&self, namespace: &Namespace) -> bool {
+        let Some(name) = namespace.metadata.name.as_deref() else {
+            return false;
+        };
+        if !self.selects_namespace_name(name) {
+            return false;
+        }
+        match (&self.namespace_labels, &namespace.metadata.labels) {
+            (None, _) => true,
+            (Some(selector), Some(labels)) => selector.matches(labels),
+            (Some(selector), None) => selector.matches(&Default::default()),
+        }
+    }
+
+    /// The whole decision: whether the collector captures `pod`'s containers, where `namespace` is
+    /// the pod's Namespace as the collector knows it (`None`: not known, or not selected). Without
+    /// a namespace selector the Namespace object does not matter.
+    pub fn selects_in(&self, pod: &Pod, namespace: Option<&Namespace>) -> bool {
+        if !self.selects(pod) {
+            return false;
+        }
+        if self.namespace_labels.is_none() {
+            return true;
+        }
+        namespace.is_some_and(|ns| {
+            ns.metadata.name.is_some()
+                && ns.metadata.name == pod.metadata.namespace
+                && self.selects_namespace(ns)
+        })
+    }
+
+    fn selects_namespace_name(&self, namespace: &str) -> bool {
+        !is_excluded(namespace, &self.own_namespace)
+            && (self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace))
+    }
+
     /// The parsed label selector, as sent to the API server.
     pub fn label_selector(&self) -> &Selector {
         &self.labels
+    }
+
+    /// The parsed namespace selector, as sent to the API server; `None` when not given.
+    pub fn namespace_selector(&self) -> Option<&Selector> {
+        self.namespace_labels.as_ref()
     }
 }
 
@@ -331,33 +413,103 @@ fn is_dns_label(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
 }
 
-/// Drops what the index does not need and keeps unselected pods out of it. A pod whose labels
-/// change so that it is no longer selected becomes a delete, so the store forgets it.
-fn filter_event(selection: &Selection, event: watcher::Event<Pod>) -> Option<watcher::Event<Pod>> {
-    let event = event.modify(|pod| pod.metadata.managed_fields = None);
+/// Drops what the index does not need and keeps unselected objects out of it. An object that
+/// changes so that it is no longer selected becomes a delete, so the store forgets it.
+fn filter_event<K: kube::Resource>(
+    event: watcher::Event<K>,
+    selects: impl Fn(&K) -> bool,
+) -> Option<watcher::Event<K>> {
+    let event = event.modify(|object| object.meta_mut().managed_fields = None);
     match event {
-        watcher::Event::Apply(pod) if !selection.selects(&pod) => Some(watcher::Event::Delete(pod)),
-        watcher::Event::InitApply(pod) if !selection.selects(&pod) => None,
+        watcher::Event::Apply(object) if !selects(&object) => Some(watcher::Event::Delete(object)),
+        watcher::Event::InitApply(object) if !selects(&object) => None,
         event => Some(event),
     }
 }
 
-/// The selected pods of one node, kept current by a `kube` reflector.
+/// The names of the selected namespaces as the namespace watch reported them, to tell when one is
+/// added: a namespace that becomes selected, or one a relist brings.
+#[derive(Debug, Default)]
+struct NamespaceNames {
+    current: HashSet<String>,
+    /// Collected between a relist's `Init` and `InitDone`.
+    relist: Option<HashSet<String>>,
+}
+
+/// What one event changed in the set of selected namespaces (names sorted).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NamespaceChanges {
+    added: Vec<String>,
+    removed: Vec<String>,
+}
+
+impl NamespaceNames {
+    /// Follows one (filtered) event.
+    fn apply(&mut self, event: &watcher::Event<Namespace>) -> NamespaceChanges {
+        let mut changes = NamespaceChanges::default();
+        match event {
+            watcher::Event::Apply(ns) => {
+                let name = ns.name_any();
+                if self.current.insert(name.clone()) {
+                    changes.added.push(name);
+                }
+            }
+            watcher::Event::Delete(ns) => {
+                let name = ns.name_any();
+                if self.current.remove(&name) {
+                    changes.removed.push(name);
+                }
+            }
+            watcher::Event::Init => self.relist = Some(HashSet::new()),
+            watcher::Event::InitApply(ns) => {
+                self.relist
+                    .get_or_insert_with(HashSet::new)
+                    .insert(ns.name_any());
+            }
+            watcher::Event::InitDone => {
+                let listed = self.relist.take().unwrap_or_default();
+                changes.added = listed.difference(&self.current).cloned().collect();
+                changes.removed = self.current.difference(&listed).cloned().collect();
+                changes.added.sort_unstable();
+                changes.removed.sort_unstable();
+                self.current = listed;
+            }
+        }
+        changes
+    }
+}
+
+/// Why [`PodIndex::lookup`] has no attribution for a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// Not known yet, or never attributable; ask again until the attribution hold ends.
+    NotYet,
+    /// Its pod is known and its namespace not selected: not attributable until a namespace is
+    /// added.
+    NamespaceNotSelected,
+}
+
+/// The selected pods of one node, kept current by a `kube` reflector, and with a namespace
+/// selector the selected namespaces, kept current by a second one.
 ///
 /// Lookups scan the store for the pod UID under its read lock and clone one `Arc`: a node holds
 /// at most the kubelet's `maxPods` (110 by default), and lookups happen once per new container
 /// cgroup, not per write, so a second index keyed by UID would cost more in consistency (it must
-/// follow the reflector's relists) than it saves. Not tested here: it needs an API server (see
-/// the module documentation).
+/// follow the reflector's relists) than it saves.
 #[derive(Debug, Clone)]
 pub struct PodIndex {
     store: Store<Pod>,
+    /// `Some` with a namespace selector.
+    namespaces: Option<Store<Namespace>>,
+    selection: Arc<Selection>,
+    namespaces_added: Arc<AtomicU64>,
 }
 
 impl PodIndex {
-    /// Checks that `client` may list the pods of `node`, then returns the index and the future
-    /// that keeps it current. The caller spawns the future; it runs until dropped, retrying a
-    /// failed watch with backoff and logging each failure.
+    /// Checks that `client` may list the pods of `node` (and, with a namespace selector, the
+    /// namespaces), then returns the index and the future that keeps it current. The caller spawns
+    /// the future; it runs until dropped, retrying a failed watch with backoff and logging each
+    /// failure.
     pub async fn start(
         client: kube::Client,
         node: &str,
@@ -369,7 +521,8 @@ impl PodIndex {
                 node: node.to_owned(),
             });
         }
-        let api: Api<Pod> = Api::all(client);
+        let selection = Arc::new(selection);
+        let api: Api<Pod> = Api::all(client.clone());
         let fields = format!("spec.nodeName={node}");
         let labels = selection.label_selector().to_string();
         // Fail at start on RBAC or connection problems, which the watcher would retry forever.
@@ -384,6 +537,20 @@ impl PodIndex {
             node: node.to_owned(),
             source: Box::new(source),
         })?;
+        let namespaces_added = Arc::new(AtomicU64::new(0));
+        let namespace_watch = match selection.namespace_selector() {
+            Some(selector) => Some(
+                watch_namespaces(
+                    Api::all(client),
+                    selector.to_string(),
+                    selection.clone(),
+                    namespaces_added.clone(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let (namespaces, namespace_driver) = namespace_watch.unzip();
 
         let config = watcher::Config::default()
             .fields(&fields)
@@ -392,11 +559,14 @@ impl PodIndex {
             // too) do: a DaemonSet relisting from etcd on every node at once is heavy.
             .any_semantic();
         let (store, writer) = reflector::store();
+        let filter = selection.clone();
         let events = watcher(api, config)
             .default_backoff()
-            .try_filter_map(move |event| future::ready(Ok(filter_event(&selection, event))))
+            .try_filter_map(move |event| {
+                future::ready(Ok(filter_event(event, |pod| filter.selects(pod))))
+            })
             .reflect(writer);
-        let driver = async move {
+        let pod_driver = async move {
             let mut events = std::pin::pin!(events);
             while let Some(event) = events.next().await {
                 match event {
@@ -413,26 +583,125 @@ impl PodIndex {
             warn!("Pod watch ended.");
         }
         .instrument(info_span!("pod_watch", node));
-        Ok((Self { store }, driver))
+        let driver = async move {
+            match namespace_driver {
+                Some(namespace_driver) => {
+                    future::join(pod_driver, namespace_driver).await;
+                }
+                None => pod_driver.await,
+            }
+        };
+        Ok((
+            Self {
+                store,
+                namespaces,
+                selection,
+                namespaces_added,
+            },
+            driver,
+        ))
     }
 
-    /// Waits until the first list of pods is in the index. Errors when the driver future was
-    /// dropped before that.
+    /// Waits until the first list of pods (and of namespaces) is in the index. Errors when the
+    /// driver future was dropped before that.
     pub async fn wait_ready(&self) -> Result<(), Error> {
         self.store
             .wait_until_ready()
             .await
-            .map_err(|source| Error::WatchStopped { source })
+            .map_err(|source| Error::WatchStopped {
+                watch: "pod",
+                source,
+            })?;
+        if let Some(namespaces) = &self.namespaces {
+            namespaces
+                .wait_until_ready()
+                .await
+                .map_err(|source| Error::WatchStopped {
+                    watch: "namespace",
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
-    /// Who a container cgroup writes for, or `None` when its pod is not selected, not (yet) known,
-    /// or has no log context, or when the pod has not (yet) reported the container's id.
-    pub fn lookup(&self, cgroup: &ContainerCgroup) -> Option<Attribution> {
+    /// Who a container cgroup writes for. [`Miss::NotYet`] when its pod is not known (yet, or
+    /// at all: pods the pod selector leaves out are not in the index), has no log context, or has
+    /// not (yet) reported the container's id; [`Miss::NamespaceNotSelected`] when the pod is known
+    /// but its namespace is not selected (now: see [`PodIndex::namespaces_added`]).
+    pub fn lookup(&self, cgroup: &ContainerCgroup) -> Result<Attribution, Miss> {
         let pod = self
             .store
-            .find(|pod| pod.metadata.uid.as_deref() == Some(cgroup.pod_uid.as_str()))?;
-        attribute(&pod, &cgroup.container_id)
+            .find(|pod| pod.metadata.uid.as_deref() == Some(cgroup.pod_uid.as_str()))
+            .ok_or(Miss::NotYet)?;
+        let namespace = match (&self.namespaces, pod.metadata.namespace.as_deref()) {
+            (Some(namespaces), Some(name)) => namespaces.get(&ObjectRef::new(name)),
+            _ => None,
+        };
+        if !self.selection.selects_in(&pod, namespace.as_deref()) {
+            return Err(Miss::NamespaceNotSelected);
+        }
+        attribute(&pod, &cgroup.container_id).ok_or(Miss::NotYet)
     }
+
+    /// How many times a namespace became selected since the start (the first list included): a
+    /// change of this number means pods that were not attributable may be now.
+    pub fn namespaces_added(&self) -> u64 {
+        self.namespaces_added.load(Ordering::Relaxed)
+    }
+}
+
+/// Checks that `api` may list namespaces, then returns the store of the selected ones and the
+/// future that keeps it current, counting namespaces added in `added`.
+async fn watch_namespaces(
+    api: Api<Namespace>,
+    labels: String,
+    selection: Arc<Selection>,
+    added: Arc<AtomicU64>,
+) -> Result<(Store<Namespace>, impl Future<Output = ()> + Send + 'static), Error> {
+    api.list_metadata(&ListParams::default().labels(&labels).limit(1))
+        .await
+        .map_err(|source| Error::ListNamespaces {
+            source: Box::new(source),
+        })?;
+    let config = watcher::Config::default().labels(&labels).any_semantic();
+    let (store, writer) = reflector::store();
+    let events = watcher(api, config)
+        .default_backoff()
+        .try_filter_map(move |event| {
+            future::ready(Ok(filter_event(event, |ns| {
+                selection.selects_namespace(ns)
+            })))
+        })
+        .reflect(writer);
+    let driver = async move {
+        let mut events = std::pin::pin!(events);
+        let mut names = NamespaceNames::default();
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) => {
+                    let changes = names.apply(&event);
+                    if !changes.added.is_empty() {
+                        added.fetch_add(1, Ordering::Relaxed);
+                    }
+                    for namespace in &changes.added {
+                        info!(namespace, "Namespace selected.");
+                    }
+                    for namespace in &changes.removed {
+                        info!(namespace, "Namespace no longer selected.");
+                    }
+                }
+                Err(error) => {
+                    warn!(
+                        error = &error as &dyn std::error::Error,
+                        "Namespace watch failed; retrying."
+                    )
+                }
+            }
+        }
+        warn!("Namespace watch ended.");
+    }
+    .instrument(info_span!("namespace_watch", selector = %labels));
+    Ok((store, driver))
 }
 
 #[cfg(test)]
@@ -661,6 +930,225 @@ mod tests {
         assert!(!selection.selects(&pod(json!({"metadata": {"name": "p", "namespace": "t"}}))));
     }
 
+    fn namespace(name: &str, labels: Value) -> Namespace {
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))
+            .expect("a Namespace")
+    }
+
+    #[test]
+    fn selection_by_namespace_labels() {
+        let tenants = Selection::new(vec![], None, "relay-system")
+            .and_then(|s| s.with_namespace_selector("relay.sh/tenant=true"))
+            .expect("valid");
+        let listed = Selection::new(vec!["a".into()], None, "relay-system")
+            .and_then(|s| s.with_namespace_selector("relay.sh/tenant=true"))
+            .expect("valid");
+        let with_pod_selector = Selection::new(vec![], Some("capture"), "relay-system")
+            .and_then(|s| s.with_namespace_selector("relay.sh/tenant=true"))
+            .expect("valid");
+        let tenant = json!({"relay.sh/tenant": "true"});
+        // (pod's namespace, its labels or None when the collector does not know it, pod labels,
+        //  selected by `tenants`, by `listed`, by `with_pod_selector`)
+        let cases = [
+            ("a", Some(tenant.clone()), json!({}), true, true, false),
+            (
+                "a",
+                Some(tenant.clone()),
+                json!({"capture": ""}),
+                true,
+                true,
+                true,
+            ),
+            (
+                "b",
+                Some(tenant.clone()),
+                json!({"capture": ""}),
+                true,
+                false,
+                true,
+            ),
+            (
+                "a",
+                Some(json!({"relay.sh/tenant": "false"})),
+                json!({"capture": ""}),
+                false,
+                false,
+                false,
+            ),
+            (
+                "a",
+                Some(json!({})),
+                json!({"capture": ""}),
+                false,
+                false,
+                false,
+            ),
+            ("a", None, json!({"capture": ""}), false, false, false),
+            // The label does not let the collector into excluded namespaces.
+            (
+                "kube-system",
+                Some(tenant.clone()),
+                json!({"capture": ""}),
+                false,
+                false,
+                false,
+            ),
+            (
+                "relay-system",
+                Some(tenant.clone()),
+                json!({"capture": ""}),
+                false,
+                false,
+                false,
+            ),
+        ];
+        for (name, ns_labels, pod_labels, by_tenants, by_listed, by_pod_selector) in cases {
+            let ns = ns_labels.clone().map(|labels| namespace(name, labels));
+            let p = in_namespace(name, pod_labels.clone());
+            let case = format!("{name} {ns_labels:?} {pod_labels}");
+            assert_eq!(tenants.selects_in(&p, ns.as_ref()), by_tenants, "{case}");
+            assert_eq!(listed.selects_in(&p, ns.as_ref()), by_listed, "{case}");
+            assert_eq!(
+                with_pod_selector.selects_in(&p, ns.as_ref()),
+                by_pod_selector,
+                "{case}"
+            );
+            if let Some(ns) = &ns {
+                assert_eq!(tenants.selects_namespace(ns), by_tenants, "{case}");
+                assert_eq!(listed.selects_namespace(ns), by_listed, "{case}");
+            }
+        }
+        // Another namespace's object does not stand in for the pod's.
+        let elsewhere = namespace("b", tenant.clone());
+        assert!(!tenants.selects_in(&in_namespace("a", json!({})), Some(&elsewhere)));
+        let nameless: Namespace =
+            serde_json::from_value(json!({"metadata": {"labels": tenant}})).expect("a Namespace");
+        assert!(!tenants.selects_namespace(&nameless));
+        assert!(!tenants.selects_in(&pod(json!({"metadata": {"name": "p"}})), Some(&nameless)));
+    }
+
+    #[test]
+    fn without_a_namespace_selector_the_namespace_object_does_not_matter() {
+        let selection = Selection::new(vec![], Some("capture"), "relay-system").expect("valid");
+        assert_eq!(selection.namespace_selector(), None);
+        let p = in_namespace("a", json!({"capture": ""}));
+        assert!(selection.selects_in(&p, None));
+        assert!(selection.selects_in(&p, Some(&namespace("a", json!({})))));
+        assert!(!selection.selects_in(&in_namespace("a", json!({})), None));
+        assert!(!selection.selects_in(&in_namespace("kube-system", json!({"capture": ""})), None));
+        assert!(selection.selects_namespace(&namespace("a", json!({}))));
+        assert!(!selection.selects_namespace(&namespace("relay-system", json!({}))));
+    }
+
+    #[test]
+    fn namespace_selector_renders_and_rejects_typos() {
+        let selection = Selection::new(vec![], None, "x")
+            .and_then(|s| s.with_namespace_selector(" relay.sh/tenant = true ,!skip"))
+            .expect("valid");
+        assert_eq!(
+            selection
+                .namespace_selector()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("relay.sh/tenant=true,!skip")
+        );
+        let cases = [
+            ("relay.sh/tenant=true,", SelectorError::EmptyTerm),
+            (
+                "relay.sh/tenant in (true)",
+                SelectorError::SetBased {
+                    term: "relay.sh/tenant in (true)".into(),
+                },
+            ),
+            (
+                "relay.sh//tenant=true",
+                SelectorError::Key {
+                    term: "relay.sh//tenant=true".into(),
+                    key: "relay.sh//tenant".into(),
+                },
+            ),
+        ];
+        for (selector, want) in cases {
+            let err = Selection::new(vec![], None, "x")
+                .and_then(|s| s.with_namespace_selector(selector))
+                .expect_err(selector);
+            match err {
+                SelectionError::NamespaceSelector {
+                    selector: s,
+                    source,
+                } => {
+                    assert_eq!(s, selector);
+                    assert_eq!(source, want, "{selector}");
+                }
+                other => panic!("{selector}: {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn namespaces_added_and_removed_by_watch_events() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let ns = |name: &str| namespace(name, json!({"relay.sh/tenant": "true"}));
+        let mut names = NamespaceNames::default();
+        // (event, namespaces it adds, namespaces it removes)
+        let steps: [(_, &[&str], &[&str]); 16] = [
+            (Init, &[], &[]),
+            (InitApply(ns("a")), &[], &[]),
+            (InitApply(ns("b")), &[], &[]),
+            (InitDone, &["a", "b"], &[]),
+            // Already there: a label or annotation changed.
+            (Apply(ns("a")), &[], &[]),
+            (Apply(ns("c")), &["c"], &[]),
+            (Delete(ns("c")), &[], &["c"]),
+            (Apply(ns("c")), &["c"], &[]),
+            // A relist after the watch was down: what it misses is removed...
+            (Init, &[], &[]),
+            (InitApply(ns("a")), &[], &[]),
+            (InitDone, &[], &["b", "c"]),
+            // ...and what it brings back is added.
+            (Init, &[], &[]),
+            (InitApply(ns("a")), &[], &[]),
+            (InitApply(ns("b")), &[], &[]),
+            (InitDone, &["b"], &[]),
+            (Delete(ns("x")), &[], &[]),
+        ];
+        for (i, (event, added, removed)) in steps.into_iter().enumerate() {
+            let want = NamespaceChanges {
+                added: added.iter().map(ToString::to_string).collect(),
+                removed: removed.iter().map(ToString::to_string).collect(),
+            };
+            assert_eq!(names.apply(&event), want, "step {i}");
+        }
+        let mut current: Vec<&str> = names.current.iter().map(String::as_str).collect();
+        current.sort_unstable();
+        assert_eq!(current, ["a", "b"]);
+    }
+
+    #[test]
+    fn unselected_namespaces_stay_out_of_the_store() {
+        let selection = Selection::new(vec![], None, "relay-system")
+            .and_then(|s| s.with_namespace_selector("relay.sh/tenant=true"))
+            .expect("valid");
+        let filter_event =
+            |event| filter_event(event, |ns: &Namespace| selection.selects_namespace(ns));
+        let labelled = namespace("t", json!({"relay.sh/tenant": "true"}));
+        let unlabelled = namespace("t", json!({}));
+        assert!(matches!(
+            filter_event(watcher::Event::Apply(labelled.clone())),
+            Some(watcher::Event::Apply(_))
+        ));
+        // The label removed: the store forgets the namespace.
+        assert!(matches!(
+            filter_event(watcher::Event::Apply(unlabelled.clone())),
+            Some(watcher::Event::Delete(_))
+        ));
+        assert!(filter_event(watcher::Event::InitApply(unlabelled)).is_none());
+        assert!(matches!(
+            filter_event(watcher::Event::InitApply(labelled)),
+            Some(watcher::Event::InitApply(_))
+        ));
+    }
+
     #[test]
     fn label_selector_renders_for_the_api_server() {
         let selection =
@@ -727,37 +1215,38 @@ mod tests {
             "managedFields": [{"manager": "kubectl"}],
         }}));
         let unselected = in_namespace("t", json!({}));
+        let filter_event = |event| filter_event(event, |pod: &Pod| selection.selects(pod));
 
         let Some(watcher::Event::Apply(kept)) =
-            filter_event(&selection, watcher::Event::Apply(selected.clone()))
+            filter_event(watcher::Event::Apply(selected.clone()))
         else {
             panic!("a selected pod is applied");
         };
         assert_eq!(kept.metadata.managed_fields, None);
         assert!(matches!(
-            filter_event(&selection, watcher::Event::InitApply(selected.clone())),
+            filter_event(watcher::Event::InitApply(selected.clone())),
             Some(watcher::Event::InitApply(_))
         ));
         assert!(matches!(
-            filter_event(&selection, watcher::Event::Delete(selected)),
+            filter_event(watcher::Event::Delete(selected)),
             Some(watcher::Event::Delete(_))
         ));
         // No longer selected: forget it.
         assert!(matches!(
-            filter_event(&selection, watcher::Event::Apply(unselected.clone())),
+            filter_event(watcher::Event::Apply(unselected.clone())),
             Some(watcher::Event::Delete(_))
         ));
-        assert!(filter_event(&selection, watcher::Event::InitApply(unselected.clone())).is_none());
+        assert!(filter_event(watcher::Event::InitApply(unselected.clone())).is_none());
         assert!(matches!(
-            filter_event(&selection, watcher::Event::Delete(unselected)),
+            filter_event(watcher::Event::Delete(unselected)),
             Some(watcher::Event::Delete(_))
         ));
         assert!(matches!(
-            filter_event(&selection, watcher::Event::Init),
+            filter_event(watcher::Event::Init),
             Some(watcher::Event::Init)
         ));
         assert!(matches!(
-            filter_event(&selection, watcher::Event::InitDone),
+            filter_event(watcher::Event::InitDone),
             Some(watcher::Event::InitDone)
         ));
     }

@@ -7,7 +7,7 @@ use crate::{
     capture::{Attributed, Attributor, Target},
     cgroup_path::parse_container_cgroup,
     cgroups::Tree,
-    k8s::{Attribution, PodIndex},
+    k8s::{Attribution, Miss, PodIndex},
 };
 
 use metadata_api::names::MAX_STREAM_NAME as MAX_NAME;
@@ -17,12 +17,15 @@ use metadata_api::names::MAX_STREAM_NAME as MAX_NAME;
 pub struct Kube {
     tree: Tree,
     index: PodIndex,
+    /// [`PodIndex::namespaces_added`] when last asked.
+    namespaces_added: u64,
 }
 
 impl Kube {
     pub fn new(root: PathBuf, index: PodIndex) -> Self {
         Self {
             tree: Tree::new(root),
+            namespaces_added: index.namespaces_added(),
             index,
         }
     }
@@ -47,20 +50,35 @@ impl Attributor for Kube {
             return Attributed::Never;
         };
         // Until the pod is listed and its status names the container, it is not known yet; a
-        // pod that is not selected (or a system namespace) stays unknown and its bytes are
-        // dropped when the hold ends.
+        // pod that the pod selector leaves out (or in a system namespace) stays unknown and its
+        // bytes are dropped when the hold ends. A known pod in a namespace that is not selected
+        // is passed over at once: should the namespace be selected later, `reconsider` has the
+        // kernel look at it again.
         match self.index.lookup(&container) {
-            Some(a) => Attributed::Target(Target {
+            Ok(a) => Attributed::Target(Target {
                 prefix: prefix(&a),
                 context: a.context,
                 dir: path.to_path_buf(),
             }),
-            None => Attributed::NotYet,
+            Err(Miss::NotYet) => Attributed::NotYet,
+            Err(Miss::NamespaceNotSelected) => {
+                tracing::debug!(cgroup_id, pod_uid = %container.pod_uid, "Namespace not selected; passing over.");
+                Attributed::Never
+            }
         }
     }
 
     fn forget(&mut self, cgroup_id: u64) {
         self.tree.forget(cgroup_id);
+    }
+
+    /// A namespace that becomes selected makes its pods' containers attributable, also those
+    /// passed over while it was not.
+    fn reconsider(&mut self) -> bool {
+        let added = self.index.namespaces_added();
+        let changed = added != self.namespaces_added;
+        self.namespaces_added = added;
+        changed
     }
 }
 

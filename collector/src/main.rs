@@ -48,10 +48,13 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = check(&args) {
-        eprintln!("collector: {e}");
-        return ExitCode::from(USAGE);
-    }
+    let selection = match check(&args) {
+        Ok(selection) => selection,
+        Err(e) => {
+            eprintln!("collector: {e}");
+            return ExitCode::from(USAGE);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -63,7 +66,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, selection)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("collector: {e}");
@@ -72,8 +75,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Configuration errors that clap cannot see.
-fn check(args: &Args) -> Result<(), String> {
+/// Configuration errors that clap cannot see. In Kubernetes mode, returns the pods to capture.
+fn check(args: &Args) -> Result<Option<k8s::Selection>, String> {
     if args.cgroups.is_empty() && !args.kubernetes {
         return Err("nothing to watch: give --cgroup DIR=CONTEXT or --kubernetes".to_owned());
     }
@@ -86,12 +89,12 @@ fn check(args: &Args) -> Result<(), String> {
             args.ring_bytes
         ));
     }
-    Ok(())
+    args.kubernetes.then(|| selection(args)).transpose()
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    if args.kubernetes {
-        let (attributor, root) = kubernetes_mode(&args).await?;
+async fn run(args: Args, selection: Option<k8s::Selection>) -> Result<(), String> {
+    if let Some(selection) = selection {
+        let (attributor, root) = kubernetes_mode(&args, selection).await?;
         run_with(args, attributor, vec![root]).await
     } else {
         let (attributor, roots) = local::Local::new(&args.cgroups).map_err(|e| e.to_string())?;
@@ -99,8 +102,12 @@ async fn run(args: Args) -> Result<(), String> {
     }
 }
 
-/// Starts the pod reflector for this node and finds the kubepods cgroup.
-async fn kubernetes_mode(args: &Args) -> Result<(kubernetes::Kube, u64), String> {
+/// Starts the pod reflector for this node (and the namespace reflector) and finds the kubepods
+/// cgroup.
+async fn kubernetes_mode(
+    args: &Args,
+    selection: k8s::Selection,
+) -> Result<(kubernetes::Kube, u64), String> {
     let root = match &args.kubepods_cgroup {
         Some(dir) => dir.clone(),
         None => cgroups::cgroup2_mount()
@@ -109,12 +116,6 @@ async fn kubernetes_mode(args: &Args) -> Result<(kubernetes::Kube, u64), String>
     };
     let root_id = cgroups::cgroup_id(&root).map_err(|e| e.to_string())?;
     let node = args.node_name.clone().unwrap_or_default();
-    let selection = k8s::Selection::new(
-        args.namespaces.clone(),
-        args.pod_selector.as_deref(),
-        &args.own_namespace,
-    )
-    .map_err(|e| e.to_string())?;
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("Kubernetes API: {}", ebpf::chain(&e)))?;
@@ -124,6 +125,20 @@ async fn kubernetes_mode(args: &Args) -> Result<(kubernetes::Kube, u64), String>
     tokio::spawn(driver);
     index.wait_ready().await.map_err(|e| ebpf::chain(&e))?;
     Ok((kubernetes::Kube::new(root, index), root_id))
+}
+
+/// The pods to capture, from `--namespace`, `--namespace-selector` and `--pod-selector`.
+fn selection(args: &Args) -> Result<k8s::Selection, String> {
+    let selection = k8s::Selection::new(
+        args.namespaces.clone(),
+        args.pod_selector.as_deref(),
+        &args.own_namespace,
+    );
+    match &args.namespace_selector {
+        Some(selector) => selection.and_then(|s| s.with_namespace_selector(selector)),
+        None => selection,
+    }
+    .map_err(|e| ebpf::chain(&e))
 }
 
 async fn run_with<A: Attributor>(args: Args, attributor: A, roots: Vec<u64>) -> Result<(), String> {

@@ -56,3 +56,32 @@ fn an_unprivileged_collector_says_which_privileges_it_lacks() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("missing privileges"), "{err}");
 }
+
+#[test]
+fn a_selector_typo_is_a_usage_error_at_start() {
+    for (flag, selector, what) in [
+        (
+            "--namespace-selector",
+            "relay.sh/tenant in (true)",
+            "invalid namespace selector",
+        ),
+        ("--pod-selector", "app=web,", "invalid label selector"),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_collector"));
+        cmd.args([
+            "--url",
+            "http://127.0.0.1:9",
+            "--kubernetes",
+            "--node-name",
+            "node-a",
+            flag,
+            selector,
+        ])
+        // Refused before any cluster is asked.
+        .env("KUBECONFIG", "/nonexistent");
+        let (code, err) = refusal(cmd);
+        assert_eq!(code, 64, "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(what) && err.contains(selector), "{err}");
+    }
+}

@@ -6,7 +6,10 @@ use std::{
     io::{BufRead, BufReader, Read},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     thread::JoinHandle,
     time::Duration,
 };
@@ -112,6 +115,8 @@ fn remove_tree(dir: &Path) {
 pub struct Collector {
     pub child: Option<Child>,
     pub metrics: String,
+    /// Its log lines so far, when started with [`Collector::start_logged`].
+    log: Option<Arc<Mutex<Vec<String>>>>,
 }
 
 impl Collector {
@@ -126,27 +131,58 @@ impl Collector {
     }
 
     /// As [`Collector::start`], through `cmd` (the collector binary, or a wrapper running it).
-    pub fn start_with(
+    pub fn start_with(cmd: Command, api: &Api, cgroups: &[(&Path, &str)], extra: &[&str]) -> Self {
+        Self::spawn(cmd, api, cgroups, extra, false)
+    }
+
+    /// As [`Collector::start_with`], keeping its log lines (still passed on to stderr) for
+    /// [`Collector::wait_for_log`].
+    pub fn start_logged(cmd: Command, api: &Api, extra: &[&str]) -> Self {
+        Self::spawn(cmd, api, &[], extra, true)
+    }
+
+    fn spawn(
         mut cmd: Command,
         api: &Api,
         cgroups: &[(&Path, &str)],
         extra: &[&str],
+        logged: bool,
     ) -> Self {
         let listen = free_addr();
+        // A filter `cmd` sets wins over the test's own.
+        if !cmd.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            cmd.env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        }
         cmd.args(["--url", &api.url, "--listen", &listen])
             .arg("--token-file")
             .arg(api.collector_token_file())
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(if logged {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            });
         for (dir, ctx) in cgroups {
             cmd.arg("--cgroup").arg(format!("{}={ctx}", dir.display()));
         }
         let mut child = cmd.spawn().unwrap();
+        let log = child.stderr.take().map(|stderr| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let keep = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { return };
+                    eprintln!("{line}");
+                    keep.lock().unwrap().push(line);
+                }
+            });
+            lines
+        });
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -158,7 +194,23 @@ impl Collector {
         Self {
             child: Some(child),
             metrics: format!("http://{listen}/metrics"),
+            log,
         }
+    }
+
+    /// Waits until a log line contains every one of `parts`, failing after `limit`.
+    pub fn wait_for_log(&self, limit: Duration, parts: &[&str]) {
+        let log = self.log.as_ref().expect("started with start_logged");
+        wait_for(
+            limit,
+            &format!("a collector log line with {parts:?}"),
+            || {
+                log.lock()
+                    .unwrap()
+                    .iter()
+                    .any(|line| parts.iter().all(|p| line.contains(p)))
+            },
+        );
     }
 
     /// A counter or gauge from `/metrics` (without the `relay_collector_` prefix).
