@@ -1095,7 +1095,10 @@ impl crate::webhook::ImageLookup for PodImageLookup {
                     .map_err(|e| e.to_string());
                 (image, result)
             });
-            futures::future::join_all(lookups).await.into_iter().collect()
+            futures::future::join_all(lookups)
+                .await
+                .into_iter()
+                .collect()
         })
     }
 }

@@ -533,19 +533,23 @@ impl Webhook {
             .metadata
             .namespace
             .get_or_insert_with(|| namespace.to_owned());
-        let results =
-            match tokio::time::timeout(timeout, self.images.lookup(&placed, images.clone())).await {
-                Ok(results) => results,
-                Err(_) => images
-                    .iter()
-                    .map(|i| {
-                        (
-                            i.clone(),
-                            Err(format!("lookup timed out after {timeout:?}")),
-                        )
-                    })
-                    .collect(),
-            };
+        let results = match tokio::time::timeout(
+            timeout,
+            self.images.lookup(&placed, images.clone()),
+        )
+        .await
+        {
+            Ok(results) => results,
+            Err(_) => images
+                .iter()
+                .map(|i| {
+                    (
+                        i.clone(),
+                        Err(format!("lookup timed out after {timeout:?}")),
+                    )
+                })
+                .collect(),
+        };
         let resolve = |c: &Container| {
             c.image
                 .as_ref()
