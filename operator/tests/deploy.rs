@@ -172,33 +172,91 @@ fn deploy_manifests_apply_to_a_real_api_server() {
     );
     assert!(modes.contains("ReadOnlyMany"), "accessModes: {modes}");
 
-    // The metadata API's ServiceAccount may do what `--auth kubernetes` needs.
-    for (verb, resource) in [
-        ("create", "tokenreviews.authentication.k8s.io"),
-        ("get", "pods"),
-        ("watch", "pods"),
-    ] {
-        let answer = kubectl(
-            &kube,
-            &[
-                "auth",
-                "can-i",
-                verb,
-                resource,
-                "--all-namespaces",
-                "--as",
-                "system:serviceaccount:relay-system:metadata-api",
-            ],
+    // Each ServiceAccount may do what its component does (`kubectl auth can-i` fails on "no"),
+    // and not more where it matters.
+    let can = |account: &str, verb: &str, resource: &str, namespace: Option<&str>| -> bool {
+        let mut cmd = kube.kubectl();
+        cmd.args(["auth", "can-i", verb, resource, "--as"])
+            .arg(format!("system:serviceaccount:relay-system:{account}"));
+        match namespace {
+            Some(ns) => cmd.args(["-n", ns]),
+            None => cmd.arg("--all-namespaces"),
+        };
+        let output = cmd.output().expect("kubectl runs");
+        String::from_utf8_lossy(&output.stdout).trim() == "yes"
+    };
+    let cluster = None;
+    let system = Some("relay-system");
+    let allowed = [
+        (
+            "metadata-api",
+            "create",
+            "tokenreviews.authentication.k8s.io",
+            cluster,
+        ),
+        ("metadata-api", "get", "pods", cluster),
+        ("metadata-api", "watch", "pods", cluster),
+        ("relay-collector", "watch", "pods", cluster),
+        ("relay-collector", "watch", "namespaces", cluster),
+        ("relay-operator", "watch", "tenants.relay.sh", cluster),
+        (
+            "relay-operator",
+            "patch",
+            "tenants.relay.sh/status",
+            cluster,
+        ),
+        ("relay-operator", "patch", "persistentvolumeclaims", cluster),
+        (
+            "relay-operator",
+            "delete",
+            "persistentvolumeclaims",
+            cluster,
+        ),
+        ("relay-operator", "patch", "jobs.batch", cluster),
+        ("relay-operator", "delete", "jobs.batch", cluster),
+        ("relay-operator", "list", "pods", cluster),
+        ("relay-operator", "patch", "namespaces", cluster),
+        ("relay-operator", "create", "events.events.k8s.io", cluster),
+        ("relay-operator", "watch", "secrets", system),
+        ("relay-operator", "create", "secrets", system),
+        ("relay-operator", "patch", "daemonsets.apps", system),
+        ("relay-operator", "watch", "daemonsets.apps", system),
+        (
+            "relay-operator",
+            "update",
+            "leases.coordination.k8s.io",
+            system,
+        ),
+    ];
+    for (account, verb, resource, namespace) in allowed {
+        assert!(
+            can(account, verb, resource, namespace),
+            "{account} may not {verb} {resource} in {namespace:?}"
         );
-        assert_eq!(
-            answer.trim(),
-            "yes",
-            "metadata-api may not {verb} {resource}"
+    }
+    let denied = [
+        ("relay-operator", "get", "secrets", Some("tenant-a")),
+        (
+            "relay-operator",
+            "patch",
+            "daemonsets.apps",
+            Some("kube-system"),
+        ),
+        ("relay-operator", "delete", "namespaces", cluster),
+        ("relay-operator", "create", "pods", cluster),
+        ("relay-collector", "get", "secrets", cluster),
+        ("metadata-api", "get", "secrets", cluster),
+    ];
+    for (account, verb, resource, namespace) in denied {
+        assert!(
+            !can(account, verb, resource, namespace),
+            "{account} may {verb} {resource} in {namespace:?}"
         );
     }
 
-    // The kustomization lists every file but the DaemonSet and builds with kubectl 1.20's built-in kustomize;
-    // the server accepts the result (everything exists by now: unchanged or configured).
+    // The kustomization lists every file but the DaemonSet and builds with kubectl 1.20's
+    // built-in kustomize; the server accepts the result (everything exists by now: unchanged or
+    // configured).
     let dir = deploy.to_str().expect("UTF-8 path");
     let built = kubectl(&kube, &["kustomize", dir]);
     assert!(
