@@ -210,11 +210,12 @@ impl Default for WebhookMetrics {
 }
 
 impl WebhookMetrics {
-    /// Registers the metrics under the `webhook` prefix of `registry`:
-    /// `webhook_admissions_total{outcome}`, `webhook_skipped_containers_total{reason}` and
-    /// `webhook_admission_duration_seconds`.
+    /// Registers the metrics under the `relay_operator_webhook` prefix of `registry`:
+    /// `relay_operator_webhook_admissions_total{outcome}`,
+    /// `relay_operator_webhook_skipped_containers_total{reason}` and
+    /// `relay_operator_webhook_admission_duration_seconds`.
     pub fn register(&self, registry: &mut Registry) {
-        let sub = registry.sub_registry_with_prefix("webhook");
+        let sub = registry.sub_registry_with_prefix("relay_operator_webhook");
         sub.register(
             "admissions",
             "Admission reviews answered, by outcome",

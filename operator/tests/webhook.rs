@@ -970,11 +970,11 @@ async fn direct_reviews_and_certificate_renewal() {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
     assert!(
-        text.contains(r#"webhook_admissions_total{outcome="mutated"} 200"#),
+        text.contains(r#"relay_operator_webhook_admissions_total{outcome="mutated"} 200"#),
         "{text}"
     );
     assert!(
-        text.contains("webhook_admission_duration_seconds_count 205"),
+        text.contains("relay_operator_webhook_admission_duration_seconds_count 205"),
         "{text}"
     );
 
