@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 
 use operator::controller::tools_for;
 use operator::crd::default_volume_claim_template;
-use reqwest::blocking::Client;
 use serde_json::{Value, json};
-use testbed::kube::{KubeApi, KubeOptions};
+use testbed::kube::{KubeApi, KubeOptions, Rest};
 use testbed::registry::{Format, Image, Registry};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -102,49 +101,8 @@ impl Drop for Replica {
     }
 }
 
-struct Rest<'a> {
-    kube: &'a KubeApi,
-    http: Client,
-}
-
-impl Rest<'_> {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.kube.url())
-    }
-
-    fn get(&self, path: &str) -> Option<Value> {
-        let response = self.http.get(self.url(path)).send().unwrap();
-        response
-            .status()
-            .is_success()
-            .then(|| response.json().unwrap())
-    }
-
-    fn post(&self, path: &str, body: Value) -> Result<Value, String> {
-        let response = self.http.post(self.url(path)).json(&body).send().unwrap();
-        let status = response.status();
-        let body: Value = response.json().unwrap();
-        if status.is_success() {
-            Ok(body)
-        } else {
-            Err(format!("{status}: {body}"))
-        }
-    }
-
-    fn merge_patch(&self, path: &str, body: Value) {
-        let response = self
-            .http
-            .patch(self.url(path))
-            .header("Content-Type", "application/merge-patch+json")
-            .body(body.to_string())
-            .send()
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "{}",
-            response.text().unwrap()
-        );
-    }
+fn get(rest: &Rest, path: &str) -> Option<Value> {
+    rest.get(path).unwrap()
 }
 
 #[test]
@@ -166,30 +124,27 @@ fn two_replicas_lead_in_turn_serve_the_webhook_and_resolve_image_entrypoints() {
         )
         .unwrap();
     assert!(digest.starts_with("sha256:"), "{digest}");
-    let rest = Rest {
-        kube: &kube,
-        http: kube.client().unwrap(),
-    };
+    let rest = kube.rest().unwrap();
 
     // What deploy/ would install, with the webhook reached by URL (no Service network here).
     let crd =
         serde_json::to_value(<operator::crd::Tenant as kube::CustomResourceExt>::crd()).unwrap();
     rest.post(
         "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-        crd,
+        &crd,
     )
     .unwrap();
     for ns in ["relay-system", "tenant-x"] {
         rest.post(
             "/api/v1/namespaces",
-            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
         )
         .unwrap();
     }
     let webhook_port = free_port();
     rest.post(
         "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
-        json!({
+        &json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "MutatingWebhookConfiguration",
             "metadata": {"name": "relay-pod-injection"},
@@ -224,7 +179,10 @@ fn two_replicas_lead_in_turn_serve_the_webhook_and_resolve_image_entrypoints() {
 
     // The leader applies the collector DaemonSet with the configured image and arguments.
     let ds = wait_for("the collector DaemonSet", || {
-        rest.get("/apis/apps/v1/namespaces/relay-system/daemonsets/relay-collector")
+        get(
+            &rest,
+            "/apis/apps/v1/namespaces/relay-system/daemonsets/relay-collector",
+        )
     });
     let container = &ds["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["image"], "relay/collector:1");
@@ -239,30 +197,35 @@ fn two_replicas_lead_in_turn_serve_the_webhook_and_resolve_image_entrypoints() {
     // A tenant: tools claim and Job; the Job "succeeds" as the Job controller would report it.
     rest.post(
         "/apis/relay.sh/v1beta1/namespaces/tenant-x/tenants",
-        json!({"apiVersion": "relay.sh/v1beta1", "kind": "Tenant", "metadata": {"name": "x"}, "spec": {}}),
+        &json!({"apiVersion": "relay.sh/v1beta1", "kind": "Tenant", "metadata": {"name": "x"}, "spec": {}}),
     )
     .unwrap();
     let tools = tools_for("x", "relay/tools:1", &default_volume_claim_template()).unwrap();
     wait_for("the tools Job", || {
-        rest.get(&format!(
-            "/apis/batch/v1/namespaces/tenant-x/jobs/{}",
-            tools.name
-        ))
+        get(
+            &rest,
+            &format!("/apis/batch/v1/namespaces/tenant-x/jobs/{}", tools.name),
+        )
     });
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     rest.merge_patch(
         &format!("/apis/batch/v1/namespaces/tenant-x/jobs/{}/status", tools.name),
-        json!({"status": {"succeeded": 1, "completionTime": now, "conditions": [
+        &json!({"status": {"succeeded": 1, "completionTime": now, "conditions": [
             {"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}]}}),
-    );
+    )
+    .unwrap();
     wait_for("the tenant's tools claim", || {
-        let tenant = rest.get("/apis/relay.sh/v1beta1/namespaces/tenant-x/tenants/x")?;
+        let tenant = get(
+            &rest,
+            "/apis/relay.sh/v1beta1/namespaces/tenant-x/tenants/x",
+        )?;
         (tenant["status"]["toolsVolumeClaim"] == tools.name.as_str()).then_some(())
     });
-    let namespace = rest.get("/api/v1/namespaces/tenant-x").unwrap();
+    let namespace = get(&rest, "/api/v1/namespaces/tenant-x").unwrap();
     assert_eq!(namespace["metadata"]["labels"]["relay.sh/tenant"], "true");
     wait_for("the webhook's caBundle", || {
-        let config = rest.get(
+        let config = get(
+            &rest,
             "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/relay-pod-injection",
         )?;
         config["webhooks"][0]["clientConfig"]["caBundle"]
@@ -272,7 +235,7 @@ fn two_replicas_lead_in_turn_serve_the_webhook_and_resolve_image_entrypoints() {
     });
     // The controller-manager creates the namespace's default ServiceAccount, which pods need.
     wait_for("the default ServiceAccount", || {
-        rest.get("/api/v1/namespaces/tenant-x/serviceaccounts/default")
+        get(&rest, "/api/v1/namespaces/tenant-x/serviceaccounts/default")
     });
 
     // A pod without command: its entrypoint comes from the image config in the registry.
@@ -280,7 +243,7 @@ fn two_replicas_lead_in_turn_serve_the_webhook_and_resolve_image_entrypoints() {
     let pod = rest
         .post(
             "/api/v1/namespaces/tenant-x/pods",
-            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app"},
+            &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app"},
                    "spec": {"containers": [
                        {"name": "app", "image": image},
                        {"name": "args", "image": image, "args": ["--once"]}]}}),

@@ -271,6 +271,14 @@ impl KubeApi {
             .build()?)
     }
 
+    /// A JSON REST helper over [`KubeApi::client`]: `get`, `post`, `merge_patch` of API paths.
+    pub fn rest(&self) -> anyhow::Result<Rest> {
+        Ok(Rest {
+            base: self.url.clone(),
+            http: self.client()?,
+        })
+    }
+
     /// `kubectl` (1.20.2) with this instance's kubeconfig.
     pub fn kubectl(&self) -> Command {
         let mut kubectl = Command::new(layout::kubectl());
@@ -627,5 +635,58 @@ impl Pki {
         write(Self::SA_KEY, &sa_key.serialize_pem())?;
         write(Self::SA_PUB, &sa_key.public_key_pem())?;
         Ok(Self { ca_pem })
+    }
+}
+
+/// JSON requests to the API server as its admin (see [`KubeApi::rest`]).
+#[derive(Debug, Clone)]
+pub struct Rest {
+    base: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Rest {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `GET path`: the object, or `None` on any non-success status (404 above all).
+    pub fn get(&self, path: &str) -> anyhow::Result<Option<serde_json::Value>> {
+        let response = self.http.get(self.url(path)).send()?;
+        if !response.status().is_success() {
+            return Ok(None);
+        }
+        Ok(Some(response.json()?))
+    }
+
+    /// `POST path` with `body`; an error carries the status and the API server's answer.
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let response = self.http.post(self.url(path)).json(body).send()?;
+        let status = response.status();
+        let answer: serde_json::Value = response.json()?;
+        if !status.is_success() {
+            bail!("POST {path}: {status}: {answer}");
+        }
+        Ok(answer)
+    }
+
+    /// `PATCH path` with a JSON merge patch (`.../status` paths patch the status subresource).
+    pub fn merge_patch(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let response = self
+            .http
+            .patch(self.url(path))
+            .header("Content-Type", "application/merge-patch+json")
+            .body(body.to_string())
+            .send()?;
+        let status = response.status();
+        let answer: serde_json::Value = response.json()?;
+        if !status.is_success() {
+            bail!("PATCH {path}: {status}: {answer}");
+        }
+        Ok(answer)
     }
 }
