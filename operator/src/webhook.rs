@@ -47,6 +47,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::controller;
 use crate::crd::Tenant;
 use crate::mutate::{self, ImageCommand, Injection, SkipReason};
 use crate::tls::WebhookTls;
@@ -404,6 +405,11 @@ impl Webhook {
             return invalid("pod CREATE without a namespace".to_owned());
         };
         let pod_name = pod_display_name(&pod.metadata, &request.name);
+        // The operator's own tools Job pods fill the tools volume: they run before the tools are
+        // ready (and must, also when not-ready pods are denied) and are never wrapped.
+        if pod.labels().contains_key(controller::TENANT_UID_LABEL) {
+            return (Outcome::Unchanged, review_reply(allow));
+        }
 
         if tokio::time::timeout(
             self.config.cache_sync_timeout,

@@ -1,7 +1,8 @@
 //! The tenant reconciler against a real kube-apiserver and kube-controller-manager (1.20).
 //!
 //! There is no kubelet: the tools Jobs' pods never run, so the tests patch a Job's status as the
-//! Job controller would once its pod finished.
+//! Job controller would once its pod finished (the Job controller itself is off, see
+//! `KubeOptions::without_controllers`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -28,7 +29,11 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Starts the control plane off the async runtime (the test bed waits with a blocking client).
 async fn start_kube() -> Option<KubeApi> {
     tokio::task::spawn_blocking(|| {
-        KubeApi::start_or_skip_with(&KubeOptions::new().controller_manager(true))
+        KubeApi::start_or_skip_with(
+            &KubeOptions::new()
+                .controller_manager(true)
+                .without_controllers(&["job"]),
+        )
     })
     .await
     .unwrap()

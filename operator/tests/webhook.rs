@@ -146,19 +146,14 @@ async fn cached(store: &Store<Tenant>, ns: &str, claim: Option<&str>) {
 }
 
 fn webhook_entry(name: &str, port: u16, selector: (&str, &str), policy: &str) -> Value {
-    json!({
-        "name": name,
-        "admissionReviewVersions": ["v1"],
-        "sideEffects": "None",
-        "failurePolicy": policy,
-        "timeoutSeconds": 5,
-        "namespaceSelector": { "matchLabels": { selector.0: selector.1 } },
-        "rules": [{
-            "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
-            "resources": ["pods"], "scope": "Namespaced",
-        }],
-        "clientConfig": { "url": format!("https://127.0.0.1:{port}{MUTATE_PATH}") },
-    })
+    let mut entry = testbed::kube::pod_webhook(
+        name,
+        &format!("https://127.0.0.1:{port}{MUTATE_PATH}"),
+        selector,
+        policy,
+    );
+    entry["timeoutSeconds"] = json!(5);
+    entry
 }
 
 async fn register(client: &Client, name: &str, webhooks: Vec<Value>) {
@@ -664,6 +659,24 @@ async fn pods_created_through_the_api_server_are_stored_mutated() {
         }
         other => panic!("pod admitted although refused: {other:?}"),
     }
+    assert_eq!(deny.metrics().admissions(Outcome::Denied), 1);
+
+    // The operator's own tools Job pods (labelled with their tenant's UID) are admitted
+    // unchanged, also where not-ready pods are refused: they are what makes the tools ready.
+    let mut installer = waiting.clone();
+    installer.metadata.name = Some("installer".to_owned());
+    installer
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(
+            operator::controller::TENANT_UID_LABEL.to_owned(),
+            "uid".to_owned(),
+        );
+    let stored = create(&client, "refusing", &installer)
+        .await
+        .expect("the tools Job's pod is admitted");
+    assert_unwrapped(&stored, &installer);
     assert_eq!(deny.metrics().admissions(Outcome::Denied), 1);
 
     // Webhook down: failurePolicy Fail refuses, Ignore admits unchanged.

@@ -75,6 +75,7 @@ pub fn unavailable(options: &KubeOptions) -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct KubeOptions {
     controller_manager: bool,
+    without_controllers: Vec<String>,
     start_timeout: Duration,
 }
 
@@ -82,6 +83,7 @@ impl Default for KubeOptions {
     fn default() -> Self {
         Self {
             controller_manager: false,
+            without_controllers: Vec::new(),
             start_timeout: Duration::from_secs(90),
         }
     }
@@ -100,6 +102,15 @@ impl KubeOptions {
     /// `default` namespace and its token.
     pub fn controller_manager(mut self, on: bool) -> Self {
         self.controller_manager = on;
+        self
+    }
+
+    /// Runs the controller manager without these controllers (`--controllers=*,-NAME`). Without
+    /// `job`, a test can play the kubelet and the Job controller by patching a Job's status: the
+    /// 1.20 Job controller writes a Job's whole status from its own view, so it would undo such a
+    /// patch that lands while it syncs the Job.
+    pub fn without_controllers(mut self, names: &[&str]) -> Self {
+        self.without_controllers = names.iter().map(|n| (*n).to_owned()).collect();
         self
     }
 
@@ -164,7 +175,7 @@ impl KubeApi {
         kube.start_apiserver(options, deadline)?;
         kube.write_kubeconfig()?;
         if options.controller_manager {
-            kube.start_controller_manager(deadline)?;
+            kube.start_controller_manager(&options.without_controllers, deadline)?;
         }
         eprintln!(
             "testbed: Kubernetes API server ready at {} in {:.1?}",
@@ -380,9 +391,17 @@ impl KubeApi {
         })
     }
 
-    fn start_controller_manager(&mut self, deadline: Instant) -> anyhow::Result<()> {
+    fn start_controller_manager(
+        &mut self,
+        without: &[String],
+        deadline: Instant,
+    ) -> anyhow::Result<()> {
         let file = |name: &str| format!("{}", self.dir.path().join(name).display());
         let mut cm = Command::new(layout::kube_controller_manager());
+        if !without.is_empty() {
+            let off: Vec<String> = without.iter().map(|name| format!("-{name}")).collect();
+            cm.arg(format!("--controllers=*,{}", off.join(",")));
+        }
         cm.arg(format!("--kubeconfig={}", file("kubeconfig")))
             // The admin is in system:masters: no per-controller service account credentials.
             .arg("--use-service-account-credentials=false")
@@ -689,4 +708,28 @@ impl Rest {
         }
         Ok(answer)
     }
+}
+
+/// A mutating webhook entry on pod CREATE in namespaces labelled `selector`, called at `url`
+/// (`admissionReviewVersions` v1, no side effects, 10 s timeout), for a
+/// MutatingWebhookConfiguration's `webhooks`.
+pub fn pod_webhook(
+    name: &str,
+    url: &str,
+    selector: (&str, &str),
+    failure_policy: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "admissionReviewVersions": ["v1"],
+        "sideEffects": "None",
+        "failurePolicy": failure_policy,
+        "timeoutSeconds": 10,
+        "namespaceSelector": { "matchLabels": { selector.0: selector.1 } },
+        "rules": [{
+            "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+            "resources": ["pods"], "scope": "Namespaced",
+        }],
+        "clientConfig": { "url": url },
+    })
 }

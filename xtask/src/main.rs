@@ -3,6 +3,7 @@
 mod bench;
 mod bench_collector;
 mod bench_entrypoint;
+mod bench_operator;
 mod demo;
 mod dist;
 mod ebpf;
@@ -42,6 +43,8 @@ enum Task {
     /// The collector benchmark's writer: fixed-size write(2) calls on stdout.
     #[command(hide = true)]
     WriteLoop(bench_collector::WriteLoopArgs),
+    /// What the pod injection webhook adds to pod creation, and the operator's reconcile rate.
+    BenchOperator(bench_operator::Args),
     /// Container test bed: `install` unpacks containerd, runc and busybox into ~/.cache/relay.
     Testbed(testbed::Args),
     /// Installs the eBPF toolchain the collector's build needs (pinned nightly, bpf-linker).
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         Task::GenOutput(a) => bench_entrypoint::gen_output(a),
         Task::BenchCollector(a) => bench_collector::run(a),
         Task::WriteLoop(a) => bench_collector::write_loop(a),
+        Task::BenchOperator(a) => bench_operator::run(a),
         Task::Testbed(a) => testbed::run(a),
         Task::EbpfToolchain => {
             let bin = ebpf::install()?;
