@@ -333,12 +333,12 @@ impl Cri {
         }
     }
 
-    /// Imports the images with `ctr` and waits until CRI sees them (it learns of them from
-    /// containerd's events).
+    /// Imports the busybox images with `ctr` and waits until CRI sees them.
     fn import_images(&self, deadline: Instant) -> anyhow::Result<()> {
         let archive = self.dir.path().join("images.tar");
         oci::write_archive(
             &layout::busybox_rootfs(),
+            &[],
             &[
                 oci::Image {
                     name: PAUSE_IMAGE,
@@ -354,10 +354,21 @@ impl Cri {
             &archive,
         )
         .context("cannot build the busybox images")?;
+        self.import_archive(&archive, &[PAUSE_IMAGE, BUSYBOX_IMAGE], deadline)
+    }
+
+    /// Imports the OCI archive at `archive` with `ctr` and waits (until `deadline`) until CRI
+    /// sees each of `names` (it learns of them from containerd's events).
+    pub(crate) fn import_archive(
+        &self,
+        archive: &Path,
+        names: &[&str],
+        deadline: Instant,
+    ) -> anyhow::Result<()> {
         let out = self
             .ctr()
             .args(["images", "import", "--snapshotter", "overlayfs"])
-            .arg(&archive)
+            .arg(archive)
             .output()
             .context("cannot run ctr images import")?;
         ensure!(
@@ -366,7 +377,7 @@ impl Cri {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        for image in [PAUSE_IMAGE, BUSYBOX_IMAGE] {
+        for &image in names {
             loop {
                 let status = self.call(api::ImageStatusRequest {
                     image: Some(api::ImageSpec {
@@ -522,7 +533,7 @@ pub struct ContainerSpec {
     /// Unique in the pod.
     pub name: String,
     pub image: String,
-    /// Replaces the image's entrypoint (Kubernetes' `command`).
+    /// Replaces the image's entrypoint (Kubernetes' `command`) unless empty.
     pub command: Vec<String>,
     /// Replaces the image's command (Kubernetes' `args`).
     pub args: Vec<String>,
@@ -533,6 +544,8 @@ pub struct ContainerSpec {
     /// `(uid, gid)` to run as instead of the image's user.
     pub user: Option<(u32, u32)>,
     pub read_only_rootfs: bool,
+    /// The working directory, instead of the image's.
+    pub working_dir: Option<PathBuf>,
 }
 
 impl ContainerSpec {
@@ -552,6 +565,7 @@ impl ContainerSpec {
             mounts: Vec::new(),
             user: None,
             read_only_rootfs: false,
+            working_dir: None,
         }
     }
 
@@ -612,6 +626,13 @@ impl ContainerSpec {
         self.read_only_rootfs = true;
         self
     }
+
+    /// Starts the process in `dir` (Kubernetes' `workingDir`) instead of the image's.
+    #[must_use]
+    pub fn working_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.working_dir = Some(dir.into());
+        self
+    }
 }
 
 /// A running pod sandbox. Dropping it stops and removes it as
@@ -627,7 +648,7 @@ pub struct Pod<'c> {
     removed: bool,
 }
 
-impl Pod<'_> {
+impl<'c> Pod<'c> {
     /// The sandbox id.
     pub fn id(&self) -> &str {
         &self.id
@@ -644,7 +665,7 @@ impl Pod<'_> {
     }
 
     /// Creates a container in the pod (CreateContainer); [`Container::start`] starts it.
-    pub fn create_container(&self, spec: &ContainerSpec) -> anyhow::Result<Container<'_>> {
+    pub fn create_container(&self, spec: &ContainerSpec) -> anyhow::Result<Container<'c>> {
         let name = &spec.name;
         ensure!(
             !name.is_empty()
@@ -653,7 +674,6 @@ impl Pod<'_> {
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-')),
             "invalid container name {name:?}: use ASCII letters, digits, '.' and '-'"
         );
-        ensure!(!spec.command.is_empty(), "container {name}: no command");
         ensure!(
             is_plain_relative(&path_string(&spec.log_path)?),
             "container {name}: log path {} is not relative or has `..`",
@@ -688,7 +708,12 @@ impl Pod<'_> {
             }),
             command: spec.command.clone(),
             args: spec.args.clone(),
-            working_dir: String::new(),
+            working_dir: spec
+                .working_dir
+                .as_deref()
+                .map(path_string)
+                .transpose()?
+                .unwrap_or_default(),
             envs: spec
                 .env
                 .iter()
@@ -996,7 +1021,7 @@ fn path_string(path: &Path) -> anyhow::Result<String> {
 }
 
 /// A random-looking version 4 UUID, unique in this process and very likely across processes.
-fn new_uid() -> String {
+pub(crate) fn new_uid() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -3,7 +3,8 @@
 //! through [`cri`], running Kubernetes-shaped pods as a kubelet would. [`kube`] runs a real
 //! Kubernetes API server (etcd, `kube-apiserver` and optionally `kube-controller-manager`, no
 //! kubelet) on loopback. [`registry`] runs a real OCI registry (distribution 2.8) and pushes
-//! images built with umoci to it.
+//! images built with umoci to it. [`kubelet`] plays one node's kubelet over [`kube`] and [`cri`],
+//! running the pods bound to it; [`images`] imports images for it without a registry.
 //!
 //! The binaries come from Debian packages that `cargo xtask testbed install` extracts into
 //! `~/.cache/relay` (see [`layout`]); nothing is installed system-wide and no service is started.
@@ -22,7 +23,9 @@
 pub mod api;
 mod containerd;
 pub mod cri;
+pub mod images;
 pub mod kube;
+pub mod kubelet;
 pub mod layout;
 mod oci;
 pub mod registry;

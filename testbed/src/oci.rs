@@ -45,11 +45,26 @@ impl Blob {
     }
 }
 
+/// A file added to the root filesystem of an image.
+#[derive(Debug, Clone)]
+pub(crate) struct ExtraFile {
+    /// Relative to the root, without `..`.
+    pub path: String,
+    pub bytes: Vec<u8>,
+    pub mode: u32,
+}
+
 /// Writes an archive at `out` holding `images`, all with one layer: `rootfs` as it is (modes,
-/// owners and symlinks kept, no compression). Each image is named by the
-/// `io.containerd.image.name` annotation, which `ctr images import` uses as is.
-pub(crate) fn write_archive(rootfs: &Path, images: &[Image<'_>], out: &Path) -> anyhow::Result<()> {
-    let layer = Blob::new(layer_tar(rootfs)?);
+/// owners and symlinks kept, no compression) with `extra` files added (owned by root, parent
+/// directories made as needed). Each image is named by the `io.containerd.image.name`
+/// annotation, which `ctr images import` uses as is.
+pub(crate) fn write_archive(
+    rootfs: &Path,
+    extra: &[ExtraFile],
+    images: &[Image<'_>],
+    out: &Path,
+) -> anyhow::Result<()> {
+    let layer = Blob::new(layer_tar(rootfs, extra)?);
     let (os, architecture) = platform();
     let mut blobs = Vec::new();
     let mut manifests = Vec::new();
@@ -113,8 +128,8 @@ pub(crate) fn write_archive(rootfs: &Path, images: &[Image<'_>], out: &Path) -> 
     Ok(())
 }
 
-/// `rootfs` as an uncompressed layer.
-fn layer_tar(rootfs: &Path) -> anyhow::Result<Vec<u8>> {
+/// `rootfs` with `extra` as an uncompressed layer.
+fn layer_tar(rootfs: &Path, extra: &[ExtraFile]) -> anyhow::Result<Vec<u8>> {
     let mut layer = tar::Builder::new(Vec::new());
     // Modes as they are (`/tmp` is 1777), and symlinks as symlinks (busybox's applets).
     layer.mode(tar::HeaderMode::Complete);
@@ -122,6 +137,35 @@ fn layer_tar(rootfs: &Path) -> anyhow::Result<Vec<u8>> {
     layer
         .append_dir_all(".", rootfs)
         .with_context(|| format!("cannot put {} in an image layer", rootfs.display()))?;
+    let mut dirs: Vec<String> = Vec::new();
+    for file in extra {
+        let mut parent = Path::new(&file.path).parent();
+        let mut missing = Vec::new();
+        while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            if !rootfs.join(dir).exists() {
+                missing.push(dir.to_string_lossy().into_owned());
+            }
+            parent = dir.parent();
+        }
+        for dir in missing.into_iter().rev() {
+            if dirs.contains(&dir) {
+                continue;
+            }
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o755);
+            header.set_size(0);
+            layer.append_data(&mut header, format!("{dir}/"), std::io::empty())?;
+            dirs.push(dir);
+        }
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mode(file.mode);
+        header.set_size(u64::try_from(file.bytes.len())?);
+        layer
+            .append_data(&mut header, &file.path, file.bytes.as_slice())
+            .with_context(|| format!("cannot put {} in an image layer", file.path))?;
+    }
     Ok(layer.into_inner()?)
 }
 
@@ -163,7 +207,7 @@ mod tests {
                 cmd: &["sh"],
             },
         ];
-        write_archive(&rootfs, &images, &out).unwrap();
+        write_archive(&rootfs, &[], &images, &out).unwrap();
 
         let mut files = std::collections::HashMap::new();
         let mut archive = tar::Archive::new(File::open(&out).unwrap());
