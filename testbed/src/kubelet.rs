@@ -36,7 +36,7 @@ use std::{
     path::{Component, Path, PathBuf},
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant, SystemTime},
@@ -298,7 +298,24 @@ impl Drop for Kubelet {
 #[derive(Debug)]
 struct Worker {
     thread: JoinHandle<()>,
-    deleted: Arc<AtomicBool>,
+    deletion: Arc<Deletion>,
+}
+
+/// Whether a pod is deleted, and with which grace period.
+#[derive(Debug)]
+struct Deletion {
+    deleted: AtomicBool,
+    /// The pod's `deletionGracePeriodSeconds`, [`u64::MAX`] while unknown.
+    grace_seconds: AtomicU64,
+}
+
+impl Deletion {
+    fn mark(&self, grace_seconds: Option<u64>) {
+        if let Some(seconds) = grace_seconds {
+            self.grace_seconds.store(seconds, Ordering::SeqCst);
+        }
+        self.deleted.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Ctx {
@@ -473,7 +490,9 @@ impl Ctx {
             present.insert(uid.clone());
             if let Some(worker) = workers.get(&uid) {
                 if deleting {
-                    worker.deleted.store(true, Ordering::SeqCst);
+                    worker
+                        .deletion
+                        .mark(meta["deletionGracePeriodSeconds"].as_u64());
                 }
                 continue;
             }
@@ -491,27 +510,31 @@ impl Ctx {
             ) {
                 continue;
             }
-            let deleted = Arc::new(AtomicBool::new(false));
+            let deletion = Arc::new(Deletion {
+                deleted: AtomicBool::new(false),
+                grace_seconds: AtomicU64::new(u64::MAX),
+            });
             let ctx = Arc::clone(self);
-            let flag = Arc::clone(&deleted);
+            let flag = Arc::clone(&deletion);
             let thread = thread::Builder::new()
                 .name(format!("pod-{name}"))
                 .spawn(move || ctx.pod_worker(&pod, &flag))?;
-            workers.insert(uid, Worker { thread, deleted });
+            workers.insert(uid, Worker { thread, deletion });
         }
         // Pods gone without us (deleted with grace 0): stop them too; forget finished threads.
         workers.retain(|uid, worker| {
             if present.contains(uid) {
                 return true;
             }
-            worker.deleted.store(true, Ordering::SeqCst);
+            worker.deletion.mark(Some(0));
             !worker.thread.is_finished()
         });
         Ok(())
     }
 
     /// Runs one pod until it is deleted (or the kubelet stops).
-    fn pod_worker(&self, pod: &Value, deleted: &AtomicBool) {
+    fn pod_worker(&self, pod: &Value, deletion: &Deletion) {
+        let deleted = &deletion.deleted;
         let meta = &pod["metadata"];
         let (namespace, name, uid) = (
             str_of(&meta["namespace"]),
@@ -527,19 +550,19 @@ impl Ctx {
             sandbox: None,
             containers: Vec::new(),
         };
-        if let Err(e) = run.run(&cri) {
-            if !run.cancelled() {
-                self.error(format!("pod {namespace}/{name}: {e:#}"));
-                run.status.phase = "Failed".to_owned();
-                run.status.message = Some(format!("{e:#}"));
-                run.write_status();
-            }
+        if let Err(e) = run.run(&cri)
+            && !run.cancelled()
+        {
+            self.error(format!("pod {namespace}/{name}: {e:#}"));
+            run.status.phase = "Failed".to_owned();
+            run.status.message = Some(format!("{e:#}"));
+            run.write_status();
         }
         while !run.cancelled() {
             thread::sleep(CONTAINER_POLL);
         }
-        let grace = pod["metadata"]["deletionGracePeriodSeconds"]
-            .as_u64()
+        let grace = Some(deletion.grace_seconds.load(Ordering::SeqCst))
+            .filter(|&s| s != u64::MAX)
             .or_else(|| pod["spec"]["terminationGracePeriodSeconds"].as_u64())
             .map_or(MAX_GRACE, |s| Duration::from_secs(s).min(MAX_GRACE));
         let PodRun {
@@ -1011,15 +1034,12 @@ impl<'c> PodRun<'c> {
             };
         let namespace = self.namespace();
         for (kind, source, default_mode) in sources {
-            let mode = default_mode.as_u64().map_or(0o644, |m| m as u32);
+            let mode = default_mode.as_u64().map_or(0o644, mode_of);
             match kind {
                 "serviceAccountToken" => {
                     let token = self.token(source)?;
                     let path = source["path"].as_str().unwrap_or("token");
-                    files.insert(
-                        path.to_owned(),
-                        (token.into_bytes(), mode.min(0o600).max(0o400)),
-                    );
+                    files.insert(path.to_owned(), (token.into_bytes(), mode));
                 }
                 "configMap" | "secret" => {
                     let object_name = source["name"]
@@ -1041,7 +1061,7 @@ impl<'c> PodRun<'c> {
                                 let bytes = data
                                     .get(key)
                                     .with_context(|| format!("volume {name}: no key {key}"))?;
-                                let mode = item["mode"].as_u64().map_or(mode, |m| m as u32);
+                                let mode = item["mode"].as_u64().map_or(mode, mode_of);
                                 files.insert(
                                     str_of(&item["path"]).to_owned(),
                                     (bytes.clone(), mode),
@@ -1342,6 +1362,11 @@ fn plain_name(name: &str) -> bool {
 
 fn create_dir(path: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// A file mode from JSON, or 0644 when it is out of range.
+fn mode_of(mode: u64) -> u32 {
+    u32::try_from(mode).unwrap_or(0o644)
 }
 
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
