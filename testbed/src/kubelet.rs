@@ -378,6 +378,7 @@ impl Ctx {
         let poll = self.options.poll.unwrap_or(POLL);
         let mut workers: HashMap<String, Worker> = HashMap::new();
         let mut jobs = HashSet::new();
+        let mut job_threads = Vec::new();
         let mut last_heartbeat = Instant::now();
         while !self.stopping() {
             if last_heartbeat.elapsed() >= HEARTBEAT {
@@ -390,7 +391,7 @@ impl Ctx {
                 tracing::warn!("kubelet: scheduling: {e:#}");
             }
             if self.options.run_jobs
-                && let Err(e) = self.start_jobs(&mut jobs)
+                && let Err(e) = self.start_jobs(&mut jobs, &mut job_threads)
             {
                 tracing::warn!("kubelet: jobs: {e:#}");
             }
@@ -399,9 +400,10 @@ impl Ctx {
             }
             thread::sleep(poll);
         }
-        for (_, worker) in workers {
-            if worker.thread.join().is_err() {
-                tracing::error!("kubelet: a pod thread panicked");
+        let threads = workers.into_values().map(|w| w.thread);
+        for thread in threads.chain(job_threads) {
+            if thread.join().is_err() {
+                tracing::error!("kubelet: a pod or Job thread panicked");
             }
         }
     }
@@ -446,7 +448,11 @@ impl Ctx {
 
     /// Starts a thread running each Job of the scheduled namespaces not seen before and not
     /// finished.
-    fn start_jobs(self: &Arc<Self>, seen: &mut HashSet<String>) -> anyhow::Result<()> {
+    fn start_jobs(
+        self: &Arc<Self>,
+        seen: &mut HashSet<String>,
+        threads: &mut Vec<JoinHandle<()>>,
+    ) -> anyhow::Result<()> {
         for namespace in &self.options.schedule_namespaces {
             for job in self
                 .api
@@ -463,14 +469,18 @@ impl Ctx {
                 let name = str_of(&job["metadata"]["name"]).to_owned();
                 let namespace = namespace.clone();
                 let ctx = Arc::clone(self);
-                thread::Builder::new()
-                    .name(format!("job-{name}"))
-                    .spawn(move || {
-                        // As long as the kubelet lives: the pod ends when it is deleted anyway.
-                        if let Err(e) = ctx.run_job(&namespace, &name, Duration::MAX) {
-                            ctx.error(format!("job {namespace}/{name}: {e:#}"));
-                        }
-                    })?;
+                let thread =
+                    thread::Builder::new()
+                        .name(format!("job-{name}"))
+                        .spawn(move || {
+                            // As long as the kubelet lives: the pod ends when it is deleted anyway.
+                            if let Err(e) = ctx.run_job(&namespace, &name, Duration::MAX)
+                                && !ctx.stopping()
+                            {
+                                ctx.error(format!("job {namespace}/{name}: {e:#}"));
+                            }
+                        })?;
+                threads.push(thread);
             }
         }
         Ok(())

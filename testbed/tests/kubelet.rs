@@ -10,6 +10,7 @@
 use std::{
     fs,
     os::unix::fs::PermissionsExt,
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -418,6 +419,19 @@ fn jobs_complete_or_fail_and_a_deleted_running_pod_is_stopped() {
     let id = container_id(&pod["status"]["containerStatuses"][0]);
     assert!(containerd_containers(&cri).contains(&id));
     assert_eq!(cri.pod_ids().unwrap().len(), sandboxes_before + 1);
+    // Where the collector looks: the container's cgroup under the pod's, as with a kubelet.
+    let uid = pod["metadata"]["uid"].as_str().unwrap();
+    let cgroup = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(|root| Path::new(root).join(format!("kubepods/burstable/pod{uid}/{id}")))
+        .find(|path| path.join("cgroup.procs").exists())
+        .unwrap_or_else(|| panic!("no cgroup kubepods/burstable/pod{uid}/{id}"));
+    assert!(
+        !fs::read_to_string(cgroup.join("cgroup.procs"))
+            .unwrap()
+            .trim()
+            .is_empty()
+    );
     let client = kube.client().unwrap();
     let response = client
         .delete(format!(
