@@ -29,6 +29,23 @@
 //! [`KubeletOptions::schedule_label`]): only matching pods without a node are bound to this node.
 //! With the Job controller off, [`Kubelet::run_job`] plays it for one Job, and
 //! [`KubeletOptions::run_jobs`] for every Job in the scheduled namespaces.
+//!
+//! ```no_run
+//! use std::{sync::Arc, time::Duration};
+//! use testbed::{cri::{BUSYBOX_IMAGE, Cri}, kube::KubeApi, kubelet::{Kubelet, KubeletOptions}};
+//!
+//! let Some(kube) = KubeApi::start_or_skip() else { return };
+//! let Some(cri) = Cri::start_or_skip() else { return };
+//! let options = KubeletOptions::new()
+//!     .schedule_namespace("default")
+//!     .image("busybox", BUSYBOX_IMAGE);
+//! let kubelet = Kubelet::start(&kube, Arc::new(cri), "node-1", options).unwrap();
+//! // ... create pod `web` in `default` through the API server, then:
+//! let pod = kubelet
+//!     .wait_pod("default", "web", Duration::from_secs(60), |p| p["status"]["phase"] == "Succeeded")
+//!     .unwrap();
+//! let logs = kubelet.logs("default", "web", "app").unwrap();
+//! ```
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

@@ -97,6 +97,7 @@ fn a_bound_pod_runs_init_then_containers_with_volumes_token_and_downward_env() {
         NODE,
         KubeletOptions::new()
             .schedule_namespace(ns)
+            .schedule_label("relay.test/kubelet", "yes")
             .run_jobs(true)
             .image("busybox", BUSYBOX_IMAGE)
             .image("example.org/extra:1", extra),
@@ -164,6 +165,37 @@ fn a_bound_pod_runs_init_then_containers_with_volumes_token_and_downward_env() {
         .unwrap();
     let ran = started.elapsed();
     assert_eq!(phase(&pod), "Succeeded", "{}", pod["status"]);
+
+    // Elsewhere, only pods with the label are bound: one created before a labelled one is
+    // still unbound when the labelled one has run.
+    let plain = |name: &str, labels: Value| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"restartPolicy": "Never", "containers": [
+                {"name": "c", "image": "busybox", "command": ["true"]},
+            ]},
+        })
+    };
+    rest.post(
+        "/api/v1/namespaces/default/pods",
+        &plain("unlabelled", json!({})),
+    )
+    .unwrap();
+    rest.post(
+        "/api/v1/namespaces/default/pods",
+        &plain("labelled", json!({"relay.test/kubelet": "yes"})),
+    )
+    .unwrap();
+    kubelet
+        .wait_pod("default", "labelled", WAIT, |p| phase(p) == "Succeeded")
+        .unwrap();
+    let unlabelled = rest
+        .get("/api/v1/namespaces/default/pods/unlabelled")
+        .unwrap()
+        .unwrap();
+    assert!(unlabelled["spec"]["nodeName"].is_null(), "{unlabelled}");
+    assert_eq!(phase(&unlabelled), "Pending");
     assert_eq!(pod["spec"]["nodeName"], NODE, "bound by the kubelet");
     let uid = pod["metadata"]["uid"].as_str().unwrap();
 
