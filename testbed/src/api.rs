@@ -25,29 +25,32 @@ pub fn workspace() -> &'static Path {
 /// build of it, built once here when missing.
 pub fn api_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("RELAY_METADATA_API_BIN") {
-            return PathBuf::from(bin);
-        }
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| workspace().join("target"), PathBuf::from);
-        let bin = target.join("debug").join("metadata-api");
-        let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "metadata-api",
-                "--bin",
-                "metadata-api",
-            ])
-            .current_dir(workspace())
-            .status()
-            .unwrap();
-        assert!(status.success(), "building metadata-api failed");
-        assert!(bin.exists(), "{} missing", bin.display());
-        bin
-    })
+    BIN.get_or_init(|| workspace_bin("metadata-api", "metadata-api", "RELAY_METADATA_API_BIN"))
+}
+
+/// The `operator` binary: `RELAY_OPERATOR_BIN`, or a debug build of it, built once here.
+pub fn operator_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("operator", "operator", "RELAY_OPERATOR_BIN"))
+}
+
+/// Binary `bin` of workspace package `package`: the path in `env` when set, else the debug build
+/// (`cargo build` runs first, a no-op when it is fresh).
+pub fn workspace_bin(package: &str, bin: &str, env: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return PathBuf::from(path);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace().join("target"), PathBuf::from);
+    let path = target.join("debug").join(bin);
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .current_dir(workspace())
+        .status()
+        .unwrap();
+    assert!(status.success(), "building {bin} failed");
+    assert!(path.exists(), "{} missing", path.display());
+    path
 }
 
 /// The static entrypoint (`RELAY_ENTRYPOINT_STATIC`, set by `cargo xtask test`, or the
@@ -81,11 +84,23 @@ pub struct Api {
     pub url: String,
     pub dir: tempfile::TempDir,
     pub extra: Vec<String>,
+    /// Environment of the server process besides `RUST_LOG`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Api {
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// As [`Api::start`], with `env` set for the server (e.g. `KUBECONFIG` for
+    /// `--auth kubernetes`).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut api = Self::unstarted(extra);
+        api.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         api.up();
         api
     }
@@ -99,6 +114,7 @@ impl Api {
             addr,
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            env: Vec::new(),
         }
     }
 
@@ -117,6 +133,7 @@ impl Api {
                 .arg("--key-file")
                 .arg(self.key_file())
                 .args(&self.extra)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -192,6 +209,16 @@ impl Api {
             &token,
             &serde_json::json!({ "name": name, "context": context, "source": "ebpf" }),
         )
+    }
+
+    /// Status and stored bytes of stream `name` of `source` (`entrypoint` or `ebpf`) in
+    /// `context`, read with tokens signed by this API's key.
+    pub fn read_in(&self, context: &str, name: &str, source: &str) -> (Value, Vec<u8>) {
+        if source == "ebpf" {
+            return self.read_ebpf(context, name);
+        }
+        let token = self.token(context, Scope::Write);
+        self.read_with(&token, &serde_json::json!({ "name": name }))
     }
 
     fn read_with(&self, token: &str, spec: &Value) -> (Value, Vec<u8>) {
