@@ -689,6 +689,20 @@ impl Rest {
         Ok(answer)
     }
 
+    /// `DELETE path` with `gracePeriodSeconds` = `grace`; a 404 is fine.
+    pub fn delete(&self, path: &str, grace: u32) -> anyhow::Result<()> {
+        let response = self
+            .http
+            .delete(self.url(path))
+            .json(&serde_json::json!({"gracePeriodSeconds": grace}))
+            .send()?;
+        let status = response.status();
+        if !status.is_success() && status != reqwest::StatusCode::NOT_FOUND {
+            bail!("DELETE {path}: {status}: {}", response.text()?);
+        }
+        Ok(())
+    }
+
     /// `PATCH path` with a JSON merge patch (`.../status` paths patch the status subresource).
     pub fn merge_patch(
         &self,
