@@ -45,7 +45,7 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
-#[group(id = "which", required = true, multiple = false, args = ["trigger", "step"])]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["trigger", "step"])))]
 struct ReportArgs {
     /// The metadata API, e.g. `http://127.0.0.1:7070`.
     #[arg(long, env = "RELAY_METADATA_API_URL")]

@@ -336,6 +336,9 @@ impl Finder {
     }
 
     fn diverge(&mut self) {
+        if self.found.is_some() {
+            return;
+        }
         self.diverging = true;
         if !self.lanes.iter().all(Lane::excerpt_ready) {
             return;
@@ -779,6 +782,21 @@ mod tests {
         assert_eq!(d.entrypoint.kind, SideKind::Data);
         assert_eq!(d.entrypoint.excerpt, "hij");
         assert_eq!(d.ebpf.excerpt, "X\\xffk");
+    }
+
+    #[test]
+    fn a_found_divergence_stays_as_more_pieces_and_ends_arrive() {
+        let mut f = Finder::new();
+        f.push(0, data(b"abc"));
+        f.push(1, data(b"abd"));
+        f.end(0);
+        f.end(1);
+        f.advance();
+        let d = f.divergence().cloned().unwrap();
+        f.push(0, data(b"more"));
+        f.advance();
+        assert_eq!(f.divergence(), Some(&d));
+        assert_eq!((d.offset, d.entrypoint.excerpt.as_str()), (2, "c"));
     }
 
     #[test]
