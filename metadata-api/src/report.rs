@@ -612,13 +612,16 @@ pub async fn compare_stream(
     })
 }
 
+/// One name's entrypoint and ebpf streams.
+type Pair = [Option<Arc<Stream>>; 2];
+
 /// Builds the report from the context's streams, grouped by name.
 pub async fn build(
     store: &Store,
     context: &str,
     streams: Vec<Arc<Stream>>,
 ) -> Result<Report, StoreError> {
-    let mut by_name: BTreeMap<(String, u32, String), [Option<Arc<Stream>>; 2]> = BTreeMap::new();
+    let mut by_name: BTreeMap<(String, u32, String), Pair> = BTreeMap::new();
     for s in streams {
         let (base, generation) = split_generation(&s.meta.name);
         let key = (base.to_owned(), generation, s.meta.name.clone());
