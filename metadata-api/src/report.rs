@@ -43,8 +43,9 @@ use crate::{
 
 /// Longest piece read from storage at once per path while hashing and comparing.
 pub const CHUNK: u64 = 1 << 20;
-/// Reads ahead per path.
-const READ_AHEAD: usize = 2;
+/// Pieces read ahead per path: enough to keep a stream of small parts (one GET each) moving, at
+/// most `READ_AHEAD` x [`CHUNK`] bytes in memory per path.
+const READ_AHEAD: usize = 8;
 /// Bytes of each side shown where the paths diverge.
 pub const EXCERPT: usize = 32;
 
