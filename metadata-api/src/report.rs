@@ -297,6 +297,7 @@ pub struct Finder {
 }
 
 impl Finder {
+    /// A finder at offset 0 of both paths.
     pub fn new() -> Self {
         Self::default()
     }
@@ -643,10 +644,6 @@ pub async fn build(
     })
 }
 
-fn human(n: u64) -> String {
-    n.to_string()
-}
-
 impl Report {
     /// The report as an aligned text table: one row per stream and path, and under each stream
     /// that does not agree, why and where the paths first diverge.
@@ -663,10 +660,10 @@ impl Report {
                     Some(p) => vec![
                         s.name.clone(),
                         src.to_string(),
-                        human(p.bytes_stored),
-                        human(p.dropped_bytes),
-                        human(p.pending_bytes),
-                        p.final_length.map_or("-".to_owned(), human),
+                        p.bytes_stored.to_string(),
+                        p.dropped_bytes.to_string(),
+                        p.pending_bytes.to_string(),
+                        p.final_length.map_or("-".to_owned(), |n| n.to_string()),
                         if p.complete { "yes" } else { "no" }.to_owned(),
                         p.sha256.get(..12).unwrap_or_default().to_owned(),
                         s.comparison.as_str().to_owned(),
