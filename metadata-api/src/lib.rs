@@ -24,6 +24,8 @@ pub mod range;
 #[cfg(feature = "server")]
 pub mod read;
 #[cfg(feature = "server")]
+pub mod report;
+#[cfg(feature = "server")]
 pub mod routes;
 #[cfg(feature = "server")]
 pub mod server;

@@ -1,10 +1,11 @@
-//! `metadata-api serve | token`.
+//! `metadata-api serve | token | capture-report`.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use metadata_api::{
     auth::{Keys, Scope},
+    report::Report,
     server::{ServeArgs, serve},
 };
 
@@ -36,6 +37,122 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Print a context's capture report: each stream as the entrypoint and the collector stored
+    /// it, and where they first differ. Exit 0 when both paths agree on every stream, 1 when not
+    /// (a difference, a stream on one path only, or an incomplete stream), 69 when the report
+    /// cannot be fetched.
+    CaptureReport(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["trigger", "step"])))]
+struct ReportArgs {
+    /// The metadata API, e.g. `http://127.0.0.1:7070`.
+    #[arg(long, env = "RELAY_METADATA_API_URL")]
+    url: String,
+    /// A read token covering the context (or the context's write token).
+    #[arg(long, env = "RELAY_METADATA_API_TOKEN", hide_env_values = true)]
+    token: String,
+    /// `WORKFLOW/TRIGGER`.
+    #[arg(long)]
+    trigger: Option<String>,
+    /// `WORKFLOW/RUN/STEP`.
+    #[arg(long)]
+    step: Option<String>,
+    /// Print the JSON report instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit code when the report cannot be fetched (EX_UNAVAILABLE).
+const EX_UNAVAILABLE: u8 = 69;
+
+impl ReportArgs {
+    /// The report's path, or why the context is malformed.
+    fn path(&self) -> Result<String, String> {
+        let segs = |s: &str, n: usize, what: &str| {
+            let v: Vec<&str> = s.split('/').collect();
+            if v.len() == n
+                && v.iter()
+                    .all(|p| metadata_api::names::valid_context_segment(p))
+            {
+                Ok(v.into_iter().map(str::to_owned).collect::<Vec<_>>())
+            } else {
+                Err(format!(
+                    "--{what} must be {n} segments of [A-Za-z0-9._-] separated by `/`"
+                ))
+            }
+        };
+        match (&self.trigger, &self.step) {
+            (Some(t), _) => {
+                let v = segs(t, 2, "trigger")?;
+                Ok(format!(
+                    "/api/workflows/{}/triggers/{}/logs/capture-report",
+                    v[0], v[1]
+                ))
+            }
+            (None, Some(st)) => {
+                let v = segs(st, 3, "step")?;
+                Ok(format!(
+                    "/api/workflows/{}/runs/{}/steps/{}/logs/capture-report",
+                    v[0], v[1], v[2]
+                ))
+            }
+            (None, None) => Err("one of --trigger or --step is required".to_owned()),
+        }
+    }
+}
+
+async fn fetch_report(args: &ReportArgs, path: &str) -> anyhow::Result<(Report, String)> {
+    let url = format!("{}{path}", args.url.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&args.token)
+        .timeout(Duration::from_secs(300))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
+    let status = resp.status();
+    let body = resp.text().await?;
+    if !status.is_success() {
+        anyhow::bail!("GET {url}: {status}: {}", body.trim());
+    }
+    let report: Report = serde_json::from_str(&body)
+        .map_err(|e| anyhow::anyhow!("GET {url}: not a capture report: {e}"))?;
+    Ok((report, body))
+}
+
+fn capture_report(args: &ReportArgs) -> ExitCode {
+    let path = match args.path() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("metadata-api: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let fetched = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(fetch_report(args, &path)));
+    match fetched {
+        Ok((report, body)) => {
+            if args.json {
+                println!("{body}");
+            } else {
+                print!("{}", report.table());
+            }
+            if report.agree {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("metadata-api: {e:#}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
 }
 
 /// Exit code for invalid configuration (EX_USAGE, as linkerd2-proxy does).
@@ -50,6 +167,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::CaptureReport(args) => capture_report(&args),
         Command::Token {
             key_file,
             context,

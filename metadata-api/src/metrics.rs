@@ -1,6 +1,10 @@
 //! Prometheus metrics, registered once and rendered by `/metrics`.
 
-use std::{sync::atomic::AtomicI64, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{Mutex, atomic::AtomicI64},
+    time::Duration,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -25,6 +29,28 @@ pub struct OpLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of the per-tenant byte totals: the workflow (not run or step, to bound cardinality) and
+/// the capture path.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkflowLabels {
+    pub workflow: String,
+    pub source: &'static str,
+}
+
+/// Which per-workflow total a write adds to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// New bytes stored.
+    Stored,
+    /// Bytes newly reported as dropped.
+    Dropped,
+}
+
+/// Most distinct `workflow` label values; later workflows are counted under [`OTHER_WORKFLOW`].
+pub const MAX_WORKFLOWS: usize = 1000;
+/// The `workflow` label of workflows past [`MAX_WORKFLOWS`].
+pub const OTHER_WORKFLOW: &str = "other";
+
 /// All metrics of the service.
 #[derive(Debug)]
 pub struct Metrics {
@@ -40,6 +66,12 @@ pub struct Metrics {
     pub storage: Family<OpLabels, Histogram>,
     pub streams_open: Gauge<i64, AtomicI64>,
     pub followers: Gauge<i64, AtomicI64>,
+    /// New bytes stored per workflow and capture path.
+    pub workflow_stored: Family<WorkflowLabels, Counter>,
+    /// Bytes reported dropped per workflow and capture path.
+    pub workflow_dropped: Family<WorkflowLabels, Counter>,
+    /// Workflows with their own label value (at most [`MAX_WORKFLOWS`]).
+    workflows: Mutex<HashSet<String>>,
 }
 
 impl Default for Metrics {
@@ -109,6 +141,18 @@ impl Metrics {
             "Readers following a stream now",
             followers.clone(),
         );
+        let workflow_stored = Family::<WorkflowLabels, Counter>::default();
+        registry.register(
+            "stored_bytes",
+            "New log bytes stored, by workflow and capture path",
+            workflow_stored.clone(),
+        );
+        let workflow_dropped = Family::<WorkflowLabels, Counter>::default();
+        registry.register(
+            "dropped_bytes",
+            "Log bytes writers reported as dropped, by workflow and capture path",
+            workflow_dropped.clone(),
+        );
         Self {
             registry,
             requests,
@@ -120,7 +164,41 @@ impl Metrics {
             storage,
             streams_open,
             followers,
+            workflow_stored,
+            workflow_dropped,
+            workflows: Mutex::default(),
         }
+    }
+
+    /// The `workflow` label for `workflow`: itself while fewer than [`MAX_WORKFLOWS`] have their
+    /// own, [`OTHER_WORKFLOW`] afterwards.
+    fn workflow_label(&self, workflow: &str) -> String {
+        let mut seen = self.workflows.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(workflow) {
+            return workflow.to_owned();
+        }
+        if seen.len() < MAX_WORKFLOWS {
+            seen.insert(workflow.to_owned());
+            return workflow.to_owned();
+        }
+        OTHER_WORKFLOW.to_owned()
+    }
+
+    /// Adds `bytes` to the per-workflow total of `kind` for the stream `meta`.
+    pub fn workflow_bytes(&self, meta: &crate::store::StreamMeta, kind: Kind, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let workflow = meta.context.as_str().split('/').nth(1).unwrap_or_default();
+        let labels = WorkflowLabels {
+            workflow: self.workflow_label(workflow),
+            source: meta.source.as_str(),
+        };
+        let family = match kind {
+            Kind::Stored => &self.workflow_stored,
+            Kind::Dropped => &self.workflow_dropped,
+        };
+        family.get_or_create(&labels).inc_by(bytes);
     }
 
     pub fn storage_latency(&self, op: &'static str, d: Duration, ok: bool) {
@@ -144,5 +222,20 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workflow_labels_are_capped() {
+        let m = Metrics::new();
+        for i in 0..MAX_WORKFLOWS {
+            assert_eq!(m.workflow_label(&format!("w{i}")), format!("w{i}"));
+        }
+        assert_eq!(m.workflow_label("late"), OTHER_WORKFLOW);
+        assert_eq!(m.workflow_label("w7"), "w7");
     }
 }

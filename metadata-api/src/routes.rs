@@ -42,6 +42,14 @@ pub const ROUTES: &[(&str, &str)] = &[
         "get",
         "/api/workflows/{workflow}/runs/{run}/steps/{step}/logs",
     ),
+    (
+        "get",
+        "/api/workflows/{workflow}/triggers/{trigger}/logs/capture-report",
+    ),
+    (
+        "get",
+        "/api/workflows/{workflow}/runs/{run}/steps/{step}/logs/capture-report",
+    ),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -79,6 +87,14 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route(
             "/api/workflows/{workflow}/runs/{run}/steps/{step}/logs",
             get(step_logs),
+        )
+        .route(
+            "/api/workflows/{workflow}/triggers/{trigger}/logs/capture-report",
+            get(trigger_report),
+        )
+        .route(
+            "/api/workflows/{workflow}/runs/{run}/steps/{step}/logs/capture-report",
+            get(step_report),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ok\n" }))
@@ -688,23 +704,91 @@ async fn read_stream(
     Ok(resp)
 }
 
-async fn context_logs(
-    s: Arc<AppState>,
-    context: String,
-    q: ReadQuery,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let p = principal(&s, &headers).await?;
-    let context = Context::stream(&context).map_err(|e| ApiError::bad(e.to_string()))?;
+/// The context a consumer request names, when the caller may read it: read tokens covering it,
+/// write tokens of exactly it. 404 otherwise, as for stream ids: do not reveal whether a foreign
+/// context has logs.
+async fn readable_context(
+    s: &AppState,
+    headers: &HeaderMap,
+    context: &str,
+) -> Result<Context, ApiError> {
+    let p = principal(s, headers).await?;
+    let context = Context::stream(context).map_err(|e| ApiError::bad(e.to_string()))?;
     let allowed = match p.scope {
         Scope::Read => p.context.covers(&context),
         Scope::Write => p.context == context,
         Scope::Collector => false,
     };
     if !allowed {
-        // As for stream ids: do not reveal whether a foreign context has logs.
         return Err(ApiError::NotFound);
     }
+    Ok(context)
+}
+
+/// Names always looked for besides the context's index: streams created before the index existed.
+const WELL_KNOWN: [&str; 2] = ["stdout", "stderr"];
+
+/// The capture report of a context (see [`crate::report`]).
+async fn capture_report(
+    s: Arc<AppState>,
+    context: String,
+    headers: HeaderMap,
+) -> Result<Json<crate::report::Report>, ApiError> {
+    let context = readable_context(&s, &headers, &context).await?;
+    let mut wanted = s.store.context_streams(&context).await?;
+    for name in WELL_KNOWN {
+        for src in [Source::Entrypoint, Source::Ebpf] {
+            if !wanted.iter().any(|(s, n)| *s == src && n == name) {
+                wanted.push((src, name.to_owned()));
+            }
+        }
+    }
+    let mut streams = Vec::with_capacity(wanted.len());
+    for (src, name) in wanted {
+        let id = s.keys.stream_id(&context, &name, src.as_str());
+        if let Some(st) = s.store.open(&id).await? {
+            s.store.refresh(&st).await?;
+            streams.push(st);
+        }
+    }
+    Ok(Json(
+        crate::report::build(&s.store, context.as_str(), streams).await?,
+    ))
+}
+
+async fn trigger_report(
+    State(s): S,
+    Path((workflow, trigger)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<crate::report::Report>, ApiError> {
+    capture_report(
+        s,
+        format!("workflows/{workflow}/triggers/{trigger}"),
+        headers,
+    )
+    .await
+}
+
+async fn step_report(
+    State(s): S,
+    Path((workflow, run, step)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<crate::report::Report>, ApiError> {
+    capture_report(
+        s,
+        format!("workflows/{workflow}/runs/{run}/steps/{step}"),
+        headers,
+    )
+    .await
+}
+
+async fn context_logs(
+    s: Arc<AppState>,
+    context: String,
+    q: ReadQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let context = readable_context(&s, &headers, &context).await?;
     let names: Vec<&str> = match q.stream.as_deref() {
         None => vec!["stdout", "stderr"],
         Some(n @ ("stdout" | "stderr")) => vec![n],

@@ -6,7 +6,11 @@
 //!   consecutive ones when it is longer than `MAX_OBJECT_LEN`), keyed by its byte range, so any
 //!   replica can accept any part without a lock;
 //! - `streams/{id}/dropped/{start:016x}-{end:016x}`: an empty object per `dropped` marker;
-//! - `streams/{id}/final`: the declared final length (written once).
+//! - `streams/{id}/final`: the declared final length (written once);
+//! - `index/{context}/{source}/{hex(name)}`: an empty object per stream, so a context's streams
+//!   can be listed (the capture report); written with the stream's `meta.json`, never on appends.
+//!
+//! Receive times need no object of their own: a part's is its object's last-modified time.
 //!
 //! The in-memory state of a stream is a cache rebuilt from a listing. Every write is a conditional
 //! put (`PutMode::Create`), and after it the parts near the written range are listed again: a part
@@ -93,6 +97,8 @@ struct State {
     final_len: Option<u64>,
     /// Ranges this process is writing now; an overlapping write waits for them.
     inflight: Vec<Span>,
+    /// Earliest and latest receive time of the known parts (ms since the epoch).
+    received: Option<(u64, u64)>,
 }
 
 /// A snapshot of what a stream holds.
@@ -112,6 +118,10 @@ pub struct Status {
     pub pending: Vec<Span>,
     pub final_length: Option<u64>,
     pub complete: bool,
+    /// Receive time of the earliest-received stored part, ms since the Unix epoch.
+    pub first_received_ms: Option<u64>,
+    /// Receive time of the latest-received stored part, ms since the Unix epoch.
+    pub last_received_ms: Option<u64>,
 }
 
 /// A piece of a read plan.
@@ -235,6 +245,8 @@ impl Stream {
             complete: st.final_len.is_some() && pending.is_empty(),
             pending,
             final_length: st.final_len,
+            first_received_ms: st.received.map(|r| r.0),
+            last_received_ms: st.received.map(|r| r.1),
         }
     }
 
@@ -311,12 +323,14 @@ impl Stream {
             parts,
             stored,
             longest,
+            received,
             ..
         } = &mut *st;
         for p in listing.parts {
             if let Entry::Vacant(e) = parts.entry(key_of(p.span)) {
                 stored.insert(p.span);
                 *longest = (*longest).max(p.span.len());
+                note_received(received, p.received_ms);
                 e.insert(p);
                 changed = true;
             }
@@ -357,12 +371,22 @@ impl State {
             return false;
         }
         let mut stored = RangeSet::new();
+        self.received = None;
         for p in self.parts.values() {
             stored.insert(p.span);
+            note_received(&mut self.received, p.received_ms);
         }
         self.stored = stored;
         true
     }
+}
+
+/// Widens the (first, last) receive times by `ms`.
+fn note_received(received: &mut Option<(u64, u64)>, ms: u64) {
+    *received = Some(match *received {
+        None => (ms, ms),
+        Some((a, b)) => (a.min(ms), b.max(ms)),
+    });
 }
 
 #[derive(Debug, Default)]
@@ -409,6 +433,53 @@ impl Store {
         p
     }
 
+    fn index_dir(&self, context: &Context) -> Path {
+        let mut p = self.prefix.clone().join("index");
+        for seg in context.as_str().split('/') {
+            p = p.join(seg);
+        }
+        p
+    }
+
+    /// `index/{context}/{source}/{hex(name)}`: names may be `.` or `..`, which are not path segments.
+    fn index_key(&self, meta: &StreamMeta) -> Path {
+        self.index_dir(&meta.context)
+            .join(meta.source.as_str())
+            .join(hex::encode(meta.name.as_bytes()))
+    }
+
+    /// The streams created in `context` (by this version or later: older streams are indexed when
+    /// their writer creates them again), as (source, name), sorted.
+    pub async fn context_streams(
+        &self,
+        context: &Context,
+    ) -> Result<Vec<(Source, String)>, StoreError> {
+        let dir = self.index_dir(context);
+        let depth = dir.parts().count();
+        let t = Instant::now();
+        let metas: Vec<object_store::ObjectMeta> = self.os.list(Some(&dir)).try_collect().await?;
+        self.metrics.storage_latency("list", t.elapsed(), true);
+        let mut out: Vec<(Source, String)> = metas
+            .iter()
+            .filter_map(|m| {
+                let segs: Vec<_> = m.location.parts().skip(depth).collect();
+                let [source, name] = segs.as_slice() else {
+                    return None;
+                };
+                let source = match source.as_ref() {
+                    "entrypoint" => Source::Entrypoint,
+                    "ebpf" => Source::Ebpf,
+                    _ => return None,
+                };
+                let name = String::from_utf8(hex::decode(name.as_ref()).ok()?).ok()?;
+                Some((source, name))
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.1, a.0.as_str()).cmp(&(&b.1, b.0.as_str())));
+        out.dedup();
+        Ok(out)
+    }
+
     fn cached(&self, id: &str) -> Option<Arc<Stream>> {
         self.streams
             .lock()
@@ -446,12 +517,20 @@ impl Store {
         let key = self.key(&id, "meta.json");
         let body = serde_json::to_vec(&meta).map_err(|_| StoreError::Corrupt { id: id.clone() })?;
         let opts = PutOptions::from(PutMode::Create);
-        match self
-            .timed("put", self.os.put_opts(&key, body.into(), opts))
-            .await
-        {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
-            Err(e) => return Err(e.into()),
+        let index = self.index_key(&meta);
+        let (made, indexed) = futures::join!(
+            self.timed("put", self.os.put_opts(&key, body.into(), opts)),
+            self.timed(
+                "put",
+                self.os
+                    .put_opts(&index, PutPayload::new(), PutOptions::from(PutMode::Create))
+            )
+        );
+        for r in [made, indexed] {
+            match r {
+                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         let stream = Stream::new(id, meta);
         stream.absorb(self.list(&stream.id, false).await?);
@@ -756,9 +835,14 @@ impl Store {
                 st.stored.insert(o);
                 st.longest = st.longest.max(o.len());
             }
+            if !created.is_empty() {
+                note_received(&mut st.received, now);
+            }
         }
         let new_bytes: u64 = created.iter().map(Span::len).sum();
         self.metrics.bytes_stored.inc_by(new_bytes);
+        self.metrics
+            .workflow_bytes(&stream.meta, crate::metrics::Kind::Stored, new_bytes);
         Ok(if created.is_empty() {
             Written::Unchanged
         } else {
@@ -888,8 +972,17 @@ impl Store {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        lock(&stream.state).dropped.insert(span);
+        let new = {
+            let mut st = lock(&stream.state);
+            let mut only = RangeSet::new();
+            only.insert(span);
+            let new = only.difference(&st.dropped).covered();
+            st.dropped.insert(span);
+            new
+        };
         self.metrics.bytes_dropped.inc_by(span.len());
+        self.metrics
+            .workflow_bytes(&stream.meta, crate::metrics::Kind::Dropped, new);
         stream.notify();
         Ok(())
     }

@@ -81,6 +81,30 @@ async fn life_cycle(s: &Server) {
     let w2 = again.client(&again.token(CTX, Scope::Write));
     assert_eq!(w2.stream("stdout").await, id);
     assert_eq!(sha256(&w2.data(&id).await), sha256(&want));
+    // The capture report finds a context's streams through the index on this backend too, in
+    // a process that did not create them.
+    let app = w.stream("app.stdout").await;
+    w.put_at(&app, 0, b"hi\n").await;
+    let r: serde_json::Value = w2
+        .req(
+            reqwest::Method::GET,
+            "/api/workflows/w1/runs/r1/steps/s1/logs/capture-report",
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = r["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["app.stdout", "stdout"], "{r:#}");
+    assert_eq!(r["streams"][1]["entrypoint"]["sha256"], sha256(&want));
+    assert_eq!(r["streams"][1]["comparison"], "entrypoint_only");
 }
 
 #[tokio::test]
