@@ -323,6 +323,40 @@ fn a_tekton_step_and_a_knative_trigger_are_captured_by_both_paths() {
             );
         }
     }
+    // The capture report: both paths agree on every wrapped container stream.
+    let http = reqwest::blocking::Client::new();
+    let token = api.token("workflows/wf", metadata_api::auth::Scope::Read);
+    let report = |path: &str| -> Value {
+        http.get(format!("{}/api/{path}/logs/capture-report", api.url))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let step_report = report("workflows/wf/runs/7/steps/build");
+    assert_eq!(step_report["agree"], true, "{step_report:#}");
+    let names: Vec<&str> = step_report["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["step-build.stderr", "step-build.stdout"],
+        "{step_report:#}"
+    );
+    let trigger_report = report("workflows/wf/triggers/sync-1");
+    for stream in trigger_report["streams"].as_array().unwrap() {
+        let name = stream["name"].as_str().unwrap();
+        let want = if name.starts_with("queue-proxy.") {
+            "ebpf_only"
+        } else {
+            "agree"
+        };
+        assert_eq!(stream["comparison"], want, "{name}: {trigger_report:#}");
+    }
     // queue-proxy is not wrapped: only the collector has it.
     let proxy = complete_stream(
         &api,
