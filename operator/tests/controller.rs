@@ -248,27 +248,32 @@ async fn tools_volume_lifecycle_version_switch_and_cleanup() {
     assert_eq!(condition(&ready, types::TOOLS_READY).unwrap().0, "True");
     assert_eq!(condition(&ready, types::READY).unwrap().0, "True");
 
-    // Restarting the operator changes nothing: server-side apply of the same objects is a no-op.
-    let claim_version = claims.get(&v1.name).await.unwrap().resource_version();
-    let job_version = jobs.get(&v1.name).await.unwrap().resource_version();
-    let tenant_version = tenants.get("acme").await.unwrap().resource_version();
+    // Restarting the operator changes nothing: server-side apply of the same objects is a no-op
+    // (same generation and spec; the tenant's status, transition times included, stays).
+    let claim_before = claims.get(&v1.name).await.unwrap();
+    let job_before = jobs.get(&v1.name).await.unwrap();
+    let tenant_before = tenants.get("acme").await.unwrap();
     running.stop().await;
     let running = start_controller(&client, "relay/tools:1");
     wait_for("reconciles after the restart", WAIT, || async {
         (running.reconcile_count() >= 2).then_some(())
     })
     .await;
+    let claim_after = claims.get(&v1.name).await.unwrap();
+    assert_eq!(claim_after.spec, claim_before.spec);
+    assert_eq!(claim_after.metadata.uid, claim_before.metadata.uid);
+    let job_after = jobs.get(&v1.name).await.unwrap();
     assert_eq!(
-        claims.get(&v1.name).await.unwrap().resource_version(),
-        claim_version
+        job_after.metadata.generation,
+        job_before.metadata.generation
     );
+    assert_eq!(job_after.spec, job_before.spec);
+    assert_eq!(job_after.metadata.uid, job_before.metadata.uid);
+    let tenant_after = tenants.get("acme").await.unwrap();
+    assert_eq!(tenant_after.status, tenant_before.status);
     assert_eq!(
-        jobs.get(&v1.name).await.unwrap().resource_version(),
-        job_version
-    );
-    assert_eq!(
-        tenants.get("acme").await.unwrap().resource_version(),
-        tenant_version
+        tenant_after.metadata.generation,
+        tenant_before.metadata.generation
     );
 
     // A pod mounts the v1 claim (it stays Pending: no kubelet).
