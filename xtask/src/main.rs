@@ -27,6 +27,9 @@ enum Task {
     Demo(demo::Args),
     /// Install what the tests need (storage emulators, containerd), check formatting and lints, run all tests.
     Test(test::Args),
+    /// The cluster-shaped end-to-end test alone: API server, operator, metadata API, test bed
+    /// kubelet on containerd, collector (root).
+    E2e,
     /// Ingest throughput benchmark of the metadata API against a plain file write.
     Bench(bench::Args),
     /// Run the cargo-fuzz targets (briefly by default).
@@ -55,6 +58,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Demo(a) => demo::run(a),
         Task::Test(a) => test::run(a),
+        Task::E2e => test::e2e(),
         Task::Bench(a) => bench::run(a),
         Task::Fuzz(a) => fuzz::run(a),
         Task::BuildEntrypoint(a) => dist::run_task(a),

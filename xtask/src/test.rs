@@ -46,18 +46,54 @@ fn has(cmd: &str, arg: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// What the tests need, installed; returns the `PATH` that finds the emulators and bpf-linker.
+fn prepare() -> anyhow::Result<std::ffi::OsString> {
+    let venv_bin = emulators().context("installing the storage emulators")?;
+    crate::testbed::install().context("installing the container test bed")?;
+    let linker_bin = crate::ebpf::install().context("installing the eBPF toolchain")?;
+    Ok(std::env::join_paths(
+        [venv_bin, linker_bin]
+            .into_iter()
+            .chain(std::env::split_paths(
+                &std::env::var_os("PATH").unwrap_or_default(),
+            )),
+    )?)
+}
+
+/// Runs nextest with `filter` arguments, the way CI does: the static entrypoint and the release
+/// metadata-api built first, and tests that need a test bed failing rather than skipping.
+fn nextest(path: &std::ffi::OsStr, filter: &[&str]) -> anyhow::Result<()> {
+    if !has("cargo-nextest", "--version") {
+        sh(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))?;
+    }
+    // The container tests run the static entrypoint, as tenant containers do.
+    let entrypoint = crate::dist::build_entrypoint().context("building the static entrypoint")?;
+    // Tests of other crates start the server binary: built here, not from inside a test.
+    let api = util::build_metadata_api().context("building metadata-api")?;
+    sh(Command::new("cargo")
+        .current_dir(util::root())
+        .env("PATH", path)
+        .args(["nextest", "run", "--no-fail-fast"])
+        .args(filter)
+        .env("RELAY_ENTRYPOINT_STATIC", &entrypoint)
+        .env("RELAY_METADATA_API_BIN", &api)
+        .env("RELAY_REQUIRE_EMULATORS", "1")
+        .env(testbed::REQUIRE_ENV, "1"))
+}
+
+/// `cargo xtask e2e`: the cluster-shaped end-to-end test alone (see `collector/tests/e2e.rs`).
+pub fn e2e() -> anyhow::Result<()> {
+    let path = prepare()?;
+    nextest(&path, &["-p", "collector", "--test", "e2e", "--no-capture"])
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let Args {
         no_fuzz,
         fuzz_seconds,
     } = args;
     let root = util::root();
-    let venv_bin = emulators().context("installing the storage emulators")?;
-    crate::testbed::install().context("installing the container test bed")?;
-    let linker_bin = crate::ebpf::install().context("installing the eBPF toolchain")?;
-    let path = std::env::join_paths([venv_bin, linker_bin].into_iter().chain(
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
-    ))?;
+    let path = prepare()?;
     let cargo = || {
         let mut c = Command::new("cargo");
         c.current_dir(&root).env("PATH", &path);
@@ -75,9 +111,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    if !has("cargo-nextest", "--version") {
-        sh(cargo().args(["install", "cargo-nextest", "--locked"]))?;
-    }
     // Fuzz first, so the test runner's summary closes the output.
     if !no_fuzz {
         crate::fuzz::run(crate::fuzz::Args {
@@ -85,23 +118,5 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             target: None,
         })?;
     }
-    // The container tests run the static entrypoint, as tenant containers do.
-    let entrypoint = crate::dist::build_entrypoint().context("building the static entrypoint")?;
-    // Tests of other crates start the server binary: built here, not from inside a test.
-    let api = util::build_metadata_api().context("building metadata-api")?;
-    // Tests that need an emulator or containerd fail rather than skip under CI.
-    sh(cargo()
-        .args([
-            "nextest",
-            "run",
-            "--workspace",
-            "--exclude",
-            "collector-ebpf",
-            "--no-fail-fast",
-        ])
-        .env("RELAY_ENTRYPOINT_STATIC", &entrypoint)
-        .env("RELAY_METADATA_API_BIN", &api)
-        .env("RELAY_REQUIRE_EMULATORS", "1")
-        .env(testbed::REQUIRE_ENV, "1"))?;
-    Ok(())
+    nextest(&path, &["--workspace", "--exclude", "collector-ebpf"])
 }
