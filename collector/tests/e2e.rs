@@ -357,6 +357,31 @@ fn a_tekton_step_and_a_knative_trigger_are_captured_by_both_paths() {
         };
         assert_eq!(stream["comparison"], want, "{name}: {trigger_report:#}");
     }
+    // The consumer API serves each container's streams, from the entrypoint where it has them
+    // and from the collector where only it does (queue-proxy).
+    let logs = |path: &str| -> Vec<u8> {
+        let response = http
+            .get(format!("{}/api/{path}", api.url))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        response.bytes().unwrap().to_vec()
+    };
+    assert!(
+        logs(&format!("{step_ctx}/logs?stream=step-build.stdout")) == expected("build").0,
+        "step-build.stdout through the consumer API differs"
+    );
+    assert_eq!(
+        logs(&format!(
+            "{trigger_ctx}/logs?stream=queue-proxy.{trigger_uid}.stdout"
+        )),
+        b"proxy ready\n"
+    );
     // queue-proxy is not wrapped: only the collector has it.
     let proxy = complete_stream(
         &api,

@@ -789,13 +789,26 @@ async fn context_logs(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let context = readable_context(&s, &headers, &context).await?;
-    let names: Vec<&str> = match q.stream.as_deref() {
-        None => vec!["stdout", "stderr"],
-        Some(n @ ("stdout" | "stderr")) => vec![n],
+    let names: Vec<String> = match q.stream {
+        Some(name) if crate::names::valid_stream_name(&name) => vec![name],
         Some(other) => {
             return Err(ApiError::bad(format!(
-                "stream must be stdout or stderr, not {other:?}"
+                "stream must be a stream name such as stdout or <container>.stderr, not {other:?}"
             )));
+        }
+        // Every stream of the context, from either path: `stdout` and `stderr` (single-process
+        // writers) first, then the per-container ones (`<container>.stdout`, generations `.N`)
+        // in name order, so a stream only the collector saw (a sidecar, a pod admitted before
+        // its tenant's tools were ready) is served from the ebpf path.
+        None => {
+            let mut names: Vec<String> = vec!["stdout".to_owned(), "stderr".to_owned()];
+            let listed = s.store.context_streams(&context).await?;
+            for (_, name) in listed {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            names
         }
     };
     let (primary, fallback) = match q.source {
@@ -824,9 +837,9 @@ async fn context_logs(
         }
     };
     let lanes: Vec<Lane> = names
-        .iter()
-        .map(|n| Lane {
-            name: (*n).to_owned(),
+        .into_iter()
+        .map(|name| Lane {
+            name,
             primary: None,
             fallback: None,
             offset: 0,

@@ -608,8 +608,46 @@ async fn consumer_api_merges_sources_and_streams() {
         recs.iter()
             .all(|r| r["stream"] == "stdout" && r["received_ms"].is_u64())
     );
+    // Per-container streams: a sidecar only the collector saw is served from the ebpf path,
+    // by name and among all the context's streams.
+    let side = c
+        .create(json!({"name": "sidecar.stdout", "context": TRIGGER}))
+        .await;
+    let side: Value = side.json().await.unwrap();
+    let side = side["id"].as_str().unwrap().to_owned();
+    c.put_at(&side, 0, b"sidecar says hi\n").await;
+    let by_name = rd.text(&format!("{path}?stream=sidecar.stdout")).await;
+    assert_eq!(by_name, "sidecar says hi\n");
+    let nd_all = rd
+        .req(Method::GET, &path)
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let streams: std::collections::BTreeSet<String> = nd_all
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["stream"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        streams.into_iter().collect::<Vec<_>>(),
+        ["sidecar.stdout", "stderr", "stdout"],
+        "{nd_all}"
+    );
     // Bad parameters and foreign readers.
-    for q in ["?stream=stdin", "?source=kernel", "?follow=maybe"] {
+    for q in [
+        "?stream=a%2Fb",
+        "?stream=",
+        "?source=kernel",
+        "?follow=maybe",
+    ] {
         let r = rd
             .req(Method::GET, &format!("{path}{q}"))
             .send()
