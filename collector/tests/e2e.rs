@@ -20,7 +20,7 @@ use common::{Api, Collector, can_run, cgroup2_root, operator_bin, wait_for};
 use serde_json::{Value, json};
 use testbed::cri::{BUSYBOX_IMAGE, Cri};
 use testbed::images::{ImageBuild, tools_image};
-use testbed::kube::{KubeApi, KubeOptions, Rest, pod_webhook};
+use testbed::kube::{KubeApi, KubeOptions, Rest};
 use testbed::kubelet::{Kubelet, KubeletOptions};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -121,34 +121,9 @@ fn a_tekton_step_and_a_knative_trigger_are_captured_by_both_paths() {
     // What deploy/ installs, with the webhook reached by URL (no Service network here).
     let crd =
         serde_json::to_value(<operator::crd::Tenant as kube::CustomResourceExt>::crd()).unwrap();
-    rest.post(
-        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-        &crd,
-    )
-    .unwrap();
-    for ns in ["relay-system", TENANT_NS] {
-        rest.post(
-            "/api/v1/namespaces",
-            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-        )
-        .unwrap();
-    }
     let webhook_port = free_port();
-    rest.post(
-        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
-        &json!({
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": "relay-pod-injection"},
-            "webhooks": [pod_webhook(
-                "pods.relay.sh",
-                &format!("https://127.0.0.1:{webhook_port}/mutate-pods"),
-                ("relay.sh/tenant", "true"),
-                "Fail",
-            )],
-        }),
-    )
-    .unwrap();
+    rest.install_relay(&crd, &[TENANT_NS], webhook_port)
+        .unwrap();
 
     let api = Api::start_with_env(&["--auth", "kubernetes"], &[("KUBECONFIG", kubeconfig)]);
     let _operator = Operator(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use operator::controller::tools_for;
 use operator::crd::default_volume_claim_template;
 use serde_json::{Value, json};
-use testbed::kube::{KubeApi, KubeOptions, Rest, pod_webhook};
+use testbed::kube::{KubeApi, KubeOptions, Rest};
 use testbed::registry::{Format, Image, Registry};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -132,34 +132,9 @@ fn two_replicas_lead_in_turn_serve_the_webhook_and_resolve_image_entrypoints() {
     // What deploy/ would install, with the webhook reached by URL (no Service network here).
     let crd =
         serde_json::to_value(<operator::crd::Tenant as kube::CustomResourceExt>::crd()).unwrap();
-    rest.post(
-        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-        &crd,
-    )
-    .unwrap();
-    for ns in ["relay-system", "tenant-x"] {
-        rest.post(
-            "/api/v1/namespaces",
-            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-        )
-        .unwrap();
-    }
     let webhook_port = free_port();
-    rest.post(
-        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
-        &json!({
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": "relay-pod-injection"},
-            "webhooks": [pod_webhook(
-                "pods.relay.sh",
-                &format!("https://127.0.0.1:{webhook_port}/mutate-pods"),
-                ("relay.sh/tenant", "true"),
-                "Fail",
-            )],
-        }),
-    )
-    .unwrap();
+    rest.install_relay(&crd, &["tenant-x"], webhook_port)
+        .unwrap();
 
     // Two replicas; the webhook configuration points at a's port, b serves its own.
     let mut a = Replica::start(&kube, "a", webhook_port, &registry.host());
@@ -205,13 +180,7 @@ fn two_replicas_lead_in_turn_serve_the_webhook_and_resolve_image_entrypoints() {
             &format!("/apis/batch/v1/namespaces/tenant-x/jobs/{}", tools.name),
         )
     });
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    rest.merge_patch(
-        &format!("/apis/batch/v1/namespaces/tenant-x/jobs/{}/status", tools.name),
-        &json!({"status": {"succeeded": 1, "completionTime": now, "conditions": [
-            {"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}]}}),
-    )
-    .unwrap();
+    rest.complete_job("tenant-x", &tools.name).unwrap();
     wait_for("the tenant's tools claim", || {
         let tenant = get(
             &rest,

@@ -703,6 +703,57 @@ impl Rest {
         Ok(())
     }
 
+    /// What `deploy/` installs for the operator, shaped for the test bed: the `Tenant` CRD `crd`
+    /// (the operator's own, passed in since this crate does not depend on it), the namespaces
+    /// `relay-system` and `namespaces`, and the MutatingWebhookConfiguration
+    /// `relay-pod-injection` calling `https://127.0.0.1:{webhook_port}/mutate-pods` (there is no
+    /// Service network), failurePolicy Fail, without caBundle (the operator fills it in).
+    pub fn install_relay(
+        &self,
+        crd: &serde_json::Value,
+        namespaces: &[&str],
+        webhook_port: u16,
+    ) -> anyhow::Result<()> {
+        self.post(
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            crd,
+        )?;
+        for ns in std::iter::once(&"relay-system").chain(namespaces) {
+            self.post(
+                "/api/v1/namespaces",
+                &serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            )?;
+        }
+        self.post(
+            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+            &serde_json::json!({
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingWebhookConfiguration",
+                "metadata": {"name": "relay-pod-injection"},
+                "webhooks": [pod_webhook(
+                    "pods.relay.sh",
+                    &format!("https://127.0.0.1:{webhook_port}/mutate-pods"),
+                    ("relay.sh/tenant", "true"),
+                    "Fail",
+                )],
+            }),
+        )?;
+        Ok(())
+    }
+
+    /// Marks Job `name` in `namespace` complete (one pod succeeded), as the Job controller
+    /// reports it once its pod finished; run the controller manager without its Job controller
+    /// (see [`KubeOptions::without_controllers`]).
+    pub fn complete_job(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        self.merge_patch(
+            &format!("/apis/batch/v1/namespaces/{namespace}/jobs/{name}/status"),
+            &serde_json::json!({"status": {"succeeded": 1, "completionTime": now, "conditions": [
+                {"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}]}}),
+        )?;
+        Ok(())
+    }
+
     /// `PATCH path` with a JSON merge patch (`.../status` paths patch the status subresource).
     pub fn merge_patch(
         &self,

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
-use testbed::kube::{KubeApi, KubeOptions, Rest, pod_webhook};
+use testbed::kube::{KubeApi, KubeOptions, Rest};
 use testbed::registry::{Format, Image, Registry};
 
 use crate::bench::{clock_ticks, server_cpu};
@@ -171,31 +171,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rest = kube.rest()?;
 
     let crd = serde_json::to_value(<operator::crd::Tenant as kube::CustomResourceExt>::crd())?;
-    rest.post(
-        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-        &crd,
-    )?;
-    for ns in ["relay-system", TENANT_NS, PLAIN_NS] {
-        rest.post(
-            "/api/v1/namespaces",
-            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-        )?;
-    }
     let webhook_port = free_port()?;
-    rest.post(
-        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
-        &json!({
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": "relay-pod-injection"},
-            "webhooks": [pod_webhook(
-                "pods.relay.sh",
-                &format!("https://127.0.0.1:{webhook_port}/mutate-pods"),
-                ("relay.sh/tenant", "true"),
-                "Fail",
-            )],
-        }),
-    )?;
+    rest.install_relay(&crd, &[TENANT_NS, PLAIN_NS], webhook_port)?;
     let listen = format!("127.0.0.1:{}", free_port()?);
     let operator = Operator {
         child: Command::new(&bin)
@@ -239,7 +216,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tools.name
         ))
     })?;
-    complete_job(&rest, TENANT_NS, &tools.name)?;
+    rest.complete_job(TENANT_NS, &tools.name)?;
     wait_for("the tenant to be ready", || {
         let tenant = rest.get(&format!(
             "/apis/relay.sh/v1beta1/namespaces/{TENANT_NS}/tenants/bench"
@@ -351,7 +328,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let created = started.elapsed();
     let completing = Instant::now();
     for job in &jobs {
-        complete_job(&rest, TENANT_NS, job)?;
+        rest.complete_job(TENANT_NS, job)?;
     }
     wait_for("every tenant to name its claim", || {
         for (name, job) in names.iter().zip(&jobs) {
@@ -373,15 +350,5 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.tenants as f64 / created.as_secs_f64(),
         ready.as_secs_f64()
     );
-    Ok(())
-}
-
-fn complete_job(rest: &Rest, ns: &str, name: &str) -> anyhow::Result<()> {
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    rest.merge_patch(
-        &format!("/apis/batch/v1/namespaces/{ns}/jobs/{name}/status"),
-        &json!({"status": {"succeeded": 1, "completionTime": now, "conditions": [
-            {"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}]}}),
-    )?;
     Ok(())
 }
