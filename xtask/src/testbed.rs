@@ -197,6 +197,46 @@ fn find_deb(dir: &Path, package: &str) -> anyhow::Result<String> {
     )
 }
 
+/// Removes `dir` if it exists and creates it empty.
+fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// Extracts the `.deb` of each of `packages` (downloaded into `download`) together into `root`,
+/// through a staging directory beside it (`.<name>.tmp`) that replaces `root` once complete, so
+/// `root` is always the old tree or the whole new one. Returns the `.deb` file names, for a stamp.
+fn extract_together(
+    download: &Path,
+    packages: &[&str],
+    root: &Path,
+) -> anyhow::Result<Vec<String>> {
+    let name = root
+        .file_name()
+        .with_context(|| format!("{} has no file name", root.display()))?;
+    let staging = root.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    fresh_dir(&staging)?;
+    let mut debs = Vec::new();
+    for package in packages {
+        let deb = find_deb(download, package)?;
+        quiet(
+            Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(download.join(&deb))
+                .arg(&staging),
+        )?;
+        debs.push(deb);
+    }
+    if root.exists() {
+        fs::remove_dir_all(root).with_context(|| format!("cannot remove {}", root.display()))?;
+    }
+    fs::rename(&staging, root)
+        .with_context(|| format!("cannot move {} into place", staging.display()))?;
+    Ok(debs)
+}
+
 /// Runs a command, showing its output only when it fails.
 fn quiet(cmd: &mut Command) -> anyhow::Result<()> {
     let Output {

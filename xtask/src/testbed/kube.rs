@@ -27,7 +27,7 @@ use anyhow::{Context, bail, ensure};
 use nix::fcntl::{Flock, FlockArg};
 use testbed::layout;
 
-use super::quiet;
+use super::{fresh_dir, quiet};
 
 /// The Debian release whose packages and sources are used: Go 1.19 and Kubernetes 1.20.2 are
 /// bookworm's.
@@ -322,36 +322,10 @@ fn extract_root(apt: &Apt) -> anyhow::Result<()> {
     let mut args = vec!["download", "-qq"];
     args.extend(layout::KUBE_PACKAGES);
     apt.fetch(&download, &args)?;
-    let staging = kube.join(".root.tmp");
-    fresh_dir(&staging)?;
-    let mut debs = Vec::new();
-    for package in layout::KUBE_PACKAGES {
-        let deb = super::find_deb(&download, package)?;
-        quiet(
-            Command::new("dpkg-deb")
-                .arg("-x")
-                .arg(download.join(&deb))
-                .arg(&staging),
-        )?;
-        debs.push(deb);
-    }
-    let root = layout::kube_root();
-    if root.exists() {
-        fs::remove_dir_all(&root).with_context(|| format!("cannot remove {}", root.display()))?;
-    }
-    fs::rename(&staging, &root)
-        .with_context(|| format!("cannot move {} into place", staging.display()))?;
+    let debs = super::extract_together(&download, &layout::KUBE_PACKAGES, &layout::kube_root())?;
     fs::write(layout::kube_root_stamp(), debs.join("\n") + "\n")?;
     fs::remove_dir_all(&download)?;
     Ok(())
-}
-
-/// Removes `dir` if it exists and creates it empty.
-fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
-    }
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
 }
 
 /// Builds the binaries from the `kubernetes` source package into `kube/bin`.

@@ -13,7 +13,7 @@ use anyhow::{Context, ensure};
 use nix::fcntl::{Flock, FlockArg};
 use testbed::layout;
 
-use super::{apt_download, find_deb, quiet};
+use super::{apt_download, extract_together, fresh_dir};
 
 /// Installs the registry tools unless they are already there.
 pub fn install() -> anyhow::Result<()> {
@@ -37,25 +37,11 @@ pub fn install() -> anyhow::Result<()> {
     let download = dir.join(".debs");
     fresh_dir(&download)?;
     apt_download(&download, &layout::REGISTRY_PACKAGES)?;
-    let staging = dir.join(".root.tmp");
-    fresh_dir(&staging)?;
-    let mut debs = Vec::new();
-    for package in layout::REGISTRY_PACKAGES {
-        let deb = find_deb(&download, package)?;
-        quiet(
-            Command::new("dpkg-deb")
-                .arg("-x")
-                .arg(download.join(&deb))
-                .arg(&staging),
-        )?;
-        debs.push(deb);
-    }
-    let root = layout::registry_root();
-    if root.exists() {
-        fs::remove_dir_all(&root).with_context(|| format!("cannot remove {}", root.display()))?;
-    }
-    fs::rename(&staging, &root)
-        .with_context(|| format!("cannot move {} into place", staging.display()))?;
+    let debs = extract_together(
+        &download,
+        &layout::REGISTRY_PACKAGES,
+        &layout::registry_root(),
+    )?;
     fs::remove_dir_all(&download)?;
     for mut cmd in checks() {
         let out = cmd
@@ -98,12 +84,4 @@ fn ready() -> bool {
         && checks()
             .iter_mut()
             .all(|c| c.output().is_ok_and(|o| o.status.success()))
-}
-
-/// Removes `dir` if it exists and creates it empty.
-fn fresh_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
-    }
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
 }
