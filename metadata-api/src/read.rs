@@ -122,6 +122,17 @@ enum Planned {
 }
 
 impl Lane {
+    /// A lane for stream `name`, read from offset 0 to wherever it ends; its streams are opened later.
+    pub fn new(name: String) -> Self {
+        Self {
+            name,
+            primary: None,
+            fallback: None,
+            offset: 0,
+            end: None,
+        }
+    }
+
     fn limit(&self) -> u64 {
         self.end.unwrap_or(u64::MAX)
     }
@@ -200,8 +211,8 @@ pub enum Follow {
     Forever,
 }
 
-/// Produces records from `lanes` in arrival order. `reopen` is called while following to pick up
-/// streams that did not exist when the read began.
+/// Produces records from `lanes` in arrival order. `reopen` is called while following, at each
+/// quiet refresh, to pick up streams (or whole lanes) that did not exist when the read began.
 pub fn records<F, Fut>(
     store: Arc<Store>,
     mut lanes: Vec<Lane>,
@@ -278,9 +289,7 @@ where
                 for s in open {
                     store.refresh(&s).await?;
                 }
-                if lanes.iter().any(|l| l.primary.is_none() || l.fallback.is_none()) {
-                    lanes = reopen(lanes).await;
-                }
+                lanes = reopen(lanes).await;
             }
         }
     }

@@ -789,6 +789,7 @@ async fn context_logs(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let context = readable_context(&s, &headers, &context).await?;
+    let every_stream = q.stream.is_none();
     let names: Vec<String> = match q.stream {
         Some(name) if crate::names::valid_stream_name(&name) => vec![name],
         Some(other) => {
@@ -822,6 +823,16 @@ async fn context_logs(
             let s = s.clone();
             let context = context.clone();
             async move {
+                // A follower of every stream also picks up the streams created since it began:
+                // a container that starts later, a restart's next generation. A listing that
+                // fails now is tried again at the next refresh.
+                if every_stream && let Ok(listed) = s.store.context_streams(&context).await {
+                    for (_, name) in listed {
+                        if !lanes.iter().any(|l| l.name == name) {
+                            lanes.push(Lane::new(name));
+                        }
+                    }
+                }
                 for lane in &mut lanes {
                     if lane.primary.is_none() {
                         let id = s.keys.stream_id(&context, &lane.name, primary.as_str());
@@ -836,16 +847,7 @@ async fn context_logs(
             }
         }
     };
-    let lanes: Vec<Lane> = names
-        .into_iter()
-        .map(|name| Lane {
-            name,
-            primary: None,
-            fallback: None,
-            offset: 0,
-            end: None,
-        })
-        .collect();
+    let lanes: Vec<Lane> = names.into_iter().map(Lane::new).collect();
     let lanes = open(lanes).await;
     let opened: Vec<Arc<Stream>> = lanes
         .iter()

@@ -270,3 +270,73 @@ async fn two_replicas_on_shared_storage_do_not_corrupt_a_stream() {
         }
     }
 }
+
+#[tokio::test]
+async fn step_follower_picks_up_container_streams_created_after_it_began() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let c = s.client(&s.token("workflows", Scope::Collector));
+    let rd = s.client(&s.token("workflows/w1", Scope::Read));
+    // The reader comes first: nothing exists yet for the step.
+    let resp = rd
+        .req(Method::GET, &format!("/api/{CTX}/logs?follow=true"))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.bytes_stream();
+    // Then the step's container starts: the entrypoint writes its stdout, and the collector a
+    // sidecar's that no entrypoint wraps.
+    let build: serde_json::Value = w
+        .create(serde_json::json!({"name": "build.stdout"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let build = build["id"].as_str().unwrap().to_owned();
+    let side: serde_json::Value = c
+        .create(serde_json::json!({"name": "sidecar.stdout", "source": "ebpf", "context": CTX}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let side = side["id"].as_str().unwrap().to_owned();
+    w.put_at(&build, 0, b"compiling\n").await;
+    c.put_at(&side, 0, b"proxy up\n").await;
+    w.finish(&build, 10).await;
+    c.finish(&side, 9).await;
+    // The follower ends by itself once both are complete.
+    let mut text = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(chunk) = body.next().await {
+            text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "follower did not end: {text}");
+    let mut recs: Vec<(String, String, String)> = text
+        .lines()
+        .map(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                r["stream"].as_str().unwrap().to_owned(),
+                r["source"].as_str().unwrap().to_owned(),
+                r["data"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    recs.sort();
+    assert_eq!(
+        recs,
+        [
+            (
+                "build.stdout".into(),
+                "entrypoint".into(),
+                "compiling\n".into()
+            ),
+            ("sidecar.stdout".into(), "ebpf".into(), "proxy up\n".into()),
+        ],
+        "{text}"
+    );
+}
