@@ -1,6 +1,6 @@
 //! The collector DaemonSet, owned by the operator.
 //!
-//! The DaemonSet is `deploy/collector/daemonset.yaml`, embedded here as [`TEMPLATE`]: one file
+//! The DaemonSet is `deploy/base/collector/daemonset.yaml`, embedded here as [`TEMPLATE`]: one file
 //! that reviewers read and that also works without the operator. The operator sets the image and
 //! appends extra arguments from its flags, and applies it server-side in its own namespace. It
 //! applies again when the DaemonSet is deleted or its generation moves past what the operator last
@@ -24,8 +24,8 @@ use tracing::{info, warn};
 
 use crate::controller::FIELD_MANAGER;
 
-/// `deploy/collector/daemonset.yaml`.
-pub const TEMPLATE: &str = include_str!("../../deploy/collector/daemonset.yaml");
+/// `deploy/base/collector/daemonset.yaml`.
+pub const TEMPLATE: &str = include_str!("../../deploy/base/collector/daemonset.yaml");
 /// The container in the template that runs the collector.
 pub const CONTAINER: &str = "collector";
 

@@ -53,7 +53,7 @@ use crate::mutate::{self, ImageCommand, Injection, SkipReason};
 use crate::tls::WebhookTls;
 
 /// The path the API server posts reviews to (`clientConfig.service.path` in
-/// `deploy/webhook.yaml`).
+/// `deploy/base/webhook.yaml`).
 pub const MUTATE_PATH: &str = "/mutate-pods";
 /// Reporting controller name of the webhook's Events.
 pub const EVENT_REPORTER: &str = "relay-operator-webhook";
@@ -76,7 +76,7 @@ pub struct WebhookConfig {
     /// Refuse pods of a tenant whose tools are not ready, instead of admitting them unwrapped.
     pub deny_when_not_ready: bool,
     /// Deadline for looking up all of a pod's images; keep it well under the webhook's
-    /// `timeoutSeconds` (5 s in `deploy/webhook.yaml`).
+    /// `timeoutSeconds` (5 s in `deploy/base/webhook.yaml`).
     pub image_lookup_timeout: Duration,
     /// How long a review waits for the tenant cache's first sync before answering with 503.
     pub cache_sync_timeout: Duration,

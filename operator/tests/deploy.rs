@@ -1,4 +1,4 @@
-//! The manifests in `deploy/` apply to a real 1.20 API server (the test bed's), with kubectl 1.20.
+//! The manifests in `deploy/base/` apply to a real 1.20 API server (the test bed's), with kubectl 1.20.
 
 use std::{
     ffi::OsStr,
@@ -8,7 +8,7 @@ use std::{
 
 use testbed::kube::KubeApi;
 
-/// The files of `deploy/` in the order they apply (the namespace and the CRD first).
+/// The files of `deploy/base/` in the order they apply (the namespace and the CRD first).
 const MANIFESTS: &[&str] = &[
     "namespace.yaml",
     "crd/tenant.yaml",
@@ -22,6 +22,10 @@ const MANIFESTS: &[&str] = &[
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn base_dir() -> PathBuf {
+    deploy_dir().join("base")
 }
 
 /// Runs `kubectl ARGS`, panics with its output when it fails, returns its stdout.
@@ -57,9 +61,10 @@ fn deploy_manifests_apply_to_a_real_api_server() {
         return;
     };
     let deploy = deploy_dir();
+    let base = base_dir();
 
     // The CRD first, established before a Tenant can be created.
-    apply(&kube, &deploy.join("crd/tenant.yaml"));
+    apply(&kube, &base.join("crd/tenant.yaml"));
     kubectl(
         &kube,
         &[
@@ -72,7 +77,7 @@ fn deploy_manifests_apply_to_a_real_api_server() {
     );
 
     for manifest in MANIFESTS {
-        apply(&kube, &deploy.join(manifest));
+        apply(&kube, &base.join(manifest));
     }
     apply(&kube, &deploy.join("examples/namespace.yaml"));
     apply(&kube, &deploy.join("examples/tenant.yaml"));
@@ -257,7 +262,7 @@ fn deploy_manifests_apply_to_a_real_api_server() {
     // The kustomization lists every file but the DaemonSet and builds with kubectl 1.20's
     // built-in kustomize; the server accepts the result (everything exists by now: unchanged or
     // configured).
-    let dir = deploy.to_str().expect("UTF-8 path");
+    let dir = base.to_str().expect("UTF-8 path");
     let built = kubectl(&kube, &["kustomize", dir]);
     assert!(
         !built.contains("kind: DaemonSet"),

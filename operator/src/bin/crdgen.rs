@@ -1,5 +1,5 @@
 //! Prints the `Tenant` CustomResourceDefinition as YAML:
-//! `cargo run -p operator --bin crdgen > deploy/crd/tenant.yaml`.
+//! `cargo run -p operator --bin crdgen > deploy/base/crd/tenant.yaml`.
 #![forbid(unsafe_code)]
 
 use std::io::Write;
