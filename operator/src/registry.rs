@@ -883,6 +883,12 @@ impl Registry {
         }
     }
 
+    /// The command of `image` if the caches know it (a digest seen, or a tag learnt less than the
+    /// tag TTL ago), without asking the registry.
+    pub fn cached_image_command(&self, image: &str) -> Option<ImageCommand> {
+        self.cached_command(&normalize_reference(image).ok()?)
+    }
+
     fn cached_command(&self, reference: &Reference) -> Option<ImageCommand> {
         let digest = match reference.digest() {
             Some(digest) => digest.to_owned(),
@@ -1085,9 +1091,24 @@ impl crate::webhook::ImageLookup for PodImageLookup {
         images: Vec<String>,
     ) -> futures::future::BoxFuture<'a, HashMap<String, Result<ImageCommand, String>>> {
         Box::pin(async move {
+            // Cached commands first: reading the pod's pull secrets costs two API calls, which
+            // only a registry request needs.
+            let mut found = HashMap::new();
+            let mut missing = Vec::new();
+            for image in images {
+                match self.registry.cached_image_command(&image) {
+                    Some(command) => {
+                        found.insert(image, Ok(command));
+                    }
+                    None => missing.push(image),
+                }
+            }
+            if missing.is_empty() {
+                return found;
+            }
             let auth = pull_auth_for_pod(&self.client, pod).await;
             let auth = &auth;
-            let lookups = images.into_iter().map(|image| async move {
+            let lookups = missing.into_iter().map(|image| async move {
                 let result = self
                     .registry
                     .image_command(&image, auth)
@@ -1095,10 +1116,8 @@ impl crate::webhook::ImageLookup for PodImageLookup {
                     .map_err(|e| e.to_string());
                 (image, result)
             });
-            futures::future::join_all(lookups)
-                .await
-                .into_iter()
-                .collect()
+            found.extend(futures::future::join_all(lookups).await);
+            found
         })
     }
 }

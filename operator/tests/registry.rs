@@ -22,9 +22,10 @@ use kube::api::{Api, PostParams};
 use operator::{
     mutate::ImageCommand,
     registry::{
-        DOCKER_CONFIG_JSON_TYPE, Platform, PullAuth, Registry, RegistryConfig, RegistryError,
-        pull_auth_for_pod,
+        DOCKER_CONFIG_JSON_TYPE, Platform, PodImageLookup, PullAuth, Registry, RegistryConfig,
+        RegistryError, pull_auth_for_pod,
     },
+    webhook::ImageLookup,
 };
 use testbed::{
     kube::KubeApi,
@@ -549,6 +550,35 @@ fn pull_auth_for_pod_reads_the_pod_and_service_account_secrets() {
         assert_eq!(
             lookup().image_command(&image, &auth).await,
             Ok(command(&["/team"], &[]))
+        );
+
+        // The webhook's lookup reads the pull secrets only for images the caches don't know:
+        // once learnt, an image resolves with an API server that does not answer.
+        let registry = local();
+        let pod = pod("from-sa", Some("builder"), &[]);
+        let learn = PodImageLookup {
+            registry: registry.clone(),
+            client: client.clone(),
+        };
+        let got = learn.lookup(&pod, vec![image.clone()]).await;
+        assert_eq!(got[&image], Ok(command(&["/team"], &[])));
+        let dead = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+            .unwrap();
+        let cached = PodImageLookup {
+            registry,
+            client: dead,
+        };
+        let other = format!("{host}/team/app:v2");
+        let got = cached
+            .lookup(&pod, vec![image.clone(), other.clone()])
+            .await;
+        assert_eq!(got[&image], Ok(command(&["/team"], &[])));
+        // Not cached: the secrets can't be read, so the private registry refuses.
+        assert!(
+            got[&other]
+                .as_ref()
+                .is_err_and(|e| e.contains("unauthorized")),
+            "{got:?}"
         );
     });
 }
