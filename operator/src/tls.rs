@@ -109,8 +109,73 @@ pub fn generate_with_ips(
     ca_params.not_before = start;
     ca_params.not_after = plus_days(issued, CA_VALIDITY_DAYS)?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, &ca_key);
+    let ca_cert_pem = ca_cert.pem();
+    let ca_key_pem = ca_key.serialize_pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let (cert_pem, key_pem) = serving(&issuer, service, namespace, ips, now)?;
+    Ok(WebhookTls {
+        ca_cert_pem,
+        ca_key_pem,
+        cert_pem,
+        key_pem,
+    })
+}
 
+/// New material in place of `old`: a new serving certificate signed by `old`'s CA while that CA
+/// stays valid for the whole life of the new certificate, else (or when the CA cannot be read) a
+/// new CA too ([`generate_with_ips`]). Keeping the CA keeps the webhook's `caBundle` valid
+/// through the renewal: the API server trusts the new certificate before anyone patches it.
+pub fn renew_with_ips(
+    old: Option<&WebhookTls>,
+    service: &str,
+    namespace: &str,
+    ips: &[IpAddr],
+    now: SystemTime,
+) -> Result<WebhookTls, TlsError> {
+    let Some(old) = old.filter(|old| ca_lasts(&old.ca_cert_pem, now)) else {
+        return generate_with_ips(service, namespace, ips, now);
+    };
+    let issuer = KeyPair::from_pem(&old.ca_key_pem)
+        .and_then(|key| Issuer::from_ca_cert_pem(&old.ca_cert_pem, key));
+    let Ok(issuer) = issuer else {
+        return generate_with_ips(service, namespace, ips, now);
+    };
+    let (cert_pem, key_pem) = serving(&issuer, service, namespace, ips, now)?;
+    Ok(WebhookTls {
+        ca_cert_pem: old.ca_cert_pem.clone(),
+        ca_key_pem: old.ca_key_pem.clone(),
+        cert_pem,
+        key_pem,
+    })
+}
+
+/// Whether the CA certificate `ca_pem` is valid now and for a whole serving certificate's life
+/// (plus a day) from now.
+fn ca_lasts(ca_pem: &str, now: SystemTime) -> bool {
+    let parsed = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes());
+    let Ok((_, pem)) = parsed else { return false };
+    let Ok(cert) = pem.parse_x509() else {
+        return false;
+    };
+    let (Ok(now), validity) = (to_offset(now), cert.validity()) else {
+        return false;
+    };
+    plus_days(now, CERT_VALIDITY_DAYS + 1).is_ok_and(|end| {
+        validity.not_before.to_datetime() <= now && end < validity.not_after.to_datetime()
+    })
+}
+
+/// A serving certificate (ECDSA P-256, [`CERT_VALIDITY_DAYS`]) for `service` in `namespace`
+/// and `ips`, signed by `issuer`; certificate and key PEM.
+fn serving(
+    issuer: &Issuer<'_, KeyPair>,
+    service: &str,
+    namespace: &str,
+    ips: &[IpAddr],
+    now: SystemTime,
+) -> Result<(String, String), TlsError> {
+    let issued = to_offset(now)?;
+    let start = to_offset(now.checked_sub(CLOCK_SKEW).unwrap_or(now))?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::new(dns_names(service, namespace))?;
     params
@@ -125,14 +190,8 @@ pub fn generate_with_ips(
     params.use_authority_key_identifier_extension = true;
     params.not_before = start;
     params.not_after = plus_days(issued, CERT_VALIDITY_DAYS)?;
-    let cert = params.signed_by(&key, &issuer)?;
-
-    Ok(WebhookTls {
-        ca_cert_pem: ca_cert.pem(),
-        ca_key_pem: ca_key.serialize_pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// True when `cert_pem` cannot be parsed, expires within [`RENEW_BEFORE_DAYS`] of `now` (or is
@@ -266,6 +325,59 @@ mod tests {
         }
         let other = ServerName::try_from("other.relay-system.svc").expect("name");
         assert!(leaf.verify_is_valid_for_subject_name(&other).is_err());
+    }
+
+    /// Whether `tls`'s serving certificate chains to its CA at `at`.
+    fn chains(tls: &WebhookTls, at: SystemTime) -> bool {
+        let ca_der = CertificateDer::from(der(&tls.ca_cert_pem));
+        let anchor = webpki::anchor_from_trusted_cert(&ca_der).expect("anchor");
+        let leaf_der = CertificateDer::from(der(&tls.cert_pem));
+        let leaf = webpki::EndEntityCert::try_from(&leaf_der).expect("leaf");
+        let at = UnixTime::since_unix_epoch(at.duration_since(UNIX_EPOCH).expect("epoch"));
+        leaf.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &[],
+            at,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .is_ok()
+    }
+
+    #[test]
+    fn renewal_keeps_a_ca_that_outlives_the_new_certificate() {
+        let made = SystemTime::now() - 340 * DAY;
+        let old = generate("svc", "ns", made).expect("generate");
+        let now = SystemTime::now();
+        assert!(needs_renewal(&old.cert_pem, "svc", "ns", now));
+        let renewed = renew_with_ips(Some(&old), "svc", "ns", &[], now).expect("renew");
+        assert_eq!(renewed.ca_cert_pem, old.ca_cert_pem);
+        assert_eq!(renewed.ca_key_pem, old.ca_key_pem);
+        assert_ne!(renewed.cert_pem, old.cert_pem);
+        assert_ne!(renewed.key_pem, old.key_pem);
+        assert!(!needs_renewal(&renewed.cert_pem, "svc", "ns", now));
+        assert!(chains(&renewed, now + 300 * DAY));
+    }
+
+    #[test]
+    fn renewal_makes_a_new_ca_when_the_old_one_ends_too_soon_or_is_unreadable() {
+        // A CA made 9.5 years ago ends within the new certificate's year.
+        let old = generate("svc", "ns", SystemTime::now() - 3470 * DAY).expect("generate");
+        let now = SystemTime::now();
+        let renewed = renew_with_ips(Some(&old), "svc", "ns", &[], now).expect("renew");
+        assert_ne!(renewed.ca_cert_pem, old.ca_cert_pem);
+        assert!(chains(&renewed, now + 300 * DAY));
+        let broken = WebhookTls {
+            ca_key_pem: "not a key".to_owned(),
+            ..generate("svc", "ns", now).expect("generate")
+        };
+        let renewed = renew_with_ips(Some(&broken), "svc", "ns", &[], now).expect("renew");
+        assert_ne!(renewed.ca_cert_pem, broken.ca_cert_pem);
+        assert!(chains(&renewed, now));
+        let first = renew_with_ips(None, "svc", "ns", &[], now).expect("renew");
+        assert!(chains(&first, now));
     }
 
     #[test]

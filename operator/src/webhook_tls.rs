@@ -91,15 +91,20 @@ fn usable(
     ips: &[IpAddr],
     now: SystemTime,
 ) -> Option<WebhookTls> {
+    let material = stored(secret)?;
+    let renew = tls::needs_renewal_with_ips(&material.cert_pem, service, namespace, ips, now);
+    (!renew && crate::webhook::material_loads(&material)).then_some(material)
+}
+
+/// The four PEM values of `secret`, if it has them all.
+fn stored(secret: &Secret) -> Option<WebhookTls> {
     let data: BTreeMap<String, String> = secret
         .data
         .as_ref()?
         .iter()
         .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.0.clone()).ok()?)))
         .collect();
-    let material = tls::from_secret_data(&data)?;
-    let renew = tls::needs_renewal_with_ips(&material.cert_pem, service, namespace, ips, now);
-    (!renew && crate::webhook::material_loads(&material)).then_some(material)
+    tls::from_secret_data(&data)
 }
 
 fn secret_bytes(material: &WebhookTls) -> BTreeMap<String, ByteString> {
@@ -130,7 +135,9 @@ pub async fn ensure_secret(
         {
             return Ok(material);
         }
-        let fresh = tls::generate_with_ips(service, namespace, ips, now)?;
+        // Renewal keeps the stored CA while it lasts, so the caBundle stays valid throughout.
+        let old = existing.as_ref().and_then(stored);
+        let fresh = tls::renew_with_ips(old.as_ref(), service, namespace, ips, now)?;
         let written = match existing {
             None => {
                 let secret = Secret {
