@@ -100,6 +100,11 @@ struct Args {
     /// Deadline for a pod's image lookups.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
     image_lookup_timeout: Duration,
+    /// How long a tools claim of a previous tools version is kept at least once superseded, even
+    /// when no pod mounts it: it covers pods admitted with the old claim just before the switch
+    /// that the API server has not stored yet (keep it above the webhook's timeout).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    superseded_claim_grace: Duration,
 }
 
 fn main() -> ExitCode {
@@ -302,6 +307,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         controller_metrics.leader.set(1);
         let mut config = controller::Config::new(&args.tools_image);
         config.tools_command = args.tools_command.clone();
+        config.collect_grace = args.superseded_claim_grace;
         let ctx = Arc::new(Context::new(
             client.clone(),
             config,
