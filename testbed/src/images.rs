@@ -24,6 +24,10 @@ use crate::{cri::Cri, layout, oci};
 /// The name [`tools_image`] imports the tools image under.
 pub const TOOLS_IMAGE: &str = "localhost/relay/tools:test";
 
+/// A second tools version for [`tools_image_tagged`]: the same image under another reference,
+/// which the operator takes for a new tools version.
+pub const TOOLS_IMAGE_V2: &str = "localhost/relay/tools:v2";
+
 /// How long an import and CRI seeing the image may take.
 const IMPORT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -31,6 +35,8 @@ const IMPORT_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct ImageBuild {
     name: String,
+    /// Further references to the same image.
+    tags: Vec<String>,
     entrypoint: Vec<String>,
     cmd: Vec<String>,
     files: Vec<oci::ExtraFile>,
@@ -42,6 +48,7 @@ impl ImageBuild {
     pub fn busybox(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
+            tags: Vec::new(),
             entrypoint: Vec::new(),
             cmd: vec!["sh".to_owned()],
             files: Vec::new(),
@@ -51,6 +58,13 @@ impl ImageBuild {
     /// The image's full reference.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Also imports the image as `name` (another full reference), from the same archive.
+    #[must_use]
+    pub fn tag(mut self, name: impl Into<String>) -> Self {
+        self.tags.push(name.into());
+        self
     }
 
     /// Sets the entrypoint.
@@ -108,18 +122,21 @@ impl ImageBuild {
         let archive = dir.path().join("image.tar");
         let entrypoint: Vec<&str> = self.entrypoint.iter().map(String::as_str).collect();
         let cmd: Vec<&str> = self.cmd.iter().map(String::as_str).collect();
-        oci::write_archive(
-            &layout::busybox_rootfs(),
-            &self.files,
-            &[oci::Image {
-                name: &self.name,
+        let names: Vec<&str> = std::iter::once(&self.name)
+            .chain(&self.tags)
+            .map(String::as_str)
+            .collect();
+        let images: Vec<oci::Image<'_>> = names
+            .iter()
+            .map(|name| oci::Image {
+                name,
                 entrypoint: &entrypoint,
                 cmd: &cmd,
-            }],
-            &archive,
-        )
-        .with_context(|| format!("cannot build image {}", self.name))?;
-        cri.import_archive(&archive, &[&self.name], Instant::now() + IMPORT_TIMEOUT)
+            })
+            .collect();
+        oci::write_archive(&layout::busybox_rootfs(), &self.files, &images, &archive)
+            .with_context(|| format!("cannot build image {}", self.name))?;
+        cri.import_archive(&archive, &names, Instant::now() + IMPORT_TIMEOUT)
             .with_context(|| format!("cannot import image {}", self.name))
     }
 }
@@ -133,13 +150,26 @@ impl ImageBuild {
 ///
 /// When the static entrypoint is missing and `RELAY_REQUIRE_TESTBED=1`.
 pub fn tools_image(cri: &Cri) -> anyhow::Result<Option<&'static str>> {
+    tools_image_tagged(cri, &[])
+}
+
+/// As [`tools_image`], with the image also imported under each of `tags` (such as
+/// [`TOOLS_IMAGE_V2`]).
+///
+/// # Panics
+///
+/// When the static entrypoint is missing and `RELAY_REQUIRE_TESTBED=1`.
+pub fn tools_image_tagged(cri: &Cri, tags: &[&str]) -> anyhow::Result<Option<&'static str>> {
     let Some(entrypoint) = crate::api::static_entrypoint() else {
         return Ok(None);
     };
-    ImageBuild::busybox(TOOLS_IMAGE)
+    let mut build = ImageBuild::busybox(TOOLS_IMAGE)
         .entrypoint(["/entrypoint"])
         .cmd(Vec::<String>::new())
-        .copy("entrypoint", &entrypoint, 0o755)?
-        .import(cri)?;
+        .copy("entrypoint", &entrypoint, 0o755)?;
+    for tag in tags {
+        build = build.tag(*tag);
+    }
+    build.import(cri)?;
     Ok(Some(TOOLS_IMAGE))
 }
