@@ -1,12 +1,16 @@
-//! The manifests in `deploy/base/` apply to a real 1.20 API server (the test bed's), with kubectl 1.20.
+//! The manifests in `deploy/base/` and the overlays in `deploy/overlays/` apply to a real 1.20 API
+//! server (the test bed's), with kubectl 1.20 and its built-in kustomize (v2.0.3).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     ffi::OsStr,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
-use testbed::kube::KubeApi;
+use operator::crd::Tenant;
+use testbed::kube::{KubeApi, KubeOptions};
 
 /// The files of `deploy/base/` in the order they apply (the namespace and the CRD first).
 const MANIFESTS: &[&str] = &[
@@ -45,6 +49,31 @@ fn kubectl<S: AsRef<OsStr>>(kube: &KubeApi, args: &[S]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
+}
+
+/// Runs `kubectl apply -f -` with `yaml` on stdin, panics when it fails.
+fn apply_stdin(kube: &KubeApi, yaml: &str) {
+    use std::io::Write;
+    let mut child = kube
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(yaml.as_bytes())
+        .expect("kubectl reads stdin");
+    let output = child.wait_with_output().expect("kubectl runs");
+    assert!(
+        output.status.success(),
+        "kubectl apply -f - failed:\n{yaml}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 fn apply(kube: &KubeApi, file: &Path) {
@@ -279,4 +308,185 @@ fn deploy_manifests_apply_to_a_real_api_server() {
         );
     }
     kubectl(&kube, &["apply", "--dry-run=server", "-k", dir]);
+}
+
+/// The tenant of `file` as the operator reads it, after checking that the operator accepts its
+/// volume claim template.
+fn tenant(file: &Path) -> Tenant {
+    let text = std::fs::read_to_string(file).expect("tenant file readable");
+    let tenant: Tenant = serde_norway::from_str(&text).expect("a Tenant");
+    if let Err(e) = tenant.spec.validate() {
+        panic!("the operator refuses {}: {e}", file.display());
+    }
+    tenant
+}
+
+/// Waits until `kubectl get ARGS -o jsonpath=PATH` prints `want`, panics after `timeout`.
+fn wait_for(kube: &KubeApi, args: &[&str], path: &str, want: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let jsonpath = format!("jsonpath={path}");
+    loop {
+        let got = kubectl(kube, &[&["get"], args, &["-o", &jsonpath]].concat());
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`kubectl get {}` {path} is {got:?}, not {want:?}, after {timeout:?}",
+            args.join(" ")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn overlays_render_and_apply_to_a_real_api_server() {
+    // The controller manager binds claims to volumes (the kind overlay's tools volumes).
+    let Some(kube) = KubeApi::start_or_skip_with(&KubeOptions::new().controller_manager(true))
+    else {
+        return;
+    };
+    let deploy = deploy_dir();
+    let kind = deploy.join("overlays/kind");
+    let gke = deploy.join("overlays/gke");
+    let path = |dir: &Path| dir.to_str().expect("UTF-8 path").to_owned();
+
+    // kind: the images of `cargo xtask images` (also those the operator hands out), pulled only
+    // when missing, the API's storage on claims, the tools volumes' class.
+    let built = kubectl(&kube, &["kustomize", &path(&kind)]);
+    for expected in [
+        "image: localhost/relay/metadata-api:dev",
+        "image: localhost/relay/operator:dev",
+        "- localhost/relay/tools:dev",
+        "- localhost/relay/collector:dev",
+        "imagePullPolicy: IfNotPresent",
+        "claimName: metadata-api-streams",
+        "claimName: metadata-api-key",
+        "name: relay-tools-0",
+    ] {
+        assert!(
+            built.contains(expected),
+            "{expected:?} missing from the kind overlay:\n{built}"
+        );
+    }
+    for base_only in [
+        "relay/metadata-api:dev",
+        "relay/operator:dev",
+        "relay/tools:dev",
+    ] {
+        assert!(
+            !built.contains(&format!(" {base_only}")),
+            "the kind overlay still names the base's {base_only}"
+        );
+    }
+    assert!(
+        !built.contains("emptyDir"),
+        "the API's storage is still an emptyDir"
+    );
+    assert!(
+        !built.contains("kind: DaemonSet"),
+        "the collector DaemonSet belongs to the operator"
+    );
+
+    // Applied for real, then the example tenant with kind's template.
+    kubectl(&kube, &["apply", "-k", &path(&kind)]);
+    kubectl(
+        &kube,
+        &[
+            "wait",
+            "--for",
+            "condition=established",
+            "crd/tenants.relay.sh",
+            "--timeout=60s",
+        ],
+    );
+    apply(&kube, &deploy.join("examples/namespace.yaml"));
+    let kind_tenant = kind.join("tenant.yaml");
+    apply(&kube, &kind_tenant);
+    let class = kubectl(
+        &kube,
+        &[
+            "get",
+            "-n",
+            "tenant-a",
+            "tenant",
+            "tenant-a",
+            "-o",
+            "jsonpath={.spec.entrypointInjection.volumeClaimTemplate.storageClassName}",
+        ],
+    );
+    assert_eq!(class, "relay-tools");
+    for (resource, name) in [
+        ("storageclass", "relay-tools"),
+        ("pv", "relay-tools-0"),
+        ("-n relay-system pvc", "metadata-api-streams"),
+        ("-n relay-system pvc", "metadata-api-key"),
+    ] {
+        let args: Vec<&str> = resource.split(' ').chain([name]).collect();
+        kubectl(&kube, &[&["get"], &args[..], &["-o", "name"]].concat());
+    }
+
+    // A claim as the operator makes it from that template binds to one of the overlay's
+    // ReadOnlyMany volumes.
+    let template = tenant(&kind_tenant).spec.volume_claim_template();
+    let claim = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "tenant-a-tools-test", "namespace": "tenant-a"},
+        "spec": template,
+    });
+    apply_stdin(&kube, &claim.to_string());
+    wait_for(
+        &kube,
+        &["-n", "tenant-a", "pvc", "tenant-a-tools-test"],
+        "{.status.phase}",
+        "Bound",
+        Duration::from_secs(60),
+    );
+    let volume = kubectl(
+        &kube,
+        &[
+            "get",
+            "-n",
+            "tenant-a",
+            "pvc",
+            "tenant-a-tools-test",
+            "-o",
+            "jsonpath={.spec.volumeName} {.status.accessModes}",
+        ],
+    );
+    assert!(
+        volume.starts_with("relay-tools-") && volume.contains("ReadOnlyMany"),
+        "tools claim bound to {volume}"
+    );
+
+    // GKE: rendered with its placeholders, accepted by the server (not applied: its images and
+    // bucket are examples), and its tenant template accepted by the operator.
+    let built = kubectl(&kube, &["kustomize", &path(&gke)]);
+    for expected in [
+        "- gs://my-relay-bucket/streams",
+        "secretName: metadata-api-key",
+        "iam.gke.io/gcp-service-account:",
+        "image: europe-west1-docker.pkg.dev/my-project/relay/metadata-api:dev",
+        "- europe-west1-docker.pkg.dev/my-project/relay/tools:dev",
+        "- europe-west1-docker.pkg.dev/my-project/relay/collector:dev",
+    ] {
+        assert!(
+            built.contains(expected),
+            "{expected:?} missing from the GKE overlay:\n{built}"
+        );
+    }
+    assert!(!built.contains("file:///"), "GKE streams still on a file");
+    kubectl(&kube, &["apply", "--dry-run=server", "-k", &path(&gke)]);
+    let gke_tenant = gke.join("tenant.yaml");
+    tenant(&gke_tenant);
+    kubectl(
+        &kube,
+        &[
+            OsStr::new("apply"),
+            OsStr::new("--dry-run=server"),
+            OsStr::new("-f"),
+            gke_tenant.as_os_str(),
+        ],
+    );
 }
