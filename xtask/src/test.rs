@@ -61,8 +61,9 @@ fn prepare() -> anyhow::Result<std::ffi::OsString> {
 }
 
 /// Runs nextest with `filter` arguments, the way CI does: the static entrypoint and the release
-/// metadata-api built first, and tests that need a test bed failing rather than skipping.
-fn nextest(path: &std::ffi::OsStr, filter: &[&str]) -> anyhow::Result<()> {
+/// metadata-api built first, and tests that need a test bed failing rather than skipping. `env`
+/// passes further binaries built for the selected tests.
+fn nextest(path: &std::ffi::OsStr, filter: &[&str], env: &[(&str, PathBuf)]) -> anyhow::Result<()> {
     if !has("cargo-nextest", "--version") {
         sh(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))?;
     }
@@ -77,6 +78,7 @@ fn nextest(path: &std::ffi::OsStr, filter: &[&str]) -> anyhow::Result<()> {
         .args(filter)
         .env("RELAY_ENTRYPOINT_STATIC", &entrypoint)
         .env("RELAY_METADATA_API_BIN", &api)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RELAY_REQUIRE_EMULATORS", "1")
         .env(testbed::REQUIRE_ENV, "1"))
 }
@@ -84,7 +86,11 @@ fn nextest(path: &std::ffi::OsStr, filter: &[&str]) -> anyhow::Result<()> {
 /// `cargo xtask e2e`: the cluster-shaped end-to-end test alone (see `collector/tests/e2e.rs`).
 pub fn e2e() -> anyhow::Result<()> {
     let path = prepare()?;
-    nextest(&path, &["-p", "collector", "--test", "e2e", "--no-capture"])
+    nextest(
+        &path,
+        &["-p", "collector", "--test", "e2e", "--no-capture"],
+        &[],
+    )
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -118,5 +124,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             target: None,
         })?;
     }
-    nextest(&path, &["--workspace", "--exclude", "collector-ebpf"])
+    // The demo's test (xtask/tests/demo.rs) runs the release collector, as the demo does.
+    let collector = util::build_collector().context("building the collector")?;
+    nextest(
+        &path,
+        &["--workspace", "--exclude", "collector-ebpf"],
+        &[("RELAY_COLLECTOR_BIN", collector)],
+    )
 }

@@ -1,9 +1,11 @@
-//! Helpers shared by tasks: the workspace root, commands, the metadata-api process.
+//! Helpers shared by tasks: the workspace root, commands, builds, the metadata-api and collector
+//! processes, cgroups.
 
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
@@ -85,7 +87,6 @@ impl Drop for Server {
     }
 }
 
-/// Mints a token with the binary's `token` subcommand.
 /// A metadata API (`bin`) on file storage in `dir`, with its rate limits out of the way
 /// (benchmarks measure the writers, not the limiter), and a token for `context` with `scope`,
 /// also written to `dir/token`. `niced` runs it at nice 10, as if on another node.
@@ -124,14 +125,261 @@ pub fn bench_api(
     Ok((server, token, token_file))
 }
 
+/// Mints a token (valid 2 hours) with the binary's `token` subcommand.
 pub fn token(bin: &Path, key_file: &Path, context: &str, scope: &str) -> anyhow::Result<String> {
+    token_for(bin, key_file, context, scope, "2h")
+}
+
+/// Mints a token valid for `ttl` (`30m`, `24h`, ...) with the binary's `token` subcommand.
+pub fn token_for(
+    bin: &Path,
+    key_file: &Path,
+    context: &str,
+    scope: &str,
+    ttl: &str,
+) -> anyhow::Result<String> {
     let out = Command::new(bin)
         .args(["token", "--key-file"])
         .arg(key_file)
-        .args(["--context", context, "--scope", scope, "--ttl", "2h"])
+        .args(["--context", context, "--scope", scope, "--ttl", ttl])
         .output()?;
     if !out.status.success() {
         bail!("token failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+/// Where cargo puts its output: `CARGO_TARGET_DIR`, else `target` in the workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+/// The binary named by the environment variable `env` (how `cargo xtask test` hands the binaries
+/// it built to the tests), else the one `build` makes.
+pub fn bin_from_env(
+    env: &str,
+    build: impl FnOnce() -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    match std::env::var_os(env) {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => build(),
+    }
+}
+
+/// Builds the release binary of workspace package `package` (named as the package) and returns
+/// its path.
+pub fn build_release(package: &str) -> anyhow::Result<PathBuf> {
+    run(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        package,
+    ]))?;
+    Ok(target_dir().join("release").join(package))
+}
+
+/// Builds the release collector with its eBPF object: bpf-linker from the cache first on `PATH`
+/// and `AYA_BUILD_SKIP` unset, so `collector/build.rs` builds the kernel side with the toolchain of
+/// `cargo xtask ebpf-toolchain`. Returns the binary's path.
+pub fn build_collector() -> anyhow::Result<PathBuf> {
+    let linker = cache_dir().join("bpf-linker/bin");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::join_paths(std::iter::once(linker).chain(std::env::split_paths(&path)))?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .env("PATH", path)
+        .env_remove("AYA_BUILD_SKIP")
+        .args(["build", "--release", "--quiet", "-p", "collector"]))?;
+    Ok(target_dir().join("release/collector"))
+}
+
+/// Why the collector's eBPF object cannot be built here (the pinned nightly with `rust-src`, or
+/// bpf-linker, not installed), if it cannot. Checks only; `cargo xtask ebpf-toolchain` installs.
+pub fn ebpf_toolchain_missing() -> Option<String> {
+    let toolchain = crate::ebpf::TOOLCHAIN;
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src")
+        });
+    if !has_src {
+        return Some(format!("{toolchain} with rust-src is not installed"));
+    }
+    let cached = cache_dir().join("bpf-linker/bin/bpf-linker");
+    let runs = |linker: &Path| {
+        Command::new(linker)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !runs(&cached) && !runs(Path::new("bpf-linker")) {
+        return Some("bpf-linker is not installed".to_owned());
+    }
+    None
+}
+
+/// Whether this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a
+/// hybrid host), if it is.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&"cgroup2"))
+        .and_then(|f| f.get(1).map(PathBuf::from))
+}
+
+/// A cgroup v2 directory made for a task; removed on drop, with any process left in it killed.
+#[derive(Debug)]
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn create(path: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir(&path)
+            .with_context(|| format!("cannot create cgroup {}", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        remove_cgroup(&self.path);
+    }
+}
+
+/// Removes a cgroup and those below it, killing processes left in them. Best effort, within 2 s
+/// per directory (killed processes leave a cgroup asynchronously).
+pub fn remove_cgroup(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if Instant::now() > deadline => {
+                eprintln!("could not remove cgroup {}: {e}", dir.display());
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// A running `collector` in local mode; stopped on drop (SIGTERM, so it ships what is left within
+/// its grace period, then SIGKILL after 15 s).
+#[derive(Debug)]
+pub struct Collector {
+    child: Child,
+    /// `http://ADDR/metrics`, from its ready line.
+    pub metrics_url: String,
+}
+
+impl Collector {
+    /// Starts `bin` shipping to `url` with the token in `token_file`, watching each `(dir,
+    /// context)` of `cgroups`, with `extra` flags; its stderr goes to `log`. Waits up to
+    /// `ready_within` for its ready line; fails with the end of its log when it exits first (it
+    /// exits 69 when this machine cannot load its eBPF programs).
+    pub fn start(
+        bin: &Path,
+        url: &str,
+        token_file: &Path,
+        cgroups: &[(&Path, &str)],
+        extra: &[&str],
+        log: &Path,
+        ready_within: Duration,
+    ) -> anyhow::Result<Self> {
+        let log_file = std::fs::File::create(log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["--url", url, "--listen", "127.0.0.1:0"])
+            .arg("--token-file")
+            .arg(token_file)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file);
+        for (dir, context) in cgroups {
+            cmd.arg("--cgroup")
+                .arg(format!("{}={context}", dir.display()));
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let stdout = child.stdout.take().context("no collector stdout")?;
+        // From here on, drop stops the process.
+        let mut this = Self {
+            child,
+            metrics_url: String::new(),
+        };
+        // The first line says it is attached; the rest of stdout is drained, never left to fill.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = tx.send(out.read_line(&mut line).map(|_| line));
+            let _ = std::io::copy(&mut out, &mut std::io::sink());
+        });
+        let line = match rx.recv_timeout(ready_within) {
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => bail!("reading the collector's stdout: {e}"),
+            Err(_) => bail!(
+                "the collector did not get ready in {} s",
+                ready_within.as_secs()
+            ),
+        };
+        let Some(url) = line.trim().strip_prefix("collector ready; metrics on ") else {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            let last = log.lines().rev().find(|l| !l.trim().is_empty());
+            bail!(
+                "{}",
+                last.unwrap_or("the collector exited without a word")
+                    .trim_start_matches("collector: ")
+            );
+        };
+        this.metrics_url = url.to_owned();
+        Ok(this)
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
