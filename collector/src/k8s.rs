@@ -487,6 +487,9 @@ pub enum Miss {
     /// Its pod is known and its namespace not selected: not attributable until a namespace is
     /// added.
     NamespaceNotSelected,
+    /// Its pod is known, selected, and has no log context (neither a Tekton step nor a Knative
+    /// trigger by its labels, e.g. the operator's tools Job): never attributable.
+    NoContext,
 }
 
 /// The selected pods of one node, kept current by a `kube` reflector, and with a namespace
@@ -625,9 +628,10 @@ impl PodIndex {
     }
 
     /// Who a container cgroup writes for. [`Miss::NotYet`] when its pod is not known (yet, or
-    /// at all: pods the pod selector leaves out are not in the index), has no log context, or has
-    /// not (yet) reported the container's id; [`Miss::NamespaceNotSelected`] when the pod is known
-    /// but its namespace is not selected (now: see [`PodIndex::namespaces_added`]).
+    /// at all: pods the pod selector leaves out are not in the index) or has not (yet) reported
+    /// the container's id; [`Miss::NamespaceNotSelected`] when the pod is known but its namespace
+    /// is not selected (now: see [`PodIndex::namespaces_added`]); [`Miss::NoContext`] when the
+    /// pod's labels give no log context (they are set when Tekton or Knative create the pod).
     pub fn lookup(&self, cgroup: &ContainerCgroup) -> Result<Attribution, Miss> {
         let pod = self
             .store
@@ -639,6 +643,9 @@ impl PodIndex {
         };
         if !self.selection.selects_in(&pod, namespace.as_deref()) {
             return Err(Miss::NamespaceNotSelected);
+        }
+        if context_for_pod(&pod).is_none() {
+            return Err(Miss::NoContext);
         }
         attribute(&pod, &cgroup.container_id).ok_or(Miss::NotYet)
     }
@@ -720,6 +727,45 @@ mod tests {
         pod(json!({
             "metadata": { "name": "p", "namespace": "tenant", "uid": "u", "labels": labels },
         }))
+    }
+
+    #[test]
+    fn pods_without_a_log_context_are_never_attributable() {
+        let (store, mut writer) = reflector::store();
+        let status = json!({"containerStatuses": [{
+            "name": "c", "containerID": format!("containerd://{CID}"), "restartCount": 0,
+            "image": "i", "imageID": "", "ready": true,
+        }]});
+        let tools_job = pod(json!({
+            "metadata": {"name": "t", "namespace": "tenant", "uid": "u-tools",
+                          "labels": {"job-name": "tenant-tools-1"}},
+            "status": status,
+        }));
+        let step = pod(json!({
+            "metadata": {"name": "s", "namespace": "tenant", "uid": "u-step",
+                          "labels": {"tekton.dev/taskRun": "tr", "relay.sh/workflow": "w",
+                                     "relay.sh/run": "7", "relay.sh/step": "build"}},
+        }));
+        writer.apply_watcher_event(&watcher::Event::Apply(tools_job));
+        writer.apply_watcher_event(&watcher::Event::Apply(step));
+        let index = PodIndex {
+            store,
+            namespaces: None,
+            selection: Arc::new(Selection::new(vec![], None, "relay-system").expect("selection")),
+            namespaces_added: Arc::default(),
+        };
+        let cgroup = |pod_uid: &str| ContainerCgroup {
+            pod_uid: pod_uid.to_owned(),
+            container_id: CID.to_owned(),
+            qos: crate::cgroup_path::Qos::BestEffort,
+        };
+        assert_eq!(
+            index.lookup(&cgroup("u-tools")).err(),
+            Some(Miss::NoContext)
+        );
+        // A step pod whose status does not name the container yet: asked again later.
+        assert_eq!(index.lookup(&cgroup("u-step")).err(), Some(Miss::NotYet));
+        assert_eq!(index.lookup(&cgroup("u-other")).err(), Some(Miss::NotYet));
     }
 
     /// The rules themselves are tested in `metadata_api::pod_context`.

@@ -65,6 +65,10 @@ impl Attributor for Kube {
                 tracing::debug!(cgroup_id, pod_uid = %container.pod_uid, "Namespace not selected; passing over.");
                 Attributed::Never
             }
+            Err(Miss::NoContext) => {
+                tracing::debug!(cgroup_id, pod_uid = %container.pod_uid, "Pod has no log context; passing over.");
+                Attributed::Never
+            }
         }
     }
 
