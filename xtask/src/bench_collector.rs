@@ -209,15 +209,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ensure!(rounds > 0, "--rounds must be positive");
     ensure!(total >= MIB, "--total-mb must be at least 1");
     ensure!(rate_mb.iter().all(|&r| r > 0), "--rate-mb must be positive");
-    if !no_build {
-        build_release()?;
-    }
-    let root = cgroup2_root()?;
+    let release = util::target_dir().join("release");
+    let (collector, api) = if no_build {
+        (release.join("collector"), release.join("metadata-api"))
+    } else {
+        (util::build_collector()?, util::build_metadata_api()?)
+    };
+    let root = util::cgroup2_root()
+        .context("no cgroup2 file system is mounted (the collector needs cgroup v2)")?;
     let tmp = TempDir::create()?;
     let env = Env {
         xtask: std::env::current_exe()?,
-        collector: util::root().join("target/release/collector"),
-        api: util::root().join("target/release/metadata-api"),
+        collector,
+        api,
         tck: clock_ticks(),
         dir: tmp.0.clone(),
         ring_bytes,
@@ -340,41 +344,6 @@ fn other_collectors() -> Vec<u32> {
         .collect()
 }
 
-/// Builds the release collector (with its eBPF object: bpf-linker from the cache on PATH, and
-/// `AYA_BUILD_SKIP` unset) and metadata-api.
-fn build_release() -> anyhow::Result<()> {
-    let linker = util::cache_dir().join("bpf-linker/bin");
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let path = std::env::join_paths(std::iter::once(linker).chain(std::env::split_paths(&path)))?;
-    util::run(
-        Command::new("cargo")
-            .current_dir(util::root())
-            .env("PATH", path)
-            .env_remove("AYA_BUILD_SKIP")
-            .args([
-                "build",
-                "--release",
-                "--quiet",
-                "-p",
-                "collector",
-                "-p",
-                "metadata-api",
-            ]),
-    )
-}
-
-/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a
-/// hybrid host).
-fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
-    mounts
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.get(2) == Some(&"cgroup2"))
-        .and_then(|f| f.get(1).map(PathBuf::from))
-        .context("no cgroup2 file system is mounted (the collector needs cgroup v2)")
-}
-
 /// The benchmark's cgroup v2 directories: `relay-bench-collector-PID/{watched,other/w}` under the
 /// mount. Removed on drop, with any process left in them killed.
 struct Cgroups {
@@ -415,29 +384,8 @@ impl Cgroups {
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
-        remove_cgroup(&self.base);
+        util::remove_cgroup(&self.base);
     }
-}
-
-/// Removes a cgroup and those below it, killing processes left in them. Best effort.
-fn remove_cgroup(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup(&entry.path());
-            }
-        }
-    }
-    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-    // Killed processes leave the cgroup asynchronously.
-    for _ in 0..100 {
-        match std::fs::remove_dir(dir) {
-            Ok(()) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    eprintln!("bench: could not remove cgroup {}", dir.display());
 }
 
 /// A metadata API on local storage, and a collector token for it.

@@ -36,14 +36,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Builds the release metadata-api binary and returns its path.
 pub fn build_metadata_api() -> anyhow::Result<PathBuf> {
-    run(Command::new("cargo").current_dir(root()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "metadata-api",
-    ]))?;
-    Ok(root().join("target/release/metadata-api"))
+    build_release("metadata-api")
 }
 
 /// A running `metadata-api serve`, killed on drop.
