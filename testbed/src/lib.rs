@@ -4,7 +4,8 @@
 //! Kubernetes API server (etcd, `kube-apiserver` and optionally `kube-controller-manager`, no
 //! kubelet) on loopback. [`registry`] runs a real OCI registry (distribution 2.8) and pushes
 //! images built with umoci to it. [`kubelet`] plays one node's kubelet over [`kube`] and [`cri`],
-//! running the pods bound to it; [`images`] imports images for it without a registry.
+//! running the pods bound to it; [`images`] imports images for it without a registry, and
+//! [`oci_archive`] packs and imports archives of real images (`cargo xtask images`).
 //!
 //! The binaries come from Debian packages that `cargo xtask testbed install` extracts into
 //! `~/.cache/relay` (see [`layout`]); nothing is installed system-wide and no service is started.
@@ -28,6 +29,7 @@ pub mod kube;
 pub mod kubelet;
 pub mod layout;
 mod oci;
+pub mod oci_archive;
 pub mod registry;
 mod run;
 

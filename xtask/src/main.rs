@@ -8,6 +8,7 @@ mod demo;
 mod dist;
 mod ebpf;
 mod fuzz;
+mod images;
 mod test;
 mod testbed;
 mod util;
@@ -34,6 +35,9 @@ enum Task {
     Bench(bench::Args),
     /// Run the cargo-fuzz targets (briefly by default).
     Fuzz(fuzz::Args),
+    /// Container images (metadata-api, operator, collector, tools) as OCI archives under
+    /// target/images, for `kind load image-archive`; `--push` copies them to a registry.
+    Images(images::Args),
     /// Build the static (musl) entrypoint binary that tenant containers run.
     BuildEntrypoint(dist::Args),
     /// What the entrypoint costs a command that logs, against a pipe into `cat`.
@@ -61,6 +65,7 @@ fn main() -> anyhow::Result<()> {
         Task::E2e => test::e2e(),
         Task::Bench(a) => bench::run(a),
         Task::Fuzz(a) => fuzz::run(a),
+        Task::Images(a) => images::run_task(a),
         Task::BuildEntrypoint(a) => dist::run_task(a),
         Task::BenchEntrypoint(a) => bench_entrypoint::run(a),
         Task::GenOutput(a) => bench_entrypoint::gen_output(a),

@@ -126,9 +126,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     // The demo's test (xtask/tests/demo.rs) runs the release collector, as the demo does.
     let collector = util::build_collector().context("building the collector")?;
+    // The images testbed/tests/images.rs runs on containerd (dev profile, musl).
+    let images = crate::images::Args::for_tests();
+    crate::images::build(&images).context("building the images")?;
     nextest(
         &path,
         &["--workspace", "--exclude", "collector-ebpf"],
-        &[("RELAY_COLLECTOR_BIN", collector)],
+        &[
+            ("RELAY_COLLECTOR_BIN", collector),
+            ("RELAY_IMAGES_DIR", crate::images::out_dir(&images)),
+        ],
     )
 }
