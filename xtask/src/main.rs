@@ -24,7 +24,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Start the metadata API on local storage, write a stream, read it back, print it.
+    /// The product on this machine: metadata API on local storage, a workload under the
+    /// entrypoint in a cgroup the collector watches (root), logs read back, the capture report.
     Demo(demo::Args),
     /// Install what the tests need (storage emulators, containerd), check formatting and lints, run all tests.
     Test(test::Args),
