@@ -126,7 +126,7 @@ pub struct Args {
 impl Args {
     /// What `cargo xtask test` builds for testbed/tests/images.rs: the metadata-api and tools
     /// images, dev profile, into `target/images`. Not the operator and collector images, whose
-    /// dev musl builds would add about five minutes on a 2-vCPU machine.
+    /// dev musl builds would add 2.5 minutes on a 2-vCPU machine (twice that when it is busy).
     pub fn for_tests() -> Self {
         Self {
             tag: "dev".to_owned(),
