@@ -5,165 +5,19 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use common::Server;
-use k8s_openapi::api::{
-    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
-    core::v1::{Namespace, Pod, ServiceAccount},
-};
-use kube::{
-    Client,
-    api::{Api as KubeResource, DeleteParams, PostParams},
-    config::{KubeConfigOptions, Kubeconfig},
-};
+use common::kube_bed::{AUDIENCE, Bed, TENANT, knative_labels, tekton_labels};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::Api as KubeResource;
 use metadata_api::auth::Scope;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use testbed::kube::{KubeApi, SERVICE_ACCOUNT_ISSUER};
+use testbed::kube::SERVICE_ACCOUNT_ISSUER;
 
-const AUDIENCE: &str = "relay-metadata-api";
-const TENANT: &str = "tenant";
 const STEP_CTX: &str = "workflows/w1/runs/r1/steps/build";
 const TRIGGER_CTX: &str = "workflows/w1/triggers/sync-1";
-
-/// The control plane, an admin client and the API under test (stopped before the control plane).
-struct Bed {
-    api: Server,
-    client: Client,
-    kube: KubeApi,
-    _dir: tempfile::TempDir,
-}
-
-impl Bed {
-    async fn start(extra: &[&str]) -> Option<Self> {
-        // Its start uses a blocking HTTP client, which must not run on the runtime's thread.
-        let kube = tokio::task::spawn_blocking(KubeApi::start_or_skip)
-            .await
-            .unwrap()?;
-        let config = kube::Config::from_custom_kubeconfig(
-            Kubeconfig::read_from(kube.kubeconfig_path()).unwrap(),
-            &KubeConfigOptions::default(),
-        )
-        .await
-        .unwrap();
-        let client = Client::try_from(config).unwrap();
-        for ns in [TENANT, "relay-system"] {
-            create(
-                &client,
-                None,
-                json!({"metadata": {"name": ns}}) as Value,
-                |c, _| KubeResource::<Namespace>::all(c),
-            )
-            .await;
-        }
-        for (ns, sa) in [(TENANT, "runner"), ("relay-system", "relay-collector")] {
-            create(
-                &client,
-                Some(ns),
-                json!({"metadata": {"name": sa}}),
-                |c, ns| KubeResource::<ServiceAccount>::namespaced(c, ns.unwrap()),
-            )
-            .await;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let storage = format!("file://{}", dir.path().join("streams").display());
-        let mut args = vec!["--auth", "kubernetes"];
-        args.extend_from_slice(extra);
-        let api = Server::start_with_env(
-            dir.path(),
-            &storage,
-            &args,
-            &[(
-                "KUBECONFIG".to_owned(),
-                kube.kubeconfig_path().display().to_string(),
-            )],
-        );
-        Some(Self {
-            kube,
-            client,
-            api,
-            _dir: dir,
-        })
-    }
-
-    /// Creates a pod of `sa` in `ns` on `node` with `labels`; returns its UID.
-    async fn pod(&self, ns: &str, name: &str, sa: &str, node: &str, labels: Value) -> String {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": labels},
-            "spec": {
-                "serviceAccountName": sa,
-                "nodeName": node,
-                "containers": [{"name": "c", "image": "busybox"}],
-            },
-        }))
-        .unwrap();
-        let pod = KubeResource::<Pod>::namespaced(self.client.clone(), ns)
-            .create(&PostParams::default(), &pod)
-            .await
-            .unwrap();
-        pod.metadata.uid.unwrap()
-    }
-
-    async fn delete_pod(&self, ns: &str, name: &str) {
-        KubeResource::<Pod>::namespaced(self.client.clone(), ns)
-            .delete(name, &DeleteParams::default().grace_period(0))
-            .await
-            .unwrap();
-    }
-
-    /// A TokenRequest-minted token of `sa`, bound to the pod, for `audience`; never the same twice
-    /// (each lives a second longer than the one before, so no two share their claims).
-    async fn token(&self, ns: &str, sa: &str, pod: &str, uid: &str, audience: &str) -> String {
-        static MINTED: AtomicI64 = AtomicI64::new(0);
-        let request = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec![audience.to_owned()],
-                expiration_seconds: Some(3600 + MINTED.fetch_add(1, Ordering::Relaxed)),
-                bound_object_ref: Some(BoundObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Pod".into()),
-                    name: Some(pod.into()),
-                    uid: Some(uid.into()),
-                }),
-            },
-            ..TokenRequest::default()
-        };
-        KubeResource::<ServiceAccount>::namespaced(self.client.clone(), ns)
-            .create_token_request(sa, &PostParams::default(), &request)
-            .await
-            .unwrap()
-            .status
-            .unwrap()
-            .token
-    }
-
-    fn http(&self, token: &str) -> common::Api {
-        self.api.client(token)
-    }
-}
-
-async fn create<K, F>(client: &Client, ns: Option<&str>, body: Value, api: F)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-    F: Fn(Client, Option<&str>) -> KubeResource<K>,
-{
-    let obj: K = serde_json::from_value(body).unwrap();
-    api(client.clone(), ns)
-        .create(&PostParams::default(), &obj)
-        .await
-        .unwrap();
-}
-
-fn tekton_labels(run: &str, step: &str) -> Value {
-    json!({"tekton.dev/taskRun": "tr-1", "relay.sh/workflow": "w1", "relay.sh/run": run, "relay.sh/step": step})
-}
-
-fn knative_labels() -> Value {
-    json!({"serving.knative.dev/revision": "rev-1", "relay.sh/workflow": "w1", "relay.sh/trigger-sync-id": "sync-1"})
-}
 
 async fn status_of(r: reqwest::Response) -> (StatusCode, Value) {
     let status = r.status();
