@@ -7,7 +7,9 @@ use metadata_api::{client::ShipConfig, size::parse_size};
 /// Runs CMD and ships its stdout and stderr to the metadata API.
 ///
 /// The command's output goes to the metadata API only, never to this process's own output. When
-/// no API URL is configured the command runs as if started directly.
+/// no API URL is configured the command runs as if started directly. Values of the environment
+/// variables named in `RELAY_REDACT_ENV` (comma-separated names and `PREFIX*` entries) are
+/// replaced by `***` in what is shipped.
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "entrypoint",

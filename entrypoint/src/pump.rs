@@ -2,6 +2,10 @@
 //!
 //! Each pipe has its own thread that does nothing but read: the command never waits on the
 //! network, only on this thread being scheduled. The pipe is enlarged so bursts fit while it runs.
+//!
+//! Secret values are redacted on this thread, before the bytes reach the shipper: nothing
+//! unredacted is ever buffered for shipping. Whenever the pipe is empty the redactor's hold-back
+//! is flushed, except for a tail that may be the start of a value (see the `redact` crate).
 
 use std::{
     fs::File,
@@ -17,6 +21,7 @@ use nix::{
     fcntl::{FcntlArg, OFlag, fcntl},
     poll::{PollFd, PollFlags, PollTimeout, poll},
 };
+use redact::{Redactor, Secrets};
 
 /// Pipe capacity asked for (the default system-wide cap for unprivileged users).
 const PIPE_SIZE: i32 = 1 << 20;
@@ -50,12 +55,14 @@ impl ExitTime {
     }
 }
 
-/// Starts a thread that reads `fd` into `shipper` until end of file (or, once the command
-/// exited, until the pipe is quiet or half the grace period is gone), then closes the shipper.
+/// Starts a thread that reads `fd` into `shipper`, redacting `secrets`, until end of file (or,
+/// once the command exited, until the pipe is quiet or half the grace period is gone), then
+/// closes the shipper.
 pub fn spawn(
     name: &str,
     fd: OwnedFd,
     shipper: Shipper,
+    secrets: Arc<Secrets>,
     exited: Arc<ExitTime>,
     grace: Duration,
 ) -> io::Result<thread::JoinHandle<()>> {
@@ -70,13 +77,26 @@ pub fn spawn(
     thread::Builder::new()
         .name(format!("read-{name}"))
         .spawn(move || {
-            drain(File::from(fd), &shipper, &exited, grace);
+            let mut redactor = Redactor::new(secrets);
+            drain(File::from(fd), &shipper, &mut redactor, &exited, grace);
+            redactor.finish(|b| {
+                shipper.write(b);
+            });
             let deadline = exited.get().unwrap_or_else(Instant::now) + grace;
             shipper.close(deadline);
         })
 }
 
-fn drain(mut pipe: File, shipper: &Shipper, exited: &ExitTime, grace: Duration) {
+fn drain(
+    mut pipe: File,
+    shipper: &Shipper,
+    redactor: &mut Redactor,
+    exited: &ExitTime,
+    grace: Duration,
+) {
+    let mut ship = |b: &[u8]| {
+        shipper.write(b);
+    };
     let mut buf = vec![0; READ_SIZE];
     let mut napping = false;
     let mut idle_naps = 0;
@@ -86,10 +106,15 @@ fn drain(mut pipe: File, shipper: &Shipper, exited: &ExitTime, grace: Duration) 
             match pipe.read(&mut buf) {
                 Ok(0) => return,
                 Ok(n) => {
-                    shipper.write(&buf[..n]);
+                    redactor.feed(&buf[..n], &mut ship);
                     got += n;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if redactor.held() > 0 {
+                        redactor.flush_idle(&mut ship);
+                    }
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return,
             }

@@ -89,6 +89,14 @@ pub fn run(args: &Args, url: &str) -> u8 {
     let Some((prog, rest)) = args.command.split_first() else {
         return 64;
     };
+    // Output is shipped redacted or not at all.
+    let secrets = match redact::Secrets::from_process_env() {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            say!("{e}; running the command without shipping its output");
+            return exec_plain(&args.command);
+        }
+    };
 
     // Signals wait in a signalfd: blocked here, before any thread starts, so every thread
     // inherits the mask. The command gets an empty mask back (std resets it before exec).
@@ -142,8 +150,17 @@ pub fn run(args: &Args, url: &str) -> u8 {
     let out = Shipper::new(cfg.clone());
     let err = Shipper::new(cfg);
     for (name, fd, shipper) in [("stdout", outputs.0, &out), ("stderr", outputs.1, &err)] {
-        let started =
-            fd.map(|fd| pump::spawn(name, fd, shipper.clone(), exited.clone(), args.grace_period));
+        let started = fd.map(|fd| {
+            let (shipper, secrets) = (shipper.clone(), secrets.clone());
+            pump::spawn(
+                name,
+                fd,
+                shipper,
+                secrets,
+                exited.clone(),
+                args.grace_period,
+            )
+        });
         if !matches!(started, Some(Ok(_))) {
             say!("cannot read the command's {name}");
             shipper.close(Instant::now());
