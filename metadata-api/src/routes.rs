@@ -179,7 +179,13 @@ fn may_read(s: &AppState, p: &Principal, m: &StreamMeta) -> bool {
     match p.scope {
         Scope::Read => p.context.covers(&m.context),
         Scope::Write => p.context == m.context && m.source == Source::Entrypoint,
-        Scope::Collector => m.source == Source::Ebpf && node_allows(s, p, &m.context),
+        // The same scope as for creating the stream: a collector token of `workflows/A` does
+        // not reach the ebpf streams of `workflows/B`, even knowing their ids.
+        Scope::Collector => {
+            m.source == Source::Ebpf
+                && p.context.covers(&m.context)
+                && node_allows(s, p, &m.context)
+        }
     }
 }
 
