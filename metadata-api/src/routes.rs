@@ -631,9 +631,10 @@ async fn read_stream(
     query: Result<Query<ReadQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
     let p = principal(&s, &headers).await?;
     let stream = visible(&s, &p, &id).await?;
+    // Only once the caller may see the stream: a bad query does not get past a missing token.
+    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
     s.store.refresh(&stream).await?;
     let status = stream.status();
     let (start, end) = match headers.get(header::RANGE) {
@@ -791,10 +792,12 @@ async fn step_report(
 async fn context_logs(
     s: Arc<AppState>,
     context: String,
-    q: ReadQuery,
+    query: Result<Query<ReadQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let context = readable_context(&s, &headers, &context).await?;
+    // Checked after the caller, as for a stream's data.
+    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
     let every_stream = q.stream.is_none();
     let names: Vec<String> = match q.stream {
         Some(name) if crate::names::valid_stream_name(&name) => vec![name],
@@ -888,11 +891,10 @@ async fn trigger_logs(
     query: Result<Query<ReadQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
     context_logs(
         s,
         format!("workflows/{workflow}/triggers/{trigger}"),
-        q,
+        query,
         headers,
     )
     .await
@@ -904,11 +906,10 @@ async fn step_logs(
     query: Result<Query<ReadQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
     context_logs(
         s,
         format!("workflows/{workflow}/runs/{run}/steps/{step}"),
-        q,
+        query,
         headers,
     )
     .await
