@@ -41,6 +41,8 @@ pub const ENV_STDOUT_STREAM: &str = "RELAY_STDOUT_STREAM";
 pub const ENV_STDERR_STREAM: &str = "RELAY_STDERR_STREAM";
 /// The pod's UID from the downward API, for Knative stream names.
 pub const ENV_POD_UID: &str = "RELAY_POD_UID";
+/// Variables whose values are redacted from the shipped output (`redact::ENV_LIST`).
+pub const ENV_REDACT: &str = "RELAY_REDACT_ENV";
 
 /// What to inject, from the tenant's state and the operator's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,6 +318,7 @@ fn wrap(
     upsert(mounts, mount(TOOLS_VOLUME, TOOLS_MOUNT_PATH), |m| &m.name);
     upsert(mounts, mount(TOKEN_VOLUME, token_dir), |m| &m.name);
 
+    let redact = redact_list(c);
     let env = c.env.get_or_insert_with(Vec::new);
     // Ours go last and in order: a `$(VAR)` reference sees only variables defined before it.
     let names = [
@@ -324,8 +327,12 @@ fn wrap(
         ENV_POD_UID,
         ENV_STDOUT_STREAM,
         ENV_STDERR_STREAM,
+        ENV_REDACT,
     ];
     env.retain(|e| !names.contains(&e.name.as_str()));
+    if !redact.is_empty() {
+        env.push(value(ENV_REDACT, &escape(&redact)));
+    }
     env.push(value(ENV_API_URL, &injection.api_url));
     env.push(value(ENV_TOKEN_FILE, &injection.token_path));
     // The collector names Knative streams per replica, since replicas of a revision share one
@@ -349,6 +356,38 @@ fn wrap(
     env.push(value(ENV_STDOUT_STREAM, &format!("{prefix}.stdout")));
     env.push(value(ENV_STDERR_STREAM, &format!("{prefix}.stderr")));
     Ok(())
+}
+
+/// The `RELAY_REDACT_ENV` list of a container: the variables it gets from Secrets, so that the
+/// entrypoint (and the collector, from the container's environment) redacts their values. An
+/// `env` entry with a `secretKeyRef` is named; an `envFrom` `secretRef` with a prefix is
+/// `PREFIX*`. The keys of an `envFrom` `secretRef` without a prefix are not known without reading
+/// the Secret, which the operator may not: they are not listed. A list the container sets itself
+/// (a literal value) is kept, in front of ours.
+fn redact_list(c: &Container) -> String {
+    let env = c.env.iter().flatten();
+    let own = env
+        .clone()
+        .find(|e| e.name == ENV_REDACT && e.value_from.is_none())
+        .and_then(|e| e.value.clone())
+        .filter(|v| !v.trim().is_empty());
+    let named = env
+        .filter(|e| {
+            e.value_from
+                .as_ref()
+                .is_some_and(|v| v.secret_key_ref.is_some())
+        })
+        .map(|e| e.name.clone());
+    let prefixed = c
+        .env_from
+        .iter()
+        .flatten()
+        .filter(|f| f.secret_ref.is_some())
+        .filter_map(|f| f.prefix.as_deref().filter(|p| !p.is_empty()))
+        .map(|p| format!("{p}*"));
+    let mut list: Vec<String> = own.into_iter().chain(named).chain(prefixed).collect();
+    list.dedup();
+    list.join(",")
 }
 
 /// The command the container would run without us, following Kubernetes: `command` replaces the
@@ -1039,5 +1078,51 @@ mod tests {
             c.volume_mounts.as_ref().unwrap()[1].mount_path,
             "/etc/relay"
         );
+    }
+
+    #[test]
+    fn containers_are_told_which_variables_hold_secrets() {
+        let mut c = container("app", "alpine", &["/app"], &[]);
+        c.env = Some(
+            serde_json::from_value(json!([
+                {"name": "PLAIN", "value": "x"},
+                {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}},
+                {"name": "FROM_CM", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "k"}}},
+                {"name": "A$B", "valueFrom": {"secretKeyRef": {"name": "db", "key": "x"}}},
+            ]))
+            .unwrap(),
+        );
+        c.env_from = Some(
+            serde_json::from_value(json!([
+                {"secretRef": {"name": "api"}, "prefix": "API_"},
+                {"secretRef": {"name": "unprefixed"}},
+                {"configMapRef": {"name": "cm"}, "prefix": "CM_"},
+            ]))
+            .unwrap(),
+        );
+        let plain = container("other", "alpine", &["/other"], &[]);
+        let m = run(&pod(None, vec![c, plain], vec![]));
+        let list = |m: &Mutation, name| {
+            find(&m.pod, name)
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == ENV_REDACT)
+                .map(|e| e.value.clone().unwrap())
+        };
+        assert_eq!(list(&m, "app").as_deref(), Some("DB_PASSWORD,A$$B,API_*"));
+        assert_eq!(list(&m, "other"), None, "no secrets, no list");
+
+        // A list of the container's own is kept in front of ours.
+        let mut own = container("app", "alpine", &["/app"], &[]);
+        own.env = Some(
+            serde_json::from_value(json!([
+                {"name": "RELAY_REDACT_ENV", "value": "MY_TOKEN"},
+                {"name": "S", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+            ]))
+            .unwrap(),
+        );
+        let m = run(&pod(None, vec![own], vec![]));
+        assert_eq!(list(&m, "app").as_deref(), Some("MY_TOKEN,S"));
     }
 }
