@@ -473,10 +473,31 @@ impl Run<'_> {
                 } else {
                     // An allowed write changes the state the next refusal is compared with.
                     before = None;
+                    if !self.shows_victim(request, &answer) {
+                        f.wrong.push(format!(
+                            "{cell}: {} without the victim's stream: {}",
+                            answer.status,
+                            excerpt(&answer.body)
+                        ));
+                    }
                 }
             }
         }
         f
+    }
+
+    /// Whether an allowed read of the victim's streams really answered with them (its bytes, or
+    /// its stream ids in a status or report): a 200 alone could be an empty answer. Followers and
+    /// the routes that name no victim stream are not read.
+    fn shows_victim(&self, request: &str, a: &Answer) -> bool {
+        let reads_victim = request.starts_with("GET ")
+            && ["{E}", "{B}", "{STEP}", "{TRIGGER}"]
+                .iter()
+                .any(|p| request.contains(p))
+            && !request.contains("follow=true");
+        !reads_victim
+            || a.body.contains(&SECRET[..4])
+            || self.victim.ids().any(|id| a.body.contains(id.as_str()))
     }
 
     fn check_refusal(&self, cell: &str, auth: Option<&str>, a: &Answer, f: &mut Findings) {
