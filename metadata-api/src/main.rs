@@ -209,7 +209,19 @@ fn main() -> ExitCode {
                 // The first stdout line tells scripts and tests where we listen (port 0 works).
                 println!("metadata-api listening on http://{addr}");
                 tracing::info!(%addr, "Listening.");
-                serve(listener, state, Duration::from_secs(10)).await?;
+                let metrics = match args.metrics_listen {
+                    Some(at) => {
+                        let listener = tokio::net::TcpListener::bind(at)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("cannot listen on {at}: {e}"))?;
+                        let addr = listener.local_addr()?;
+                        println!("metadata-api metrics on http://{addr}/metrics");
+                        tracing::info!(%addr, "Serving metrics.");
+                        Some(listener)
+                    }
+                    None => None,
+                };
+                serve(listener, metrics, state, Duration::from_secs(10)).await?;
                 anyhow::Ok(())
             });
             match result {

@@ -62,6 +62,8 @@ pub struct AppState {
     pub keys: Keys,
     pub budget: Arc<Budget>,
     pub metrics: Arc<Metrics>,
+    /// `/metrics` is served on its own listener (`--metrics-listen`), not by [`app`].
+    pub metrics_apart: bool,
     /// The `kubernetes` auth mode's authenticator; `None` in `hmac` mode. Tokens that verify
     /// with [`keys`](Self::keys) are accepted in both modes.
     #[cfg(feature = "kubernetes")]
@@ -72,7 +74,14 @@ type S = State<Arc<AppState>>;
 
 /// The service's router.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
+    let router = Router::new();
+    // With `--metrics-listen`, the metrics are served there only (`metrics_app`).
+    let router = if state.metrics_apart {
+        router
+    } else {
+        router.route("/metrics", get(render_metrics))
+    };
+    router
         .route("/logs", post(create_stream))
         .route("/logs/{id}", get(stream_status))
         .route(
@@ -98,12 +107,21 @@ pub fn app(state: Arc<AppState>) -> Router {
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ok\n" }))
-        .route("/metrics", get(render_metrics))
         .fallback(|| async { ApiError::NotFound })
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
         ))
+        .with_state(state)
+}
+
+/// The router of `--metrics-listen`: `/metrics` and the probes.
+pub fn metrics_app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ok\n" }))
+        .fallback(|| async { ApiError::NotFound })
         .with_state(state)
 }
 

@@ -15,7 +15,7 @@ use crate::{
     auth::Keys,
     limits::{Budget, Limits},
     metrics::Metrics,
-    routes::{AppState, app},
+    routes::{AppState, app, metrics_app},
     store::Store,
 };
 
@@ -40,6 +40,11 @@ pub struct ServeArgs {
         default_value = "127.0.0.1:7070"
     )]
     pub listen: SocketAddr,
+    /// Serve `/metrics` (and `/healthz`, `/readyz`) on this address instead of `--listen`. The
+    /// metrics name workflows; in a cluster where tenant pods reach the API, give Prometheus this
+    /// port and keep it from tenants (the deploy manifests' NetworkPolicy does).
+    #[arg(long, env = "RELAY_METADATA_API_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Storage URL: `file:///dir`, `memory://`, `s3://bucket/prefix` or `gs://bucket/prefix`
     /// (endpoint and credentials from the usual AWS_* / GOOGLE_* variables). Default: `./data/streams`.
     #[arg(long, env = "RELAY_METADATA_API_STORAGE")]
@@ -153,6 +158,7 @@ impl ServeArgs {
     pub async fn state(&self) -> Result<Arc<AppState>, ConfigError> {
         let Self {
             listen: _,
+            metrics_listen,
             storage,
             auth,
             key_file,
@@ -189,15 +195,18 @@ impl ServeArgs {
             keys,
             budget: Budget::new(limits),
             metrics,
+            metrics_apart: metrics_listen.is_some(),
             #[cfg(feature = "kubernetes")]
             kube,
         }))
     }
 }
 
-/// Serves until SIGINT or SIGTERM; in-flight requests get `grace` to finish.
+/// Serves until SIGINT or SIGTERM; in-flight requests get `grace` to finish. `metrics`: the
+/// listener of `--metrics-listen`, served alongside.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
     state: Arc<AppState>,
     grace: Duration,
 ) -> std::io::Result<()> {
@@ -206,10 +215,17 @@ pub async fn serve(
         shutdown_signal().await;
         let _ = tx.send(());
     };
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown);
+    let metrics = async {
+        match metrics {
+            Some(listener) => axum::serve(listener, metrics_app(state.clone())).await,
+            None => std::future::pending().await,
+        }
+    };
+    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(shutdown);
     let server = std::pin::pin!(server.into_future());
     tokio::select! {
         r = server => r,
+        r = metrics => r,
         // Followers never end by themselves: after the grace period, stop waiting for them.
         () = async { let _ = rx.await; tokio::time::sleep(grace).await } => Ok(()),
     }

@@ -758,3 +758,68 @@ async fn health_and_metrics() {
         StatusCode::METHOD_NOT_ALLOWED
     );
 }
+
+/// With `--metrics-listen`, the metrics (which name workflows) are on their own port only, so a
+/// cluster can keep them from tenants that reach the API.
+#[tokio::test]
+async fn metrics_listen_moves_the_metrics_off_the_api_port() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("key");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_metadata-api"))
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .arg("--storage")
+        .arg(format!("file://{}", tmp.path().join("streams").display()))
+        .arg("--key-file")
+        .arg(&key)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = |prefix: &str| {
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        l.trim()
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("{l:?}"))
+            .to_owned()
+    };
+    let api = line("metadata-api listening on ");
+    let metrics = line("metadata-api metrics on ");
+    let http = reqwest::Client::new();
+    // Traffic for a workflow, so the metrics name it.
+    let keys = metadata_api::auth::Keys::load_or_create(&key).unwrap();
+    let token = keys
+        .mint(CTX, Scope::Write, Duration::from_secs(60))
+        .unwrap();
+    let r = http
+        .post(format!("{api}/logs"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "stdout"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = http.get(format!("{api}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(!r.text().await.unwrap().contains("w1"));
+    let r = http.get(&metrics).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("relay_metadata_api_"), "{text}");
+    for probe in ["healthz", "readyz"] {
+        let api_probe = http.get(format!("{api}/{probe}")).send().await.unwrap();
+        assert_eq!(api_probe.status(), StatusCode::OK);
+        let base = metrics.trim_end_matches("/metrics");
+        let r = http.get(format!("{base}/{probe}")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    // The metrics port serves nothing else.
+    let base = metrics.trim_end_matches("/metrics");
+    let r = http.get(format!("{base}/logs/x")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

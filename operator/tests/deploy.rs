@@ -142,6 +142,11 @@ fn deploy_manifests_apply_to_a_real_api_server() {
         &[&ns[..], &["service", "relay-operator"]].concat(),
         "service/relay-operator",
     );
+    // The metrics port is kept from tenants.
+    exists(
+        &[&ns[..], &["networkpolicy", "metadata-api"]].concat(),
+        "networkpolicy.networking.k8s.io/metadata-api",
+    );
     for account in ["metadata-api", "relay-collector", "relay-operator"] {
         exists(
             &[&ns[..], &["serviceaccount", account]].concat(),
