@@ -8,6 +8,20 @@
 //! other; a gap that stays open is a chunk the kernel could not put into the ring, and becomes a
 //! `dropped` range. When a container's cgroup has no process left, its streams get their final
 //! length from the kernel's offset counter.
+//!
+//! # Redaction
+//!
+//! Secret values are redacted as the entrypoint does (the `redact` crate), so both paths store
+//! the same bytes at the same offsets. The values come from the container's own environment
+//! (`/proc/PID/environ` of its oldest process, read when the cgroup is attributed): the variables
+//! `RELAY_REDACT_ENV` names there, as the operator's webhook set it. Each stream's redactor sits
+//! between the kernel offsets (raw: `Stream::next`, reordering, gaps) and the shipper, whose
+//! offsets are redacted ones. A gap (a chunk the kernel could not put into the ring) goes
+//! through [`redact::Redactor::gap`]: the raw gap plus a held tail that might start a value is
+//! reported as dropped. Offsets after it agree with the entrypoint's unless a value occurred in
+//! or across the gap (see the `redact` crate). A container whose processes were all gone before
+//! its first chunk was attributed has no environment left to read: its output is shipped
+//! unredacted, with a warning.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,6 +35,7 @@ use metadata_api::{
     client::{Client, ShipConfig, Shipper, StreamSpec},
     source::Source,
 };
+use redact::{Redactor, Secrets};
 
 use crate::{
     cgroups::{self, Role, Stdio},
@@ -77,7 +92,9 @@ pub trait Attributor: Send {
 #[derive(Debug)]
 struct Stream {
     shipper: Shipper,
-    /// Kernel offset of the next byte to hand to the shipper.
+    /// Between the kernel's raw bytes and the shipper's redacted ones.
+    redactor: Redactor,
+    /// Kernel offset of the next byte to hand to the redactor.
     next: u64,
     /// Chunks that arrived before their predecessors, by offset.
     early: BTreeMap<u64, Vec<u8>>,
@@ -91,6 +108,8 @@ struct Stream {
 struct Cgroup {
     target: Target,
     stdio: Option<Stdio>,
+    /// The container's secret values.
+    secrets: Arc<Secrets>,
     /// Files seen, and what they are.
     files: HashMap<u64, Role>,
 }
@@ -233,11 +252,13 @@ impl<A: Attributor> Engine<A> {
     /// Starts following an attributed cgroup.
     fn adopt(&mut self, cgroup_id: u64, target: Target) {
         let stdio = cgroups::container_stdio(&target.dir);
+        let secrets = container_secrets(cgroup_id, &target);
         self.cgroups.insert(
             cgroup_id,
             Cgroup {
                 target,
                 stdio,
+                secrets,
                 files: HashMap::new(),
             },
         );
@@ -282,6 +303,7 @@ impl<A: Attributor> Engine<A> {
             source: Some(Source::Ebpf),
             context: Some(cgroup.target.context.clone()),
         };
+        let redactor = Redactor::new(cgroup.secrets.clone());
         let shipper = Shipper::new(self.cfg.ship.clone());
         {
             let shipper = shipper.clone();
@@ -302,6 +324,7 @@ impl<A: Attributor> Engine<A> {
         }
         Some(self.streams.entry(key).or_insert(Stream {
             shipper,
+            redactor,
             next: 0,
             early: BTreeMap::new(),
             early_bytes: 0,
@@ -337,6 +360,14 @@ impl<A: Attributor> Engine<A> {
         for stream in self.streams.values_mut() {
             if stream.gap_since.is_some_and(|t| now >= t + REORDER_WAIT) {
                 close_gap(stream);
+            }
+            // The ring was just drained: what the redactor holds back waits for nothing but the
+            // rest of a possible value.
+            if stream.redactor.held() > 0 {
+                let shipper = &stream.shipper;
+                stream.redactor.flush_idle(|b| {
+                    shipper.write(b);
+                });
             }
         }
         let waiting: Vec<u64> = self.held.keys().copied().collect();
@@ -443,8 +474,13 @@ impl<A: Attributor> Engine<A> {
             if let Some(state) = self.maps.stream(&key)
                 && state.offset > stream.next
             {
-                stream.shipper.skip(state.offset - stream.next);
+                let missing = state.offset - stream.next;
+                skip(&mut stream, missing);
             }
+            let shipper = &stream.shipper;
+            stream.redactor.finish(|b| {
+                shipper.write(b);
+            });
             stream.shipper.close(deadline);
         }
         self.maps
@@ -486,6 +522,30 @@ fn role_of(stdio: Option<Stdio>, taken: &[Role], ino: u64, fd: u32) -> Role {
         Role::Other
     } else {
         role
+    }
+}
+
+/// The secret values of the container in an attributed cgroup, from its environment.
+fn container_secrets(cgroup_id: u64, target: &Target) -> Arc<Secrets> {
+    let Some(environ) = cgroups::container_environ(&target.dir) else {
+        tracing::warn!(
+            cgroup_id,
+            dir = %target.dir.display(),
+            "No process left to read the container's environment from; its output is not redacted."
+        );
+        return Arc::new(Secrets::none());
+    };
+    match Secrets::from_environ(&environ) {
+        Ok(s) => {
+            if !s.is_empty() {
+                tracing::debug!(cgroup_id, values = s.len(), "Redacting secret values.");
+            }
+            Arc::new(s)
+        }
+        Err(e) => {
+            tracing::warn!(cgroup_id, error = %e, "Cannot redact; the container's output is not redacted.");
+            Arc::new(Secrets::none())
+        }
     }
 }
 
@@ -543,8 +603,22 @@ fn feed(stream: &mut Stream, offset: u64, data: &[u8]) {
 }
 
 fn put(stream: &mut Stream, data: &[u8]) {
-    stream.shipper.write(data);
+    let shipper = &stream.shipper;
+    stream.redactor.feed(data, |b| {
+        shipper.write(b);
+    });
     stream.next += data.len() as u64;
+}
+
+/// Accounts for `raw` bytes the kernel lost at the stream's end: a dropped range of their
+/// redacted length (see the module docs).
+fn skip(stream: &mut Stream, raw: u64) {
+    let shipper = &stream.shipper;
+    let dropped = stream.redactor.gap(raw, |b| {
+        shipper.write(b);
+    });
+    stream.shipper.skip(dropped);
+    stream.next += raw;
 }
 
 /// Gives up on the bytes before the first early chunk: they are reported as dropped.
@@ -553,8 +627,7 @@ fn close_gap(stream: &mut Stream) {
         stream.gap_since = None;
         return;
     };
-    stream.shipper.skip(offset - stream.next);
-    stream.next = offset;
+    skip(stream, offset - stream.next);
     if let Some(data) = stream.early.remove(&offset) {
         stream.early_bytes -= data.len();
         feed(stream, offset, &data);
@@ -609,6 +682,7 @@ mod tests {
         let shipper = Shipper::new(ShipConfig::default());
         let mut s = Stream {
             shipper: shipper.clone(),
+            redactor: Redactor::new(Arc::new(Secrets::none())),
             next: 0,
             early: BTreeMap::new(),
             early_bytes: 0,

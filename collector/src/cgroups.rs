@@ -178,6 +178,22 @@ pub fn container_stdio(dir: &Path) -> Option<Stdio> {
     })
 }
 
+/// The environment (`/proc/PID/environ`) of the oldest process in the cgroup at `dir`, our own
+/// entrypoint included: the container's environment as the runtime gave it, which is where the
+/// values of its secret variables are. `None` when no process is left, or its environment
+/// cannot be read (the collector needs CAP_SYS_PTRACE for other users' processes).
+pub fn container_environ(dir: &Path) -> Option<Vec<u8>> {
+    let procs = fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    let mut pids: Vec<(u64, u32)> = procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<u32>().ok())
+        .filter_map(|pid| Some((proc_stat(pid)?.1, pid)))
+        .collect();
+    pids.sort_unstable();
+    pids.iter()
+        .find_map(|(_, pid)| fs::read(format!("/proc/{pid}/environ")).ok())
+}
+
 /// `comm` and start time (in clock ticks since boot) of a process.
 fn proc_stat(pid: u32) -> Option<(String, u64)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
