@@ -7,6 +7,7 @@ mod bench_operator;
 mod demo;
 mod dist;
 mod ebpf;
+mod faults;
 mod fuzz;
 mod images;
 mod test;
@@ -36,6 +37,11 @@ enum Task {
     Bench(bench::Args),
     /// Run the cargo-fuzz targets (briefly by default).
     Fuzz(fuzz::Args),
+    /// Scripted fault scenarios (root): produced, stored, dropped and lost bytes per scenario.
+    Faults(faults::Args),
+    /// A fault scenario's writer: paced, deterministic lines on stdout.
+    #[command(hide = true)]
+    FaultWriter(faults::WriterArgs),
     /// Container images (metadata-api, operator, collector, tools) as OCI archives under
     /// target/images, for `kind load image-archive`; `--push` copies them to a registry.
     Images(images::Args),
@@ -66,6 +72,8 @@ fn main() -> anyhow::Result<()> {
         Task::E2e => test::e2e(),
         Task::Bench(a) => bench::run(a),
         Task::Fuzz(a) => fuzz::run(a),
+        Task::Faults(a) => faults::run(a),
+        Task::FaultWriter(a) => faults::writer(a),
         Task::Images(a) => images::run_task(a),
         Task::BuildEntrypoint(a) => dist::run_task(a),
         Task::BenchEntrypoint(a) => bench_entrypoint::run(a),

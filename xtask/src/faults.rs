@@ -1,0 +1,1237 @@
+//! `cargo xtask faults`: scripted fault scenarios against the real parts on this machine (root):
+//! the metadata API binary over real sockets, writers wrapped by the real entrypoint and writers
+//! in a cgroup the real collector watches, on the real kernel.
+//!
+//! Half the writers (the even ones) run under the entrypoint, the other half as plain processes
+//! in sub-cgroups of a cgroup the collector watches (each writer on one path). Each writes a
+//! known number of bytes at a fixed pace, of deterministic content (64-byte lines carrying the
+//! writer's tag and the line number), so every stored byte can be compared with what was written
+//! at its offset. Afterwards, per stream: produced (the writer's own count), stored (bytes that
+//! match), dropped (covered by `dropped` markers and not stored), unaccounted (neither: silent
+//! loss), duplicated (stored bytes that differ from what was written there, or lie past the end
+//! of what was written), and the writers' wall time against a run without faults.
+//!
+//! Scenarios: `kill-api` (kill -9 and restart on the same port and storage every few seconds),
+//! `throttle-storm` (tiny rate limits: sustained 429), `collector-restart`, `storage-down` (the S3
+//! emulator stopped with SIGSTOP for 30 s), `network-cut` (the API in a network namespace whose
+//! veth goes down for 30 s). Exits non-zero when any byte is unaccounted or duplicated.
+
+use std::{
+    collections::HashMap,
+    io::{BufReader, Read},
+    net::{TcpListener, TcpStream},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, anyhow, bail, ensure};
+use nix::{
+    errno::Errno,
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+
+use crate::util::{self, Cgroup, Collector, Server};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    KillApi,
+    ThrottleStorm,
+    CollectorRestart,
+    StorageDown,
+    NetworkCut,
+}
+
+impl Scenario {
+    /// Most valuable first.
+    const ALL: [Self; 5] = [
+        Self::KillApi,
+        Self::ThrottleStorm,
+        Self::CollectorRestart,
+        Self::StorageDown,
+        Self::NetworkCut,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::KillApi => "kill-api",
+            Self::ThrottleStorm => "throttle-storm",
+            Self::CollectorRestart => "collector-restart",
+            Self::StorageDown => "storage-down",
+            Self::NetworkCut => "network-cut",
+        }
+    }
+
+    fn default_seconds(self) -> u64 {
+        match self {
+            Self::KillApi => 120,
+            Self::ThrottleStorm => 300,
+            Self::CollectorRestart => 30,
+            Self::StorageDown | Self::NetworkCut => 60,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// One scenario; all of them (in the order kill-api, throttle-storm, collector-restart,
+    /// storage-down, network-cut) when not given.
+    #[arg(long, value_enum)]
+    pub scenario: Option<Scenario>,
+    /// How long the writers write [default: 120 for kill-api, 300 for throttle-storm, 30 for
+    /// collector-restart, 60 for storage-down and network-cut].
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Writers: the even ones under the entrypoint, the odd ones in the collector's cgroup.
+    #[arg(long, default_value_t = 10)]
+    pub writers: u32,
+    /// Total pace of all writers, MB/s.
+    #[arg(long, default_value_t = 20)]
+    pub rate_mb: u64,
+    /// Compare wall times with the writers' pace instead of a run without faults first.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Use the release binaries in target/release as they are (do not run cargo build).
+    #[arg(long)]
+    pub no_build: bool,
+    /// Keep each run's storage (under target/faults) instead of removing it.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// `xtask fault-writer`: one writer of a fault scenario.
+#[derive(Debug, clap::Args)]
+pub struct WriterArgs {
+    /// Tag in every line (3 characters).
+    #[arg(long)]
+    pub tag: String,
+    /// Bytes to write.
+    #[arg(long)]
+    pub bytes: u64,
+    /// Pace, bytes per second.
+    #[arg(long)]
+    pub rate: u64,
+    /// cgroup v2 directory to move into before writing.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// File that receives "BYTES WALL_SECONDS LONGEST_WRITE_SECONDS".
+    #[arg(long)]
+    pub report: PathBuf,
+}
+
+/// Bytes per line of the writers' content.
+const LINE: u64 = 64;
+/// Letters the lines' filler is cut from, at an offset that changes with the line number.
+const ALPHABET: &[u8; 68] = b"abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefghijklmnop";
+/// How long streams may take to complete after the writers exit.
+const SETTLE: Duration = Duration::from_secs(120);
+/// How long an outage lasts (storage-down, network-cut) when the run is long enough.
+const OUTAGE: Duration = Duration::from_secs(30);
+/// Between two kills in kill-api.
+const KILL_EVERY: Duration = Duration::from_secs(4);
+const WORKFLOW: &str = "workflows/faults";
+
+/// Line `n` of writer `tag`: "TAG 000000000000002a filler...\n", 64 bytes.
+fn line(tag: &[u8; 3], n: u64) -> [u8; LINE as usize] {
+    let mut l = [b' '; LINE as usize];
+    l[..3].copy_from_slice(tag);
+    for i in 0..16 {
+        let nibble = ((n >> (60 - 4 * i)) & 0xf) as u8;
+        l[4 + i] = if nibble < 10 {
+            b'0' + nibble
+        } else {
+            b'a' + nibble - 10
+        };
+    }
+    let from = (n % 26) as usize;
+    l[21..63].copy_from_slice(&ALPHABET[from..from + 42]);
+    l[63] = b'\n';
+    l
+}
+
+/// Fills `buf` with what writer `tag` writes at `offset..offset + buf.len()`.
+fn content(tag: &[u8; 3], offset: u64, buf: &mut [u8]) {
+    let mut at = 0;
+    let mut pos = offset;
+    while at < buf.len() {
+        let l = line(tag, pos / LINE);
+        let col = (pos % LINE) as usize;
+        let take = (l.len() - col).min(buf.len() - at);
+        buf[at..at + take].copy_from_slice(&l[col..col + take]);
+        at += take;
+        pos += take as u64;
+    }
+}
+
+fn tag_bytes(tag: &str) -> anyhow::Result<[u8; 3]> {
+    tag.as_bytes()
+        .try_into()
+        .map_err(|_| anyhow!("a writer tag is 3 bytes, not {tag:?}"))
+}
+
+/// The writer: `bytes` of [`content`] on stdout at `rate` bytes/s, in writes of 4 to 64 KiB.
+pub fn writer(args: WriterArgs) -> anyhow::Result<()> {
+    let WriterArgs {
+        tag,
+        bytes,
+        rate,
+        cgroup,
+        report,
+    } = args;
+    let tag = tag_bytes(&tag)?;
+    ensure!(rate > 0, "--rate must be positive");
+    if let Some(dir) = &cgroup {
+        std::fs::write(
+            dir.join("cgroup.procs"),
+            format!("{}\n", std::process::id()),
+        )
+        .with_context(|| format!("cannot move into cgroup {}", dir.display()))?;
+    }
+    let stdout = std::io::stdout();
+    let out = stdout.as_fd();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut written = 0u64;
+    let mut longest = Duration::ZERO;
+    let start = Instant::now();
+    while written < bytes {
+        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64 + 4096).min(bytes);
+        if due < written + 4096 && due < bytes {
+            let wait = (written + 4096 - due) as f64 / rate as f64;
+            std::thread::sleep(Duration::from_secs_f64(wait.max(0.001)));
+            continue;
+        }
+        let n = (due - written).min(buf.len() as u64) as usize;
+        content(&tag, written, &mut buf[..n]);
+        let mut rest = &buf[..n];
+        let t = Instant::now();
+        while !rest.is_empty() {
+            match nix::unistd::write(out, rest) {
+                Ok(0) => bail!("stdout took no bytes"),
+                Ok(k) => {
+                    rest = &rest[k..];
+                    written += k as u64;
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e).context("write to stdout"),
+            }
+        }
+        longest = longest.max(t.elapsed());
+    }
+    let wall = start.elapsed().as_secs_f64();
+    std::fs::write(
+        &report,
+        format!("{written} {wall} {}\n", longest.as_secs_f64()),
+    )
+    .with_context(|| format!("cannot write {}", report.display()))?;
+    Ok(())
+}
+
+/// The binaries a run uses.
+#[derive(Debug)]
+struct Bins {
+    api: PathBuf,
+    entrypoint: PathBuf,
+    collector: PathBuf,
+    xtask: PathBuf,
+}
+
+impl Bins {
+    fn get(no_build: bool) -> anyhow::Result<Self> {
+        let release = util::target_dir().join("release");
+        let pick = |env: &str, name: &str, build: &dyn Fn() -> anyhow::Result<PathBuf>| {
+            util::bin_from_env(env, || {
+                if no_build {
+                    Ok(release.join(name))
+                } else {
+                    build()
+                }
+            })
+        };
+        Ok(Self {
+            api: pick("RELAY_METADATA_API_BIN", "metadata-api", &|| {
+                util::build_metadata_api()
+            })?,
+            entrypoint: pick("RELAY_ENTRYPOINT_STATIC", "entrypoint", &|| {
+                util::build_release("entrypoint")
+            })?,
+            collector: pick("RELAY_COLLECTOR_BIN", "collector", &util::build_collector)?,
+            xtask: std::env::current_exe()?,
+        })
+    }
+}
+
+/// What one writer did.
+#[derive(Debug, Clone)]
+struct Written {
+    tag: String,
+    ebpf: bool,
+    bytes: u64,
+    wall: f64,
+    longest_write: f64,
+}
+
+/// Accounting of one stream (or a sum of them).
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    produced: u64,
+    stored: u64,
+    dropped: u64,
+    unaccounted: u64,
+    duplicated: u64,
+    /// Dropped markers past what was produced (claimed losses of bytes never written).
+    phantom_dropped: u64,
+}
+
+impl Tally {
+    fn add(&mut self, o: &Self) {
+        self.produced += o.produced;
+        self.stored += o.stored;
+        self.dropped += o.dropped;
+        self.unaccounted += o.unaccounted;
+        self.duplicated += o.duplicated;
+        self.phantom_dropped += o.phantom_dropped;
+    }
+
+    fn clean(&self) -> bool {
+        self.unaccounted == 0 && self.duplicated == 0 && self.phantom_dropped == 0
+    }
+}
+
+/// A scenario's result.
+#[derive(Debug)]
+struct Outcome {
+    name: String,
+    entrypoint: Tally,
+    ebpf: Tally,
+    /// Slowest writer's wall time.
+    wall: f64,
+    /// Longest single write(2) of any writer.
+    longest_write: f64,
+    notes: Vec<String>,
+}
+
+impl Outcome {
+    fn total(&self) -> Tally {
+        let mut t = self.entrypoint;
+        t.add(&self.ebpf);
+        t
+    }
+}
+
+/// A free TCP port on loopback.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The metadata API of a run: restartable on the same address and storage.
+struct Api {
+    bin: PathBuf,
+    /// Runs the API inside this network namespace.
+    netns: Option<String>,
+    addr: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    server: Option<Server>,
+}
+
+impl Api {
+    fn command(&self) -> Command {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        cmd.arg("serve")
+            .args(["--listen", &self.addr])
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        if std::env::var_os("RUST_LOG").is_none() {
+            // Every refused request would be a line; errors still show.
+            cmd.env("RUST_LOG", "error");
+        }
+        cmd
+    }
+
+    /// Starts it, retrying while its port is not free again yet.
+    fn start(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Server::spawn(self.command()) {
+                Ok(s) => {
+                    self.server = Some(s);
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e).context("the metadata API did not start again");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// kill -9.
+    fn kill9(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// The S3 emulator (moto) with a bucket; stopped with SIGSTOP to make storage fail.
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Moto {
+    fn start(dir: &Path) -> anyhow::Result<Self> {
+        let bin = util::cache_dir().join("venv/bin/moto_server");
+        ensure!(
+            bin.exists(),
+            "{} is missing: `cargo xtask test` installs it",
+            bin.display()
+        );
+        let port = free_port()?;
+        let log = std::fs::File::create(dir.join("moto.log"))?;
+        let child = Command::new(&bin)
+            .args(["-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let this = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(Instant::now() < deadline, "moto did not start in 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let r = Client::new()
+            .put(format!("{}/relay-logs", this.endpoint))
+            .send()?;
+        ensure!(r.status().is_success(), "create bucket: {}", r.status());
+        Ok(this)
+    }
+
+    fn signal(&self, sig: Signal) -> anyhow::Result<()> {
+        kill(Pid::from_raw(i32::try_from(self.child.id())?), sig)?;
+        Ok(())
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", self.endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.signal(Signal::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A network namespace joined to this one by a veth pair; removed on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+    inner_if: String,
+    inner_ip: String,
+}
+
+impl Netns {
+    fn create() -> anyhow::Result<Self> {
+        let id = std::process::id() % 10_000;
+        let this = Self {
+            name: format!("relay-faults-{id}"),
+            host_if: format!("rfh{id}"),
+            inner_if: format!("rfn{id}"),
+            inner_ip: "10.213.77.2".to_owned(),
+        };
+        let ip = |args: &[&str]| util::run(Command::new("ip").args(args));
+        ip(&["netns", "add", &this.name])?;
+        ip(&[
+            "link",
+            "add",
+            &this.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &this.inner_if,
+        ])?;
+        ip(&["link", "set", &this.inner_if, "netns", &this.name])?;
+        ip(&["addr", "add", "10.213.77.1/30", "dev", &this.host_if])?;
+        ip(&["link", "set", &this.host_if, "up"])?;
+        this.exec(&["ip", "addr", "add", "10.213.77.2/30", "dev", &this.inner_if])?;
+        this.exec(&["ip", "link", "set", &this.inner_if, "up"])?;
+        this.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(this)
+    }
+
+    fn exec(&self, args: &[&str]) -> anyhow::Result<()> {
+        util::run(
+            Command::new("ip")
+                .args(["netns", "exec", &self.name])
+                .args(args),
+        )
+    }
+
+    /// Takes the namespace's side of the link down (`up` false) or up: packets to the API go
+    /// nowhere, connections hang rather than being refused.
+    fn link(&self, up: bool) -> anyhow::Result<()> {
+        self.exec(&[
+            "ip",
+            "link",
+            "set",
+            &self.inner_if,
+            if up { "up" } else { "down" },
+        ])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A writer process and how its result is collected.
+struct Running {
+    tag: String,
+    ebpf: bool,
+    child: Child,
+    report: PathBuf,
+    /// Drains and counts the stdout of a plain (collector-path) writer.
+    drain: Option<JoinHandle<std::io::Result<u64>>>,
+}
+
+/// Everything a scenario run sets up.
+struct Run {
+    dir: PathBuf,
+    api: Api,
+    /// Field order: the collector stops before its cgroup is removed.
+    collector: Option<Collector>,
+    cgroup: Cgroup,
+    collector_token: PathBuf,
+    collector_log: PathBuf,
+    write_token: PathBuf,
+    ebpf_ctx: String,
+    http: Client,
+    keep: bool,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.collector = None;
+        self.api.kill9();
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// How a scenario's run is set up.
+struct Setup {
+    api_args: Vec<String>,
+    env: Vec<(String, String)>,
+    storage: Option<String>,
+    netns: Option<String>,
+    addr: Option<String>,
+}
+
+impl Run {
+    fn start(bins: &Bins, keep: bool, label: &str, setup: Setup) -> anyhow::Result<Self> {
+        let cgroot = util::cgroup2_root().context("no cgroup v2 hierarchy mounted")?;
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis();
+        let dir = util::target_dir().join(format!("faults/{label}-{n}"));
+        std::fs::create_dir_all(&dir)?;
+        let key = dir.join("key");
+        let storage = setup
+            .storage
+            .unwrap_or_else(|| format!("file://{}", dir.join("streams").display()));
+        let addr = match setup.addr {
+            Some(a) => a,
+            None => format!("127.0.0.1:{}", free_port()?),
+        };
+        let mut args = vec![
+            "--storage".to_owned(),
+            storage,
+            "--key-file".to_owned(),
+            key.display().to_string(),
+        ];
+        args.extend(setup.api_args);
+        let mut api = Api {
+            bin: bins.api.clone(),
+            netns: setup.netns,
+            addr,
+            args,
+            env: setup.env,
+            server: None,
+        };
+        api.start()?;
+        let run_id = format!("{label}-{n}");
+        let step = format!("{WORKFLOW}/runs/{run_id}/steps/entrypoint");
+        let ebpf_ctx = format!("{WORKFLOW}/runs/{run_id}/steps/ebpf");
+        let write_token = dir.join("write.token");
+        std::fs::write(&write_token, util::token(&bins.api, &key, &step, "write")?)?;
+        let collector_token = dir.join("collector.token");
+        std::fs::write(
+            &collector_token,
+            util::token(&bins.api, &key, "workflows", "collector")?,
+        )?;
+        let cgroup = Cgroup::create(cgroot.join(format!("relay-faults-{}", std::process::id())))?;
+        let mut this = Self {
+            dir: dir.clone(),
+            api,
+            collector: None,
+            cgroup,
+            collector_token,
+            collector_log: dir.join("collector.log"),
+            write_token,
+            ebpf_ctx,
+            http: Client::builder().timeout(Duration::from_secs(60)).build()?,
+            keep,
+        };
+        this.start_collector(&bins.collector, "collector.log")?;
+        Ok(this)
+    }
+
+    fn start_collector(&mut self, bin: &Path, log: &str) -> anyhow::Result<()> {
+        self.collector_log = self.dir.join(log);
+        self.collector = Some(Collector::start(
+            bin,
+            &self.api.url(),
+            &self.collector_token,
+            &[(self.cgroup.path.as_path(), self.ebpf_ctx.as_str())],
+            &[],
+            &self.collector_log,
+            Duration::from_secs(60),
+        )?);
+        Ok(())
+    }
+
+    /// Starts writer `i` of `count`, writing `bytes` at `rate` bytes/s.
+    fn spawn_writer(&self, bins: &Bins, i: u32, bytes: u64, rate: u64) -> anyhow::Result<Running> {
+        let tag = format!("w{i:02}");
+        let ebpf = i % 2 == 1;
+        let report = self.dir.join(format!("{tag}.report"));
+        let log = std::fs::File::create(self.dir.join(format!("{tag}.log")))?;
+        let writer_args = [
+            "fault-writer".to_owned(),
+            "--tag".to_owned(),
+            tag.clone(),
+            "--bytes".to_owned(),
+            bytes.to_string(),
+            "--rate".to_owned(),
+            rate.to_string(),
+            "--report".to_owned(),
+            report.display().to_string(),
+        ];
+        if ebpf {
+            let cg = self.cgroup.path.join(&tag);
+            std::fs::create_dir_all(&cg)?;
+            let mut child = Command::new(&bins.xtask)
+                .args(writer_args)
+                .arg("--cgroup")
+                .arg(&cg)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(log)
+                .spawn()
+                .context("cannot start a writer")?;
+            let mut out = child.stdout.take().context("no writer stdout")?;
+            let drain = std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 << 10];
+                let mut total = 0u64;
+                loop {
+                    match out.read(&mut buf) {
+                        Ok(0) => return Ok(total),
+                        Ok(n) => total += n as u64,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            });
+            Ok(Running {
+                tag,
+                ebpf,
+                child,
+                report,
+                drain: Some(drain),
+            })
+        } else {
+            let child = Command::new(&bins.entrypoint)
+                .args(["--url", &self.api.url()])
+                .arg("--token-file")
+                .arg(&self.write_token)
+                .args(["--stdout-stream", &format!("{tag}.stdout")])
+                .args(["--stderr-stream", &format!("{tag}.stderr")])
+                .arg("--")
+                .arg(&bins.xtask)
+                .args(writer_args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("cannot start the entrypoint")?;
+            Ok(Running {
+                tag,
+                ebpf,
+                child,
+                report,
+                drain: None,
+            })
+        }
+    }
+
+    /// The id and token of a writer's stream.
+    fn stream_of(&self, w: &Written) -> anyhow::Result<(String, String)> {
+        let name = format!("{}.stdout", w.tag);
+        let (token_file, body) = if w.ebpf {
+            (
+                &self.collector_token,
+                json!({"name": name, "source": "ebpf", "context": self.ebpf_ctx}),
+            )
+        } else {
+            (&self.write_token, json!({"name": name}))
+        };
+        let token = std::fs::read_to_string(token_file)?.trim().to_owned();
+        let r = self
+            .http
+            .post(format!("{}/logs", self.api.url()))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()?;
+        ensure!(r.status().is_success(), "create {name}: {}", r.status());
+        let v: Value = r.json()?;
+        let id = v["id"].as_str().context("no stream id")?.to_owned();
+        Ok((id, token))
+    }
+
+    fn status(&self, id: &str, token: &str) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .get(format!("{}/logs/{id}", self.api.url()))
+            .bearer_auth(token)
+            .send()?;
+        ensure!(r.status().is_success(), "status of {id}: {}", r.status());
+        Ok(r.json()?)
+    }
+
+    /// Waits until every writer's stream is complete (or [`SETTLE`] passes), then accounts for
+    /// each.
+    fn account(&self, written: &[Written], notes: &mut Vec<String>) -> anyhow::Result<Vec<Tally>> {
+        let ids = written
+            .iter()
+            .map(|w| self.stream_of(w))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let mut open = Vec::new();
+            for (w, (id, token)) in written.iter().zip(&ids) {
+                let st = self.status(id, token)?;
+                if st["complete"] != true {
+                    open.push(w.tag.clone());
+                }
+            }
+            if open.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                notes.push(format!(
+                    "streams not complete after {} s: {}",
+                    SETTLE.as_secs(),
+                    open.join(" ")
+                ));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let mut tallies = Vec::new();
+        for (w, (id, token)) in written.iter().zip(&ids) {
+            let t = self.tally(w, id, token)?;
+            if !t.clean() {
+                let st = self.status(id, token)?;
+                notes.push(format!(
+                    "{} ({}): produced {} stored {} dropped {} unaccounted {} duplicated {} \
+                     phantom dropped {}; status length {} end {} final {} dropped {} pending {}",
+                    w.tag,
+                    if w.ebpf { "ebpf" } else { "entrypoint" },
+                    t.produced,
+                    t.stored,
+                    t.dropped,
+                    t.unaccounted,
+                    t.duplicated,
+                    t.phantom_dropped,
+                    st["length"],
+                    st["end"],
+                    st["final_length"],
+                    st["dropped"],
+                    st["pending"],
+                ));
+            }
+            tallies.push(t);
+        }
+        Ok(tallies)
+    }
+
+    /// Compares a stream position by position with what its writer produced.
+    fn tally(&self, w: &Written, id: &str, token: &str) -> anyhow::Result<Tally> {
+        let st = self.status(id, token)?;
+        let spans = |key: &str| -> Vec<(u64, u64)> {
+            st[key]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| Some((s["start"].as_u64()?, s["end"].as_u64()?)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut stored = spans("stored");
+        stored.sort_unstable();
+        let dropped = spans("dropped");
+        let length = st["length"].as_u64().unwrap_or(0);
+        let p = w.bytes;
+        let tag = tag_bytes(&w.tag)?;
+        let mut t = Tally {
+            produced: p,
+            ..Tally::default()
+        };
+        // Positions below `p` that are stored and match.
+        let mut good: Vec<(u64, u64)> = Vec::new();
+        let r = self
+            .http
+            .get(format!("{}/logs/{id}/data", self.api.url()))
+            .bearer_auth(token)
+            .send()?;
+        ensure!(r.status().is_success(), "data of {id}: {}", r.status());
+        let mut body = BufReader::with_capacity(1 << 20, r);
+        let mut got = vec![0u8; 1 << 20];
+        let mut want = vec![0u8; 1 << 20];
+        for &(a, b) in &stored {
+            // A plain read stops at `length`: bytes stored past a pending gap are not read here
+            // (and the gap itself is unaccounted below).
+            let readable_end = b.min(length);
+            let mut pos = a;
+            while pos < readable_end {
+                let n = ((readable_end - pos) as usize).min(got.len());
+                body.read_exact(&mut got[..n])
+                    .with_context(|| format!("reading {} at {pos}", w.tag))?;
+                let in_range = (p.saturating_sub(pos) as usize).min(n);
+                content(&tag, pos, &mut want[..in_range]);
+                if got[..in_range] == want[..in_range] {
+                    push_span(&mut good, pos, pos + in_range as u64);
+                } else {
+                    for (k, (g, e)) in got[..in_range].iter().zip(&want[..in_range]).enumerate() {
+                        if g == e {
+                            push_span(&mut good, pos + k as u64, pos + k as u64 + 1);
+                        } else {
+                            t.duplicated += 1;
+                        }
+                    }
+                }
+                t.duplicated += (n - in_range) as u64;
+                pos += n as u64;
+            }
+            // Stored but not readable in order: counted as stored past the end when past `p`.
+            if b > readable_end {
+                t.duplicated += b.max(p) - readable_end.max(p);
+            }
+        }
+        t.stored = good.iter().map(|(a, b)| b - a).sum();
+        for &(a, b) in &dropped {
+            let (ca, cb) = (a.min(p), b.min(p));
+            let overlap: u64 = good
+                .iter()
+                .map(|&(ga, gb)| gb.min(cb).saturating_sub(ga.max(ca)))
+                .sum();
+            t.dropped += (cb - ca) - overlap;
+            t.phantom_dropped += b.saturating_sub(a.max(p));
+        }
+        t.unaccounted = p.saturating_sub(t.stored + t.dropped);
+        if let Some(f) = st["final_length"].as_u64()
+            && f != p
+        {
+            t.duplicated += f.saturating_sub(p);
+        }
+        Ok(t)
+    }
+}
+
+/// Appends `a..b` to sorted, disjoint `spans`, merging with the last one when adjacent.
+fn push_span(spans: &mut Vec<(u64, u64)>, a: u64, b: u64) {
+    if a == b {
+        return;
+    }
+    match spans.last_mut() {
+        Some(last) if last.1 == a => last.1 = b,
+        _ => spans.push((a, b)),
+    }
+}
+
+/// Waits for every writer; returns what each wrote.
+fn collect_writers(running: Vec<Running>, deadline: Instant) -> anyhow::Result<Vec<Written>> {
+    let mut out = Vec::new();
+    for mut r in running {
+        let status = loop {
+            if let Some(s) = r.child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = r.child.kill();
+                bail!("writer {} did not finish in time", r.tag);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let text = std::fs::read_to_string(&r.report)
+            .with_context(|| format!("writer {} left no report ({status})", r.tag))?;
+        let v: Vec<f64> = text
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("bad writer report {text:?}"))?;
+        let [bytes, wall, longest] = v[..] else {
+            bail!("bad writer report {text:?}");
+        };
+        let bytes = bytes as u64;
+        if let Some(d) = r.drain.take() {
+            let read = d.join().map_err(|_| anyhow!("a drain thread panicked"))??;
+            ensure!(
+                read == bytes,
+                "writer {} wrote {bytes} bytes, its pipe carried {read}",
+                r.tag
+            );
+        }
+        if !status.success() {
+            eprintln!("writer {} exited {status}", r.tag);
+        }
+        out.push(Written {
+            tag: r.tag,
+            ebpf: r.ebpf,
+            bytes,
+            wall,
+            longest_write: longest,
+        });
+    }
+    Ok(out)
+}
+
+/// What a scenario does to the system while the writers write, from `start` for `seconds`.
+fn inject(
+    scenario: Option<Scenario>,
+    run: &mut Run,
+    bins: &Bins,
+    (moto, netns): (Option<&Moto>, Option<&Netns>),
+    start: Instant,
+    seconds: u64,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let total = Duration::from_secs(seconds);
+    let outage = OUTAGE.min(total / 2);
+    // The outage sits in the middle of the run.
+    let outage_at = (total - outage) / 2;
+    let wait_until = |t: Duration| {
+        if let Some(d) = (start + t).checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+    };
+    match scenario {
+        None | Some(Scenario::ThrottleStorm) => {}
+        Some(Scenario::KillApi) => {
+            // Kills until a few seconds before the end, so the writers' last bytes meet an API.
+            let stop = total.saturating_sub(Duration::from_secs(5));
+            let mut kills = 0;
+            let mut down = Duration::ZERO;
+            let mut at = Duration::from_secs(2);
+            while at < stop {
+                wait_until(at);
+                run.api.kill9();
+                let t = Instant::now();
+                run.api.start()?;
+                down += t.elapsed();
+                kills += 1;
+                at += KILL_EVERY;
+            }
+            notes.push(format!(
+                "API killed -9 and restarted {kills} times, down {:.0} ms each on average",
+                down.as_secs_f64() * 1000.0 / f64::from(kills.max(1))
+            ));
+        }
+        Some(Scenario::CollectorRestart) => {
+            wait_until(total / 2);
+            let t = Instant::now();
+            run.collector = None;
+            let stopped = t.elapsed();
+            run.start_collector(&bins.collector, "collector-2.log")?;
+            notes.push(format!(
+                "collector stopped (SIGTERM) in {:.1} s and ready again {:.1} s later",
+                stopped.as_secs_f64(),
+                (t.elapsed() - stopped).as_secs_f64()
+            ));
+        }
+        Some(Scenario::StorageDown) => {
+            let moto = moto.context("storage-down without moto")?;
+            wait_until(outage_at);
+            moto.signal(Signal::SIGSTOP)?;
+            wait_until(outage_at + outage);
+            moto.signal(Signal::SIGCONT)?;
+            notes.push(format!(
+                "S3 emulator stopped (SIGSTOP) from {} s to {} s",
+                outage_at.as_secs(),
+                (outage_at + outage).as_secs()
+            ));
+        }
+        Some(Scenario::NetworkCut) => {
+            let ns = netns.context("network-cut without a netns")?;
+            wait_until(outage_at);
+            ns.link(false)?;
+            wait_until(outage_at + outage);
+            ns.link(true)?;
+            notes.push(format!(
+                "API's link down from {} s to {} s",
+                outage_at.as_secs(),
+                (outage_at + outage).as_secs()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One run: a scenario (`None`: no fault) with `writers` writers at `rate_mb` MB/s in total for
+/// `seconds`.
+fn run_one(
+    bins: &Bins,
+    args: &Args,
+    scenario: Option<Scenario>,
+    seconds: u64,
+) -> anyhow::Result<Outcome> {
+    let label = scenario.map_or("baseline", Scenario::name);
+    let moto = match scenario {
+        Some(Scenario::StorageDown) => {
+            let dir = util::target_dir().join("faults");
+            std::fs::create_dir_all(&dir)?;
+            Some(Moto::start(&dir)?)
+        }
+        _ => None,
+    };
+    let netns = match scenario {
+        Some(Scenario::NetworkCut) => Some(Netns::create()?),
+        _ => None,
+    };
+    let mut setup = Setup {
+        api_args: Vec::new(),
+        env: Vec::new(),
+        storage: None,
+        netns: None,
+        addr: None,
+    };
+    if let Some(m) = &moto {
+        setup.storage = Some("s3://relay-logs/faults".to_owned());
+        setup.env = m.env();
+    }
+    if let Some(ns) = &netns {
+        setup.netns = Some(ns.name.clone());
+        setup.addr = Some(format!("{}:7070", ns.inner_ip));
+    }
+    if scenario == Some(Scenario::ThrottleStorm) {
+        // A quarter of the writers' pace gets through: the rest is refused with 429.
+        let per_stream = (args.rate_mb * 1_000_000 / 4 / u64::from(args.writers.max(1))).max(1);
+        let global = (args.rate_mb * 1_000_000 / 4).max(1);
+        setup.api_args = vec![
+            "--stream-rate".to_owned(),
+            per_stream.to_string(),
+            "--global-rate".to_owned(),
+            global.to_string(),
+        ];
+    }
+    let mut run = Run::start(bins, args.keep, label, setup)?;
+    let mut notes = Vec::new();
+    let rate = (args.rate_mb * 1_000_000 / u64::from(args.writers.max(1))).max(1);
+    let bytes = rate * seconds;
+    eprintln!(
+        "{label}: {} writers x {bytes} bytes at {rate} B/s for {seconds} s",
+        args.writers
+    );
+    let start = Instant::now();
+    let mut running = Vec::new();
+    for i in 0..args.writers {
+        running.push(run.spawn_writer(bins, i, bytes, rate)?);
+    }
+    inject(
+        scenario,
+        &mut run,
+        bins,
+        (moto.as_ref(), netns.as_ref()),
+        start,
+        seconds,
+        &mut notes,
+    )?;
+    let written = collect_writers(running, start + Duration::from_secs(seconds * 3 + 60))?;
+    let tallies = run.account(&written, &mut notes)?;
+    let log = std::fs::read_to_string(&run.collector_log).unwrap_or_default();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .take(5)
+    {
+        notes.push(format!("collector: {}", l.trim()));
+    }
+    for w in &written {
+        let log =
+            std::fs::read_to_string(run.dir.join(format!("{}.log", w.tag))).unwrap_or_default();
+        if let Some(l) = log.lines().rev().find(|l| !l.trim().is_empty()) {
+            notes.push(format!("{} stderr: {}", w.tag, l.trim()));
+        }
+    }
+    let mut entrypoint = Tally::default();
+    let mut ebpf = Tally::default();
+    for (w, t) in written.iter().zip(&tallies) {
+        if w.ebpf {
+            ebpf.add(t);
+        } else {
+            entrypoint.add(t);
+        }
+    }
+    Ok(Outcome {
+        name: label.to_owned(),
+        entrypoint,
+        ebpf,
+        wall: written.iter().map(|w| w.wall).fold(0.0, f64::max),
+        longest_write: written.iter().map(|w| w.longest_write).fold(0.0, f64::max),
+        notes,
+    })
+}
+
+fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+fn header() {
+    println!(
+        "{:<18} {:>11} {:>9} {:>10} {:>14} {:>13} {:>10}  verdict",
+        "scenario",
+        "produced MB",
+        "stored MB",
+        "dropped MB",
+        "unaccounted B",
+        "duplicated B",
+        "wall ratio"
+    );
+}
+
+fn row(name: &str, t: &Tally, ratio: Option<f64>, verdict: &str) {
+    println!(
+        "{:<18} {:>11.1} {:>9.1} {:>10.1} {:>14} {:>13} {:>10}  {verdict}",
+        name,
+        mb(t.produced),
+        mb(t.stored),
+        mb(t.dropped),
+        t.unaccounted,
+        t.duplicated + t.phantom_dropped,
+        ratio.map_or("-".to_owned(), |r| format!("{r:.3}")),
+    );
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    ensure!(
+        util::is_root(),
+        "the fault scenarios need root (cgroups, eBPF, netns)"
+    );
+    ensure!(
+        args.writers >= 2,
+        "--writers must be at least 2 (one per path)"
+    );
+    let bins = Bins::get(args.no_build)?;
+    let scenarios: Vec<Scenario> = args
+        .scenario
+        .map_or_else(|| Scenario::ALL.to_vec(), |s| vec![s]);
+    let mut baselines: HashMap<u64, f64> = HashMap::new();
+    let mut outcomes = Vec::new();
+    let mut failed = false;
+    for s in scenarios {
+        let seconds = args.seconds.unwrap_or_else(|| s.default_seconds());
+        let reference = if args.no_baseline {
+            seconds as f64
+        } else if let Some(w) = baselines.get(&seconds) {
+            *w
+        } else {
+            let b = run_one(&bins, &args, None, seconds)?;
+            let ok = b.total().clean();
+            failed |= !ok;
+            baselines.insert(seconds, b.wall);
+            let wall = b.wall;
+            outcomes.push((b, None));
+            wall
+        };
+        let o = run_one(&bins, &args, Some(s), seconds)?;
+        let ratio = o.wall / reference;
+        failed |= !o.total().clean();
+        outcomes.push((o, Some(ratio)));
+        print_table(&outcomes, args.rate_mb, args.writers);
+    }
+    if failed {
+        bail!("bytes were lost without a marker or duplicated");
+    }
+    Ok(())
+}
+
+fn print_table(outcomes: &[(Outcome, Option<f64>)], rate_mb: u64, writers: u32) {
+    println!();
+    println!("{writers} writers at {rate_mb} MB/s in total (half entrypoint, half collector)");
+    header();
+    for (o, ratio) in outcomes {
+        let t = o.total();
+        let verdict = if !t.clean() {
+            "FAIL"
+        } else if ratio.is_some_and(|r| r > 1.1) {
+            "ok (slow)"
+        } else {
+            "ok"
+        };
+        row(&o.name, &t, *ratio, verdict);
+        for (path, t) in [("  entrypoint", &o.entrypoint), ("  ebpf", &o.ebpf)] {
+            row(path, t, None, if t.clean() { "" } else { "FAIL" });
+        }
+        println!(
+            "  slowest writer {:.2} s, longest write(2) {:.3} s",
+            o.wall, o.longest_write
+        );
+        for n in &o.notes {
+            println!("  {n}");
+        }
+    }
+}
