@@ -11,7 +11,7 @@
 //! loss), duplicated (stored bytes that differ from what was written there, or lie past the end
 //! of what was written), and the writers' wall time against a run without faults.
 //!
-//! Scenarios: `kill-api` (kill -9 and restart on the same port and storage every few seconds),
+//! Scenarios: `kill-api` (kill -9, 1 s dead, restart on the same port and storage, every 4 s),
 //! `throttle-storm` (tiny rate limits: sustained 429), `collector-restart`, `storage-down` (the S3
 //! emulator stopped with SIGSTOP for 30 s), `network-cut` (the API in a network namespace whose
 //! veth goes down for 30 s). Exits non-zero when any byte is unaccounted or duplicated.
@@ -134,6 +134,8 @@ const SETTLE: Duration = Duration::from_secs(120);
 const OUTAGE: Duration = Duration::from_secs(30);
 /// Between two kills in kill-api.
 const KILL_EVERY: Duration = Duration::from_secs(4);
+/// How long the API stays dead after each kill: connections are refused meanwhile.
+const KILL_DOWN: Duration = Duration::from_secs(1);
 const WORKFLOW: &str = "workflows/faults";
 
 /// Line `n` of writer `tag`: "TAG 000000000000002a filler...\n", 64 bytes.
@@ -717,9 +719,13 @@ impl Run {
         }
     }
 
-    /// The id and token of a writer's stream.
-    fn stream_of(&self, w: &Written) -> anyhow::Result<(String, String)> {
-        let name = format!("{}.stdout", w.tag);
+    /// The id and token of a writer's stream, generation `generation` (`wNN.stdout`, then
+    /// `wNN.stdout.1`, ...: what a restarted writer continues in once a stream is complete).
+    fn stream_of(&self, w: &Written, generation: u32) -> anyhow::Result<(String, String)> {
+        let mut name = format!("{}.stdout", w.tag);
+        if generation > 0 {
+            name = format!("{name}.{generation}");
+        }
         let (token_file, body) = if w.ebpf {
             (
                 &self.collector_token,
@@ -756,7 +762,7 @@ impl Run {
     fn account(&self, written: &[Written], notes: &mut Vec<String>) -> anyhow::Result<Vec<Tally>> {
         let ids = written
             .iter()
-            .map(|w| self.stream_of(w))
+            .map(|w| self.stream_of(w, 0))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let deadline = Instant::now() + SETTLE;
         loop {
@@ -782,22 +788,66 @@ impl Run {
         }
         let mut tallies = Vec::new();
         for (w, (id, token)) in written.iter().zip(&ids) {
-            let t = self.tally(w, id, token)?;
+            let path = if w.ebpf { "ebpf" } else { "entrypoint" };
+            let first = self.coverage(w, id, token, 0)?;
+            let mut parts = vec![first];
+            // Later generations, while bytes are missing: where each begins in the writer's
+            // output is read from its first whole line.
+            let mut generation = 1;
+            while generation <= 5 && tally_of(w.bytes, &parts).unaccounted > 0 {
+                let (id, token) = self.stream_of(w, generation)?;
+                let st = self.status(&id, &token)?;
+                if st["end"].as_u64().unwrap_or(0) == 0 {
+                    break;
+                }
+                match self.shift_of(&id, &token, &st)? {
+                    Some(shift) => {
+                        notes.push(format!(
+                            "{} ({path}): generation {generation} ({}.stdout.{generation}) \
+                             begins at writer offset {shift}",
+                            w.tag, w.tag
+                        ));
+                        parts.push(self.coverage(w, &id, &token, shift)?);
+                    }
+                    None => notes.push(format!(
+                        "{} ({path}): generation {generation} has no recognisable line",
+                        w.tag
+                    )),
+                }
+                generation += 1;
+            }
+            let t = tally_of(w.bytes, &parts);
             if !t.clean() {
                 let st = self.status(id, token)?;
+                let gaps = complement(
+                    &union(
+                        parts
+                            .iter()
+                            .flat_map(|c| c.good.iter().chain(&c.dropped).copied())
+                            .collect(),
+                    ),
+                    w.bytes,
+                );
+                let shown: Vec<String> = gaps
+                    .iter()
+                    .take(4)
+                    .map(|(a, b)| format!("{a}..{b}"))
+                    .collect();
                 notes.push(format!(
-                    "{} ({}): produced {} stored {} dropped {} unaccounted {} duplicated {} \
-                     phantom dropped {}; status length {} end {} final {} dropped {} pending {}",
+                    "{} ({path}): produced {} stored {} dropped {} unaccounted {} (at {}{}) \
+                     duplicated {} phantom dropped {}; {}.stdout length {} final {} dropped {} \
+                     pending {}",
                     w.tag,
-                    if w.ebpf { "ebpf" } else { "entrypoint" },
                     t.produced,
                     t.stored,
                     t.dropped,
                     t.unaccounted,
+                    shown.join(" "),
+                    if gaps.len() > 4 { " ..." } else { "" },
                     t.duplicated,
                     t.phantom_dropped,
+                    w.tag,
                     st["length"],
-                    st["end"],
                     st["final_length"],
                     st["dropped"],
                     st["pending"],
@@ -808,8 +858,40 @@ impl Run {
         Ok(tallies)
     }
 
-    /// Compares a stream position by position with what its writer produced.
-    fn tally(&self, w: &Written, id: &str, token: &str) -> anyhow::Result<Tally> {
+    /// Where in its writer's output a later generation begins: from the line number of its
+    /// first whole line. `None` when no line is recognisable.
+    fn shift_of(&self, id: &str, token: &str, st: &Value) -> anyhow::Result<Option<u64>> {
+        let Some(first) = st["stored"]
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|s| s["start"].as_u64())
+        else {
+            return Ok(None);
+        };
+        let r = self
+            .http
+            .get(format!("{}/logs/{id}/data", self.api.url()))
+            .bearer_auth(token)
+            .header("Range", format!("bytes={first}-{}", first + 2 * LINE - 1))
+            .send()?;
+        if !r.status().is_success() {
+            return Ok(None);
+        }
+        let head = r.bytes()?;
+        let Some(nl) = head.iter().position(|&b| b == b'\n') else {
+            return Ok(None);
+        };
+        let at = nl + 1;
+        let number = head
+            .get(at + 4..at + 20)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u64::from_str_radix(h, 16).ok());
+        Ok(number.and_then(|n| (n * LINE).checked_sub(first + at as u64)))
+    }
+
+    /// Compares a stream position by position with what its writer produced, the stream's
+    /// offset 0 being the writer's offset `shift`.
+    fn coverage(&self, w: &Written, id: &str, token: &str, shift: u64) -> anyhow::Result<Coverage> {
         let st = self.status(id, token)?;
         let spans = |key: &str| -> Vec<(u64, u64)> {
             st[key]
@@ -823,16 +905,10 @@ impl Run {
         };
         let mut stored = spans("stored");
         stored.sort_unstable();
-        let dropped = spans("dropped");
         let length = st["length"].as_u64().unwrap_or(0);
         let p = w.bytes;
         let tag = tag_bytes(&w.tag)?;
-        let mut t = Tally {
-            produced: p,
-            ..Tally::default()
-        };
-        // Positions below `p` that are stored and match.
-        let mut good: Vec<(u64, u64)> = Vec::new();
+        let mut c = Coverage::default();
         let r = self
             .http
             .get(format!("{}/logs/{id}/data", self.api.url()))
@@ -844,52 +920,125 @@ impl Run {
         let mut want = vec![0u8; 1 << 20];
         for &(a, b) in &stored {
             // A plain read stops at `length`: bytes stored past a pending gap are not read here
-            // (and the gap itself is unaccounted below).
+            // (and the gap itself is unaccounted).
             let readable_end = b.min(length);
             let mut pos = a;
             while pos < readable_end {
                 let n = ((readable_end - pos) as usize).min(got.len());
                 body.read_exact(&mut got[..n])
                     .with_context(|| format!("reading {} at {pos}", w.tag))?;
-                let in_range = (p.saturating_sub(pos) as usize).min(n);
-                content(&tag, pos, &mut want[..in_range]);
+                let at = pos + shift;
+                let in_range = (p.saturating_sub(at) as usize).min(n);
+                content(&tag, at, &mut want[..in_range]);
                 if got[..in_range] == want[..in_range] {
-                    push_span(&mut good, pos, pos + in_range as u64);
+                    push_span(&mut c.good, at, at + in_range as u64);
                 } else {
                     for (k, (g, e)) in got[..in_range].iter().zip(&want[..in_range]).enumerate() {
                         if g == e {
-                            push_span(&mut good, pos + k as u64, pos + k as u64 + 1);
+                            push_span(&mut c.good, at + k as u64, at + k as u64 + 1);
                         } else {
-                            t.duplicated += 1;
+                            c.duplicated += 1;
                         }
                     }
                 }
-                t.duplicated += (n - in_range) as u64;
+                c.duplicated += (n - in_range) as u64;
                 pos += n as u64;
             }
-            // Stored but not readable in order: counted as stored past the end when past `p`.
+            // Stored but not readable in order: only those past what was produced count here.
             if b > readable_end {
-                t.duplicated += b.max(p) - readable_end.max(p);
+                c.duplicated += (b + shift).max(p) - (readable_end + shift).max(p);
             }
         }
-        t.stored = good.iter().map(|(a, b)| b - a).sum();
-        for &(a, b) in &dropped {
-            let (ca, cb) = (a.min(p), b.min(p));
-            let overlap: u64 = good
-                .iter()
-                .map(|&(ga, gb)| gb.min(cb).saturating_sub(ga.max(ca)))
-                .sum();
-            t.dropped += (cb - ca) - overlap;
-            t.phantom_dropped += b.saturating_sub(a.max(p));
+        for (a, b) in spans("dropped") {
+            let (a, b) = (a + shift, b + shift);
+            if a < p {
+                c.dropped.push((a, b.min(p)));
+            }
+            c.phantom += b.saturating_sub(a.max(p));
         }
-        t.unaccounted = p.saturating_sub(t.stored + t.dropped);
-        if let Some(f) = st["final_length"].as_u64()
-            && f != p
-        {
-            t.duplicated += f.saturating_sub(p);
+        if let Some(f) = st["final_length"].as_u64() {
+            c.duplicated += (f + shift).saturating_sub(p);
         }
-        Ok(t)
+        Ok(c)
     }
+}
+
+/// What one stream (generation) of a writer covers, in the writer's offsets.
+#[derive(Debug, Default)]
+struct Coverage {
+    /// Stored bytes that match what was written there (sorted, disjoint).
+    good: Vec<(u64, u64)>,
+    /// Dropped ranges below what was produced.
+    dropped: Vec<(u64, u64)>,
+    /// Stored bytes that differ from what was written, or lie past it.
+    duplicated: u64,
+    /// Dropped bytes past what was produced.
+    phantom: u64,
+}
+
+/// A writer's accounting from the streams that carry its output.
+fn tally_of(produced: u64, parts: &[Coverage]) -> Tally {
+    let good = union(parts.iter().flat_map(|c| c.good.iter().copied()).collect());
+    let covered = union(
+        parts
+            .iter()
+            .flat_map(|c| c.good.iter().chain(&c.dropped).copied())
+            .collect(),
+    );
+    let stored = measure(&good);
+    let covered = measure(&covered);
+    // Bytes stored twice (in two generations) count as duplicated.
+    let stored_twice: u64 = parts
+        .iter()
+        .map(|c| measure(&c.good))
+        .sum::<u64>()
+        .saturating_sub(stored);
+    Tally {
+        produced,
+        stored,
+        dropped: covered - stored,
+        unaccounted: produced.saturating_sub(covered),
+        duplicated: parts.iter().map(|c| c.duplicated).sum::<u64>() + stored_twice,
+        phantom_dropped: parts.iter().map(|c| c.phantom).sum(),
+    }
+}
+
+/// Sorted, merged spans.
+fn union(mut spans: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    spans.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in spans {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ if a < b => out.push((a, b)),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn measure(spans: &[(u64, u64)]) -> u64 {
+    spans.iter().map(|(a, b)| b - a).sum()
+}
+
+/// The parts of `0..end` that sorted, merged `spans` do not cover.
+fn complement(spans: &[(u64, u64)], end: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &(a, b) in spans {
+        if a > at {
+            out.push((at, a.min(end)));
+        }
+        at = at.max(b);
+        if at >= end {
+            break;
+        }
+    }
+    if at < end {
+        out.push((at, end));
+    }
+    out.retain(|(a, b)| a < b);
+    out
 }
 
 /// Appends `a..b` to sorted, disjoint `spans`, merging with the last one when adjacent.
@@ -979,8 +1128,9 @@ fn inject(
             let mut at = Duration::from_secs(2);
             while at < stop {
                 wait_until(at);
-                run.api.kill9();
                 let t = Instant::now();
+                run.api.kill9();
+                std::thread::sleep(KILL_DOWN);
                 run.api.start()?;
                 down += t.elapsed();
                 kills += 1;
@@ -1233,5 +1383,65 @@ fn print_table(outcomes: &[(Outcome, Option<f64>)], rate_mb: u64, writers: u32) 
         for n in &o.notes {
             println!("  {n}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_is_lines_numbered_by_offset() {
+        let mut all = vec![0u8; 3 * LINE as usize];
+        content(b"w07", 0, &mut all);
+        assert_eq!(
+            &all[..64],
+            &b"w07 0000000000000000 abcdefghijklmnopqrstuvwxyzabcdefghijklmnop\n"[..]
+        );
+        assert_eq!(&all[64..85], b"w07 0000000000000001 ");
+        // Any window equals the same bytes of the whole.
+        let mut part = vec![0u8; 100];
+        content(b"w07", 37, &mut part);
+        assert_eq!(part, all[37..137]);
+        let mut other = vec![0u8; 100];
+        content(b"w08", 37, &mut other);
+        assert_ne!(part, other);
+    }
+
+    #[test]
+    fn tally_counts_gaps_drops_and_duplicates() {
+        let a = Coverage {
+            good: vec![(0, 100), (150, 200)],
+            dropped: vec![(100, 120)],
+            duplicated: 3,
+            phantom: 0,
+        };
+        let t = tally_of(300, &[a]);
+        assert_eq!(
+            (t.stored, t.dropped, t.unaccounted, t.duplicated),
+            (150, 20, 130, 3)
+        );
+        assert!(!t.clean());
+        // A later generation covering the rest, overlapping 10 stored bytes.
+        let b = Coverage {
+            good: vec![(190, 300)],
+            dropped: vec![(120, 150)],
+            ..Coverage::default()
+        };
+        let a = Coverage {
+            good: vec![(0, 100), (150, 200)],
+            dropped: vec![(100, 120)],
+            ..Coverage::default()
+        };
+        let t = tally_of(300, &[a, b]);
+        assert_eq!(
+            (t.stored, t.dropped, t.unaccounted, t.duplicated),
+            (250, 50, 0, 10)
+        );
+        assert_eq!(
+            complement(&[(0, 100), (150, 200)], 300),
+            [(100, 150), (200, 300)]
+        );
+        assert_eq!(complement(&[(0, 300)], 300), []);
     }
 }
