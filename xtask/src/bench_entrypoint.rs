@@ -112,13 +112,16 @@ fn children_cpu() -> anyhow::Result<f64> {
     Ok(secs(u.user_time()) + secs(u.system_time()))
 }
 
-struct Workload {
-    name: &'static str,
-    write_size: usize,
+pub(crate) struct Workload {
+    pub name: &'static str,
+    pub write_size: usize,
     /// Writing pace in MB/s; 0 writes as fast as possible.
-    rate_mb: u64,
+    pub rate_mb: u64,
     /// The entrypoint's gzip level (0: uncompressed).
-    gzip_level: u32,
+    pub gzip_level: u32,
+    /// Secret values the entrypoint is told to redact (`RELAY_REDACT_ENV`); they do not occur
+    /// in the text, so this is the cost of looking for them.
+    pub secrets: usize,
 }
 
 /// As fast as possible (what the child pays; the wrapper drops what it cannot ship), then paced
@@ -129,42 +132,47 @@ const WORKLOADS: [Workload; 5] = [
         write_size: 64 << 10,
         rate_mb: 0,
         gzip_level: 1,
+        secrets: 0,
     },
     Workload {
         name: "100-byte writes",
         write_size: 100,
         rate_mb: 0,
         gzip_level: 1,
+        secrets: 0,
     },
     Workload {
         name: "64 KiB writes at 50 MB/s",
         write_size: 64 << 10,
         rate_mb: 50,
         gzip_level: 1,
+        secrets: 0,
     },
     Workload {
         name: "100-byte writes at 50 MB/s",
         write_size: 100,
         rate_mb: 50,
         gzip_level: 1,
+        secrets: 0,
     },
     Workload {
         name: "100-byte writes at 50 MB/s, gzip off",
         write_size: 100,
         rate_mb: 50,
         gzip_level: 0,
+        secrets: 0,
     },
 ];
 
 #[derive(Debug, Default)]
-struct Measured {
-    child_wall: f64,
-    reader_cpu: f64,
+pub(crate) struct Measured {
+    pub child_wall: f64,
+    pub reader_cpu: f64,
     /// Of `reader_cpu`, the metadata API's share.
-    api_cpu: f64,
-    rss_mib: Option<f64>,
-    stored: u64,
-    dropped: u64,
+    pub api_cpu: f64,
+    pub rss_mib: Option<f64>,
+    pub stored: u64,
+    pub dropped: u64,
 }
 
 /// The generator's own report.
@@ -257,11 +265,23 @@ fn stream_totals(url: &str, token: &str, name: &str) -> anyhow::Result<(u64, u64
     Ok((sum("stored"), sum("dropped")))
 }
 
-struct Env {
-    xtask: PathBuf,
-    entrypoint: PathBuf,
-    api: PathBuf,
-    tck: f64,
+pub(crate) struct Env {
+    pub xtask: PathBuf,
+    pub entrypoint: PathBuf,
+    pub api: PathBuf,
+    pub tck: f64,
+}
+
+impl Env {
+    /// The static entrypoint and the release metadata-api, built.
+    pub fn build() -> anyhow::Result<Self> {
+        Ok(Self {
+            xtask: std::env::current_exe()?,
+            entrypoint: dist::build_entrypoint()?,
+            api: util::build_metadata_api()?,
+            tck: clock_ticks(),
+        })
+    }
 }
 
 fn start_api(env: &Env, dir: &Path) -> anyhow::Result<(util::Server, PathBuf)> {
@@ -276,17 +296,30 @@ fn start_api(env: &Env, dir: &Path) -> anyhow::Result<(util::Server, PathBuf)> {
     Ok((server, token_file))
 }
 
-fn wrapped(env: &Env, bytes: u64, w: &Workload, dir: &Path) -> anyhow::Result<Measured> {
+pub(crate) fn wrapped(env: &Env, bytes: u64, w: &Workload, dir: &Path) -> anyhow::Result<Measured> {
     let run_dir = dir.join(format!(
-        "run-{}-{}-{}",
-        w.write_size, w.rate_mb, w.gzip_level
+        "run-{}-{}-{}-{}",
+        w.write_size, w.rate_mb, w.gzip_level, w.secrets
     ));
     std::fs::create_dir_all(&run_dir)?;
     let (server, token_file) = start_api(env, &run_dir)?;
     let report = run_dir.join("gen-report");
     let api_cpu0 = server_cpu(server.child.id(), env.tck)?;
     let cpu0 = children_cpu()?;
-    let mut child = Command::new(&env.entrypoint)
+    let mut cmd = Command::new(&env.entrypoint);
+    if w.secrets > 0 {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(w.secrets as u64);
+        const ALNUM: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+        cmd.env("RELAY_REDACT_ENV", "BENCH_SECRET_*");
+        for i in 0..w.secrets {
+            let value: String = (0..rng.random_range(20..41))
+                .map(|_| char::from(ALNUM[rng.random_range(0..ALNUM.len())]))
+                .collect();
+            cmd.env(format!("BENCH_SECRET_{i}"), value);
+        }
+    }
+    let mut child = cmd
         .env("RELAY_GZIP_LEVEL", w.gzip_level.to_string())
         .env("RELAY_METADATA_API_URL", &server.url)
         .env("RELAY_METADATA_API_TOKEN_FILE", &token_file)
@@ -329,12 +362,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let Args { total_mb, quick } = args;
     let bytes = total_mb.unwrap_or(if quick { 128 } else { 1024 }) * MIB;
     ensure!(bytes > 0, "--total-mb must be positive");
-    let env = Env {
-        xtask: std::env::current_exe()?,
-        entrypoint: dist::build_entrypoint()?,
-        api: util::build_metadata_api()?,
-        tck: clock_ticks(),
-    };
+    let env = Env::build()?;
     let dir = TempDir::create()?;
     let mut rows = Vec::new();
     for w in &WORKLOADS {

@@ -4,6 +4,7 @@ mod bench;
 mod bench_collector;
 mod bench_entrypoint;
 mod bench_operator;
+mod bench_redact;
 mod demo;
 mod dist;
 mod ebpf;
@@ -52,6 +53,9 @@ enum Task {
     /// The entrypoint benchmark's child: writes log lines in fixed-size writes.
     #[command(hide = true)]
     GenOutput(bench_entrypoint::GenArgs),
+    /// What secret redaction costs per GB: the redactor alone, and the entrypoint with 0, 10 and
+    /// 100 values to redact.
+    BenchRedact(bench_redact::Args),
     /// What the eBPF collector costs a writing process, and its capture and shipping rates.
     BenchCollector(bench_collector::Args),
     /// The collector benchmark's writer: fixed-size write(2) calls on stdout.
@@ -78,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEntrypoint(a) => dist::run_task(a),
         Task::BenchEntrypoint(a) => bench_entrypoint::run(a),
         Task::GenOutput(a) => bench_entrypoint::gen_output(a),
+        Task::BenchRedact(a) => bench_redact::run(a),
         Task::BenchCollector(a) => bench_collector::run(a),
         Task::WriteLoop(a) => bench_collector::write_loop(a),
         Task::BenchOperator(a) => bench_operator::run(a),
