@@ -64,6 +64,9 @@ pub struct Target {
     pub prefix: String,
     /// The cgroup directory.
     pub dir: PathBuf,
+    /// Variables holding secret values besides those the container's own `RELAY_REDACT_ENV`
+    /// names (a `redact::EnvSelector` list; from the pod spec in Kubernetes mode).
+    pub redact_env: String,
 }
 
 /// The answer to "whose is this cgroup?".
@@ -531,11 +534,13 @@ fn container_secrets(cgroup_id: u64, target: &Target) -> Arc<Secrets> {
         tracing::warn!(
             cgroup_id,
             dir = %target.dir.display(),
+            secret_env = %target.redact_env,
             "No process left to read the container's environment from; its output is not redacted."
         );
         return Arc::new(Secrets::none());
     };
-    match Secrets::from_environ(&environ) {
+    let extra = redact::EnvSelector::parse(&target.redact_env);
+    match Secrets::from_environ_with(&environ, &extra) {
         Ok(s) => {
             if !s.is_empty() {
                 tracing::debug!(cgroup_id, values = s.len(), "Redacting secret values.");

@@ -131,6 +131,54 @@ pub struct Attribution {
     pub restart_count: u32,
     /// The log context, from [`context_for_pod`].
     pub context: String,
+    /// The container's variables from Secrets, from [`secret_env`].
+    pub secret_env: String,
+}
+
+/// The variables container `name` of `pod` gets from Secrets, as a `redact::EnvSelector` list:
+/// an `env` entry with a `secretKeyRef` by name, an `envFrom` `secretRef` with a prefix as
+/// `PREFIX*` (the operator's webhook gives wrapped containers the same list as
+/// `RELAY_REDACT_ENV`; this covers the containers it does not wrap: init containers, sidecars,
+/// pods it did not see). An `envFrom` `secretRef` without a prefix names keys only the Secret
+/// knows, which the collector does not read.
+pub fn secret_env(pod: &Pod, name: &str) -> String {
+    use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar};
+    let Some(spec) = pod.spec.as_ref() else {
+        return String::new();
+    };
+    let lists = |env: &Option<Vec<EnvVar>>, from: &Option<Vec<EnvFromSource>>| {
+        let named = env
+            .iter()
+            .flatten()
+            .filter(|e| {
+                e.value_from
+                    .as_ref()
+                    .is_some_and(|v| v.secret_key_ref.is_some())
+            })
+            .map(|e| e.name.clone());
+        let prefixed = from
+            .iter()
+            .flatten()
+            .filter(|f| f.secret_ref.is_some())
+            .filter_map(|f| f.prefix.as_deref().filter(|p| !p.is_empty()))
+            .map(|p| format!("{p}*"));
+        named.chain(prefixed).collect::<Vec<_>>().join(",")
+    };
+    let regular = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == name)
+        .map(|c| lists(&c.env, &c.env_from));
+    regular
+        .or_else(|| {
+            spec.ephemeral_containers
+                .iter()
+                .flatten()
+                .find(|c| c.name == name)
+                .map(|c| lists(&c.env, &c.env_from))
+        })
+        .unwrap_or_default()
 }
 
 /// The attribution of the container with runtime id `container_id` (no `containerd://` scheme)
@@ -169,6 +217,7 @@ pub fn attribute(pod: &Pod, container_id: &str) -> Option<Attribution> {
         container: found.name.clone(),
         restart_count,
         context,
+        secret_env: secret_env(pod, &found.name),
     })
 }
 
@@ -803,7 +852,31 @@ mod tests {
             container: container.into(),
             restart_count,
             context: "workflows/w/runs/7/steps/build".into(),
+            secret_env: String::new(),
         })
+    }
+
+    #[test]
+    fn secret_variables_come_from_the_container_spec() {
+        let p = pod(json!({
+            "metadata": {"name": "p"},
+            "spec": {
+                "containers": [{"name": "app", "env": [
+                    {"name": "PLAIN", "value": "x"},
+                    {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+                ], "envFrom": [
+                    {"secretRef": {"name": "a"}, "prefix": "A_"},
+                    {"secretRef": {"name": "b"}},
+                    {"configMapRef": {"name": "c"}, "prefix": "C_"},
+                ]}],
+                "initContainers": [{"name": "init", "env": [
+                    {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "t"}}},
+                ]}],
+            },
+        }));
+        assert_eq!(secret_env(&p, "app"), "PW,A_*");
+        assert_eq!(secret_env(&p, "init"), "TOKEN");
+        assert_eq!(secret_env(&p, "missing"), "");
     }
 
     #[test]

@@ -59,6 +59,7 @@ impl Attributor for Kube {
                 prefix: prefix(&a),
                 context: a.context,
                 dir: path.to_path_buf(),
+                redact_env: a.secret_env,
             }),
             Err(Miss::NotYet) => Attributed::NotYet,
             Err(Miss::NamespaceNotSelected) => {
@@ -116,6 +117,7 @@ mod tests {
             container: container.into(),
             restart_count: 0,
             context: context.into(),
+            secret_env: String::new(),
         }
     }
 

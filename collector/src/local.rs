@@ -39,6 +39,7 @@ impl Attributor for Local {
                     context: context.clone(),
                     prefix: prefix(dir.strip_prefix(&root).unwrap_or(Path::new(""))),
                     dir: dir.to_path_buf(),
+                    redact_env: String::new(),
                 });
             }
         }

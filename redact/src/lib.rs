@@ -147,14 +147,25 @@ impl Secrets {
     pub fn from_vars<'a>(
         vars: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
     ) -> Result<Self, Error> {
+        Self::from_vars_with(vars, &EnvSelector::default())
+    }
+
+    /// The values named by `RELAY_REDACT_ENV` in an environment, or by `extra`.
+    pub fn from_vars_with<'a>(
+        vars: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+        extra: &EnvSelector,
+    ) -> Result<Self, Error> {
         let vars: Vec<(&[u8], &[u8])> = vars.into_iter().collect();
-        let Some(list) = vars
+        let mut list = vars
             .iter()
             .find(|(k, _)| *k == ENV_LIST.as_bytes())
             .map(|(_, v)| EnvSelector::parse(&String::from_utf8_lossy(v)))
-        else {
+            .unwrap_or_default();
+        list.names.extend_from_slice(&extra.names);
+        list.prefixes.extend_from_slice(&extra.prefixes);
+        if list.is_empty() {
             return Ok(Self::none());
-        };
+        }
         Self::new(
             vars.iter()
                 .filter(|(k, _)| list.matches(k))
@@ -174,10 +185,18 @@ impl Secrets {
     /// The values named by `RELAY_REDACT_ENV` in the contents of a `/proc/PID/environ` file
     /// (`KEY=VALUE` entries ended by NUL bytes).
     pub fn from_environ(environ: &[u8]) -> Result<Self, Error> {
-        Self::from_vars(environ.split(|&b| b == 0).filter_map(|entry| {
-            let eq = entry.iter().position(|&b| b == b'=')?;
-            Some((&entry[..eq], &entry[eq + 1..]))
-        }))
+        Self::from_environ_with(environ, &EnvSelector::default())
+    }
+
+    /// As [`Secrets::from_environ`], with the variables `extra` selects too.
+    pub fn from_environ_with(environ: &[u8], extra: &EnvSelector) -> Result<Self, Error> {
+        Self::from_vars_with(
+            environ.split(|&b| b == 0).filter_map(|entry| {
+                let eq = entry.iter().position(|&b| b == b'=')?;
+                Some((&entry[..eq], &entry[eq + 1..]))
+            }),
+            extra,
+        )
     }
 
     /// Number of matchable forms (values and lines of values).
