@@ -13,8 +13,10 @@
 //!
 //! Secret values are redacted as the entrypoint does (the `redact` crate), so both paths store
 //! the same bytes at the same offsets. The values come from the container's own environment
-//! (`/proc/PID/environ` of its oldest process, read when the cgroup is attributed): the variables
-//! `RELAY_REDACT_ENV` names there, as the operator's webhook set it. Each stream's redactor sits
+//! (`/proc/PID/environ` of its oldest process, read when the cgroup is attributed; no access to
+//! Secrets needed): the variables `RELAY_REDACT_ENV` names there, as the operator's webhook set
+//! it, and in Kubernetes mode those the pod spec takes from Secrets ([`Target::redact_env`]),
+//! for containers the webhook does not wrap. Each stream's redactor sits
 //! between the kernel offsets (raw: `Stream::next`, reordering, gaps) and the shipper, whose
 //! offsets are redacted ones. A gap (a chunk the kernel could not put into the ring) goes
 //! through [`redact::Redactor::gap`]: the raw gap plus a held tail that might start a value is
