@@ -35,6 +35,7 @@ use testbed::cri::{BUSYBOX_IMAGE, Cri};
 use testbed::images::{ImageBuild, TOOLS_IMAGE_V2, tools_image_tagged};
 use testbed::kube::{KubeApi, KubeOptions, Rest};
 use testbed::kubelet::{Kubelet, KubeletOptions};
+use testbed::registry::{Format, Image, Registry};
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Tenant A: its tools Jobs run.
@@ -102,7 +103,13 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(kubeconfig: &str, tools: &str, webhook_port: u16, api_url: &str) -> Self {
+    fn start(
+        kubeconfig: &str,
+        tools: &str,
+        webhook_port: u16,
+        api_url: &str,
+        registry: &str,
+    ) -> Self {
         let listen = free_addr();
         let mut child = Command::new(operator_bin())
             .env("KUBECONFIG", kubeconfig)
@@ -112,7 +119,12 @@ impl Operator {
             .args(["--pod-name", "operator-0", "--webhook-ip", "127.0.0.1"])
             .args(["--webhook-listen", &format!("127.0.0.1:{webhook_port}")])
             .args(["--listen", &listen])
-            .args(["--metadata-api-url", api_url, "--no-image-lookup"])
+            .args([
+                "--metadata-api-url",
+                api_url,
+                "--insecure-registry",
+                registry,
+            ])
             .args(["--superseded-claim-grace", SUPERSEDED_GRACE])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -514,6 +526,25 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
     let Some(tools) = tools_image_tagged(&cri, &[TOOLS_IMAGE_V2]).unwrap() else {
         return;
     };
+    // The Knative trigger's image is in a registry, and its pod has no command (as Knative
+    // Services usually have): the webhook finds the image's ENTRYPOINT and CMD there. The
+    // kubelet runs the same reference from containerd's store.
+    let Some(registry) = Registry::start_or_skip(None) else {
+        return;
+    };
+    let trigger_image = format!("{}/e2e/trigger:1", registry.host());
+    registry
+        .push(
+            "e2e/trigger:1",
+            &Image::new("linux", "amd64")
+                .entrypoint(["/bin/sh", "-c", SCRIPT])
+                .cmd(["trigger"]),
+            Format::Oci,
+        )
+        .unwrap();
+    ImageBuild::busybox(trigger_image.as_str())
+        .import(&cri)
+        .unwrap();
     ImageBuild::busybox("localhost/e2e/step:1")
         .file(
             "tekton-entrypoint",
@@ -534,7 +565,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
         .unwrap();
 
     let mut api = Api::start_with_env(&["--auth", "kubernetes"], &[("KUBECONFIG", kubeconfig)]);
-    let operator = Operator::start(kubeconfig, tools, webhook_port, &api.url);
+    let operator = Operator::start(kubeconfig, tools, webhook_port, &api.url, &registry.host());
     let kubelet = Kubelet::start(
         &kube,
         cri.clone(),
@@ -633,8 +664,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
                     "serving.knative.dev/revision": "hook-1", "relay.sh/workflow": "wf",
                     "relay.sh/trigger-sync-id": "sync-1"}},
                 "spec": {"restartPolicy": "Never", "containers": [
-                    {"name": "user-container", "image": "busybox",
-                     "command": ["/bin/sh", "-c", SCRIPT, "trigger"]},
+                    {"name": "user-container", "image": trigger_image},
                     {"name": "queue-proxy", "image": "busybox",
                      "command": ["/bin/sh", "-c", "echo proxy ready"]}]}}),
         )
@@ -642,6 +672,27 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
     assert_eq!(
         trigger["metadata"]["annotations"]["relay.sh/injected"], "true",
         "{trigger}"
+    );
+    // The image's ENTRYPOINT and CMD, from the registry, run under the entrypoint; `$` escaped
+    // as `$$`, since the kubelet expands `$(VAR)` in a pod's command but not in an image's.
+    let user = &trigger["spec"]["containers"][0];
+    let run: Vec<&str> = [&user["command"], &user["args"]]
+        .into_iter()
+        .filter_map(Value::as_array)
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        run,
+        [
+            "/relay/lib/entrypoint",
+            "--",
+            "/bin/sh",
+            "-c",
+            &SCRIPT.replace('$', "$$"),
+            "trigger"
+        ],
+        "{user}"
     );
     let trigger_uid = trigger["metadata"]["uid"].as_str().unwrap().to_owned();
     // Tenant B's tools are not ready: the webhook admits its pod as it is.
@@ -858,7 +909,13 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
     // The tools change to v2 (a new operator version with another tools image): v2's Job runs,
     // new pods get its claim, the running pod keeps v1's.
     operator.stop();
-    let operator = Operator::start(kubeconfig, TOOLS_IMAGE_V2, webhook_port, &api.url);
+    let operator = Operator::start(
+        kubeconfig,
+        TOOLS_IMAGE_V2,
+        webhook_port,
+        &api.url,
+        &registry.host(),
+    );
     operator.wait_ready();
     let deadline = Instant::now() + WAIT;
     let claim_v2 = loop {
