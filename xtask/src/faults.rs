@@ -787,33 +787,28 @@ impl Run {
     ) -> anyhow::Result<String> {
         let restored = Instant::now();
         let position = (restored - start).as_secs_f64() * rate as f64;
-        let streams = (0..writers)
-            .map(|i| {
-                let w = Written {
-                    tag: format!("w{i:02}"),
-                    ebpf: i % 2 == 1,
-                    bytes: 0,
-                    wall: 0.0,
-                    longest_write: 0.0,
-                };
-                self.stream_of(&w, 0)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let mut behind: Vec<&(String, String)> = streams.iter().collect();
+        // Requests may fail for a moment yet (a neighbour entry to re-resolve): such a stream
+        // counts as behind and is asked again.
+        let fresh = |i: u32| -> anyhow::Result<bool> {
+            let w = Written {
+                tag: format!("w{i:02}"),
+                ebpf: i % 2 == 1,
+                bytes: 0,
+                wall: 0.0,
+                longest_write: 0.0,
+            };
+            let (id, token) = self.stream_of(&w, 0)?;
+            let st = self.status(&id, &token)?;
+            let end = st["stored"]
+                .as_array()
+                .and_then(|a| a.last())
+                .and_then(|s| s["end"].as_u64())
+                .unwrap_or(0);
+            Ok(end as f64 >= position)
+        };
+        let mut behind: Vec<u32> = (0..writers).collect();
         while Instant::now() < until {
-            let mut still = Vec::new();
-            for s in behind {
-                let st = self.status(&s.0, &s.1)?;
-                let end = st["stored"]
-                    .as_array()
-                    .and_then(|a| a.last())
-                    .and_then(|s| s["end"].as_u64())
-                    .unwrap_or(0);
-                if (end as f64) < position {
-                    still.push(s);
-                }
-            }
-            behind = still;
+            behind.retain(|&i| !fresh(i).unwrap_or(false));
             if behind.is_empty() {
                 return Ok(format!(
                     "every stream stored fresh bytes again {:.1} s after",
