@@ -559,7 +559,6 @@ struct Running {
 
 /// Everything a scenario run sets up.
 struct Run {
-    dir: PathBuf,
     api: Api,
     /// Field order: the collector stops before its cgroup is removed.
     collector: Option<Collector>,
@@ -569,13 +568,25 @@ struct Run {
     write_token: PathBuf,
     ebpf_ctx: String,
     http: Client,
-    keep: bool,
+    /// Last: removed after the processes using it are gone.
+    scratch: Scratch,
 }
 
 impl Drop for Run {
     fn drop(&mut self) {
         self.collector = None;
         self.api.kill9();
+    }
+}
+
+/// A run's directory, removed on drop unless kept (also when the run fails to start).
+struct Scratch {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
         if !self.keep {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -599,6 +610,10 @@ impl Run {
             .as_millis();
         let dir = util::target_dir().join(format!("faults/{label}-{n}"));
         std::fs::create_dir_all(&dir)?;
+        let scratch = Scratch {
+            dir: dir.clone(),
+            keep,
+        };
         let key = dir.join("key");
         let storage = setup
             .storage
@@ -635,7 +650,6 @@ impl Run {
         )?;
         let cgroup = Cgroup::create(cgroot.join(format!("relay-faults-{}", std::process::id())))?;
         let mut this = Self {
-            dir: dir.clone(),
             api,
             collector: None,
             cgroup,
@@ -644,14 +658,14 @@ impl Run {
             write_token,
             ebpf_ctx,
             http: Client::builder().timeout(Duration::from_secs(60)).build()?,
-            keep,
+            scratch,
         };
         this.start_collector(&bins.collector, "collector.log")?;
         Ok(this)
     }
 
     fn start_collector(&mut self, bin: &Path, log: &str) -> anyhow::Result<()> {
-        self.collector_log = self.dir.join(log);
+        self.collector_log = self.scratch.dir.join(log);
         self.collector = Some(Collector::start(
             bin,
             &self.api.url(),
@@ -668,8 +682,8 @@ impl Run {
     fn spawn_writer(&self, bins: &Bins, i: u32, bytes: u64, rate: u64) -> anyhow::Result<Running> {
         let tag = format!("w{i:02}");
         let ebpf = i % 2 == 1;
-        let report = self.dir.join(format!("{tag}.report"));
-        let log = std::fs::File::create(self.dir.join(format!("{tag}.log")))?;
+        let report = self.scratch.dir.join(format!("{tag}.report"));
+        let log = std::fs::File::create(self.scratch.dir.join(format!("{tag}.log")))?;
         let writer_args = [
             "fault-writer".to_owned(),
             "--tag".to_owned(),
@@ -1335,8 +1349,8 @@ fn run_one(
     let mut confirmed = 0;
     let mut overstated = 0;
     for (w, t) in written.iter().zip(&tallies) {
-        let log =
-            std::fs::read_to_string(run.dir.join(format!("{}.log", w.tag))).unwrap_or_default();
+        let log = std::fs::read_to_string(run.scratch.dir.join(format!("{}.log", w.tag)))
+            .unwrap_or_default();
         if w.ebpf {
             continue;
         }
