@@ -12,7 +12,8 @@
 //! of what was written), and the writers' wall time against a run without faults.
 //!
 //! Scenarios: `kill-api` (kill -9, 1 s dead, restart on the same port and storage, every 4 s),
-//! `throttle-storm` (tiny rate limits: sustained 429), `collector-restart`, `storage-down` (the S3
+//! `throttle-storm` (tiny rate limits: sustained 429), `collector-restart` (SIGTERM and start
+//! again), `collector-kill` (the same with SIGKILL), `storage-down` (the S3
 //! emulator stopped with SIGSTOP for 30 s), `network-cut` (the API in a network namespace whose
 //! veth goes down for 30 s). Exits non-zero when any byte is unaccounted or duplicated.
 
@@ -45,16 +46,18 @@ pub enum Scenario {
     CollectorRestart,
     StorageDown,
     NetworkCut,
+    CollectorKill,
 }
 
 impl Scenario {
     /// Most valuable first.
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::KillApi,
         Self::ThrottleStorm,
         Self::CollectorRestart,
         Self::StorageDown,
         Self::NetworkCut,
+        Self::CollectorKill,
     ];
 
     fn name(self) -> &'static str {
@@ -64,6 +67,7 @@ impl Scenario {
             Self::CollectorRestart => "collector-restart",
             Self::StorageDown => "storage-down",
             Self::NetworkCut => "network-cut",
+            Self::CollectorKill => "collector-kill",
         }
     }
 
@@ -71,7 +75,7 @@ impl Scenario {
         match self {
             Self::KillApi => 120,
             Self::ThrottleStorm => 300,
-            Self::CollectorRestart => 30,
+            Self::CollectorRestart | Self::CollectorKill => 30,
             Self::StorageDown | Self::NetworkCut => 60,
         }
     }
@@ -80,11 +84,11 @@ impl Scenario {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Scenarios to run, comma-separated; all of them (in the order kill-api, throttle-storm,
-    /// collector-restart, storage-down, network-cut) when not given.
+    /// collector-restart, storage-down, network-cut, collector-kill) when not given.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub scenario: Vec<Scenario>,
     /// How long the writers write [default: 120 for kill-api, 300 for throttle-storm, 30 for
-    /// collector-restart, 60 for storage-down and network-cut].
+    /// collector-restart and collector-kill, 60 for storage-down and network-cut].
     #[arg(long)]
     pub seconds: Option<u64>,
     /// Writers: the even ones under the entrypoint, the odd ones in the collector's cgroup.
@@ -790,6 +794,23 @@ impl Run {
         Ok(r.json()?)
     }
 
+    /// The running collector's pid: the process whose command line names this run's collector
+    /// token file.
+    fn collector_pid(&self) -> anyhow::Result<Pid> {
+        let needle = self.collector_token.display().to_string();
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains("--token-file") && cmdline.contains(&needle) {
+                return Ok(Pid::from_raw(pid));
+            }
+        }
+        bail!("no collector process found")
+    }
+
     /// After an outage: how long until every writer's stream stores bytes written after it
     /// (offsets past where the writer was when the outage ended), waiting until `until` at most.
     fn recovery(
@@ -1014,12 +1035,18 @@ impl Run {
                 if got[..in_range] == want[..in_range] {
                     push_span(&mut c.good, at, at + in_range as u64);
                 } else {
-                    for (k, (g, e)) in got[..in_range].iter().zip(&want[..in_range]).enumerate() {
-                        if g == e {
-                            push_span(&mut c.good, at + k as u64, at + k as u64 + 1);
+                    // Line by line (the writer's lines): bytes that only match by chance (the
+                    // same letter at a shifted offset) do not count as stored.
+                    let mut k = 0;
+                    while k < in_range {
+                        let line_end = ((at + k as u64) / LINE + 1) * LINE;
+                        let next = ((line_end - at) as usize).min(in_range);
+                        if got[k..next] == want[k..next] {
+                            push_span(&mut c.good, at + k as u64, at + next as u64);
                         } else {
-                            c.duplicated += 1;
+                            c.duplicated += (next - k) as u64;
                         }
+                        k = next;
                     }
                 }
                 c.duplicated += (n - in_range) as u64;
@@ -1231,6 +1258,19 @@ fn inject(
                 "collector stopped (SIGTERM) in {:.1} s and ready again {:.1} s later",
                 stopped.as_secs_f64(),
                 (t.elapsed() - stopped).as_secs_f64()
+            ));
+        }
+        Some(Scenario::CollectorKill) => {
+            wait_until(total / 2);
+            let t = Instant::now();
+            let pid = run.collector_pid()?;
+            kill(pid, Signal::SIGKILL)?;
+            // Reaps it (it is our child).
+            run.collector = None;
+            run.start_collector(&bins.collector, "collector-2.log")?;
+            notes.push(format!(
+                "collector killed (SIGKILL) and ready again {:.1} s later",
+                t.elapsed().as_secs_f64()
             ));
         }
         Some(Scenario::StorageDown) => {
