@@ -3,9 +3,9 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use object_store::{
-    ObjectStore,
-    aws::{AmazonS3Builder, S3ConditionalPut},
-    gcp::GoogleCloudStorageBuilder,
+    BackoffConfig, ClientConfigKey, ObjectStore, RetryConfig,
+    aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut},
+    gcp::{GoogleCloudStorageBuilder, GoogleConfigKey},
     local::LocalFileSystem,
     memory::InMemory,
     path::Path,
@@ -126,6 +126,12 @@ pub fn open_storage(url: Option<&str>) -> Result<(Arc<dyn ObjectStore>, Path), C
         "s3" => Arc::new(
             AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
+                .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), TIMEOUT)
+                .with_config(
+                    AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                    CONNECT_TIMEOUT,
+                )
+                .with_retry(retry_config())
                 // Parts and markers are written with `If-None-Match: *` (S3 supports it natively).
                 .with_conditional_put(S3ConditionalPut::ETagMatch)
                 .build()
@@ -134,12 +140,41 @@ pub fn open_storage(url: Option<&str>) -> Result<(Arc<dyn ObjectStore>, Path), C
         "gs" => Arc::new(
             GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(bucket)
+                .with_config(GoogleConfigKey::Client(ClientConfigKey::Timeout), TIMEOUT)
+                .with_config(
+                    GoogleConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                    CONNECT_TIMEOUT,
+                )
+                .with_retry(retry_config())
                 .build()
                 .map_err(|e| bad(url, e.to_string()))?,
         ),
         other => return Err(bad(url, format!("unsupported scheme {other:?}"))),
     };
     Ok((store, prefix))
+}
+
+/// Requests to object storage: a part is at most `--max-body` (16 MiB by default), so 20 s is
+/// generous for one; a store that stops answering frees the API's in-flight budget after that
+/// instead of object_store's 30 s. Set through config keys, which keep what the environment set
+/// (`AWS_ALLOW_HTTP`...), unlike replacing the client options.
+const TIMEOUT: &str = "20s";
+const CONNECT_TIMEOUT: &str = "5s";
+
+/// Retries of failed storage requests: short backoffs (at most 1 s apart, not object_store's
+/// 15 s) and 30 s in all, so the API resumes storing about a second after its storage comes back
+/// instead of tens of seconds later, and a writer gets its 503 (and retries, or drops with a
+/// marker) instead of waiting minutes.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            base: 2.0,
+        },
+        max_retries: 10,
+        retry_timeout: Duration::from_secs(30),
+    }
 }
 
 fn open_dir(url: &str, dir: &str) -> Result<(Arc<dyn ObjectStore>, Path), ConfigError> {
