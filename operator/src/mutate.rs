@@ -426,9 +426,11 @@ fn original_command(
 }
 
 /// Rewrites Tekton's entrypoint arguments `... -entrypoint X ... -- ARGS` to
-/// `... -entrypoint /relay/lib/entrypoint ... -- X ARGS`, so Tekton's entrypoint (which does the
-/// step ordering) runs ours, which runs `X ARGS`. Go's flag package accepts `-f v`, `-f=v`,
-/// `--f v` and `--f=v`, and stops at `--`.
+/// `... -entrypoint /relay/lib/entrypoint ... -- -- X ARGS`, so Tekton's entrypoint (which does the
+/// step ordering) runs ours as `/relay/lib/entrypoint -- X ARGS`, which runs `X ARGS`. Without
+/// our own `--`, a step command such as `install DIR` or `-x` would be read as our entrypoint's
+/// subcommand or option. Go's flag package accepts `-f v`, `-f=v`, `--f v` and `--f=v`, and stops
+/// at (and consumes) the first `--`.
 fn tekton_args(args: &[String]) -> Result<Vec<String>, SkipReason> {
     let separator = args.iter().position(|a| a == "--");
     let flags = &args[..separator.unwrap_or(args.len())];
@@ -462,7 +464,10 @@ fn tekton_args(args: &[String]) -> Result<Vec<String>, SkipReason> {
         return Err(SkipReason::MalformedTektonArgs);
     }
     let mut out = args.to_vec();
-    out.insert(separator + 1, command.to_owned());
+    out.splice(
+        separator + 1..separator + 1,
+        ["--".to_owned(), command.to_owned()],
+    );
     out[at] = if inline {
         let dashes = &args[at][..args[at].len() - command.len()];
         format!("{dashes}{ENTRYPOINT_PATH}")
@@ -718,6 +723,7 @@ mod tests {
                     "-entrypoint",
                     ENTRYPOINT_PATH,
                     "--",
+                    "--",
                     "/bin/sh",
                     "-c",
                     "echo hi",
@@ -730,6 +736,7 @@ mod tests {
                 want: Ok(t(&[
                     "-entrypoint=/relay/lib/entrypoint",
                     "--",
+                    "--",
                     "/ko-app/x",
                     "a",
                 ])),
@@ -738,7 +745,41 @@ mod tests {
                 what: "Tekton --entrypoint X with no args after --",
                 label: Some(TEKTON_TASK_RUN_LABEL),
                 container: tekton(&["--entrypoint", "/bin/true", "--"]),
-                want: Ok(t(&["--entrypoint", ENTRYPOINT_PATH, "--", "/bin/true"])),
+                want: Ok(t(&[
+                    "--entrypoint",
+                    ENTRYPOINT_PATH,
+                    "--",
+                    "--",
+                    "/bin/true",
+                ])),
+            },
+            Case {
+                // Without our `--`, Tekton started `/relay/lib/entrypoint install DIR`: our
+                // entrypoint's own install subcommand (the admission_review fuzz target's model
+                // of Tekton and our entrypoint checks this for every Tekton step it wraps).
+                what: "Tekton step whose command is `install DIR`",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint", "install", "--", "/workspace/bin"]),
+                want: Ok(t(&[
+                    "-entrypoint",
+                    ENTRYPOINT_PATH,
+                    "--",
+                    "--",
+                    "install",
+                    "/workspace/bin",
+                ])),
+            },
+            Case {
+                what: "Tekton step whose command starts with a dash",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint=-x", "--", "y"]),
+                want: Ok(t(&[
+                    "-entrypoint=/relay/lib/entrypoint",
+                    "--",
+                    "--",
+                    "-x",
+                    "y",
+                ])),
             },
             Case {
                 what: "Tekton: -entrypoint after -- is an argument, not the flag",

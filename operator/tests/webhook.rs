@@ -504,8 +504,8 @@ async fn pods_created_through_the_api_server_are_stored_mutated() {
         .expect("create again");
     assert_eq!(again.spec, stored.spec, "a second pass changes nothing");
 
-    // Tekton: ours goes into Tekton's -entrypoint, the original command after `--`; the init
-    // container is left alone.
+    // Tekton: ours goes into Tekton's -entrypoint, the original command after `-- --` (Tekton
+    // consumes the first); the init container is left alone.
     let init = container(
         "prepare",
         "gcr.io/tekton-releases/entrypoint",
@@ -552,6 +552,7 @@ async fn pods_created_through_the_api_server_are_stored_mutated() {
             "/tekton/run/0/out",
             "-entrypoint",
             ENTRYPOINT_PATH,
+            "--",
             "--",
             "make",
             "build",
