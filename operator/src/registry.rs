@@ -211,7 +211,7 @@ fn compatible_variants(arch: &str, variant: &str) -> Vec<String> {
 
 /// The entry of an image index for `platform`: the exact match if there is one, else the best
 /// compatible variant; the first of equals.
-fn select_platform<'a>(
+pub fn select_platform<'a>(
     entries: &'a [ImageIndexEntry],
     platform: &Platform,
 ) -> Option<&'a ImageIndexEntry> {
@@ -552,7 +552,7 @@ impl PullAuth {
     /// `reg.example.com:5000/team/app:v1`), most specific first; empty when none match or the
     /// reference does not parse.
     pub fn credentials_for(&self, image: &str) -> Vec<&Credentials> {
-        match Reference::try_from(image) {
+        match normalize_reference(image) {
             Ok(reference) => self.lookup(&reference),
             Err(_) => Vec::new(),
         }
@@ -803,12 +803,64 @@ fn short(message: &str) -> String {
     }
 }
 
-/// `image` parsed and normalized (`busybox` is `docker.io/library/busybox:latest`).
+/// The `ENTRYPOINT` and `CMD` of an image configuration blob (OCI `config.Entrypoint` and
+/// `config.Cmd`; Docker's are the same fields); absent or `null` ones are empty.
+pub fn image_command_from_config(data: &[u8]) -> Result<ImageCommand, serde_json::Error> {
+    let file: ConfigFile = serde_json::from_slice(data)?;
+    let config = file.config.unwrap_or(ContainerConfig {
+        entrypoint: None,
+        cmd: None,
+    });
+    Ok(ImageCommand {
+        entrypoint: config.entrypoint.unwrap_or_default(),
+        cmd: config.cmd.unwrap_or_default(),
+    })
+}
+
+/// `image` parsed and normalized as Docker and containerd do it (`busybox` is
+/// `docker.io/library/busybox:latest`).
 pub fn normalize_reference(image: &str) -> Result<Reference, RegistryError> {
-    Reference::try_from(image).map_err(|e| RegistryError::InvalidReference {
+    let reference = Reference::try_from(image).map_err(|e| RegistryError::InvalidReference {
         image: image.to_owned(),
         reason: e.to_string(),
-    })
+    })?;
+    // oci-spec's domain split leaves out one of Docker's rules (distribution/reference's
+    // `splitDockerDomain`): a first element with upper-case letters is a registry host
+    // (`Registry/team/app` is host `Registry`), as repository paths are lower-case. Without it
+    // the lookup would ask Docker Hub about an image the kubelet pulls from another registry.
+    let host = image
+        .split_once('/')
+        .map(|(first, _)| first)
+        .filter(|first| {
+            !first.contains(['.', ':'])
+                && *first != "localhost"
+                && first.bytes().any(|b| b.is_ascii_uppercase())
+        });
+    let Some(host) = host else {
+        return Ok(reference);
+    };
+    let Some(repository) = reference
+        .repository()
+        .strip_prefix(host)
+        .and_then(|r| r.strip_prefix('/'))
+    else {
+        return Ok(reference);
+    };
+    let (host, repository) = (host.to_owned(), repository.to_owned());
+    Ok(
+        match (
+            reference.tag().map(str::to_owned),
+            reference.digest().map(str::to_owned),
+        ) {
+            (Some(tag), Some(digest)) => {
+                Reference::with_tag_and_digest(host, repository, tag, digest)
+            }
+            (None, Some(digest)) => Reference::with_digest(host, repository, digest),
+            (tag, None) => {
+                Reference::with_tag(host, repository, tag.unwrap_or_else(|| "latest".to_owned()))
+            }
+        },
+    )
 }
 
 impl Registry {
@@ -1049,16 +1101,8 @@ impl Registry {
             }
             data.extend_from_slice(&chunk);
         }
-        let file: ConfigFile = serde_json::from_slice(&data)
+        let command = image_command_from_config(&data)
             .map_err(|e| target.malformed(format!("image configuration: {e}")))?;
-        let config = file.config.unwrap_or(ContainerConfig {
-            entrypoint: None,
-            cmd: None,
-        });
-        let command = ImageCommand {
-            entrypoint: config.entrypoint.unwrap_or_default(),
-            cmd: config.cmd.unwrap_or_default(),
-        };
         remember(
             &self.inner.configs,
             descriptor.digest.clone(),
@@ -1376,6 +1420,26 @@ mod tests {
         let digest = format!("sha256:{}", "a".repeat(64));
         let r = normalize_reference(&format!("reg.example.com/app:v1@{digest}")).unwrap();
         assert_eq!(r.digest(), Some(digest.as_str()));
+        // Found by the image_reference fuzz target: an upper-case first element is a registry
+        // host, as for Docker and containerd, not a Docker Hub namespace (which would not even
+        // print back to a reference that parses).
+        let pinned = format!("Reg/app:v1@{digest}");
+        for (image, whole) in [
+            ("Registry/team/app", "Registry/team/app:latest"),
+            ("qDp0/org/repo:v2", "qDp0/org/repo:v2"),
+            (pinned.as_str(), pinned.as_str()),
+        ] {
+            let r = normalize_reference(image).unwrap();
+            assert_eq!(r.whole(), whole, "{image}");
+            assert_eq!(Some(r.registry()), image.split('/').next(), "{image}");
+            assert_eq!(normalize_reference(&r.whole()).unwrap().whole(), whole);
+        }
+        let auth = PullAuth::from_secrets(&[config_json(json!({ "registry": basic("u", "p") }))]);
+        assert_eq!(users(&auth, "Registry/team/app"), ["u:p"]);
+        assert!(
+            users(&auth, "registry/team/app").is_empty(),
+            "a Docker Hub namespace"
+        );
         for bad in [
             "",
             "reg.example.com/App",
