@@ -1,0 +1,417 @@
+//! The stream store against a model: random interleavings of writes (in order, out of order,
+//! appended, identical re-sends over stored bytes, conflicting ones), dropped markers, final
+//! lengths (alone or with a write) and restarts (a new `Store` over the same storage, as after a
+//! crash or on another replica). After every step, what the call answered, the stream's status and
+//! reads of every range must be what the model says.
+//!
+//! The model is a byte map and a dropped-offset map over a small range of offsets, so writes
+//! overlap often; it follows the store's documented rules:
+//! - a write beyond a declared final length, or declaring another final length, is refused;
+//! - one that declares a final length below the bytes stored is refused before anything is written;
+//! - bytes that differ from stored ones are a conflict and nothing of the write is kept; a write
+//!   whose bytes are all stored already is `Unchanged`;
+//! - a final length declared with a write is declared after the bytes are stored (so it may be
+//!   refused while they stay);
+//! - a final length must not be below anything stored or dropped, and never changes;
+//! - readers get stored bytes, skip dropped ones where nothing is stored, and stop at a gap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use metadata_api::{
+    auth::Context,
+    metrics::Metrics,
+    range::Span,
+    server::open_storage,
+    store::{Piece, Source, Store, StoreError, Stream, StreamMeta, Written},
+};
+use object_store::{ObjectStore, memory::InMemory, path::Path};
+use proptest::prelude::*;
+
+/// Offsets writes and markers start below.
+const DOMAIN: u64 = 40;
+/// Offsets the model tracks: everything an operation can reach.
+const SIZE: usize = 128;
+
+/// The stream's true content: re-sends of it are identical wherever they overlap.
+fn truth(i: u64) -> u8 {
+    b'a' + (i % 26) as u8
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Total {
+    /// No final length.
+    None,
+    /// The write's own end: the last write of a stream.
+    AtEnd,
+    /// Any length.
+    Is(u64),
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// `len` bytes of the true content at `at` (appended when `None`), with the byte at `flip`
+    /// (modulo `len`) changed when given, and a final length.
+    Write {
+        at: Option<u64>,
+        len: u64,
+        flip: Option<u64>,
+        total: Total,
+    },
+    /// A `dropped` marker.
+    Drop { start: u64, len: u64 },
+    /// A final length alone.
+    Final { total: u64 },
+    /// A new store over the same storage.
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let total = prop_oneof![
+        6 => Just(Total::None),
+        2 => Just(Total::AtEnd),
+        1 => (0..DOMAIN + 16).prop_map(Total::Is),
+    ];
+    prop_oneof![
+        8 => (
+            proptest::option::weighted(0.8, 0..DOMAIN),
+            0..12u64,
+            proptest::option::weighted(0.15, 0..12u64),
+            total,
+        )
+            .prop_map(|(at, len, flip, total)| Op::Write { at, len, flip, total }),
+        2 => (0..DOMAIN, 0..10u64).prop_map(|(start, len)| Op::Drop { start, len }),
+        1 => (0..DOMAIN + 16).prop_map(|total| Op::Final { total }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+/// Why the store refused a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    Conflict,
+    BeyondFinal,
+    FinalLength,
+}
+
+fn refused(e: StoreError) -> Refused {
+    match e {
+        StoreError::Conflict { .. } => Refused::Conflict,
+        StoreError::BeyondFinal { .. } => Refused::BeyondFinal,
+        StoreError::FinalLength { .. } => Refused::FinalLength,
+        other => panic!("the store failed: {other}"),
+    }
+}
+
+/// What the stream should hold.
+#[derive(Debug)]
+struct Model {
+    bytes: Vec<Option<u8>>,
+    dropped: Vec<bool>,
+    final_len: Option<u64>,
+}
+
+/// The runs of offsets below `SIZE` where `f` holds.
+fn runs(f: impl Fn(usize) -> bool) -> Vec<Span> {
+    let mut out: Vec<Span> = Vec::new();
+    for i in (0..SIZE).filter(|&i| f(i)) {
+        match out.last_mut() {
+            Some(s) if s.end == i as u64 => s.end += 1,
+            _ => out.push(Span::new(i as u64, i as u64 + 1)),
+        }
+    }
+    out
+}
+
+impl Model {
+    fn new() -> Self {
+        Self {
+            bytes: vec![None; SIZE],
+            dropped: vec![false; SIZE],
+            final_len: None,
+        }
+    }
+
+    fn stored(&self, i: u64) -> bool {
+        self.bytes[i as usize].is_some()
+    }
+
+    fn covered(&self, i: usize) -> bool {
+        self.bytes[i].is_some() || self.dropped[i]
+    }
+
+    fn stored_end(&self) -> u64 {
+        runs(|i| self.bytes[i].is_some())
+            .last()
+            .map_or(0, |s| s.end)
+    }
+
+    fn covered_end(&self) -> u64 {
+        runs(|i| self.covered(i)).last().map_or(0, |s| s.end)
+    }
+
+    fn write(
+        &mut self,
+        at: Option<u64>,
+        data: &[u8],
+        total: Option<u64>,
+    ) -> Result<Written, Refused> {
+        let start = at.unwrap_or_else(|| self.covered_end());
+        let span = Span::new(start, start + data.len() as u64);
+        if let Some(n) = self.final_len {
+            if span.end > n {
+                return Err(Refused::BeyondFinal);
+            }
+            if total.is_some_and(|t| t != n) {
+                return Err(Refused::FinalLength);
+            }
+        }
+        if total.is_some_and(|t| t < self.stored_end()) {
+            return Err(Refused::FinalLength);
+        }
+        let offsets = span.start..span.end;
+        if offsets
+            .clone()
+            .zip(data)
+            .any(|(i, b)| self.bytes[i as usize].is_some_and(|s| s != *b))
+        {
+            return Err(Refused::Conflict);
+        }
+        let written = if offsets.clone().all(|i| self.stored(i)) {
+            Written::Unchanged
+        } else {
+            Written::Stored
+        };
+        for (i, b) in offsets.zip(data) {
+            self.bytes[i as usize] = Some(*b);
+        }
+        if let Some(t) = total {
+            self.declare(t)?;
+        }
+        Ok(written)
+    }
+
+    fn mark(&mut self, span: Span) -> Result<(), Refused> {
+        if self.final_len.is_some_and(|n| span.end > n) {
+            return Err(Refused::BeyondFinal);
+        }
+        for i in span.start..span.end {
+            self.dropped[i as usize] = true;
+        }
+        Ok(())
+    }
+
+    fn declare(&mut self, total: u64) -> Result<(), Refused> {
+        match self.final_len {
+            Some(n) if n == total => Ok(()),
+            Some(_) => Err(Refused::FinalLength),
+            None if total < self.covered_end() => Err(Refused::FinalLength),
+            None => {
+                self.final_len = Some(total);
+                Ok(())
+            }
+        }
+    }
+
+    /// A read from `start` to `end`: the bytes, the dropped pieces skipped, and where it stopped.
+    fn read(&self, start: u64, end: u64) -> (Vec<u8>, Vec<Span>, u64) {
+        let mut out = Vec::new();
+        let mut dropped: Vec<Span> = Vec::new();
+        let mut at = start;
+        while at < end {
+            match self.bytes.get(at as usize).copied().flatten() {
+                Some(b) => out.push(b),
+                None if self.dropped.get(at as usize).copied().unwrap_or(false) => {
+                    match dropped.last_mut() {
+                        Some(s) if s.end == at => s.end += 1,
+                        _ => dropped.push(Span::new(at, at + 1)),
+                    }
+                }
+                None => break,
+            }
+            at += 1;
+        }
+        (out, dropped, at)
+    }
+}
+
+/// Checks the stream's status and every read against the model.
+async fn check(store: &Store, stream: &Stream, model: &Model, step: &str) {
+    let status = stream.status();
+    let covered = runs(|i| model.covered(i));
+    let length = covered
+        .first()
+        .filter(|s| s.start == 0)
+        .map_or(0, |s| s.end);
+    let end = covered.last().map_or(0, |s| s.end);
+    let pending_to = end.max(model.final_len.unwrap_or(0));
+    let pending = runs(|i| (i as u64) < pending_to && !model.covered(i));
+    assert_eq!(
+        status.stored,
+        runs(|i| model.bytes[i].is_some()),
+        "{step}: stored"
+    );
+    assert_eq!(
+        status.dropped,
+        runs(|i| model.dropped[i] && model.bytes[i].is_none()),
+        "{step}: dropped"
+    );
+    assert_eq!(status.length, length, "{step}: length");
+    assert_eq!(status.end, end, "{step}: end");
+    assert_eq!(status.pending, pending, "{step}: pending");
+    assert_eq!(status.final_length, model.final_len, "{step}: final length");
+    assert_eq!(
+        status.complete,
+        model.final_len.is_some() && pending.is_empty(),
+        "{step}: complete"
+    );
+    match model.final_len {
+        Some(n) => {
+            assert!(stream.finished_at(n), "{step}: not finished at {n}");
+            assert!(
+                n == 0 || !stream.finished_at(n - 1),
+                "{step}: finished before {n}"
+            );
+        }
+        None => assert!(!stream.finished_at(u64::MAX), "{step}: finished"),
+    }
+
+    for start in 0..=end + 1 {
+        for stop in [start + 1, start + 5, end + 2] {
+            let span = Span::new(start, stop.max(start));
+            let (bytes, dropped, reached) = model.read(span.start, span.end);
+            let (pieces, at) = stream.plan(span);
+            assert_eq!(at, reached, "{step}: read of {span:?} stops elsewhere");
+            // The pieces tile the read in order; the dropped ones are the model's.
+            let mut next = span.start;
+            let mut skipped: Vec<Span> = Vec::new();
+            for p in &pieces {
+                let s = match p {
+                    Piece::Data { span, part } => {
+                        assert!(
+                            part.span.start <= span.start && span.end <= part.span.end,
+                            "{step}: piece {span:?} outside its part {:?}",
+                            part.span
+                        );
+                        *span
+                    }
+                    Piece::Dropped(s) => {
+                        match skipped.last_mut() {
+                            Some(last) if last.end == s.start => last.end = s.end,
+                            _ => skipped.push(*s),
+                        }
+                        *s
+                    }
+                };
+                assert_eq!(s.start, next, "{step}: pieces of {span:?} do not tile it");
+                assert!(s.start < s.end, "{step}: empty piece");
+                next = s.end;
+            }
+            assert_eq!(next, at, "{step}: pieces of {span:?} end elsewhere");
+            assert_eq!(skipped, dropped, "{step}: dropped pieces of {span:?}");
+            let read = store.read_all(stream, span).await.expect("read");
+            assert_eq!(read, bytes, "{step}: bytes of {span:?}");
+        }
+    }
+}
+
+async fn run(os: Arc<dyn ObjectStore>, prefix: Path, ops: Vec<Op>) {
+    let metrics = Arc::new(Metrics::new());
+    let meta = StreamMeta {
+        context: Context::stream("workflows/w/runs/r/steps/s").expect("context"),
+        name: "stdout".to_owned(),
+        source: Source::Entrypoint,
+    };
+    let id = "0".repeat(64);
+    let mut store = Store::new(os.clone(), prefix.clone(), metrics.clone());
+    let mut stream = store
+        .create(id.clone(), meta.clone())
+        .await
+        .expect("create");
+    let mut model = Model::new();
+    for (n, op) in ops.iter().enumerate() {
+        let step = format!("step {n} ({op:?})");
+        match *op {
+            Op::Write {
+                at,
+                len,
+                flip,
+                total,
+            } => {
+                let start = at.unwrap_or_else(|| model.covered_end());
+                let mut data: Vec<u8> = (start..start + len).map(truth).collect();
+                if let (Some(f), false) = (flip, data.is_empty()) {
+                    let i = f as usize % data.len();
+                    data[i] = data[i].to_ascii_uppercase();
+                }
+                let total = match total {
+                    Total::None => None,
+                    Total::AtEnd => Some(start + len),
+                    Total::Is(t) => Some(t),
+                };
+                let want = model.write(at, &data, total);
+                let got = store
+                    .write(&stream, at, Bytes::from(data), total)
+                    .await
+                    .map_err(refused);
+                assert_eq!(got, want, "{step}");
+            }
+            Op::Drop { start, len } => {
+                let span = Span::new(start, start + len);
+                let want = model.mark(span);
+                let got = store.mark_dropped(&stream, span).await.map_err(refused);
+                assert_eq!(got, want, "{step}");
+            }
+            Op::Final { total } => {
+                let want = model.declare(total);
+                let got = store.declare_final(&stream, total).await.map_err(refused);
+                assert_eq!(got, want, "{step}");
+            }
+            Op::Restart => {
+                store = Store::new(os.clone(), prefix.clone(), metrics.clone());
+                stream = store
+                    .open(&id)
+                    .await
+                    .expect("open")
+                    .expect("the stream is stored");
+                assert_eq!(stream.meta, meta, "{step}: metadata");
+            }
+        }
+        check(&store, &stream, &model, &step).await;
+    }
+    // Creating the stream again (a restarted writer does) finds the same state.
+    let again = Store::new(os, prefix, metrics);
+    let reopened = again.create(id, meta).await.expect("create again");
+    check(&again, &reopened, &model, "created again").await;
+}
+
+fn block_on(f: impl Future<Output = ()>) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn in_memory_store_follows_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+        block_on(run(Arc::new(InMemory::new()), Path::from("t"), ops));
+    }
+}
+
+proptest! {
+    // The local file system lists and conditionally creates objects in its own way: fewer cases.
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn file_store_follows_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("file://{}", dir.path().join("streams").display());
+        let (os, prefix) = open_storage(Some(&url)).expect("file storage");
+        block_on(run(os, prefix, ops));
+    }
+}
