@@ -1,8 +1,11 @@
-//! `cargo xtask fuzz`: runs the cargo-fuzz targets in `metadata-api/fuzz` for a while each.
+//! `cargo xtask fuzz`: runs the cargo-fuzz targets of every fuzz crate (`metadata-api/fuzz`,
+//! `operator/fuzz`) for a while each.
 //!
 //! cargo-fuzz needs a nightly toolchain (sanitizers, `-Z` flags); a pinned one is installed on
-//! demand, as is cargo-fuzz itself. Each target starts from its committed seeds
-//! (`fuzz/seeds/<target>`) copied into a fresh, gitignored `fuzz/corpus/<target>`.
+//! demand, as is cargo-fuzz itself. Each crate is built once, into a target directory under
+//! `~/.cache/relay` so a fresh clone does not rebuild the operator's dependency tree with
+//! sanitizers from scratch. Each target starts from its committed seeds (`fuzz/seeds/<target>`)
+//! copied into a fresh, gitignored `fuzz/corpus/<target>`; crashes land in `fuzz/artifacts`.
 
 use std::{
     fs,
@@ -17,6 +20,13 @@ use crate::util;
 
 /// The nightly cargo-fuzz builds with (the workspace itself pins a stable toolchain).
 const NIGHTLY: &str = "nightly-2026-05-19";
+
+/// The crates whose `fuzz/` directory holds cargo-fuzz targets.
+const FUZZED_CRATES: [&str; 2] = ["metadata-api", "operator"];
+
+/// Longest one input may take before libFuzzer calls it a hang: every target parses inputs of
+/// a few KiB, which takes milliseconds even instrumented.
+const INPUT_TIMEOUT_SECS: u64 = 10;
 
 /// Variables the outer `cargo run` / rustup proxy set that would pin the child's toolchain and
 /// defeat `cargo +nightly`.
@@ -38,51 +48,113 @@ pub struct Args {
     pub target: Option<String>,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let crate_dir = util::root().join("metadata-api");
-    let fuzz_dir = crate_dir.join("fuzz");
+/// A fuzz target and the crate it belongs to.
+#[derive(Debug)]
+struct Target {
+    /// The crate directory (`cargo fuzz` runs there).
+    crate_dir: PathBuf,
+    name: String,
+}
 
-    let mut targets = targets(&fuzz_dir)?;
-    if let Some(only) = &args.target {
-        if !targets.contains(only) {
-            bail!("no fuzz target {only:?}; targets: {}", targets.join(", "));
+impl Target {
+    fn fuzz_dir(&self) -> PathBuf {
+        self.crate_dir.join("fuzz")
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let Args { seconds, target } = args;
+    let mut targets = Vec::new();
+    for krate in FUZZED_CRATES {
+        let crate_dir = util::root().join(krate);
+        for name in targets_in(&crate_dir.join("fuzz"))? {
+            targets.push(Target {
+                crate_dir: crate_dir.clone(),
+                name,
+            });
         }
-        targets = vec![only.clone()];
+    }
+    if let Some(only) = &target {
+        if !targets.iter().any(|t| &t.name == only) {
+            let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+            bail!("no fuzz target {only:?}; targets: {}", names.join(", "));
+        }
+        targets.retain(|t| &t.name == only);
     }
 
     ensure_nightly()?;
     ensure_cargo_fuzz()?;
+    let target_dir = util::cache_dir().join("fuzz-target");
 
+    let started = Instant::now();
     let mut failed = Vec::new();
-    for target in &targets {
-        let corpus = fresh_corpus(&fuzz_dir, target)?;
-        let started = Instant::now();
+    let mut built: Vec<&Path> = Vec::new();
+    for t in &targets {
+        if !built.contains(&t.crate_dir.as_path()) {
+            // All of a crate's targets at once (or the one asked for), timed on its own.
+            let build_started = Instant::now();
+            let mut build = fuzz(&t.crate_dir, "build", &target_dir);
+            if target.is_some() {
+                build.arg(&t.name);
+            }
+            util::run(&mut build).with_context(|| {
+                format!("building the fuzz targets of {}", t.crate_dir.display())
+            })?;
+            eprintln!(
+                "fuzz targets of {}: built in {:.0?}",
+                t.crate_dir.display(),
+                build_started.elapsed()
+            );
+            built.push(&t.crate_dir);
+        }
+        let corpus = fresh_corpus(&t.fuzz_dir(), &t.name)?;
+        let run_started = Instant::now();
         let result = util::run(
-            cargo()
-                .current_dir(&crate_dir)
-                .arg(format!("+{NIGHTLY}"))
-                .args(["fuzz", "run", target])
+            fuzz(&t.crate_dir, "run", &target_dir)
+                .arg(&t.name)
                 .arg(&corpus)
                 .arg("--")
-                .arg(format!("-max_total_time={}", args.seconds))
+                .arg(format!("-max_total_time={seconds}"))
+                .arg(format!("-timeout={INPUT_TIMEOUT_SECS}"))
                 .arg("-print_final_stats=1"),
         );
         match result {
-            Ok(()) => eprintln!("fuzz target {target}: ok ({:.0?})", started.elapsed()),
+            Ok(()) => eprintln!("fuzz target {}: ok ({:.0?})", t.name, run_started.elapsed()),
             Err(e) => {
-                eprintln!("fuzz target {target}: FAILED: {e:#}");
-                failed.push(target.as_str());
+                eprintln!("fuzz target {}: FAILED: {e:#}", t.name);
+                failed.push(t);
             }
         }
     }
+    eprintln!(
+        "fuzzing: {} targets in {:.0?}",
+        targets.len(),
+        started.elapsed()
+    );
     if !failed.is_empty() {
-        bail!(
-            "fuzz targets failed: {} (crash inputs are in {})",
-            failed.join(", "),
-            fuzz_dir.join("artifacts").display()
-        );
+        let names: Vec<String> = failed
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} (crash inputs in {})",
+                    t.name,
+                    t.fuzz_dir().join("artifacts").join(&t.name).display()
+                )
+            })
+            .collect();
+        bail!("fuzz targets failed: {}", names.join(", "));
     }
     Ok(())
+}
+
+/// `cargo +NIGHTLY fuzz SUBCOMMAND --target-dir DIR` in `crate_dir`.
+fn fuzz(crate_dir: &Path, subcommand: &str, target_dir: &Path) -> Command {
+    let mut cmd = cargo();
+    cmd.current_dir(crate_dir)
+        .arg(format!("+{NIGHTLY}"))
+        .args(["fuzz", subcommand, "--target-dir"])
+        .arg(target_dir);
+    cmd
 }
 
 /// Plain `cargo` (through the rustup proxy) without the outer cargo's toolchain pins.
@@ -95,7 +167,7 @@ fn cargo() -> Command {
 }
 
 /// Target names: `fuzz/fuzz_targets/*.rs`, sorted.
-fn targets(fuzz_dir: &Path) -> anyhow::Result<Vec<String>> {
+fn targets_in(fuzz_dir: &Path) -> anyhow::Result<Vec<String>> {
     let dir = fuzz_dir.join("fuzz_targets");
     let mut targets = Vec::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
