@@ -9,8 +9,13 @@
 
 use std::{
     fs,
+    num::NonZeroUsize,
     path::{Path, PathBuf},
     process::Command,
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Instant,
 };
 
@@ -27,6 +32,11 @@ const FUZZED_CRATES: [&str; 2] = ["metadata-api", "operator"];
 /// Longest one input may take before libFuzzer calls it a hang: every target parses inputs of
 /// a few KiB, which takes milliseconds even instrumented.
 const INPUT_TIMEOUT_SECS: u64 = 10;
+
+/// Lines printed from a failed run's log: from the first error, and its end.
+const EXCERPT_LINES: usize = 12;
+/// Longest line printed from it (cargo-fuzz prints the failing input as one line of bytes).
+const EXCERPT_WIDTH: usize = 300;
 
 /// Variables the outer `cargo run` / rustup proxy set that would pin the child's toolchain and
 /// defeat `cargo +nightly`.
@@ -60,6 +70,11 @@ impl Target {
     fn fuzz_dir(&self) -> PathBuf {
         self.crate_dir.join("fuzz")
     }
+
+    /// Where libFuzzer leaves crash inputs, and the run's log.
+    fn artifacts(&self) -> PathBuf {
+        self.fuzz_dir().join("artifacts").join(&self.name)
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -85,66 +100,140 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ensure_nightly()?;
     ensure_cargo_fuzz()?;
     let target_dir = util::cache_dir().join("fuzz-target");
-
     let started = Instant::now();
-    let mut failed = Vec::new();
-    let mut built: Vec<&Path> = Vec::new();
-    for t in &targets {
-        if !built.contains(&t.crate_dir.as_path()) {
-            // All of a crate's targets at once (or the one asked for), timed on its own.
-            let build_started = Instant::now();
-            let mut build = fuzz(&t.crate_dir, "build", &target_dir);
-            if target.is_some() {
-                build.arg(&t.name);
-            }
-            util::run(&mut build).with_context(|| {
-                format!("building the fuzz targets of {}", t.crate_dir.display())
-            })?;
-            eprintln!(
-                "fuzz targets of {}: built in {:.0?}",
-                t.crate_dir.display(),
-                build_started.elapsed()
-            );
-            built.push(&t.crate_dir);
+
+    // Every crate first, all its targets at once (or the one asked for): a build uses all the
+    // cores by itself.
+    let mut crates: Vec<&Path> = targets.iter().map(|t| t.crate_dir.as_path()).collect();
+    crates.dedup();
+    for crate_dir in crates {
+        let build_started = Instant::now();
+        let mut build = fuzz(crate_dir, "build", &target_dir);
+        if let Some(only) = &target {
+            build.arg(only);
         }
-        let corpus = fresh_corpus(&t.fuzz_dir(), &t.name)?;
-        let run_started = Instant::now();
-        let result = util::run(
-            fuzz(&t.crate_dir, "run", &target_dir)
-                .arg(&t.name)
-                .arg(&corpus)
-                .arg("--")
-                .arg(format!("-max_total_time={seconds}"))
-                .arg(format!("-timeout={INPUT_TIMEOUT_SECS}"))
-                .arg("-print_final_stats=1"),
+        util::run(&mut build)
+            .with_context(|| format!("building the fuzz targets of {}", crate_dir.display()))?;
+        eprintln!(
+            "fuzz targets of {}: built in {:.0?}",
+            crate_dir.display(),
+            build_started.elapsed()
         );
-        match result {
-            Ok(()) => eprintln!("fuzz target {}: ok ({:.0?})", t.name, run_started.elapsed()),
-            Err(e) => {
-                eprintln!("fuzz target {}: FAILED: {e:#}", t.name);
-                failed.push(t);
-            }
-        }
     }
+
+    // Then one target per core at a time, each writing its libFuzzer output to its own log.
+    let jobs = std::thread::available_parallelism()
+        .map_or(1, NonZeroUsize::get)
+        .min(targets.len());
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Vec<usize>> = Mutex::default();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(t) = targets.get(i) else { break };
+                    match fuzz_one(t, seconds, &target_dir) {
+                        Ok(summary) => eprintln!("fuzz target {}: ok ({summary})", t.name),
+                        Err(e) => {
+                            eprintln!("fuzz target {}: FAILED: {e:#}", t.name);
+                            failed
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push(i);
+                        }
+                    }
+                }
+            });
+        }
+    });
     eprintln!(
-        "fuzzing: {} targets in {:.0?}",
+        "fuzzing: {} targets, {jobs} at a time, in {:.0?} with the builds",
         targets.len(),
         started.elapsed()
     );
+    let mut failed = failed.into_inner().unwrap_or_else(PoisonError::into_inner);
+    failed.sort_unstable();
+    let failed: Vec<String> = failed
+        .into_iter()
+        .map(|i| {
+            let t = &targets[i];
+            format!(
+                "{} (log and crash inputs in {})",
+                t.name,
+                t.artifacts().display()
+            )
+        })
+        .collect();
     if !failed.is_empty() {
-        let names: Vec<String> = failed
-            .iter()
-            .map(|t| {
-                format!(
-                    "{} (crash inputs in {})",
-                    t.name,
-                    t.fuzz_dir().join("artifacts").join(&t.name).display()
-                )
-            })
-            .collect();
-        bail!("fuzz targets failed: {}", names.join(", "));
+        bail!("fuzz targets failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// Fuzzes `t` for `seconds` from fresh seeds, its output in `fuzz/artifacts/<target>/fuzz.log`.
+/// Returns a summary (time, executions); on failure, the log's end is printed.
+fn fuzz_one(t: &Target, seconds: u64, target_dir: &Path) -> anyhow::Result<String> {
+    let corpus = fresh_corpus(&t.fuzz_dir(), &t.name)?;
+    let artifacts = t.artifacts();
+    fs::create_dir_all(&artifacts)
+        .with_context(|| format!("cannot create {}", artifacts.display()))?;
+    let log_path = artifacts.join("fuzz.log");
+    let log = fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let mut cmd = fuzz(&t.crate_dir, "run", target_dir);
+    cmd.arg(&t.name)
+        .arg(&corpus)
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .arg(format!("-timeout={INPUT_TIMEOUT_SECS}"))
+        .arg("-print_final_stats=1")
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let started = Instant::now();
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let output = fs::read_to_string(&log_path).unwrap_or_default();
+    if !status.success() {
+        eprintln!(
+            "--- {} (from {}) ---\n{}\n---",
+            t.name,
+            log_path.display(),
+            failure_excerpt(&output)
+        );
+        bail!("{status}");
+    }
+    let runs = output
+        .lines()
+        .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
+        .map_or("?", str::trim)
+        .to_owned();
+    Ok(format!("{:.0?}, {runs} runs", started.elapsed()))
+}
+
+/// What a failed run's log says: the lines from its first error (a panic, a sanitizer or
+/// libFuzzer report) and its last lines (where the crash input is), shortened.
+fn failure_excerpt(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines.len().saturating_sub(EXCERPT_LINES);
+    let first_error = lines
+        .iter()
+        .position(|l| l.contains("panicked at") || l.contains("ERROR: "))
+        .unwrap_or(tail);
+    let mut shown: Vec<usize> = (first_error..lines.len().min(first_error + EXCERPT_LINES))
+        .chain(tail..lines.len())
+        .collect();
+    shown.sort_unstable();
+    shown.dedup();
+    shown
+        .into_iter()
+        .map(|i| match lines[i].char_indices().nth(EXCERPT_WIDTH) {
+            Some((cut, _)) => format!("{}...", &lines[i][..cut]),
+            None => lines[i].to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// `cargo +NIGHTLY fuzz SUBCOMMAND --target-dir DIR` in `crate_dir`.
@@ -248,4 +337,34 @@ fn fresh_corpus(fuzz_dir: &Path, target: &str) -> anyhow::Result<PathBuf> {
         }
     }
     Ok(corpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_excerpt_shows_the_panic_and_the_end_shortened() {
+        let mut log: Vec<String> = (0..100).map(|i| format!("#{i} NEW cov: {i}")).collect();
+        log.push("thread '<unnamed>' panicked at src/lib.rs:1:1:".to_owned());
+        log.push("the message".to_owned());
+        log.extend((0..50).map(|i| format!("   {i}: frame")));
+        log.push(format!("[{}]", "1, ".repeat(1000)));
+        log.push("Reproduce with: cargo fuzz run t crash-1".to_owned());
+        let excerpt = failure_excerpt(&log.join("\n"));
+        let lines: Vec<&str> = excerpt.lines().collect();
+        assert!(lines[0].contains("panicked at"), "{excerpt}");
+        assert_eq!(lines[1], "the message");
+        assert_eq!(
+            lines.last(),
+            Some(&"Reproduce with: cargo fuzz run t crash-1")
+        );
+        assert_eq!(lines.len(), 2 * EXCERPT_LINES);
+        assert!(lines.iter().all(|l| l.len() <= EXCERPT_WIDTH + 3));
+        // Without an error line: the end.
+        assert_eq!(
+            failure_excerpt("a\nb").lines().collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+    }
 }

@@ -58,6 +58,8 @@ impl ImageLookup for Images {
 struct Harness {
     rt: tokio::runtime::Runtime,
     webhook: Webhook,
+    /// Kept, so the tenant store stays as it is.
+    _tenants: reflector::store::Writer<Tenant>,
 }
 
 fn tenant(namespace: &str, claim: Option<&str>) -> Tenant {
@@ -85,8 +87,6 @@ fn harness() -> &'static Harness {
             None,
         )));
         writer.apply_watcher_event(&watcher::Event::InitDone);
-        // The store stays ready for good: nothing drops its writer.
-        Box::leak(Box::new(writer));
         // Events go to an API server that refuses them at once.
         let client = rt.block_on(async {
             let api = tower::service_fn(|_req: http::Request<kube::client::Body>| async {
@@ -105,7 +105,11 @@ fn harness() -> &'static Harness {
             Recorder::new(client, EVENT_REPORTER.into()),
             WebhookMetrics::default(),
         );
-        Harness { rt, webhook }
+        Harness {
+            rt,
+            webhook,
+            _tenants: writer,
+        }
     })
 }
 
