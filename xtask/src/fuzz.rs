@@ -100,6 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ensure_nightly()?;
     ensure_cargo_fuzz()?;
     let target_dir = util::cache_dir().join("fuzz-target");
+    prune(&target_dir)?;
     let started = Instant::now();
 
     // Every crate first, all its targets at once (or the one asked for): a build uses all the
@@ -337,6 +338,41 @@ fn fresh_corpus(fuzz_dir: &Path, target: &str) -> anyhow::Result<PathBuf> {
         }
     }
     Ok(corpus)
+}
+
+/// Cargo never collects old artifacts: each change of flags or dependencies leaves another copy of
+/// every sanitized binary (150 MB each) in the shared cache, which reached 13 GB and filled CI's
+/// disk. Past this size the cache starts over (one full build is about 3 GB).
+const CACHE_LIMIT: u64 = 6 << 30;
+
+fn prune(target_dir: &Path) -> anyhow::Result<()> {
+    let size = dir_size(target_dir);
+    if size > CACHE_LIMIT {
+        eprintln!(
+            "fuzz build cache {} holds {:.1} GB, over {:.0} GB: starting it over",
+            target_dir.display(),
+            size as f64 / f64::from(1u32 << 30),
+            CACHE_LIMIT as f64 / f64::from(1u32 << 30)
+        );
+        fs::remove_dir_all(target_dir)
+            .with_context(|| format!("removing {}", target_dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Bytes of regular files under `dir` (0 when it does not exist); symlinks are not followed.
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => dir_size(&entry.path()),
+            Ok(kind) if kind.is_file() => entry.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 #[cfg(test)]
