@@ -290,6 +290,93 @@ async fn a_rerun_continues_after_what_is_stored_and_a_finished_stream_gets_a_new
     assert_eq!(got, b"second run");
 }
 
+/// Runs a shipper that starts at stream offset `at` with `data`, then ends it with `end`
+/// (`close` or `leave_open`).
+async fn ship_from(
+    client: Arc<Client>,
+    at: Option<u64>,
+    data: &[u8],
+    end: fn(&Shipper, Instant),
+) -> ShipReport {
+    let shipper = Shipper::new(quick());
+    if let Some(at) = at {
+        shipper.resume_at(at);
+    }
+    let run = {
+        let s = shipper.clone();
+        tokio::spawn(async move { s.run(client, StreamSpec::named("stdout")).await })
+    };
+    for c in data.chunks(100) {
+        shipper.write(c);
+        tokio::task::yield_now().await;
+    }
+    end(&shipper, Instant::now() + Duration::from_secs(10));
+    run.await.unwrap()
+}
+
+#[tokio::test]
+async fn a_writer_left_open_is_taken_over_at_a_known_offset_without_silent_gaps() {
+    let server = Server::start(&[]);
+    let token = server.token(CTX, Scope::Write);
+    let api = server.client(&token);
+    let c = client(&server.url, &token);
+    let data = bytes(9, 1000);
+
+    // The first writer stops without ending the stream.
+    let first = ship_from(c.clone(), None, &data[..300], Shipper::leave_open).await;
+    assert!(!first.final_declared, "{first:?}");
+    assert_eq!(first.stored, 300, "{first:?}");
+    let id = first.id.clone().unwrap();
+    let st = api.status(&id).await;
+    assert_eq!(st["complete"], false, "{st}");
+    assert!(st["final_length"].is_null(), "{st}");
+
+    // It had also stored 500-599 when it died, and 300-499 was in its memory: lost. The next
+    // writer knows the first handed over 450 bytes and its own start at 450.
+    api.put_at(&id, 500, &data[500..600]).await;
+    let second = ship_from(c.clone(), Some(450), &data[450..], Shipper::close).await;
+    assert_eq!(second.base, 450, "{second:?}");
+    assert_eq!(second.prior_dropped, 150, "300-449 is reported: {second:?}");
+    assert_eq!(second.lost(), 0, "{second:?}");
+    let st = api.status(&id).await;
+    assert_eq!(st["complete"], true, "{st}");
+    assert_eq!(st["final_length"], 1000, "{st}");
+    assert_eq!(
+        st["dropped"],
+        serde_json::json!([{"start": 300, "end": 450}]),
+        "{st}"
+    );
+    let got = api.data(&id).await;
+    let mut expected = data[..300].to_vec();
+    expected.extend_from_slice(&data[450..]);
+    assert!(
+        got == expected,
+        "stored bytes are the writers' own, in place"
+    );
+}
+
+#[tokio::test]
+async fn a_writer_resuming_behind_what_is_stored_rewrites_the_same_bytes() {
+    let server = Server::start(&[]);
+    let token = server.token(CTX, Scope::Write);
+    let api = server.client(&token);
+    let c = client(&server.url, &token);
+    let data = bytes(11, 800);
+    let first = ship_from(c.clone(), None, &data[..600], Shipper::leave_open).await;
+    let id = first.id.clone().unwrap();
+    // The next writer's last known hand-over was at 200: 200-599 come again, identical.
+    let second = ship_from(c, Some(200), &data[200..], Shipper::close).await;
+    assert_eq!(
+        (second.base, second.prior_dropped, second.lost()),
+        (200, 0, 0),
+        "{second:?}"
+    );
+    let st = api.status(&id).await;
+    assert_eq!(st["final_length"], 800, "{st}");
+    assert_eq!(st["dropped"], serde_json::json!([]), "{st}");
+    assert!(api.data(&id).await == data, "byte-exact");
+}
+
 #[tokio::test]
 async fn rotated_token_file_is_picked_up() {
     let server = Server::start(&[]);

@@ -181,6 +181,10 @@ struct Buf {
     /// When the oldest queued byte arrived.
     oldest: Option<Instant>,
     closed: bool,
+    /// Closed without declaring the final length: another writer continues the stream.
+    leave_open: bool,
+    /// Stream offset of the first byte, when the writer knows it (see [`Shipper::resume_at`]).
+    resume: Option<u64>,
     /// After this, queued and in-flight bytes are given up as dropped.
     data_deadline: Option<Instant>,
     /// After this, nothing more is attempted.
@@ -325,14 +329,34 @@ impl Shipper {
         self.buf().next
     }
 
+    /// Places this writer's first byte at stream offset `offset` instead of after what is stored
+    /// (the default): for a writer that takes over from one that stopped, knowing where it
+    /// stopped. Whatever an earlier writer left neither stored nor dropped below `offset` is
+    /// reported as dropped; bytes it stored at or past `offset` must be the same bytes (a
+    /// re-send of identical bytes is accepted). Call before [`Shipper::run`].
+    pub fn resume_at(&self, offset: u64) {
+        self.buf().resume = Some(offset);
+    }
+
     /// Ends the stream: what is queued is shipped, then the final length is declared, all by
     /// `deadline`. Near the deadline (the last quarter, at most 2 s) bytes still not stored are
     /// given up and reported as dropped. Closing again changes nothing.
     pub fn close(&self, deadline: std::time::Instant) {
+        self.end(deadline, false);
+    }
+
+    /// Stops writing without ending the stream: as [`Shipper::close`], but no final length is
+    /// declared, so a later writer can continue it (see [`Shipper::resume_at`]).
+    pub fn leave_open(&self, deadline: std::time::Instant) {
+        self.end(deadline, true);
+    }
+
+    fn end(&self, deadline: std::time::Instant, leave_open: bool) {
         let mut b = self.buf();
         if b.closed {
             return;
         }
+        b.leave_open = leave_open;
         let deadline = Instant::from_std(deadline);
         let now = Instant::now();
         let reserve = (deadline.saturating_duration_since(now) / 4).min(Duration::from_secs(2));
@@ -573,6 +597,10 @@ impl Run {
             let b = self.shipper.buf();
             b.queued == 0 && b.lost.is_empty()
         };
+        if closed && idle && self.shipper.buf().leave_open {
+            self.finished = true;
+            return;
+        }
         if closed && idle {
             let total = base + self.shipper.offset();
             let client = self.client.clone();
@@ -605,8 +633,16 @@ impl Run {
                     }
                     return;
                 }
+                let resume = self.shipper.buf().resume;
+                let base = resume.unwrap_or(c.end);
                 self.report.id = Some(c.id.clone());
-                self.report.base = c.end;
+                self.report.base = base;
+                // What an earlier writer left between its last stored byte and our first.
+                if let Some(b) = resume
+                    && c.end < b
+                {
+                    self.prior.push(Span::new(c.end, b));
+                }
                 if c.end > c.length {
                     let (client, id) = (self.client.clone(), c.id.clone());
                     let cfg = self.shipper.shared.cfg.clone();
@@ -614,10 +650,7 @@ impl Run {
                         Done::Status(retry(&cfg, || client.status(&id)).await.map(|s| s.pending))
                     });
                 }
-                self.opened = Some(Opened {
-                    id: c.id,
-                    base: c.end,
-                });
+                self.opened = Some(Opened { id: c.id, base });
             }
             (Job::Create, Some(Done::Created(Err(e)))) => {
                 err(&mut self.report, &e);
@@ -626,11 +659,15 @@ impl Run {
             }
             (Job::Create, _) => self.create_at = Some(Instant::now()),
             (Job::Status, Some(Done::Status(Ok(pending)))) => {
+                // Gaps below our base are nobody's but ours to report; from the base on, our
+                // own bytes fill them.
                 let base = self.report.base;
-                self.prior = pending
-                    .into_iter()
-                    .filter(|s| s.end <= base && !s.is_empty())
-                    .collect();
+                self.prior.extend(
+                    pending
+                        .into_iter()
+                        .map(|s| Span::new(s.start, s.end.min(base)))
+                        .filter(|s| s.start < s.end),
+                );
             }
             (Job::Status, Some(Done::Status(Err(e)))) => err(&mut self.report, &e),
             (Job::Data(span), Some(Done::Unit(Ok(())))) => {
