@@ -4,6 +4,7 @@ mod bench;
 mod bench_collector;
 mod bench_entrypoint;
 mod bench_operator;
+mod bench_peers;
 mod bench_redact;
 mod demo;
 mod dist;
@@ -63,6 +64,12 @@ enum Task {
     WriteLoop(bench_collector::WriteLoopArgs),
     /// What the pod injection webhook adds to pod creation, and the operator's reconcile rate.
     BenchOperator(bench_operator::Args),
+    /// Our entrypoint and collector paths against containerd's CRI log tailed by syslog-ng
+    /// (root): CPU per GB, max lossless throughput, latency, loss under log rotation.
+    BenchPeers(bench_peers::Args),
+    /// The peer benchmark's workload: timestamped lines on stdout, one write each.
+    #[command(hide = true)]
+    PeerWriter(bench_peers::WriterArgs),
     /// Container test bed: `install` unpacks containerd, runc and busybox into ~/.cache/relay.
     Testbed(testbed::Args),
     /// Installs the eBPF toolchain the collector's build needs (pinned nightly, bpf-linker).
@@ -86,6 +93,8 @@ fn main() -> anyhow::Result<()> {
         Task::BenchCollector(a) => bench_collector::run(a),
         Task::WriteLoop(a) => bench_collector::write_loop(a),
         Task::BenchOperator(a) => bench_operator::run(a),
+        Task::BenchPeers(a) => bench_peers::run(a),
+        Task::PeerWriter(a) => bench_peers::writer(a),
         Task::Testbed(a) => testbed::run(a),
         Task::EbpfToolchain => {
             let bin = ebpf::install()?;

@@ -355,6 +355,11 @@ impl Collector {
         this.metrics_url = url.to_owned();
         Ok(this)
     }
+
+    /// The collector's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Collector {
