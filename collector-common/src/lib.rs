@@ -92,6 +92,22 @@ pub struct Verdict {
     pub generation: u64,
 }
 
+/// Where user space stands in a stream it ships: the kernel's bytes `[0, raw)` were handed to
+/// the shipper as the stream's bytes `[0, shipped)` (they differ once secret values are
+/// redacted). Kept in a map the programs never touch, so that a collector started after another
+/// stopped or crashed continues each stream exactly where the bytes it can account for end.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    pub raw: u64,
+    pub shipped: u64,
+}
+
+/// Version of the maps' layout (names, types, keys, values, what the programs keep in them).
+/// Pinned maps are shared across collector restarts only within one version, so bump it with
+/// any such change: a collector of another version starts over with fresh maps.
+pub const MAP_LAYOUT: u32 = 1;
+
 /// Indexes of the kernel-side counters (a per-CPU array of `u64`).
 pub mod counter {
     /// Bytes put into the ring buffer.
@@ -144,4 +160,5 @@ mod user {
     unsafe impl aya::Pod for super::Verdict {}
     unsafe impl aya::Pod for super::StdioInodes {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::Cursor {}
 }

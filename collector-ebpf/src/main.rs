@@ -30,7 +30,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use collector_common::{
-    CHUNK_BYTES, ChunkHeader, FILE_KIND_FIFO, FILE_KIND_TTY, HEADER_BYTES, KernelOffsets,
+    CHUNK_BYTES, ChunkHeader, Cursor, FILE_KIND_FIFO, FILE_KIND_TTY, HEADER_BYTES, KernelOffsets,
     MAX_CGROUP_DEPTH, STREAM_IGNORE, StdioInodes, StreamKey, StreamState, Verdict, counter,
 };
 
@@ -83,6 +83,10 @@ static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0
 /// Captured chunks for user space. Its size is set by the loader.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 23, 0);
+
+/// User space's place in each stream it ships (see [`Cursor`]); the programs never touch it.
+#[map]
+static CURSORS: HashMap<StreamKey, Cursor> = HashMap::with_max_entries(16384, 0);
 
 /// See [`counter`].
 #[map]

@@ -94,6 +94,14 @@ pub struct Args {
     #[arg(long, env = "RELAY_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
     /// Forward the eBPF programs' debug log (aya-log) to this process's log.
+    /// Pin the programs and their maps under this directory on the BPF filesystem, so capture
+    /// goes on between runs (a restart or upgrade of the collector, a crash): the next run
+    /// takes over every stream where this one stopped, and what was written meanwhile beyond
+    /// the ring's room is reported as dropped. Streams of running containers are left open on
+    /// exit. Remove the directory to detach everything for good. Without it, the programs
+    /// detach when the collector exits and it ends every stream it ships.
+    #[arg(long, env = "RELAY_COLLECTOR_PIN_DIR")]
+    pub pin_dir: Option<PathBuf>,
     #[arg(long, env = "RELAY_EBPF_LOG")]
     pub ebpf_log: bool,
 }

@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use collector_common::{ChunkHeader, HEADER_BYTES, StreamKey};
+use collector_common::{ChunkHeader, Cursor, HEADER_BYTES, StreamKey};
 use metadata_api::{
     client::{Client, ShipConfig, Shipper, StreamSpec},
     source::Source,
@@ -106,6 +106,19 @@ struct Stream {
     /// Bytes in `early`.
     early_bytes: usize,
     gap_since: Option<Instant>,
+    /// The position last recorded in the kernel's cursor map.
+    cursor: Option<Cursor>,
+}
+
+impl Stream {
+    /// Where this stream stands: kernel bytes up to the redactor's held tail, and the stream
+    /// offset they were shipped to. `None` until the shipper knows its base.
+    fn position(&self) -> Option<Cursor> {
+        Some(Cursor {
+            raw: self.next - self.redactor.held() as u64,
+            shipped: self.shipper.base()? + self.shipper.offset(),
+        })
+    }
 }
 
 /// A cgroup the engine has seen.
@@ -133,6 +146,9 @@ pub struct EngineConfig {
     pub ship: ShipConfig,
     pub grace: Duration,
     pub hold: Duration,
+    /// On shutdown, leave the streams of running containers open for the next run to continue
+    /// (the programs stay attached, pinned); otherwise end them at their kernel offsets.
+    pub leave_open: bool,
 }
 
 #[derive(Debug)]
@@ -310,6 +326,20 @@ impl<A: Attributor> Engine<A> {
         };
         let redactor = Redactor::new(cgroup.secrets.clone());
         let shipper = Shipper::new(self.cfg.ship.clone());
+        // A stream an earlier run shipped continues where the bytes it can account for end;
+        // what it held beyond that is reported as dropped, by it (the gap up to our first
+        // chunk) and by the shipper (what the API never got below our base).
+        let cursor = self.maps.cursor(&key);
+        if let Some(c) = cursor {
+            tracing::info!(
+                cgroup_id = key.cgroup_id,
+                stream = %spec.name,
+                raw = c.raw,
+                shipped = c.shipped,
+                "Continuing a stream an earlier run shipped."
+            );
+            shipper.resume_at(c.shipped);
+        }
         {
             let shipper = shipper.clone();
             let client = self.client.clone();
@@ -330,10 +360,11 @@ impl<A: Attributor> Engine<A> {
         Some(self.streams.entry(key).or_insert(Stream {
             shipper,
             redactor,
-            next: 0,
+            next: cursor.map_or(0, |c| c.raw),
             early: BTreeMap::new(),
             early_bytes: 0,
             gap_since: None,
+            cursor,
         }))
     }
 
@@ -375,6 +406,7 @@ impl<A: Attributor> Engine<A> {
                 });
             }
         }
+        self.record_positions();
         let waiting: Vec<u64> = self.held.keys().copied().collect();
         for cgroup_id in waiting {
             match self.attributor.attribute(cgroup_id) {
@@ -494,17 +526,63 @@ impl<A: Attributor> Engine<A> {
         tracing::debug!(cgroup_id, dir = %cgroup.target.dir.display(), "Container finished.");
     }
 
-    /// Closes every stream (the collector is stopping) and waits for the shippers until the
+    /// Records in the kernel's cursor map where each stream stands, for a run after this one.
+    fn record_positions(&mut self) {
+        for (key, stream) in &mut self.streams {
+            let Some(at) = stream.position() else {
+                continue;
+            };
+            if stream.cursor != Some(at) {
+                self.maps.set_cursor(key, at);
+                stream.cursor = Some(at);
+            }
+        }
+    }
+
+    /// The collector is stopping: ends the streams of finished containers and, unless they are
+    /// left open for the next run, of running ones too; then waits for the shippers until the
     /// grace period ends.
     pub async fn shutdown(mut self) {
         let mut kernel = self.maps.streams_by_cgroup();
         let ids: Vec<u64> = self.cgroups.keys().copied().collect();
+        let deadline = Instant::now() + self.cfg.grace;
         for id in ids {
+            let running = self
+                .cgroups
+                .get(&id)
+                .is_some_and(|c| cgroups::populated(&c.target.dir));
+            if self.cfg.leave_open && running {
+                self.leave_cgroup(id, deadline);
+                continue;
+            }
             let inos = kernel.remove(&id).unwrap_or_default();
             self.finish_cgroup(id, &inos);
         }
+        self.record_positions();
         let wait = async { while self.shippers.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(self.cfg.grace + Duration::from_secs(1), wait).await;
+    }
+
+    /// Stops shipping a running container's streams without ending them: bytes waiting behind
+    /// a gap go out (the gap is reported), what the redactor holds back does not (the next run
+    /// reports it with the rest of its gap: it may be the start of a secret value).
+    fn leave_cgroup(&mut self, cgroup_id: u64, deadline: Instant) {
+        let Some(cgroup) = self.cgroups.get(&cgroup_id) else {
+            return;
+        };
+        for ino in cgroup.files.keys() {
+            let key = StreamKey {
+                cgroup_id,
+                ino: *ino,
+            };
+            let Some(stream) = self.streams.get_mut(&key) else {
+                continue;
+            };
+            while !stream.early.is_empty() {
+                close_gap(stream);
+            }
+            stream.shipper.leave_open(deadline);
+        }
     }
 
     /// Reaps finished shipper tasks.
@@ -694,6 +772,7 @@ mod tests {
             early: BTreeMap::new(),
             early_bytes: 0,
             gap_since: None,
+            cursor: None,
         };
         feed(&mut s, 3, b"def");
         assert_eq!(shipper.offset(), 0);

@@ -1,14 +1,21 @@
 //! Loading and attaching the kernel side, and the maps user space works with.
 
-use std::{fs, os::fd::AsRawFd, path::Path};
+use std::{
+    fs,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{
+        TracePoint,
+        links::{FdLink, PinnedLink},
+    },
 };
 use collector_common::{
-    KernelOffsets, STREAM_IGNORE, StdioInodes, StreamKey, StreamState, Verdict,
+    Cursor, KernelOffsets, MAP_LAYOUT, STREAM_IGNORE, StdioInodes, StreamKey, StreamState, Verdict,
 };
 
 use tokio::io::{Interest, unix::AsyncFd};
@@ -28,6 +35,20 @@ const TRACEPOINTS: [&str; 4] = [
     "sys_enter_writev",
 ];
 
+/// The maps shared by every run of the collector on a node when it pins them: all of the
+/// programs' state, so that offsets keep counting (and the ring keeps filling) between runs.
+const PINNED_MAPS: [&str; 9] = [
+    "WATCHED",
+    "VERDICTS",
+    "GENERATION",
+    "STREAMS",
+    "CGROUP_STDIO",
+    "PENDING",
+    "EVENTS",
+    "COUNTERS",
+    "CURSORS",
+];
+
 /// Why the collector cannot run here. Each message is one line saying what is missing.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
@@ -41,6 +62,8 @@ pub enum Refusal {
     NoObject,
     #[error("cannot load the eBPF programs: {0}")]
     Load(String),
+    #[error("cannot pin under {dir}: {reason}")]
+    Pin { dir: PathBuf, reason: String },
     #[error("cannot attach to tracepoint syscalls/{tracepoint}: {reason}")]
     Attach {
         tracepoint: &'static str,
@@ -49,24 +72,32 @@ pub enum Refusal {
 }
 
 /// Settings for [`Probes::load`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub ring_bytes: u32,
     /// Wake user space once this many bytes wait in the ring.
     pub wakeup_bytes: u64,
     pub log: bool,
+    /// A directory on the BPF filesystem to pin the programs' links and maps under, so they
+    /// outlive this process; `None` detaches everything when it exits.
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// The loaded, attached programs and the maps user space uses.
 pub struct Probes {
     /// Keeps the programs attached.
     pub ebpf: Ebpf,
+    /// The links pinned for the next run (with `pin_dir`).
+    pub links: Vec<PinnedLink>,
+    /// Whether the maps were pinned by an earlier run, whose programs were still counting.
+    pub resumed: bool,
     pub events: RingBuf<MapData>,
     pub watched: HashMap<MapData, u64, u32>,
     pub generation: Array<MapData, u64>,
     pub streams: HashMap<MapData, StreamKey, StreamState>,
     pub stdio: HashMap<MapData, u64, StdioInodes>,
     pub verdicts: HashMap<MapData, u64, Verdict>,
+    pub cursors: HashMap<MapData, StreamKey, Cursor>,
     pub counters: PerCpuArray<MapData, u64>,
 }
 
@@ -103,20 +134,31 @@ impl Probes {
         let self_tgid = std::process::id();
         // aya-log's level global: 0 turns every log statement into a cheap early return.
         let log_level: u8 = if opts.log { 0xff } else { 0 };
-        let mut ebpf = EbpfLoader::new()
+        let pins = opts.pin_dir.as_deref().map(Pins::prepare).transpose()?;
+        let resumed = pins.as_ref().is_some_and(|p| p.map("STREAMS").exists());
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("SELF_TGID", &self_tgid, true)
             .override_global("OFFSETS", &offsets, true)
             .override_global("WAKEUP_BYTES", &opts.wakeup_bytes, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
-            .map_max_entries("EVENTS", opts.ring_bytes)
-            .load(OBJECT)
-            .map_err(|e| Refusal::Load(chain(&e)))?;
+            .map_max_entries("EVENTS", opts.ring_bytes);
+        let map_paths: Vec<(&str, PathBuf)> = pins
+            .iter()
+            .flat_map(|p| PINNED_MAPS.map(|name| (name, p.map(name))))
+            .collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| Refusal::Load(chain(&e)))?;
         if opts.log {
             match aya_log::EbpfLogger::init(&mut ebpf) {
                 Ok(logger) => spawn_logger(logger),
                 Err(e) => tracing::warn!(error = %e, "eBPF log unavailable."),
             }
         }
+        let mut links = Vec::new();
+        let mut link_paths = Vec::new();
         for tracepoint in TRACEPOINTS {
             let mut attach = || -> Result<(), String> {
                 let program: &mut TracePoint = ebpf
@@ -125,12 +167,26 @@ impl Probes {
                     .try_into()
                     .map_err(|e| chain(&e))?;
                 program.load().map_err(|e| chain(&e))?;
-                program
+                let id = program
                     .attach("syscalls", tracepoint)
                     .map_err(|e| chain(&e))?;
+                if let Some(pins) = &pins {
+                    let link = program.take_link(id).map_err(|e| chain(&e))?;
+                    let link = FdLink::try_from(link).map_err(|e| chain(&e))?;
+                    // No dots: the BPF filesystem reserves names with dots.
+                    let path = pins.links.join(format!("{tracepoint}-{}", pins.instance));
+                    links.push(link.pin(&path).map_err(|e| chain(&e))?);
+                    link_paths.push(path);
+                }
                 Ok(())
             };
             attach().map_err(|reason| Refusal::Attach { tracepoint, reason })?;
+        }
+        if let Some(pins) = &pins {
+            // Ours count now; those of an earlier run detach as their pins go. Until here both
+            // ran, which counts each write once: whichever exit program runs first for a write
+            // takes its pending entry (the programs of one event run one after the other).
+            pins.release_others(&link_paths);
         }
         let mut take = |name: &str| {
             ebpf.take_map(name)
@@ -143,6 +199,7 @@ impl Probes {
         let counters = take("COUNTERS")?;
         let stdio = take("CGROUP_STDIO")?;
         let verdicts = take("VERDICTS")?;
+        let cursors = take("CURSORS")?;
         let conv = |e: aya::maps::MapError| Refusal::Load(chain(&e));
         Ok(Self {
             events: RingBuf::try_from(events).map_err(conv)?,
@@ -151,9 +208,95 @@ impl Probes {
             streams: HashMap::try_from(streams).map_err(conv)?,
             stdio: HashMap::try_from(stdio).map_err(conv)?,
             verdicts: HashMap::try_from(verdicts).map_err(conv)?,
+            cursors: HashMap::try_from(cursors).map_err(conv)?,
             counters: PerCpuArray::try_from(counters).map_err(conv)?,
             ebpf,
+            links,
+            resumed,
         })
+    }
+}
+
+/// The pin directory of this map layout: `<dir>/v<MAP_LAYOUT>/{maps,links}`.
+struct Pins {
+    maps: PathBuf,
+    links: PathBuf,
+    /// Names this run's links apart from an earlier run's.
+    instance: String,
+}
+
+impl Pins {
+    /// Checks that `dir` is on the BPF filesystem, drops the pins of other map layouts (their
+    /// programs detach, their maps go) and creates this layout's directories.
+    fn prepare(dir: &Path) -> Result<Self, Refusal> {
+        let refuse = |reason: String| Refusal::Pin {
+            dir: dir.to_owned(),
+            reason,
+        };
+        // The directory itself may not exist yet: its nearest existing ancestor tells.
+        let existing = dir
+            .ancestors()
+            .find(|d| d.exists())
+            .unwrap_or(Path::new("/"));
+        let fs = nix::sys::statfs::statfs(existing).map_err(|e| refuse(e.to_string()))?;
+        if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
+            return Err(refuse(format!(
+                "{} is not on a BPF filesystem (mount -t bpf bpf {})",
+                existing.display(),
+                existing.display()
+            )));
+        }
+        fs::create_dir_all(dir).map_err(|e| refuse(e.to_string()))?;
+        let ours = format!("v{MAP_LAYOUT}");
+        for entry in fs::read_dir(dir)
+            .map_err(|e| refuse(e.to_string()))?
+            .flatten()
+        {
+            if entry.file_name() != ours.as_str() {
+                tracing::warn!(
+                    pins = %entry.path().display(),
+                    "Dropping the pinned programs and maps of another map layout: streams of \
+                     running containers continue after what is stored, with fresh offsets."
+                );
+                if let Err(e) = fs::remove_dir_all(entry.path()) {
+                    tracing::warn!(error = %e, "Cannot drop them.");
+                }
+            }
+        }
+        let base = dir.join(ours);
+        let (maps, links) = (base.join("maps"), base.join("links"));
+        for d in [&maps, &links] {
+            fs::create_dir_all(d).map_err(|e| refuse(e.to_string()))?;
+        }
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(Self {
+            maps,
+            links,
+            instance: format!("{}-{}", std::process::id(), since_epoch.as_nanos()),
+        })
+    }
+
+    fn map(&self, name: &str) -> PathBuf {
+        self.maps.join(name)
+    }
+
+    /// Unpins every link but `ours`.
+    fn release_others(&self, ours: &[PathBuf]) {
+        let Ok(entries) = fs::read_dir(&self.links) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if ours.contains(&path) {
+                continue;
+            }
+            tracing::info!(link = %path.display(), "Taking over from an earlier run.");
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(link = %path.display(), error = %e, "Cannot unpin an earlier run's link.");
+            }
+        }
     }
 }
 
@@ -171,6 +314,7 @@ pub struct Maps {
     pub streams: HashMap<MapData, StreamKey, StreamState>,
     pub stdio: HashMap<MapData, u64, StdioInodes>,
     pub verdicts: HashMap<MapData, u64, Verdict>,
+    pub cursors: HashMap<MapData, StreamKey, Cursor>,
 }
 
 impl std::fmt::Debug for Maps {
@@ -235,6 +379,19 @@ impl Maps {
     /// Forgets a stream whose cgroup is gone.
     pub fn forget(&mut self, key: &StreamKey) {
         let _ = self.streams.remove(key);
+        let _ = self.cursors.remove(key);
+    }
+
+    /// Where an earlier run stood in a stream, if it shipped any of it.
+    pub fn cursor(&self, key: &StreamKey) -> Option<Cursor> {
+        self.cursors.get(key, 0).ok()
+    }
+
+    /// Records where this run stands in a stream.
+    pub fn set_cursor(&mut self, key: &StreamKey, cursor: Cursor) {
+        if let Err(e) = self.cursors.insert(key, cursor, 0) {
+            tracing::warn!(error = %e, "Cannot record a stream's position.");
+        }
     }
 
     /// The stdio the kernel saw for a cgroup's first writer.
@@ -264,19 +421,26 @@ impl Maps {
 impl Probes {
     /// Splits into the programs, the ring buffer (for its reader), the maps the reader updates,
     /// and the counters (for metrics).
-    pub fn split(self) -> (Ebpf, RingBuf<MapData>, Maps, PerCpuArray<MapData, u64>) {
+    pub fn split(self) -> (Loaded, RingBuf<MapData>, Maps, PerCpuArray<MapData, u64>) {
         let Self {
             ebpf,
+            links,
+            resumed,
             events,
             watched,
             generation,
             streams,
             stdio,
             verdicts,
+            cursors,
             counters,
         } = self;
         (
-            ebpf,
+            Loaded {
+                _ebpf: ebpf,
+                links,
+                resumed,
+            },
             events,
             Maps {
                 watched,
@@ -284,9 +448,34 @@ impl Probes {
                 streams,
                 stdio,
                 verdicts,
+                cursors,
             },
             counters,
         )
+    }
+}
+
+/// The programs, kept attached while this is alive (and after, when their links are pinned).
+pub struct Loaded {
+    /// Held for its programs and their links.
+    pub _ebpf: Ebpf,
+    pub links: Vec<PinnedLink>,
+    pub resumed: bool,
+}
+
+impl Loaded {
+    /// Whether the programs outlive this process: the next run takes over.
+    pub fn pinned(&self) -> bool {
+        !self.links.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("links", &self.links.len())
+            .field("resumed", &self.resumed)
+            .finish_non_exhaustive()
     }
 }
 

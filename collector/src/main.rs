@@ -148,9 +148,15 @@ async fn run_with<A: Attributor>(args: Args, attributor: A, roots: Vec<u64>) -> 
         // Wake the reader when an eighth of the ring is used; the poll timer covers the rest.
         wakeup_bytes: u64::from(ring_bytes / 8),
         log: args.ebpf_log,
+        pin_dir: args.pin_dir.clone(),
     })
     .map_err(|e| e.to_string())?;
-    let (ebpf, ring, maps, counters) = probes.split();
+    let (loaded, ring, maps, counters) = probes.split();
+    if loaded.resumed {
+        tracing::info!(
+            "Taking over from an earlier run: streams continue at their kernel offsets."
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     metrics.attach_kernel(counters);
     let listener = metrics::bind(args.listen)
@@ -166,6 +172,7 @@ async fn run_with<A: Attributor>(args: Args, attributor: A, roots: Vec<u64>) -> 
             ship: args.ship_config(),
             grace: args.grace_period,
             hold: args.attribution_hold,
+            leave_open: loaded.pinned(),
         },
         maps,
         attributor,
@@ -182,7 +189,7 @@ async fn run_with<A: Attributor>(args: Args, attributor: A, roots: Vec<u64>) -> 
     let ring = ebpf::register_readable(ring).map_err(|e| format!("ring buffer: {e}"))?;
     read_loop(ring, &mut engine, args.ring_poll).await;
     engine.shutdown().await;
-    drop(ebpf);
+    drop(loaded);
     Ok(())
 }
 

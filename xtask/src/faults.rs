@@ -572,8 +572,35 @@ struct Run {
     write_token: PathBuf,
     ebpf_ctx: String,
     http: Client,
+    /// The collector's pins (after it: unmounted once it stopped).
+    pins: BpfFs,
     /// Last: removed after the processes using it are gone.
     scratch: Scratch,
+}
+
+/// A BPF filesystem of the run's own for the collector's pins (`--pin-dir`): each mount is a
+/// separate instance, and unmounting it detaches the programs the collector left behind.
+struct BpfFs {
+    mount: PathBuf,
+}
+
+impl BpfFs {
+    fn mount(at: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&at)?;
+        util::run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&at))
+            .context("mounting a BPF filesystem for the collector's pins")?;
+        Ok(Self { mount: at })
+    }
+
+    fn pin_dir(&self) -> String {
+        self.mount.join("relay-collector").display().to_string()
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+    }
 }
 
 impl Drop for Run {
@@ -653,6 +680,7 @@ impl Run {
             util::token(&bins.api, &key, "workflows", "collector")?,
         )?;
         let cgroup = Cgroup::create(cgroot.join(format!("relay-faults-{}", std::process::id())))?;
+        let pins = BpfFs::mount(dir.join("bpffs"))?;
         let mut this = Self {
             api,
             collector: None,
@@ -662,6 +690,7 @@ impl Run {
             write_token,
             ebpf_ctx,
             http: Client::builder().timeout(Duration::from_secs(60)).build()?,
+            pins,
             scratch,
         };
         this.start_collector(&bins.collector, "collector.log")?;
@@ -675,7 +704,7 @@ impl Run {
             &self.api.url(),
             &self.collector_token,
             &[(self.cgroup.path.as_path(), self.ebpf_ctx.as_str())],
-            &[],
+            &["--pin-dir", &self.pins.pin_dir()],
             &self.collector_log,
             Duration::from_secs(60),
         )?);

@@ -185,6 +185,8 @@ struct Buf {
     leave_open: bool,
     /// Stream offset of the first byte, when the writer knows it (see [`Shipper::resume_at`]).
     resume: Option<u64>,
+    /// Stream offset of the first byte, once the stream is open.
+    base: Option<u64>,
     /// After this, queued and in-flight bytes are given up as dropped.
     data_deadline: Option<Instant>,
     /// After this, nothing more is attempted.
@@ -327,6 +329,12 @@ impl Shipper {
     /// Offset of the next byte (relative to the writer's base).
     pub fn offset(&self) -> u64 {
         self.buf().next
+    }
+
+    /// Stream offset of the writer's first byte, once the stream is open; with
+    /// [`Shipper::offset`], the stream offset of the next byte.
+    pub fn base(&self) -> Option<u64> {
+        self.buf().base
     }
 
     /// Places this writer's first byte at stream offset `offset` instead of after what is stored
@@ -635,6 +643,7 @@ impl Run {
                 }
                 let resume = self.shipper.buf().resume;
                 let base = resume.unwrap_or(c.end);
+                self.shipper.buf().base = Some(base);
                 self.report.id = Some(c.id.clone());
                 self.report.base = base;
                 // What an earlier writer left between its last stored byte and our first.
