@@ -107,7 +107,9 @@ pub struct Args {
     /// How often the log's size is checked, ms (kubelet: every 10 s).
     #[arg(long, default_value_t = 100)]
     pub rotate_check_ms: u64,
-    /// Use the built binaries as they are (target/release, the static entrypoint).
+    /// Use the built binaries as they are (target/release, the static entrypoint). Without it,
+    /// `RELAY_METADATA_API_BIN`, `RELAY_COLLECTOR_BIN` and `RELAY_ENTRYPOINT_STATIC` name them
+    /// when set (as `cargo xtask test` does), else they are built.
     #[arg(long)]
     pub no_build: bool,
     /// Smoke run: 40 MB per run.
@@ -1395,9 +1397,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
     } else {
         (
-            util::build_metadata_api()?,
-            util::build_collector()?,
-            dist::build_entrypoint()?,
+            util::bin_from_env("RELAY_METADATA_API_BIN", util::build_metadata_api)?,
+            util::bin_from_env("RELAY_COLLECTOR_BIN", util::build_collector)?,
+            util::bin_from_env("RELAY_ENTRYPOINT_STATIC", dist::build_entrypoint)?,
         )
     };
     let syslog_ng = SyslogNg::install()?;
@@ -1748,7 +1750,14 @@ impl Report {
                 },
             );
         }
+        let tailer = self.conv.cpu.syslog_ng / gb(&self.conv);
         println!();
+        println!(
+            "Of the conventional path's {:.2} core-s/GB, syslog-ng (the tailer and shipper alone) is {tailer:.2}: the rest is the runtime writing the CRI log, which in Kubernetes goes on for a container the collector captures (its stdout still goes to the shim), and stops for one the entrypoint wraps. Against syslog-ng alone: entrypoint {}, collector {}.",
+            base.cpu_per_gb,
+            ratio(self.summary(Path3::Entrypoint).cpu_per_gb, tailer),
+            ratio(self.summary(Path3::Collector).cpu_per_gb, tailer),
+        );
         println!(
             "Published, for reference: Fluent Bit ~{FLUENT_BIT_CPU_PER_GB} and Vector ~{VECTOR_CPU_PER_GB} core-s/GB at 10 MB/s; ~36-38 MB/s max single-pipeline throughput."
         );
