@@ -165,8 +165,11 @@ impl Metrics {
 
     /// Adds what a finished stream's shipper reports.
     pub fn finished(&self, report: &ShipReport) {
-        self.shipped_bytes.inc_by(report.stored);
-        self.dropped_bytes.inc_by(report.dropped);
+        // Bytes given up on that the API stored all the same count as shipped, not dropped.
+        self.shipped_bytes
+            .inc_by(report.stored + report.dropped_stored);
+        self.dropped_bytes
+            .inc_by(report.dropped - report.dropped_stored);
         self.unreported_bytes.inc_by(report.lost());
         self.streams_finished.inc();
         self.streams_open.dec();

@@ -312,11 +312,13 @@ fn ship(
 fn summarize(reports: &[ShipReport]) {
     let mut lost = Vec::new();
     for r in reports {
-        if r.dropped > 0 {
+        // Bytes given up on that the API stored all the same are not lost.
+        let dropped = r.dropped - r.dropped_stored;
+        if dropped > 0 {
             say!(
                 "{}: {} of {} bytes dropped (reported to the metadata API)",
                 r.name,
-                r.dropped,
+                dropped,
                 r.written
             );
         }

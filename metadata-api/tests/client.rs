@@ -378,6 +378,35 @@ async fn a_writer_resuming_behind_what_is_stored_rewrites_the_same_bytes() {
 }
 
 #[tokio::test]
+async fn bytes_marked_dropped_that_the_api_stored_anyway_are_not_counted_as_lost() {
+    let server = Server::start(&[]);
+    let token = server.token(CTX, Scope::Write);
+    let api = server.client(&token);
+    let data = bytes(13, 300);
+    // What a request the writer gave up on leaves behind: bytes stored under its marker.
+    let id = api.stream("stdout").await;
+    api.put_at(&id, 0, &data[..100]).await;
+    let shipper = Shipper::new(quick());
+    shipper.resume_at(0);
+    let run = {
+        let (s, c) = (shipper.clone(), client(&server.url, &token));
+        tokio::spawn(async move { s.run(c, StreamSpec::named("stdout")).await })
+    };
+    shipper.skip(150);
+    shipper.write(&data[150..]);
+    shipper.close(Instant::now() + Duration::from_secs(10));
+    let report = run.await.unwrap();
+    assert_eq!(report.dropped, 150, "{report:?}");
+    assert_eq!(report.dropped_stored, 100, "{report:?}");
+    let st = api.status(&id).await;
+    assert_eq!(
+        st["dropped"],
+        serde_json::json!([{"start": 100, "end": 150}]),
+        "{st}"
+    );
+}
+
+#[tokio::test]
 async fn rotated_token_file_is_picked_up() {
     let server = Server::start(&[]);
     let tmp = tempfile::tempdir().unwrap();

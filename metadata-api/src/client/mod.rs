@@ -207,6 +207,9 @@ pub struct StreamStatus {
     pub length: u64,
     pub end: u64,
     pub pending: Vec<Span>,
+    /// Ranges dropped and not stored.
+    #[serde(default)]
+    pub dropped: Vec<Span>,
     pub complete: bool,
     pub final_length: Option<u64>,
 }

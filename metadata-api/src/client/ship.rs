@@ -82,6 +82,9 @@ pub struct ShipReport {
     pub unreported: RangeSet,
     /// Gaps a previous writer left, reported as dropped by this one.
     pub prior_dropped: u64,
+    /// Of `dropped`, bytes the API stored all the same: a request given up on (its answer lost,
+    /// or its deadline passed) had gone through. Known once the final length is declared.
+    pub dropped_stored: u64,
     /// Bytes handed over after `close`, ignored.
     pub late: u64,
     pub final_declared: bool,
@@ -447,12 +450,15 @@ enum Job {
     /// A marker for an absolute span a previous writer left pending.
     MarkPrior(Span),
     Final,
+    /// After the final length: which of our dropped bytes the API holds as dropped.
+    Reconcile,
 }
 
 #[derive(Debug)]
 enum Done {
     Created(Result<Created, ClientError>),
     Status(Result<Vec<Span>, ClientError>),
+    Dropped(Result<Vec<Span>, ClientError>),
     Unit(Result<(), ClientError>),
 }
 
@@ -707,6 +713,34 @@ impl Run {
             }
             (Job::Final, Some(Done::Unit(Ok(())))) => {
                 self.report.final_declared = true;
+                if self.report.dropped == 0 {
+                    self.finished = true;
+                    return;
+                }
+                let Some(id) = self.report.id.clone() else {
+                    self.finished = true;
+                    return;
+                };
+                let client = self.client.clone();
+                let cfg = self.shipper.shared.cfg.clone();
+                self.spawn(Job::Reconcile, async move {
+                    Done::Dropped(retry(&cfg, || client.status(&id)).await.map(|s| s.dropped))
+                });
+            }
+            (Job::Reconcile, Some(Done::Dropped(Ok(dropped)))) => {
+                // The API lists as dropped only what is not stored.
+                let ours = Span::new(self.report.base, self.report.base + self.shipper.offset());
+                let still: u64 = dropped
+                    .iter()
+                    .map(|s| s.end.min(ours.end).saturating_sub(s.start.max(ours.start)))
+                    .sum();
+                self.report.dropped_stored = self.report.dropped.saturating_sub(still);
+                self.finished = true;
+            }
+            (Job::Reconcile, outcome) => {
+                if let Some(Done::Dropped(Err(e))) = &outcome {
+                    err(&mut self.report, e);
+                }
                 self.finished = true;
             }
             (Job::Final, outcome) => {
