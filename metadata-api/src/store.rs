@@ -145,6 +145,28 @@ impl fmt::Debug for Stream {
     }
 }
 
+/// A range of a stream this process is writing now (in [`State::inflight`]): an overlapping write
+/// waits until it is released. Released on drop, so also when the write's future is dropped
+/// midway, as when the client of the request that made it disconnects (or gives up waiting on a
+/// stalled storage call) and the server drops its handler: a range left reserved then would make
+/// every later write over it (the client's own re-send) wait forever.
+struct Reservation<'a> {
+    stream: &'a Stream,
+    span: Span,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.span.is_empty() {
+            let mut st = lock(&self.stream.state);
+            if let Some(i) = st.inflight.iter().position(|s| *s == self.span) {
+                st.inflight.swap_remove(i);
+            }
+        }
+        self.stream.notify();
+    }
+}
+
 /// Outcome of a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -665,7 +687,7 @@ impl Store {
     ) -> Result<Written, StoreError> {
         let len = data.len() as u64;
         // Reserve the range against concurrent writers in this process, then see what overlaps.
-        let (span, overlapping) = loop {
+        let (reservation, overlapping) = loop {
             let mut rx = stream.subscribe();
             {
                 let mut st = lock(&stream.state);
@@ -708,20 +730,15 @@ impl Store {
                     if !span.is_empty() {
                         st.inflight.push(span);
                     }
-                    break (span, (overlapping, fully));
+                    break (Reservation { stream, span }, (overlapping, fully));
                 }
             }
             // Wait for the overlapping write in flight to finish.
             let _ = rx.changed().await;
         };
+        let span = reservation.span;
         let result = self.write_reserved(stream, span, data, overlapping).await;
-        if !span.is_empty() {
-            let mut st = lock(&stream.state);
-            if let Some(i) = st.inflight.iter().position(|s| *s == span) {
-                st.inflight.swap_remove(i);
-            }
-        }
-        stream.notify();
+        drop(reservation);
         let written = result?;
         if let Some(t) = total {
             self.declare_final(stream, t).await?;

@@ -141,6 +141,113 @@ async fn s3_backend_on_moto() {
     life_cycle(&s).await;
 }
 
+/// Sends `sig` (`STOP`, `CONT`) to the emulator.
+fn signal(emulator: &Emulator, sig: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{sig}"), emulator.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig}");
+}
+
+/// Resumes a stopped emulator however the test ends, so it can be killed.
+struct Resume<'a>(&'a Emulator);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+/// A writer gives up on a request while the S3 emulator is stopped (as the shipping client does
+/// on its timeout) and sends the same range again once storage is back: it is stored at once.
+/// The API drops the handler of a request whose client went away, with its write midway; the
+/// range that write had reserved in the stream was never released, so every re-send of it waited
+/// for it forever and the stream stored nothing more once storage was back (`cargo xtask faults
+/// --scenario storage-down`).
+#[tokio::test]
+async fn s3_a_write_given_up_while_storage_is_stopped_does_not_block_its_range() {
+    let port = free_port();
+    let Some(moto) = emulator("moto_server", &["-p", &port.to_string()], port) else {
+        return;
+    };
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let r = reqwest::Client::new()
+        .put(format!("{endpoint}/relay-logs"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "create bucket: {}", r.status());
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_with_env(
+        tmp.path(),
+        "s3://relay-logs/stalled",
+        &[],
+        &env(&[
+            ("AWS_ENDPOINT", endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ]),
+    );
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let id = w.stream("stdout").await;
+    let data = bytes(11, 300_000);
+    w.put_at(&id, 0, &data[..100_000]).await;
+    let impatient = common::Api {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap(),
+        ..w.clone()
+    };
+    let range = "bytes 100000-199999/*";
+    let send = |c: &common::Api| {
+        c.req(reqwest::Method::PATCH, &format!("/logs/{id}/data"))
+            .header("content-type", "application/octet-stream")
+            .header("content-range", range)
+            .body(data[100_000..200_000].to_vec())
+            .send()
+    };
+    {
+        signal(&moto, "STOP");
+        let _resume = Resume(&moto);
+        // The API's storage call (20 s timeout) cannot answer before the client gives up.
+        let r = send(&impatient).await;
+        assert!(
+            r.as_ref().is_err_and(reqwest::Error::is_timeout),
+            "the API answered while storage was stopped: {r:?}"
+        );
+    }
+    let resumed = Instant::now();
+    let deadline = resumed + Duration::from_secs(20);
+    let mut answers = Vec::new();
+    loop {
+        match send(&impatient).await {
+            Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => break,
+            Ok(r) => answers.push(r.status().to_string()),
+            Err(e) if e.is_timeout() => answers.push("no answer in 2 s".to_owned()),
+            Err(e) => answers.push(e.to_string()),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the re-sent range was not stored in 20 s after storage came back: {answers:?}"
+        );
+    }
+    eprintln!(
+        "re-sent range stored {:.2} s after storage came back ({} attempts before)",
+        resumed.elapsed().as_secs_f64(),
+        answers.len()
+    );
+    w.put_at(&id, 200_000, &data[200_000..]).await;
+    w.finish(&id, 300_000).await;
+    let st = w.status(&id).await;
+    assert_eq!(st["complete"], true, "{st}");
+    assert_eq!(st["dropped"], serde_json::json!([]), "{st}");
+    assert_eq!(sha256(&w.data(&id).await), sha256(&data));
+}
+
 #[tokio::test]
 async fn gcs_backend_on_gcp_storage_emulator_fails_cleanly() {
     let port = free_port();
