@@ -23,7 +23,9 @@ use operator::controller::{self, Context};
 use operator::lease::{Elector, LeaseConfig};
 use operator::metrics::ControllerMetrics;
 use operator::registry::{Platform, PodImageLookup, Registry, RegistryConfig};
-use operator::webhook::{self, ImageLookup, NoImageLookup, Webhook, WebhookConfig, WebhookMetrics};
+use operator::webhook::{
+    self, ApiSecretKeys, ImageLookup, NoImageLookup, Webhook, WebhookConfig, WebhookMetrics,
+};
 use operator::webhook_tls::{TlsUpkeep, tls_upkeep};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::sync::watch;
@@ -275,6 +277,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         webhook_config,
         tenants.clone(),
         images,
+        Arc::new(ApiSecretKeys {
+            client: client.clone(),
+        }),
         Recorder::new(client.clone(), reporter),
         webhook_metrics,
     ));

@@ -1,8 +1,10 @@
 //! Pod mutation: wrapping containers with the injected entrypoint.
 //!
-//! [`mutate`] is pure: the webhook resolves image entrypoints from the registry beforehand and
-//! hands them in through `resolve`, so every rule here is covered by table tests.
+//! [`mutate`] is pure: the webhook resolves image entrypoints from the registry, and the key
+//! names of Secrets ([`secrets_to_read`]) from the API server, beforehand and hands them in
+//! through `resolve` and `secret_keys`, so every rule here is covered by table tests.
 
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{
@@ -224,7 +226,9 @@ impl Workload {
 /// Plain pods: every regular container. Tekton TaskRun pods: step containers, inside Tekton's
 /// own `-entrypoint` argument. Knative pods: `user-container` only. Init containers are never
 /// wrapped (the collector covers them). `resolve` gives the image's `ENTRYPOINT` and `CMD` and is
-/// called only for containers without `command`.
+/// called only for containers without `command`. `secret_keys` gives the key names of a Secret in
+/// the pod's namespace (`None` when they are unknown), for the `RELAY_REDACT_ENV` list of wrapped
+/// containers with an `envFrom` `secretRef` without a prefix; see [`secrets_to_read`].
 ///
 /// A pod already annotated [`INJECTED_ANNOTATION`], or one where no container could be wrapped,
 /// comes back unchanged with an empty patch.
@@ -232,6 +236,7 @@ pub fn mutate(
     pod: &Pod,
     injection: &Injection,
     resolve: &dyn Fn(&Container) -> Option<ImageCommand>,
+    secret_keys: &dyn Fn(&str) -> Option<Vec<String>>,
 ) -> Result<Mutation, MutateError> {
     let (token_dir, token_file) = injection.validate()?;
     let unchanged = |skipped| Mutation {
@@ -255,7 +260,7 @@ pub fn mutate(
     let mut skipped = Vec::new();
     let mut wrapped = 0usize;
     for c in &mut spec.containers {
-        match wrap(workload, c, resolve, injection, token_dir) {
+        match wrap(workload, c, resolve, secret_keys, injection, token_dir) {
             Ok(()) => wrapped += 1,
             Err(reason) => skipped.push(Skipped {
                 container: c.name.clone(),
@@ -289,6 +294,7 @@ fn wrap(
     workload: Workload,
     c: &mut Container,
     resolve: &dyn Fn(&Container) -> Option<ImageCommand>,
+    secret_keys: &dyn Fn(&str) -> Option<Vec<String>>,
     injection: &Injection,
     token_dir: &str,
 ) -> Result<(), SkipReason> {
@@ -318,7 +324,7 @@ fn wrap(
     upsert(mounts, mount(TOOLS_VOLUME, TOOLS_MOUNT_PATH), |m| &m.name);
     upsert(mounts, mount(TOKEN_VOLUME, token_dir), |m| &m.name);
 
-    let redact = redact_list(c);
+    let redact = redact_list(c, secret_keys);
     let env = c.env.get_or_insert_with(Vec::new);
     // Ours go last and in order: a `$(VAR)` reference sees only variables defined before it.
     let names = [
@@ -358,13 +364,67 @@ fn wrap(
     Ok(())
 }
 
+/// The Secrets whose key names [`mutate`] asks `secret_keys` for: those of `envFrom` `secretRef`s
+/// without a prefix in the containers it may wrap (every regular container; a Knative pod's
+/// `user-container`). Empty for a pod already injected.
+pub fn secrets_to_read(pod: &Pod) -> BTreeSet<String> {
+    let injected = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(INJECTED_ANNOTATION))
+        .is_some_and(|v| v == "true");
+    if injected {
+        return BTreeSet::new();
+    }
+    let workload = Workload::of(pod);
+    pod.spec
+        .iter()
+        .flat_map(|spec| &spec.containers)
+        .filter(|c| workload != Workload::Knative || c.name == KNATIVE_USER_CONTAINER)
+        .flat_map(unprefixed_secret_refs)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The names of the Secrets a container takes all keys of without a prefix (`envFrom`), in order,
+/// repeats included.
+pub fn unprefixed_secret_refs(c: &Container) -> impl Iterator<Item = &str> {
+    c.env_from
+        .iter()
+        .flatten()
+        .filter(|f| f.prefix.as_deref().is_none_or(str::is_empty))
+        .filter_map(|f| f.secret_ref.as_ref())
+        .map(|s| s.name.as_str())
+        .filter(|name| !name.is_empty())
+}
+
+/// Whether the kubelet may set a Secret's `key` as a variable through `envFrom`, and the list can
+/// carry it. The kubelet skips keys that are not variable names: those outside
+/// `[-._a-zA-Z][-._a-zA-Z0-9]*`, or with the `RelaxedEnvironmentVariableValidation` feature gate
+/// (Kubernetes 1.30 on) those with a character other than printable ASCII or with `=`. The looser
+/// rule is used, since listing a
+/// variable that is not set costs nothing while leaving out one that is set leaks its value. `,`,
+/// spaces and a trailing `*` cannot be listed (separator, trimmed, and prefix pattern of
+/// `redact::EnvSelector`); the API server refuses such keys in Secrets anyway
+/// (`[-._a-zA-Z0-9]+`).
+fn is_listable_env_name(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'=' && b != b',')
+        && !key.ends_with('*')
+}
+
 /// The `RELAY_REDACT_ENV` list of a container: the variables it gets from Secrets, so that the
 /// entrypoint (and the collector, from the container's environment) redacts their values. An
 /// `env` entry with a `secretKeyRef` is named; an `envFrom` `secretRef` with a prefix is
-/// `PREFIX*`. The keys of an `envFrom` `secretRef` without a prefix are not known without reading
-/// the Secret, which the operator may not: they are not listed. A list the container sets itself
-/// (a literal value) is kept, in front of ours.
-fn redact_list(c: &Container) -> String {
+/// `PREFIX*`; one without a prefix lists the Secret's keys that the kubelet sets as variables, as
+/// `secret_keys` gives them (the webhook reads them at admission). A Secret whose keys are unknown
+/// (missing, not readable) lists nothing, and keys added to a Secret after admission are not
+/// listed. A list the container sets itself (a literal value) is kept, in front of ours. Each
+/// entry appears once.
+fn redact_list(c: &Container, secret_keys: &dyn Fn(&str) -> Option<Vec<String>>) -> String {
     let env = c.env.iter().flatten();
     let own = env
         .clone()
@@ -385,8 +445,24 @@ fn redact_list(c: &Container) -> String {
         .filter(|f| f.secret_ref.is_some())
         .filter_map(|f| f.prefix.as_deref().filter(|p| !p.is_empty()))
         .map(|p| format!("{p}*"));
-    let mut list: Vec<String> = own.into_iter().chain(named).chain(prefixed).collect();
-    list.dedup();
+    let mut resolved = Vec::new();
+    let mut asked = HashSet::new();
+    for name in unprefixed_secret_refs(c) {
+        if asked.insert(name) {
+            let mut keys = secret_keys(name).unwrap_or_default();
+            keys.retain(|k| is_listable_env_name(k));
+            keys.sort();
+            resolved.extend(keys);
+        }
+    }
+    let mut seen = HashSet::new();
+    let list: Vec<String> = own
+        .into_iter()
+        .chain(named)
+        .chain(prefixed)
+        .chain(resolved)
+        .filter(|entry| seen.insert(entry.clone()))
+        .collect();
     list.join(",")
 }
 
@@ -604,8 +680,12 @@ mod tests {
         })
     }
 
+    fn no_secrets(_: &str) -> Option<Vec<String>> {
+        None
+    }
+
     fn run(p: &Pod) -> Mutation {
-        mutate(p, &injection(), &resolve).unwrap()
+        mutate(p, &injection(), &resolve, &no_secrets).unwrap()
     }
 
     fn find<'a>(p: &'a Pod, name: &str) -> &'a Container {
@@ -1086,7 +1166,7 @@ mod tests {
     fn malformed_input_is_an_error_not_a_panic() {
         let no_spec = Pod::default();
         assert!(matches!(
-            mutate(&no_spec, &injection(), &resolve),
+            mutate(&no_spec, &injection(), &resolve, &no_secrets),
             Err(MutateError::MissingSpec)
         ));
         let p = pod(None, vec![container("app", "x", &["/app"], &[])], vec![]);
@@ -1103,7 +1183,7 @@ mod tests {
                 claim_name: claim.to_owned(),
                 ..injection()
             };
-            let err = mutate(&p, &i, &resolve).unwrap_err();
+            let err = mutate(&p, &i, &resolve, &no_secrets).unwrap_err();
             assert!(
                 matches!(err, MutateError::InvalidInjection { .. }),
                 "{token_path}: {err}"
@@ -1113,7 +1193,7 @@ mod tests {
             token_path: "/etc/relay/t".to_owned(),
             ..injection()
         };
-        let m = mutate(&p, &custom, &resolve).unwrap();
+        let m = mutate(&p, &custom, &resolve, &no_secrets).unwrap();
         let c = find(&m.pod, "app");
         assert_eq!(
             c.volume_mounts.as_ref().unwrap()[1].mount_path,
@@ -1165,5 +1245,138 @@ mod tests {
         );
         let m = run(&pod(None, vec![own], vec![]));
         assert_eq!(list(&m, "app").as_deref(), Some("MY_TOKEN,S"));
+    }
+
+    /// The `RELAY_REDACT_ENV` value of container `name`, if it has one.
+    fn redact_env(m: &Mutation, name: &str) -> Option<String> {
+        find(&m.pod, name)
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == ENV_REDACT)
+            .map(|e| e.value.clone().unwrap())
+    }
+
+    /// Keys of the Secrets `db` and `shared`; others are unknown (missing or unreadable).
+    fn secret_keys(name: &str) -> Option<Vec<String>> {
+        let keys: &[&str] = match name {
+            "db" => &[
+                "DB_PASSWORD",
+                "1st-key",
+                "a=b",
+                "a,b",
+                "X*",
+                "",
+                "has space",
+                "DB_USER",
+            ],
+            "shared" => &["API_TOKEN", "DB_PASSWORD", "not-valid.name"],
+            _ => return None,
+        };
+        Some(strings(keys))
+    }
+
+    fn with_secrets(env: serde_json::Value, env_from: serde_json::Value) -> Container {
+        let mut c = container("app", "alpine", &["/app"], &[]);
+        c.env = Some(serde_json::from_value(env).unwrap());
+        c.env_from = Some(serde_json::from_value(env_from).unwrap());
+        c
+    }
+
+    #[test]
+    fn unprefixed_env_from_secrets_list_their_keys() {
+        let c = with_secrets(
+            json!([
+                {"name": "API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "t"}}},
+            ]),
+            json!([
+                {"secretRef": {"name": "db"}},
+                {"secretRef": {"name": "api"}, "prefix": "API_"},
+                {"secretRef": {"name": "shared"}, "prefix": ""},
+                {"secretRef": {"name": "db"}},
+                {"configMapRef": {"name": "db"}},
+            ]),
+        );
+        let p = pod(None, vec![c], vec![]);
+        assert_eq!(
+            secrets_to_read(&p),
+            BTreeSet::from(["db".to_owned(), "shared".to_owned()])
+        );
+        let m = mutate(&p, &injection(), &resolve, &secret_keys).unwrap();
+        // Named and prefixed entries first, then each Secret's keys sorted; a key the kubelet
+        // would not set or the list cannot carry is left out, and every entry appears once.
+        assert_eq!(
+            redact_env(&m, "app").as_deref(),
+            Some("API_TOKEN,API_*,1st-key,DB_PASSWORD,DB_USER,not-valid.name")
+        );
+    }
+
+    #[test]
+    fn secrets_with_unknown_keys_list_nothing() {
+        let c = with_secrets(
+            json!([
+                {"name": "S", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k"}}},
+            ]),
+            json!([{"secretRef": {"name": "gone"}}, {"secretRef": {"name": "forbidden", "optional": true}}]),
+        );
+        let m = run(&pod(None, vec![c], vec![]));
+        assert!(
+            m.skipped.is_empty(),
+            "an unknown Secret does not stop wrapping"
+        );
+        assert_eq!(
+            find(&m.pod, "app").command,
+            Some(strings(&[ENTRYPOINT_PATH]))
+        );
+        assert_eq!(redact_env(&m, "app").as_deref(), Some("S"));
+
+        let only = with_secrets(json!([]), json!([{"secretRef": {"name": "gone"}}]));
+        let m = run(&pod(None, vec![only], vec![]));
+        assert_eq!(
+            find(&m.pod, "app").command,
+            Some(strings(&[ENTRYPOINT_PATH]))
+        );
+        assert_eq!(redact_env(&m, "app"), None, "nothing known, no list");
+    }
+
+    #[test]
+    fn secret_keys_are_asked_only_for_containers_that_may_be_wrapped() {
+        let from = |name: &str| {
+            let mut c = container(name, "x", &["/app"], &[]);
+            c.env_from = Some(
+                serde_json::from_value(json!([{"secretRef": {"name": format!("{name}-s")}}]))
+                    .unwrap(),
+            );
+            c
+        };
+        let mut plain = pod(None, vec![from("a"), from("b")], vec![from("init")]);
+        assert_eq!(
+            secrets_to_read(&plain),
+            BTreeSet::from(["a-s".to_owned(), "b-s".to_owned()])
+        );
+        let knative = pod(
+            Some(KNATIVE_REVISION_LABEL),
+            vec![from("user-container"), from("queue-proxy")],
+            vec![],
+        );
+        assert_eq!(
+            secrets_to_read(&knative),
+            BTreeSet::from(["user-container-s".to_owned()])
+        );
+        plain
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(INJECTED_ANNOTATION.to_owned(), "true".to_owned());
+        assert!(secrets_to_read(&plain).is_empty());
+
+        // mutate asks for exactly those (each container's Secrets once).
+        let asked = std::cell::RefCell::new(Vec::new());
+        let record = |name: &str| {
+            asked.borrow_mut().push(name.to_owned());
+            None
+        };
+        mutate(&knative, &injection(), &resolve, &record).unwrap();
+        assert_eq!(*asked.borrow(), strings(&["user-container-s"]));
     }
 }

@@ -3,7 +3,9 @@
 //! when the TLS upkeep ([`crate::webhook_tls`]) renews it.
 //!
 //! Answers come from memory: the tenants from a reflector [`Store`], image entrypoints from an
-//! [`ImageLookup`] bounded by a deadline well under the API server's webhook timeout. Only pod
+//! [`ImageLookup`] and the key names of Secrets a container takes whole through `envFrom` (for
+//! its `RELAY_REDACT_ENV` list) from a [`SecretKeyLookup`], both concurrently and bounded by
+//! deadlines well under the API server's webhook timeout. Only pod
 //! `CREATE` is mutated; everything else is allowed unchanged. A review that cannot be read is
 //! answered as invalid (or with a 400 when it carries no request uid to answer), never with a
 //! panic. When the webhook cannot decide (the tenant cache has not synced, an internal error) it
@@ -26,7 +28,7 @@ use futures::future::BoxFuture;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use k8s_openapi::api::core::v1::{Container, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{Container, ObjectReference, Pod, Secret};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::core::{DynamicObject, ObjectMeta};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -63,6 +65,9 @@ pub const REASON_TOOLS_NOT_READY: &str = "ToolsNotReady";
 /// Event reason: containers were left unwrapped because their image's entrypoint could not be
 /// looked up.
 pub const REASON_IMAGE_LOOKUP_FAILED: &str = "ImageLookupFailed";
+/// Event reason: the keys of a Secret that wrapped containers take whole through `envFrom` could
+/// not be read, so their values are not redacted from captured logs.
+pub const REASON_SECRET_KEYS_UNKNOWN: &str = "SecretKeysUnknown";
 
 /// How the webhook mutates and what it accepts.
 #[derive(Debug, Clone)]
@@ -78,6 +83,9 @@ pub struct WebhookConfig {
     /// Deadline for looking up all of a pod's images; keep it well under the webhook's
     /// `timeoutSeconds` (5 s in `deploy/base/webhook.yaml`).
     pub image_lookup_timeout: Duration,
+    /// Deadline for reading the key names of a pod's `envFrom` Secrets, concurrently with the
+    /// image lookups; a Secret not read by then lists no keys.
+    pub secret_lookup_timeout: Duration,
     /// How long a review waits for the tenant cache's first sync before answering with 503.
     pub cache_sync_timeout: Duration,
     /// Largest review body accepted (413 beyond).
@@ -88,7 +96,8 @@ pub struct WebhookConfig {
 
 impl WebhookConfig {
     /// The defaults: token at [`mutate::DEFAULT_TOKEN_PATH`], admit unwrapped when tools are not
-    /// ready, 3 s image lookup deadline, 1 s cache sync wait, 4 MiB bodies, 10 s handshakes.
+    /// ready, 3 s image lookup deadline, 2 s Secret lookup deadline, 1 s cache sync wait, 4 MiB
+    /// bodies, 10 s handshakes.
     pub fn new(api_url: impl Into<String>, audience: impl Into<String>) -> Self {
         Self {
             api_url: api_url.into(),
@@ -96,6 +105,7 @@ impl WebhookConfig {
             token_path: mutate::DEFAULT_TOKEN_PATH.to_owned(),
             deny_when_not_ready: false,
             image_lookup_timeout: Duration::from_secs(3),
+            secret_lookup_timeout: Duration::from_secs(2),
             cache_sync_timeout: Duration::from_secs(1),
             max_body_bytes: 4 << 20,
             tls_handshake_timeout: Duration::from_secs(10),
@@ -139,6 +149,72 @@ impl ImageLookup for NoImageLookup {
         let failed = images
             .into_iter()
             .map(|image| (image, Err("image lookup disabled".to_owned())))
+            .collect();
+        Box::pin(futures::future::ready(failed))
+    }
+}
+
+/// The key names of each looked-up Secret, or why they are unknown.
+pub type SecretKeys = HashMap<String, Result<Vec<String>, String>>;
+
+/// Reads the key names of Secrets, for the `RELAY_REDACT_ENV` list of containers that take all of
+/// a Secret's keys through `envFrom` without a prefix ([`mutate::secrets_to_read`]).
+pub trait SecretKeyLookup: Send + Sync + 'static {
+    /// The key names of each of `names` (distinct Secrets in `namespace`), read concurrently. A
+    /// Secret missing from the map counts as failed. The webhook bounds the whole call by
+    /// [`WebhookConfig::secret_lookup_timeout`]. Only key names leave it, never values.
+    fn keys<'a>(&'a self, namespace: &'a str, names: Vec<String>) -> BoxFuture<'a, SecretKeys>;
+}
+
+/// A [`SecretKeyLookup`] reading the Secrets from the API server (`get secrets` in the pods'
+/// namespaces).
+#[derive(Clone)]
+pub struct ApiSecretKeys {
+    pub client: Client,
+}
+
+impl fmt::Debug for ApiSecretKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiSecretKeys").finish_non_exhaustive()
+    }
+}
+
+impl SecretKeyLookup for ApiSecretKeys {
+    fn keys<'a>(&'a self, namespace: &'a str, names: Vec<String>) -> BoxFuture<'a, SecretKeys> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        Box::pin(async move {
+            let reads = names.into_iter().map(|name| {
+                let secrets = secrets.clone();
+                async move {
+                    let keys = match secrets.get_opt(&name).await {
+                        // The values go out of scope here, unread.
+                        Ok(Some(secret)) => Ok(secret
+                            .data
+                            .into_iter()
+                            .flat_map(|d| d.into_keys())
+                            .chain(secret.string_data.into_iter().flat_map(|d| d.into_keys()))
+                            .collect()),
+                        Ok(None) => Err("not found".to_owned()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    (name, keys)
+                }
+            });
+            futures::future::join_all(reads).await.into_iter().collect()
+        })
+    }
+}
+
+/// A [`SecretKeyLookup`] for running without reading Secrets: every lookup fails, so Secrets
+/// taken whole through `envFrom` list no keys.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoSecretKeyLookup;
+
+impl SecretKeyLookup for NoSecretKeyLookup {
+    fn keys<'a>(&'a self, _namespace: &'a str, names: Vec<String>) -> BoxFuture<'a, SecretKeys> {
+        let failed = names
+            .into_iter()
+            .map(|name| (name, Err("secret lookup disabled".to_owned())))
             .collect();
         Box::pin(futures::future::ready(failed))
     }
@@ -270,11 +346,13 @@ pub fn tenant_reflector(client: Client) -> (Store<Tenant>, impl Future<Output = 
     (store, run)
 }
 
-/// The webhook's state: configuration, the tenant cache, the image lookup, Events, metrics.
+/// The webhook's state: configuration, the tenant cache, the image and Secret lookups, Events,
+/// metrics.
 pub struct Webhook {
     config: WebhookConfig,
     tenants: Store<Tenant>,
     images: Arc<dyn ImageLookup>,
+    secrets: Arc<dyn SecretKeyLookup>,
     events: Recorder,
     metrics: WebhookMetrics,
 }
@@ -307,6 +385,15 @@ impl IntoResponse for Reply {
     }
 }
 
+/// Failed lookups that left something out of a mutation, described for an Event.
+#[derive(Debug, Default)]
+struct Failures {
+    /// Images of containers left unwrapped.
+    images: Vec<String>,
+    /// `envFrom` Secrets of wrapped containers whose keys are not listed.
+    secrets: Vec<String>,
+}
+
 /// An event to publish about a tenant.
 struct Note {
     reason: &'static str,
@@ -314,12 +401,14 @@ struct Note {
 }
 
 impl Webhook {
-    /// A webhook answering from `tenants`, looking images up with `images` and publishing
-    /// Events with `events` (for example `Recorder::new(client, EVENT_REPORTER.into())`).
+    /// A webhook answering from `tenants`, looking images up with `images` and the keys of
+    /// `envFrom` Secrets with `secrets` (for example [`ApiSecretKeys`]), and publishing Events
+    /// with `events` (for example `Recorder::new(client, EVENT_REPORTER.into())`).
     pub fn new(
         config: WebhookConfig,
         tenants: Store<Tenant>,
         images: Arc<dyn ImageLookup>,
+        secrets: Arc<dyn SecretKeyLookup>,
         events: Recorder,
         metrics: WebhookMetrics,
     ) -> Self {
@@ -327,6 +416,7 @@ impl Webhook {
             config,
             tenants,
             images,
+            secrets,
             events,
             metrics,
         }
@@ -459,6 +549,23 @@ impl Webhook {
         let injection = self.config.injection(claim);
         let mutation = match self.mutate(&pod, &injection, &namespace, &pod_name).await {
             Ok((mutation, failures)) => {
+                if !failures.secrets.is_empty() {
+                    self.publish(
+                        &tenant,
+                        &namespace,
+                        &pod_name,
+                        Note {
+                            reason: REASON_SECRET_KEYS_UNKNOWN,
+                            message: format!(
+                                "pod {pod_name}: values of Secrets taken whole through envFrom \
+                                 are not redacted from captured logs, their keys could not be \
+                                 read: {}",
+                                failures.secrets.join("; ")
+                            ),
+                        },
+                    );
+                }
+                let failures = failures.images;
                 if !failures.is_empty() {
                     self.publish(
                         &tenant,
@@ -507,15 +614,17 @@ impl Webhook {
         }
     }
 
-    /// Mutates `pod`, first without image lookups to learn which containers need one, then, if
-    /// any, with the looked-up commands. Also returns a description of each failed lookup.
+    /// Mutates `pod`, first without lookups to learn which images it needs, then, if it needs
+    /// images or the keys of `envFrom` Secrets, with the looked-up commands and keys (both looked
+    /// up concurrently). Also returns a description of each failed lookup that matters: images of
+    /// containers left unwrapped, Secrets of wrapped containers.
     async fn mutate(
         &self,
         pod: &Pod,
         injection: &Injection,
         namespace: &str,
         pod_name: &str,
-    ) -> Result<(mutate::Mutation, Vec<String>), mutate::MutateError> {
+    ) -> Result<(mutate::Mutation, Failures), mutate::MutateError> {
         let mut wanted: BTreeSet<String> = BTreeSet::new();
         let first = {
             let asked = std::cell::RefCell::new(BTreeSet::new());
@@ -525,38 +634,18 @@ impl Webhook {
                 }
                 None
             };
-            let first = mutate::mutate(pod, injection, &record)?;
+            let first = mutate::mutate(pod, injection, &record, &|_| None)?;
             wanted.append(&mut asked.borrow_mut());
             first
         };
-        if wanted.is_empty() {
-            return Ok((first, Vec::new()));
+        let secrets = mutate::secrets_to_read(pod);
+        if wanted.is_empty() && secrets.is_empty() {
+            return Ok((first, Failures::default()));
         }
-        let images: Vec<String> = wanted.into_iter().collect();
-        let timeout = self.config.image_lookup_timeout;
-        // The review's object often has no namespace; the lookup needs it for pull secrets.
-        let mut placed = pod.clone();
-        placed
-            .metadata
-            .namespace
-            .get_or_insert_with(|| namespace.to_owned());
-        let results = match tokio::time::timeout(
-            timeout,
-            self.images.lookup(&placed, images.clone()),
-        )
-        .await
-        {
-            Ok(results) => results,
-            Err(_) => images
-                .iter()
-                .map(|i| {
-                    (
-                        i.clone(),
-                        Err(format!("lookup timed out after {timeout:?}")),
-                    )
-                })
-                .collect(),
-        };
+        let (results, keys) = tokio::join!(
+            self.lookup_images(pod, namespace, wanted),
+            self.lookup_secret_keys(namespace, secrets),
+        );
         let resolve = |c: &Container| {
             c.image
                 .as_ref()
@@ -564,16 +653,15 @@ impl Webhook {
                 .and_then(|r| r.as_ref().ok())
                 .cloned()
         };
-        let mutation = mutate::mutate(pod, injection, &resolve)?;
-        let failures: Vec<String> = mutation
+        let secret_keys = |name: &str| keys.get(name).and_then(|r| r.as_ref().ok()).cloned();
+        let mutation = mutate::mutate(pod, injection, &resolve, &secret_keys)?;
+        let containers = || pod.spec.iter().flat_map(|spec| &spec.containers);
+        let images: Vec<String> = mutation
             .skipped
             .iter()
             .filter(|s| s.reason == SkipReason::UnresolvedImage)
             .map(|s| {
-                let image = pod
-                    .spec
-                    .iter()
-                    .flat_map(|spec| &spec.containers)
+                let image = containers()
                     .find(|c| c.name == s.container)
                     .and_then(|c| c.image.clone())
                     .unwrap_or_default();
@@ -589,7 +677,71 @@ impl Webhook {
                 format!("container {} (image {image}): {error}", s.container)
             })
             .collect();
-        Ok((mutation, failures))
+        let mut secrets = Vec::new();
+        if !mutation.patch.0.is_empty() {
+            let wrapped =
+                containers().filter(|c| !mutation.skipped.iter().any(|s| s.container == c.name));
+            for c in wrapped {
+                let mut seen = BTreeSet::new();
+                for secret in mutate::unprefixed_secret_refs(c).filter(|s| seen.insert(*s)) {
+                    let error = match keys.get(secret) {
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => e.clone(),
+                        None => "no answer from the secret lookup".to_owned(),
+                    };
+                    tracing::info!(
+                        %namespace, pod = %pod_name, container = %c.name, %secret, %error,
+                        "keys of an envFrom secret unknown: its values are not redacted"
+                    );
+                    secrets.push(format!("container {} (secret {secret}): {error}", c.name));
+                }
+            }
+        }
+        Ok((mutation, Failures { images, secrets }))
+    }
+
+    /// The commands of `images`, bounded by [`WebhookConfig::image_lookup_timeout`].
+    async fn lookup_images(
+        &self,
+        pod: &Pod,
+        namespace: &str,
+        images: BTreeSet<String>,
+    ) -> HashMap<String, Result<ImageCommand, String>> {
+        if images.is_empty() {
+            return HashMap::new();
+        }
+        let images: Vec<String> = images.into_iter().collect();
+        let timeout = self.config.image_lookup_timeout;
+        // The review's object often has no namespace; the lookup needs it for pull secrets.
+        let mut placed = pod.clone();
+        placed
+            .metadata
+            .namespace
+            .get_or_insert_with(|| namespace.to_owned());
+        match tokio::time::timeout(timeout, self.images.lookup(&placed, images.clone())).await {
+            Ok(results) => results,
+            Err(_) => images
+                .into_iter()
+                .map(|i| (i, Err(format!("lookup timed out after {timeout:?}"))))
+                .collect(),
+        }
+    }
+
+    /// The key names of `names` in `namespace`, bounded by
+    /// [`WebhookConfig::secret_lookup_timeout`].
+    async fn lookup_secret_keys(&self, namespace: &str, names: BTreeSet<String>) -> SecretKeys {
+        if names.is_empty() {
+            return HashMap::new();
+        }
+        let names: Vec<String> = names.into_iter().collect();
+        let timeout = self.config.secret_lookup_timeout;
+        match tokio::time::timeout(timeout, self.secrets.keys(namespace, names.clone())).await {
+            Ok(keys) => keys,
+            Err(_) => names
+                .into_iter()
+                .map(|n| (n, Err(format!("lookup timed out after {timeout:?}"))))
+                .collect(),
+        }
     }
 
     /// The tenant of `namespace`: the first by name when there are several.
@@ -839,6 +991,20 @@ mod tests {
             assert_eq!(
                 got.get(image),
                 Some(&Err("image lookup disabled".to_owned()))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn no_secret_key_lookup_fails_every_secret() {
+        let got = NoSecretKeyLookup
+            .keys("ns", vec!["a".to_owned(), "b".to_owned()])
+            .await;
+        assert_eq!(got.len(), 2);
+        for name in ["a", "b"] {
+            assert_eq!(
+                got.get(name),
+                Some(&Err("secret lookup disabled".to_owned()))
             );
         }
     }

@@ -22,12 +22,13 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use operator::crd::{Tenant, TenantSpec};
 use operator::mutate::{
-    ENTRYPOINT_PATH, INJECTED_ANNOTATION, TOKEN_VOLUME, TOOLS_MOUNT_PATH, TOOLS_VOLUME,
+    ENTRYPOINT_PATH, ENV_REDACT, INJECTED_ANNOTATION, TOKEN_VOLUME, TOOLS_MOUNT_PATH, TOOLS_VOLUME,
 };
 use operator::tls::{self, WebhookTls};
 use operator::webhook::{
-    self, EVENT_REPORTER, MUTATE_PATH, NoImageLookup, Outcome, REASON_IMAGE_LOOKUP_FAILED,
-    REASON_TOOLS_NOT_READY, Webhook, WebhookConfig, WebhookMetrics,
+    self, ApiSecretKeys, EVENT_REPORTER, MUTATE_PATH, NoImageLookup, Outcome,
+    REASON_IMAGE_LOOKUP_FAILED, REASON_SECRET_KEYS_UNKNOWN, REASON_TOOLS_NOT_READY, Webhook,
+    WebhookConfig, WebhookMetrics,
 };
 use operator::webhook_tls::{TlsUpkeep, tls_upkeep};
 use rustls::pki_types::pem::PemObject;
@@ -186,6 +187,9 @@ fn start_webhook(
         config,
         store.clone(),
         Arc::new(NoImageLookup),
+        Arc::new(ApiSecretKeys {
+            client: client.clone(),
+        }),
         Recorder::new(client.clone(), EVENT_REPORTER.into()),
         WebhookMetrics::default(),
     ));
@@ -330,6 +334,15 @@ fn assert_unwrapped(stored: &Pod, original: &Pod) {
             .any(|v| v.name == TOOLS_VOLUME || v.name == TOKEN_VOLUME),
         "{volumes:?}"
     );
+}
+
+/// The `RELAY_REDACT_ENV` value of a container, if it has one.
+fn redact_env(c: &Container) -> Option<String> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == ENV_REDACT)
+        .map(|e| e.value.clone().unwrap_or_default())
 }
 
 /// Waits for an Event with `reason` in `ns` whose note names `pod`; returns the note.
@@ -625,6 +638,81 @@ async fn pods_created_through_the_api_server_are_stored_mutated() {
             .skipped(operator::mutate::SkipReason::UnresolvedImage)
             >= 1
     );
+
+    // A Secret taken whole through envFrom: the webhook reads its key names and lists them all in
+    // RELAY_REDACT_ENV, since the kubelet sets each as a variable (IsEnvVarName accepts `-` and
+    // `.`; `1st-key` only with relaxed validation, listed all the same).
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "db-creds" },
+        "stringData": {
+            "DB_PASSWORD": "hunter2", "API_TOKEN": "t0ken", "not-valid.name": "dotted",
+            "1st-key": "digit",
+        },
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), "ready")
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create secret");
+    let with_env_from = |name: &str, secret: &str| {
+        let mut app = container("app", "busybox", &["sleep"], &["1"]);
+        app["envFrom"] = json!([{ "secretRef": { "name": secret } }]);
+        app["env"] = json!([{ "name": "SINGLE",
+            "valueFrom": { "secretKeyRef": { "name": secret, "key": "API_TOKEN" } } }]);
+        pod(name, json!({}), vec![app], vec![])
+    };
+    let stored = create(&client, "ready", &with_env_from("env-from", "db-creds"))
+        .await
+        .expect("create env-from");
+    let app = named(&stored, "app");
+    assert_injected(&stored, app);
+    assert_eq!(
+        redact_env(app).as_deref(),
+        Some("SINGLE,1st-key,API_TOKEN,DB_PASSWORD,not-valid.name")
+    );
+
+    // A missing Secret: admitted and wrapped all the same, nothing listed for it, and an Event on
+    // the tenant names the pod and the Secret.
+    let missing = with_env_from("env-from-missing", "missing-creds");
+    let stored = create(&client, "ready", &missing)
+        .await
+        .expect("a pod with a missing envFrom Secret is admitted");
+    let app = named(&stored, "app");
+    assert_eq!(app.command, Some(strings(&[ENTRYPOINT_PATH])));
+    assert_injected(&stored, app);
+    assert_eq!(redact_env(app).as_deref(), Some("SINGLE"));
+    let note = event(
+        &client,
+        "ready",
+        REASON_SECRET_KEYS_UNKNOWN,
+        "env-from-missing",
+    )
+    .await;
+    assert!(
+        note.contains("missing-creds") && note.contains("not found"),
+        "{note}"
+    );
+
+    // The cost of the lookup: the same review straight to the webhook, with and without a Secret
+    // to read.
+    let latency = |object: Value| {
+        let body = review("uid-latency", "CREATE", pod_kind(), object, "ready");
+        let main = Arc::clone(&main);
+        async move {
+            let mut took = Vec::new();
+            for _ in 0..50 {
+                let started = Instant::now();
+                let _ = main.review(&body).await;
+                took.push(started.elapsed());
+            }
+            took.sort();
+            percentile(&took, 0.5)
+        }
+    };
+    let without = latency(pod_object("plain")).await;
+    let object = serde_json::to_value(with_env_from("env-from", "db-creds")).expect("JSON");
+    let with = latency(object).await;
+    eprintln!("review p50 without an envFrom Secret {without:?}, with one {with:?}");
 
     // Tools not ready: admitted unwrapped, and an Event on the tenant names the pod.
     let waiting = pod(

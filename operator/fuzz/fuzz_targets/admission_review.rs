@@ -30,7 +30,10 @@ use operator::{
     controller::TENANT_UID_LABEL,
     crd::{Tenant, TenantSpec, TenantStatus},
     mutate::{self, ImageCommand},
-    webhook::{EVENT_REPORTER, ImageLookup, Reply, Webhook, WebhookConfig, WebhookMetrics},
+    webhook::{
+        EVENT_REPORTER, ImageLookup, NoSecretKeyLookup, Reply, Webhook, WebhookConfig,
+        WebhookMetrics,
+    },
 };
 use operator_fuzz::{API_URL, AUDIENCE, CLAIM, NAMESPACE, NOT_READY_NAMESPACE};
 
@@ -102,6 +105,7 @@ fn harness() -> &'static Harness {
             config,
             store,
             Arc::new(Images),
+            Arc::new(NoSecretKeyLookup),
             Recorder::new(client, EVENT_REPORTER.into()),
             WebhookMetrics::default(),
         );
@@ -169,10 +173,14 @@ fuzz_target!(|data: &[u8]| {
     let wanted = pod
         .as_ref()
         .is_some_and(|pod| mutable((&kind.0, &kind.1), &request, pod));
-    let mutation = pod
-        .as_ref()
-        .filter(|_| wanted)
-        .map(|pod| mutate::mutate(pod, &operator_fuzz::injection(), &operator_fuzz::resolve));
+    let mutation = pod.as_ref().filter(|_| wanted).map(|pod| {
+        mutate::mutate(
+            pod,
+            &operator_fuzz::injection(),
+            &operator_fuzz::resolve,
+            &|_| None,
+        )
+    });
 
     let review = match reply {
         Reply::Review(review) => review,

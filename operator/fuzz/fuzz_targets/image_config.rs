@@ -75,7 +75,8 @@ fuzz_target!(|data: &[u8]| {
             }),
             ..Pod::default()
         };
-        let m = mutate::mutate(&pod, &operator_fuzz::injection(), &resolve).expect("mutates");
+        let m = mutate::mutate(&pod, &operator_fuzz::injection(), &resolve, &|_| None)
+            .expect("mutates");
         let runs_something =
             !command.entrypoint.is_empty() || args.is_some() || !command.cmd.is_empty();
         if !runs_something {
@@ -115,8 +116,13 @@ fuzz_target!(|data: &[u8]| {
                 }),
                 ..Pod::default()
             };
-            let m = mutate::mutate(&pod, &operator_fuzz::injection(), &operator_fuzz::resolve)
-                .expect("mutates");
+            let m = mutate::mutate(
+                &pod,
+                &operator_fuzz::injection(),
+                &operator_fuzz::resolve,
+                &|_| None,
+            )
+            .expect("mutates");
             operator_fuzz::check_mutation(&pod, &m);
         } else {
             // Still: the wrapped container runs `-- ENTRYPOINT CMD` unexpanded.

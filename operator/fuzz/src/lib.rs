@@ -402,7 +402,8 @@ pub fn check_mutation(before: &Pod, m: &Mutation) {
     );
     if m.patch.0.is_empty() {
         assert_eq!(after, before, "an empty patch with a changed pod");
-        let twice = mutate::mutate(after, &injection(), &resolve).expect("mutates again");
+        let twice =
+            mutate::mutate(after, &injection(), &resolve, &|_| None).expect("mutates again");
         assert_eq!(
             twice, *m,
             "an unchanged pod mutated differently the second time"
@@ -573,7 +574,7 @@ pub fn check_mutation(before: &Pod, m: &Mutation) {
 
     // Mutating it again changes nothing, also when the annotation was lost (a pod copied from an
     // injected one).
-    let twice = mutate::mutate(after, &injection(), &resolve).expect("mutates again");
+    let twice = mutate::mutate(after, &injection(), &resolve, &|_| None).expect("mutates again");
     assert!(
         twice.patch.0.is_empty(),
         "a second mutation patches {:?}",
@@ -585,7 +586,8 @@ pub fn check_mutation(before: &Pod, m: &Mutation) {
     if let Some(a) = copy.metadata.annotations.as_mut() {
         a.remove(INJECTED_ANNOTATION);
     }
-    let copied = mutate::mutate(&copy, &injection(), &resolve).expect("mutates the copy");
+    let copied =
+        mutate::mutate(&copy, &injection(), &resolve, &|_| None).expect("mutates the copy");
     assert!(
         copied.patch.0.is_empty(),
         "a mutated pod without its annotation is patched again: {:?}",
