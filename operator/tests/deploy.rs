@@ -258,6 +258,8 @@ fn deploy_manifests_apply_to_a_real_api_server() {
         ("relay-operator", "create", "events.events.k8s.io", cluster),
         ("relay-operator", "watch", "secrets", system),
         ("relay-operator", "create", "secrets", system),
+        ("relay-operator", "get", "secrets", Some("tenant-a")),
+        ("relay-operator", "get", "serviceaccounts", Some("tenant-a")),
         ("relay-operator", "patch", "daemonsets.apps", system),
         ("relay-operator", "watch", "daemonsets.apps", system),
         (
@@ -274,7 +276,9 @@ fn deploy_manifests_apply_to_a_real_api_server() {
         );
     }
     let denied = [
-        ("relay-operator", "get", "secrets", Some("tenant-a")),
+        ("relay-operator", "list", "secrets", Some("tenant-a")),
+        ("relay-operator", "watch", "secrets", Some("tenant-a")),
+        ("relay-operator", "patch", "secrets", Some("tenant-a")),
         (
             "relay-operator",
             "patch",
