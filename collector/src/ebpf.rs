@@ -134,7 +134,22 @@ impl Probes {
         let self_tgid = std::process::id();
         // aya-log's level global: 0 turns every log statement into a cheap early return.
         let log_level: u8 = if opts.log { 0xff } else { 0 };
-        let pins = opts.pin_dir.as_deref().map(Pins::prepare).transpose()?;
+        // Without pins the collector still captures; it only loses the hand-over between runs,
+        // so a node without a BPF filesystem where expected is a warning, not a crash loop.
+        let pins = opts
+            .pin_dir
+            .as_deref()
+            .and_then(|dir| match Pins::prepare(dir) {
+                Ok(pins) => Some(pins),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "Not pinning: capture stops while no collector runs, and the next one \
+                         starts every stream afresh."
+                    );
+                    None
+                }
+            });
         let resumed = pins.as_ref().is_some_and(|p| p.map("STREAMS").exists());
         let mut loader = EbpfLoader::new();
         loader

@@ -197,21 +197,33 @@ fn a_stopped_collector_leaves_the_stream_open_and_what_overflowed_the_ring_is_dr
 }
 
 #[test]
-fn pins_need_the_bpf_filesystem() {
+fn without_a_bpf_filesystem_the_collector_runs_unpinned_and_says_why() {
     if !can_run() {
         return;
     }
     let api = Api::start(&[]);
     let cg = Cgroup::new("restart-nobpffs");
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_collector"))
-        .args(["--url", &api.url, "--pin-dir"])
-        .arg(dir.path())
-        .arg("--cgroup")
-        .arg(format!("{}={CTX}", cg.path.display()))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(69), "{err}");
-    assert!(err.contains("not on a BPF filesystem"), "{err}");
+    let pin_dir = dir.path().join("pins");
+    let collector = Collector::start_logged(
+        Command::new(env!("CARGO_BIN_EXE_collector")),
+        &api,
+        &[
+            "--pin-dir",
+            pin_dir.to_str().unwrap(),
+            "--cgroup",
+            &format!("{}={CTX}", cg.path.display()),
+        ],
+    );
+    collector.wait_for_log(
+        Duration::from_secs(10),
+        &["Not pinning", "is not on a BPF filesystem"],
+    );
+    assert!(!pin_dir.exists(), "nothing made under the pin directory");
+    // It captures all the same.
+    let writer = Writer::start(&cg.path, &[50_000]);
+    writer.phase(0);
+    let written = writer.finish();
+    let (_, stored) = complete_ebpf(&api, CTX, "stdout");
+    assert!(stored == written);
 }
