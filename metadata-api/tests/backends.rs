@@ -114,10 +114,17 @@ async fn file_backend() {
 
 #[tokio::test]
 async fn s3_backend_on_moto() {
-    let port = free_port();
-    let Some(_moto) = emulator("moto_server", &["-p", &port.to_string()], port) else {
+    let Some((_moto, _tmp, s)) = on_moto("tenant-logs").await else {
         return;
     };
+    life_cycle(&s).await;
+}
+
+/// The moto S3 emulator with a bucket, and a server storing under `prefix` in it (`None` when
+/// the emulator is not installed). The directory holds the server's key: keep it with the server.
+async fn on_moto(prefix: &str) -> Option<(Emulator, tempfile::TempDir, Server)> {
+    let port = free_port();
+    let moto = emulator("moto_server", &["-p", &port.to_string()], port)?;
     let endpoint = format!("http://127.0.0.1:{port}");
     let r = reqwest::Client::new()
         .put(format!("{endpoint}/relay-logs"))
@@ -128,7 +135,7 @@ async fn s3_backend_on_moto() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start_with_env(
         tmp.path(),
-        "s3://relay-logs/tenant-logs",
+        &format!("s3://relay-logs/{prefix}"),
         &[],
         &env(&[
             ("AWS_ENDPOINT", endpoint.as_str()),
@@ -138,7 +145,7 @@ async fn s3_backend_on_moto() {
             ("AWS_REGION", "us-east-1"),
         ]),
     );
-    life_cycle(&s).await;
+    Some((moto, tmp, s))
 }
 
 /// Sends `sig` (`STOP`, `CONT`) to the emulator.
@@ -167,30 +174,9 @@ impl Drop for Resume<'_> {
 /// --scenario storage-down`).
 #[tokio::test]
 async fn s3_a_write_given_up_while_storage_is_stopped_does_not_block_its_range() {
-    let port = free_port();
-    let Some(moto) = emulator("moto_server", &["-p", &port.to_string()], port) else {
+    let Some((moto, _tmp, s)) = on_moto("stalled").await else {
         return;
     };
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let r = reqwest::Client::new()
-        .put(format!("{endpoint}/relay-logs"))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "create bucket: {}", r.status());
-    let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start_with_env(
-        tmp.path(),
-        "s3://relay-logs/stalled",
-        &[],
-        &env(&[
-            ("AWS_ENDPOINT", endpoint.as_str()),
-            ("AWS_ALLOW_HTTP", "true"),
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_REGION", "us-east-1"),
-        ]),
-    );
     let w = s.client(&s.token(CTX, Scope::Write));
     let id = w.stream("stdout").await;
     let data = bytes(11, 300_000);
