@@ -65,8 +65,9 @@ pub const KUBE_VERSION: &str = "v1.20.2";
 
 /// The Debian packages behind the Kubernetes control plane, extracted together into [`kube_root`]:
 /// Go 1.19 (compiler and standard library) and Debian's reflect2 and json-iterator (replacing the
-/// vendored ones) for the build; rsync and its libraries for `make gen_openapi`; etcd; kubectl.
-pub const KUBE_PACKAGES: [&str; 9] = [
+/// vendored ones) for the build; rsync and its libraries for `make gen_openapi`; etcd; kubectl;
+/// the CNI plugins, whose `loopback` is the real kubelet's whole pod network (hostNetwork pods).
+pub const KUBE_PACKAGES: [&str; 10] = [
     "golang-1.19-go",
     "golang-1.19-src",
     "golang-github-modern-go-reflect2-dev",
@@ -76,6 +77,7 @@ pub const KUBE_PACKAGES: [&str; 9] = [
     "libxxhash0",
     "etcd-server",
     "kubernetes-client",
+    "containernetworking-plugins",
 ];
 
 /// `~/.cache/relay/kube`: everything behind the Kubernetes control plane.
@@ -107,6 +109,21 @@ pub fn kube_apiserver() -> PathBuf {
 /// The `kube-controller-manager` binary.
 pub fn kube_controller_manager() -> PathBuf {
     kube_bin_dir().join("kube-controller-manager")
+}
+
+/// The `kubelet` binary.
+pub fn kubelet() -> PathBuf {
+    kube_bin_dir().join("kubelet")
+}
+
+/// The `kube-scheduler` binary.
+pub fn kube_scheduler() -> PathBuf {
+    kube_bin_dir().join("kube-scheduler")
+}
+
+/// The directory of the CNI plugins (`loopback`) the kubelet's containerd calls.
+pub fn cni_bin_dir() -> PathBuf {
+    kube_root().join("usr/lib/cni")
 }
 
 /// The `etcd` binary.

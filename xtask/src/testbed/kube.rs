@@ -39,8 +39,14 @@ const SECURITY_MIRROR_ENV: &str = "RELAY_DEBIAN_SECURITY_MIRROR";
 const MIRROR: &str = "http://deb.debian.org/debian";
 const SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
 
-/// The commands built from the source package, next to each other in `kube/bin`.
-const COMMANDS: [&str; 2] = ["kube-apiserver", "kube-controller-manager"];
+/// The commands built from the source package, next to each other in `kube/bin`, in one `go build`
+/// so that the packages they share compile once.
+const COMMANDS: [&str; 4] = [
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+];
 
 /// Vendored packages replaced by Debian's: the vendored `github.com/modern-go/reflect2` 1.0.1
 /// crashes with Go >= 1.18 on the first custom resource, and json-iterator must match it.
@@ -113,7 +119,11 @@ fn answers(cmd: &mut Command, want: &str) -> bool {
 }
 
 fn root_ready() -> bool {
-    layout::kube_root_stamp().exists()
+    let stamp = fs::read_to_string(layout::kube_root_stamp()).unwrap_or_default();
+    // A root extracted before a package joined the list is extracted again.
+    layout::KUBE_PACKAGES
+        .iter()
+        .all(|p| stamp.lines().any(|l| l.starts_with(&format!("{p}_"))))
         && answers(
             Command::new(layout::etcd()).arg("--version"),
             "etcd Version",
@@ -128,8 +138,13 @@ fn root_ready() -> bool {
 fn binaries_ready() -> bool {
     let version = format!("Kubernetes {}", layout::KUBE_VERSION);
     build_recipe().is_ok_and(|recipe| fs::read_to_string(build_stamp()).ok() == Some(recipe))
-        && [layout::kube_apiserver(), layout::kube_controller_manager()]
-            .iter()
+        && [
+            layout::kube_apiserver(),
+            layout::kube_controller_manager(),
+            layout::kube_scheduler(),
+            layout::kubelet(),
+        ]
+        .iter()
             .all(|bin| answers(Command::new(bin).arg("--version"), &version))
 }
 
