@@ -147,6 +147,17 @@ pub struct KernelOffsets {
     pub inode_ino: u64,
     /// `inode.i_rdev`
     pub inode_rdev: u64,
+    /// `task_struct.thread_info.status`: where x86 marks a task inside a 32-bit (compat)
+    /// syscall, whose numbers and argument registers differ from the native ones.
+    pub task_ti_status: u64,
+    /// `pt_regs` members holding a native syscall's number and first three arguments.
+    pub regs_nr: u64,
+    pub regs_arg0: u64,
+    pub regs_arg1: u64,
+    pub regs_arg2: u64,
+    /// Native syscall numbers of `write` and `writev` on the running architecture.
+    pub nr_write: u64,
+    pub nr_writev: u64,
 }
 
 #[cfg(feature = "user")]

@@ -1,11 +1,18 @@
 //! Kernel side of the collector: captures what tasks in watched cgroups write to their stdout and
 //! stderr.
 //!
-//! `sys_enter_write[v]` filters (fd 1 or 2, a watched cgroup, a pipe or tty behind the fd) and
-//! saves the arguments per thread; `sys_exit_write[v]` copies exactly the `ret` bytes that were
-//! written into the ring buffer, in chunks of at most [`CHUNK_BYTES`], each with its offset in the
-//! stream. A chunk that does not fit into the ring buffer is counted, never waited for: user space
-//! sees the gap in the offsets and reports it as dropped.
+//! Two raw tracepoints, `sys_enter` and `sys_exit`, see every syscall. At entry, a native `write`
+//! or `writev` is filtered (fd 1 or 2, a watched cgroup, a pipe or tty behind the fd) and its
+//! arguments saved per thread; at exit exactly the `ret` bytes that were written are copied into
+//! the ring buffer, in chunks of at most [`CHUNK_BYTES`], each with its offset in the stream. A
+//! chunk that does not fit into the ring buffer is counted, never waited for: user space sees the
+//! gap in the offsets and reports it as dropped.
+//!
+//! Raw tracepoints rather than the per-syscall `syscalls/sys_enter_write` events: those are
+//! attached by an id read from tracefs, which a fresh host does not mount and a container's
+//! `/sys` does not have, while a raw tracepoint is opened by name with one `bpf()` call. They are
+//! also cheaper for the writes that matter (no perf record is built per event), and one program
+//! pair can take every syscall that writes into a file.
 #![no_std]
 #![no_main]
 // The BPF target has no compare-and-swap, so core's atomic types offer no `fetch_add`, and
@@ -24,9 +31,9 @@ use aya_ebpf::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_loop, bpf_probe_read_user,
         },
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 use aya_log_ebpf::debug;
 use collector_common::{
@@ -49,6 +56,13 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     inode_mode: 0,
     inode_ino: 0,
     inode_rdev: 0,
+    task_ti_status: 0,
+    regs_nr: 0,
+    regs_arg0: 0,
+    regs_arg1: 0,
+    regs_arg2: 0,
+    nr_write: u64::MAX,
+    nr_writev: u64::MAX,
 });
 
 /// Wake the reader only once this many bytes wait in the ring buffer; user space also reads on a
@@ -134,31 +148,42 @@ const S_IFCHR: u16 = 0o020_000;
 /// Major number of /dev/null, /dev/zero and friends: a character device, but not a terminal.
 const MEM_MAJOR: u32 = 1;
 
-// Offsets into `struct trace_event_raw_sys_enter` / `sys_exit` for these syscalls (see
-// /sys/kernel/tracing/events/syscalls/sys_enter_write/format).
-const ARG_FD: usize = 16;
-const ARG_BUF: usize = 24;
-const ARG_COUNT: usize = 32;
-const EXIT_RET: usize = 16;
+/// x86's `TS_COMPAT` in `thread_info.status`: the task is in a 32-bit syscall, numbered and
+/// passed differently (arch/x86/include/asm/thread_info.h).
+const TS_COMPAT: u32 = 0x0002;
 
-#[tracepoint]
-pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
-    enter(&ctx, false).unwrap_or(0)
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sys_enter(ctx: RawTracePointContext) -> u32 {
+    // TP_PROTO(struct pt_regs *regs, long id)
+    let id: u64 = ctx.arg(1);
+    let off = OFFSETS.load();
+    let vectored = if id == off.nr_write {
+        false
+    } else if id == off.nr_writev {
+        true
+    } else {
+        return 0;
+    };
+    enter(ctx.arg(0), vectored).unwrap_or(0)
 }
 
-#[tracepoint]
-pub fn sys_enter_writev(ctx: TracePointContext) -> u32 {
-    enter(&ctx, true).unwrap_or(0)
-}
-
-#[tracepoint]
-pub fn sys_exit_write(ctx: TracePointContext) -> u32 {
-    exit(&ctx, false).unwrap_or(0)
-}
-
-#[tracepoint]
-pub fn sys_exit_writev(ctx: TracePointContext) -> u32 {
-    exit(&ctx, true).unwrap_or(0)
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
+    // TP_PROTO(struct pt_regs *regs, long ret)
+    let regs: u64 = ctx.arg(0);
+    let off = OFFSETS.load();
+    let Some(id) = read_kernel::<u64>(regs, off.regs_nr) else {
+        return 0;
+    };
+    let vectored = if id == off.nr_write {
+        false
+    } else if id == off.nr_writev {
+        true
+    } else {
+        return 0;
+    };
+    let ret: i64 = ctx.arg(1);
+    exit(&ctx, ret, vectored).unwrap_or(0)
 }
 
 fn count(index: u32, n: u64) {
@@ -188,9 +213,9 @@ unsafe fn fetch_add(dst: *mut u64, n: u64) -> u64 {
     value
 }
 
-fn enter(ctx: &TracePointContext, vectored: bool) -> Result<u32, i64> {
-    // SAFETY: the offsets are those of this tracepoint's format.
-    let fd: u64 = unsafe { ctx.read_at(ARG_FD) }.map_err(i64::from)?;
+fn enter(regs: u64, vectored: bool) -> Result<u32, i64> {
+    let off = OFFSETS.load();
+    let fd: u64 = read_kernel(regs, off.regs_arg0).ok_or(0)?;
     if fd != 1 && fd != 2 {
         return Ok(0);
     }
@@ -202,15 +227,21 @@ fn enter(ctx: &TracePointContext, vectored: bool) -> Result<u32, i64> {
     if watched_root() == 0 {
         return Ok(0);
     }
+    // A 32-bit syscall of the same number is another syscall: the per-syscall tracepoints
+    // passed these over too.
+    // SAFETY: a helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let status: u32 = read_kernel(task, off.task_ti_status).ok_or(0)?;
+    if status & TS_COMPAT != 0 {
+        return Ok(0);
+    }
     let Some((ino, kind)) = stdio_file(fd) else {
         return Ok(0);
     };
     // SAFETY: a helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: as above.
-    let buf: u64 = unsafe { ctx.read_at(ARG_BUF) }.map_err(i64::from)?;
-    // SAFETY: as above.
-    let count_arg: u64 = unsafe { ctx.read_at(ARG_COUNT) }.map_err(i64::from)?;
+    let buf: u64 = read_kernel(regs, off.regs_arg1).ok_or(0)?;
+    let count_arg: u64 = read_kernel(regs, off.regs_arg2).ok_or(0)?;
     let pending = Pending {
         key: StreamKey { cgroup_id, ino },
         buf,
@@ -316,13 +347,11 @@ fn stdio_file(fd: u64) -> Option<(u64, u32)> {
     Some((ino, kind))
 }
 
-fn exit(ctx: &TracePointContext, vectored: bool) -> Result<u32, i64> {
+fn exit(ctx: &RawTracePointContext, ret: i64, vectored: bool) -> Result<u32, i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(pending) = PENDING.get_ptr_mut(&pid_tgid) else {
         return Ok(0);
     };
-    // SAFETY: the format's offset of `ret`.
-    let ret: i64 = unsafe { ctx.read_at(EXIT_RET) }.unwrap_or(0);
     // SAFETY: our thread's entry, which only this thread touches between enter and exit.
     let p = unsafe { &mut *pending };
     // An entry of the other syscall is stale (its exit was missed); never copy with it.

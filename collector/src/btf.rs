@@ -20,6 +20,8 @@ pub enum BtfError {
         #[source]
         source: anyhow::Error,
     },
+    #[error("the collector's programs know the syscall ABI of x86_64 only, not {arch}")]
+    Architecture { arch: &'static str },
     #[error("kernel BTF has no member {member} in struct {strukt}")]
     Missing {
         strukt: &'static str,
@@ -34,6 +36,9 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         source,
     })?;
     let off = |strukt, member| member_offset(&btf, strukt, member);
+    let abi = SyscallAbi::HOST.ok_or(BtfError::Architecture {
+        arch: std::env::consts::ARCH,
+    })?;
     Ok(KernelOffsets {
         task_files: off("task_struct", "files")?,
         files_fdt: off("files_struct", "fdt")?,
@@ -43,7 +48,37 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         inode_mode: off("inode", "i_mode")?,
         inode_ino: off("inode", "i_ino")?,
         inode_rdev: off("inode", "i_rdev")?,
+        task_ti_status: off("task_struct", "thread_info")? + off("thread_info", "status")?,
+        regs_nr: off("pt_regs", abi.regs[0])?,
+        regs_arg0: off("pt_regs", abi.regs[1])?,
+        regs_arg1: off("pt_regs", abi.regs[2])?,
+        regs_arg2: off("pt_regs", abi.regs[3])?,
+        nr_write: abi.nr_write,
+        nr_writev: abi.nr_writev,
     })
+}
+
+/// How the host architecture's syscall tracepoints see a native syscall: the `pt_regs` members
+/// of its number and first three arguments, and the numbers of the syscalls the programs watch.
+/// The programs attach to the raw `sys_enter`/`sys_exit` tracepoints, which hand them `pt_regs`
+/// as the syscall entry saved them (not the per-syscall records of tracefs), so this is ABI.
+struct SyscallAbi {
+    regs: [&'static str; 4],
+    nr_write: u64,
+    nr_writev: u64,
+}
+
+impl SyscallAbi {
+    #[cfg(target_arch = "x86_64")]
+    const HOST: Option<Self> = Some(Self {
+        // arch/x86/entry/entry_64.S; `orig_ax` keeps the number after `ax` took the return value.
+        regs: ["orig_ax", "di", "si", "dx"],
+        // arch/x86/entry/syscalls/syscall_64.tbl
+        nr_write: 1,
+        nr_writev: 20,
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    const HOST: Option<Self> = None;
 }
 
 fn member_offset(btf: &Btf, strukt: &'static str, member: &'static str) -> Result<u64, BtfError> {
@@ -92,5 +127,11 @@ mod tests {
         assert_ne!(o.fdt_fd, o.fdt_max_fds);
         assert_ne!(o.inode_mode, o.inode_ino);
         assert!(o.file_inode > 0);
+        // x86_64's pt_regs: r15 first, then the other registers, 8 bytes each.
+        assert_eq!(
+            (o.regs_arg0, o.regs_arg1, o.regs_arg2, o.regs_nr),
+            (112, 104, 96, 120)
+        );
+        assert!(o.task_ti_status < o.task_files);
     }
 }

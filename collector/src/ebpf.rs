@@ -10,7 +10,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        TracePoint,
+        RawTracePoint,
         links::{FdLink, PinnedLink},
     },
 };
@@ -25,15 +25,11 @@ use crate::btf;
 /// The eBPF object `build.rs` built.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector"));
 
-/// The syscall tracepoints the programs attach to (category `syscalls`); the program names are
-/// the tracepoint names. Exits first: an entry saved before its exit program is attached would
-/// otherwise stay behind.
-const TRACEPOINTS: [&str; 4] = [
-    "sys_exit_write",
-    "sys_exit_writev",
-    "sys_enter_write",
-    "sys_enter_writev",
-];
+/// The raw tracepoints the programs attach to, by name through `BPF_RAW_TRACEPOINT_OPEN` (no
+/// tracefs needed, so it works on a host that does not mount it and in a container whose `/sys`
+/// lacks it); the program names are the tracepoint names. Exit first: an entry saved before its
+/// exit program is attached would otherwise stay behind.
+const TRACEPOINTS: [&str; 2] = ["sys_exit", "sys_enter"];
 
 /// The maps shared by every run of the collector on a node when it pins them: all of the
 /// programs' state, so that offsets keep counting (and the ring keeps filling) between runs.
@@ -64,7 +60,7 @@ pub enum Refusal {
     Load(String),
     #[error("cannot pin under {dir}: {reason}")]
     Pin { dir: PathBuf, reason: String },
-    #[error("cannot attach to tracepoint syscalls/{tracepoint}: {reason}")]
+    #[error("cannot attach to raw tracepoint {tracepoint}: {reason}")]
     Attach {
         tracepoint: &'static str,
         reason: String,
@@ -176,18 +172,16 @@ impl Probes {
         let mut link_paths = Vec::new();
         for tracepoint in TRACEPOINTS {
             let mut attach = || -> Result<(), String> {
-                let program: &mut TracePoint = ebpf
+                let program: &mut RawTracePoint = ebpf
                     .program_mut(tracepoint)
                     .ok_or("program missing from the object")?
                     .try_into()
                     .map_err(|e| chain(&e))?;
                 program.load().map_err(|e| chain(&e))?;
-                let id = program
-                    .attach("syscalls", tracepoint)
-                    .map_err(|e| chain(&e))?;
+                let id = program.attach(tracepoint).map_err(|e| chain(&e))?;
                 if let Some(pins) = &pins {
                     let link = program.take_link(id).map_err(|e| chain(&e))?;
-                    let link = FdLink::try_from(link).map_err(|e| chain(&e))?;
+                    let link = FdLink::from(link);
                     // No dots: the BPF filesystem reserves names with dots.
                     let path = pins.links.join(format!("{tracepoint}-{}", pins.instance));
                     links.push(link.pin(&path).map_err(|e| chain(&e))?);

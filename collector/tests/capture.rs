@@ -197,3 +197,43 @@ fn the_collector_never_captures_itself() {
     );
     assert_eq!(collector.stop(), Some(0));
 }
+
+/// What a fresh machine and the DaemonSet's container look like: no tracefs, no debugfs. The
+/// collector runs in a mount namespace of its own where both are unmounted (wherever the host
+/// has them), and still attaches and captures byte-exact.
+#[test]
+fn the_collector_attaches_and_captures_without_tracefs_or_debugfs() {
+    if !can_run() {
+        return;
+    }
+    let api = Api::start(&[]);
+    let cg = Cgroup::new("no-tracefs");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            r#"for m in $(awk '$3 == "tracefs" || $3 == "debugfs" {print $2}' /proc/self/mounts | sort -r); do
+                 umount -l "$m" || exit 97
+               done
+               if awk '$3 == "tracefs" || $3 == "debugfs"' /proc/self/mounts | grep -q .; then exit 98; fi
+               exec "$0" "$@""#,
+        )
+        .arg(env!("CARGO_BIN_EXE_collector"));
+    let mut collector = Collector::start_with(cmd, &api, &[(&cg.path, CTX)], &[]);
+    let (code, out, err) = run_piped(Cgroup::sh(
+        &cg.path,
+        "i=0; while [ $i -lt 2000 ]; do echo \"line $i\"; i=$((i+1)); done; echo oops >&2",
+    ));
+    assert_eq!(code, 0);
+    for (name, want) in [("stdout", &out), ("stderr", &err)] {
+        let (status, data) = complete_ebpf(&api, CTX, name);
+        assert_eq!(spans(&status, "dropped"), vec![], "{name}: {status}");
+        assert_eq!(&data, want, "{name} differs from what was written");
+    }
+    assert_eq!(
+        out.len(),
+        (0..2000)
+            .map(|i| format!("line {i}\n").len())
+            .sum::<usize>()
+    );
+    assert_eq!(collector.stop(), Some(0));
+}

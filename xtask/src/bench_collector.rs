@@ -82,6 +82,10 @@ pub struct Args {
     /// Use the release binaries in target/release as they are (do not run cargo build).
     #[arg(long)]
     pub no_build: bool,
+    /// Measure this collector binary instead of the workspace's (say, an earlier build kept
+    /// aside, to compare before and after a change on the same machine).
+    #[arg(long)]
+    pub collector: Option<PathBuf>,
     /// Smoke test: fewer writes, one round, 256 MiB per throughput run.
     #[arg(long)]
     pub quick: bool,
@@ -200,6 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         rate_mb,
         ring_bytes,
         no_build,
+        collector: collector_override,
         quick,
     } = args;
     let writes = writes.unwrap_or(if quick { 200_000 } else { 1_000_000 });
@@ -210,11 +215,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ensure!(total >= MIB, "--total-mb must be at least 1");
     ensure!(rate_mb.iter().all(|&r| r > 0), "--rate-mb must be positive");
     let release = util::target_dir().join("release");
-    let (collector, api) = if no_build {
-        (release.join("collector"), release.join("metadata-api"))
-    } else {
-        (util::build_collector()?, util::build_metadata_api()?)
+    let (collector, api) = match (no_build, collector_override) {
+        (true, over) => (
+            over.unwrap_or_else(|| release.join("collector")),
+            release.join("metadata-api"),
+        ),
+        (false, Some(over)) => (over, util::build_metadata_api()?),
+        (false, None) => (util::build_collector()?, util::build_metadata_api()?),
     };
+    println!("bench: collector {}", collector.display());
     let root = util::cgroup2_root()
         .context("no cgroup2 file system is mounted (the collector needs cgroup v2)")?;
     let tmp = TempDir::create()?;

@@ -145,7 +145,7 @@ fn binaries_ready() -> bool {
             layout::kubelet(),
         ]
         .iter()
-            .all(|bin| answers(Command::new(bin).arg("--version"), &version))
+        .all(|bin| answers(Command::new(bin).arg("--version"), &version))
 }
 
 /// The stamp next to the binaries, holding the [`build_recipe`] they were built with.
