@@ -63,11 +63,40 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let entrypoint = util::bin_from_env("RELAY_ENTRYPOINT_STATIC", || {
         util::build_release("entrypoint")
     })?;
+    // As root the demo installs the eBPF toolchain itself (once; cached): the first command a
+    // new user runs shows both capture paths.
+    let no_collector = no_collector.or_else(|| {
+        if std::env::var_os("RELAY_COLLECTOR_BIN").is_some() {
+            return None;
+        }
+        let why = util::ebpf_toolchain_missing()?;
+        println!(
+            "Installing the eBPF toolchain the collector is built with ({why}): the pinned \
+             nightly with rust-src, LLVM 22 from Debian and bpf-linker built against it; about \
+             5 minutes on 2 cores, once (cached under ~/.cache/relay/bpf-linker)."
+        );
+        let started = Instant::now();
+        match crate::ebpf::install() {
+            Ok(_) => {
+                println!("eBPF toolchain installed in {:.0?}.", started.elapsed());
+                None
+            }
+            Err(e) => Some(format!("the eBPF toolchain could not be installed: {e:#}")),
+        }
+    });
     let collector_bin = match no_collector {
-        None => Some(util::bin_from_env(
-            "RELAY_COLLECTOR_BIN",
-            util::build_collector,
-        )?),
+        None => {
+            if std::env::var_os("RELAY_COLLECTOR_BIN").is_none() {
+                println!(
+                    "Building the release collector and its eBPF object (the first time: several \
+                     minutes)."
+                );
+            }
+            Some(util::bin_from_env(
+                "RELAY_COLLECTOR_BIN",
+                util::build_collector,
+            )?)
+        }
         Some(_) => None,
     };
     let started = Instant::now();
@@ -239,13 +268,6 @@ fn collector_unavailable() -> Option<String> {
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Some("the kernel has no BTF (/sys/kernel/btf/vmlinux)".to_owned());
-    }
-    if std::env::var_os("RELAY_COLLECTOR_BIN").is_none()
-        && let Some(why) = util::ebpf_toolchain_missing()
-    {
-        return Some(format!(
-            "the eBPF toolchain it is built with is missing ({why}; `cargo xtask ebpf-toolchain` installs it)"
-        ));
     }
     None
 }

@@ -60,6 +60,21 @@ fn prepare() -> anyhow::Result<std::ffi::OsString> {
     )?)
 }
 
+/// A shell script that unmounts tracefs, debugfs and the BPF filesystem wherever they are mounted
+/// (in the private mount namespace it runs in), says so, and runs its arguments.
+const BARE_KERNEL_FS: &str = r#"
+for fs in tracefs debugfs bpf; do
+  awk -v t="$fs" '$3 == t {print $2}' /proc/self/mounts | sort -r | while read -r m; do
+    umount -l "$m" && echo "test namespace: unmounted $fs at $m"
+  done
+done
+if awk '$3 == "tracefs" || $3 == "debugfs" || $3 == "bpf"' /proc/self/mounts | grep -q .; then
+  echo "test namespace: tracefs, debugfs or bpffs is still mounted" >&2; exit 1
+fi
+echo "test namespace: no tracefs, debugfs or BPF filesystem mounted"
+exec "$@"
+"#;
+
 /// Runs nextest with `filter` arguments, the way CI does: the static entrypoint and the release
 /// metadata-api built first, and tests that need a test bed failing rather than skipping. `env`
 /// passes further binaries built for the selected tests.
@@ -71,7 +86,15 @@ fn nextest(path: &std::ffi::OsStr, filter: &[&str], env: &[(&str, PathBuf)]) -> 
     let entrypoint = crate::dist::build_entrypoint().context("building the static entrypoint")?;
     // Tests of other crates start the server binary: built here, not from inside a test.
     let api = util::build_metadata_api().context("building metadata-api")?;
-    sh(Command::new("cargo")
+    // In a mount namespace of their own without tracefs, debugfs or a BPF filesystem, as on a
+    // brand-new machine or inside the collector's DaemonSet container: whatever needs one must
+    // set it up itself (the collector's restart tests mount their own BPF filesystems), and a
+    // developer machine that mounted one by hand cannot hide a test that relies on it.
+    sh(Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(BARE_KERNEL_FS)
+        .arg("sh")
+        .arg("cargo")
         .current_dir(util::root())
         .env("PATH", path)
         .args(["nextest", "run", "--no-fail-fast"])
