@@ -217,6 +217,14 @@ mod tests {
                 format!("/kubelet/kubepods/besteffort/pod{UID}/{ID}"),
                 expect(UID, Qos::BestEffort),
             ),
+            // The real kubelet 1.20 of the test bed (testbed::node): cgroupfs driver, its own
+            // cgroupRoot, runc's v2 directory on a hybrid host.
+            (
+                format!(
+                    "/sys/fs/cgroup/unified/relay-node-Ab12cD/kubepods/besteffort/pod{UID}/{ID}"
+                ),
+                expect(UID, Qos::BestEffort),
+            ),
             (
                 format!("kubepods/besteffort/pod{UID}/{ID}"),
                 expect(UID, Qos::BestEffort),

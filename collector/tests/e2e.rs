@@ -1,11 +1,14 @@
 //! The whole system on real parts, shaped like a cluster node: kube-apiserver + etcd +
 //! kube-controller-manager, the `operator` (controller and webhook), the metadata API in
-//! `kubernetes` auth mode, containerd + runc through CRI driven by the test bed's kubelet, and the
+//! `kubernetes` auth mode, the real kubelet and kube-scheduler running pods on containerd + runc
+//! ([`testbed::node`]), the controller manager's Job and PersistentVolume controllers, and the
 //! collector in Kubernetes mode, authenticated as a collector pod on the node would be (its
-//! ServiceAccount's projected token). One bed, in phases:
+//! ServiceAccount's projected token). Tools volumes are PersistentVolumes made in advance, as
+//! `deploy/overlays/kind/tools-storage.yaml` makes them for kind (that file, applied with its host
+//! directories moved into a temporary one). One bed, in phases:
 //!
 //! 1. A Tekton-shaped TaskRun pod and a Knative-shaped trigger pod of tenant A are created through
-//!    the API server, mutated by the webhook, run by the kubelet; both capture paths store their
+//!    the API server, mutated by the webhook, scheduled and run by the kubelet; both capture paths store their
 //!    output byte-exact, also for the step whose pod is deleted as soon as it exits, and the
 //!    collector alone has the unwrapped `queue-proxy`. At the same time a pod of tenant B, whose
 //!    tools never get ready, is admitted unwrapped: only the collector has it, and the consumer
@@ -28,22 +31,26 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Api, api_bin, can_run, cgroup2_root, free_addr, operator_bin, wait_for};
+use common::{Api, api_bin, can_run, free_addr, operator_bin, wait_for};
 use metadata_api::auth::{Context, Keys, Scope};
 use serde_json::{Value, json};
-use testbed::cri::{BUSYBOX_IMAGE, Cri};
+use testbed::cri::BUSYBOX_IMAGE;
 use testbed::images::{ImageBuild, TOOLS_IMAGE_V2, tools_image_tagged};
 use testbed::kube::{KubeApi, KubeOptions, Rest};
-use testbed::kubelet::{Kubelet, KubeletOptions};
+use testbed::node::{NODE_NAME, Node, NodeOptions};
 use testbed::registry::{Format, Image, Registry};
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Tenant A: its tools Jobs run.
 const TENANT_NS: &str = "tenant-a";
-/// Tenant B: the kubelet never runs its tools Job, so its tools never get ready.
+/// Tenant B: its tools never get ready. Its claim names a StorageClass no volume has, so the claim
+/// stays unbound and the scheduler never places the tools Job's pod (a real cluster's way to
+/// withhold the tools: as with a provisioner that cannot make the volume).
 const TENANT_B_NS: &str = "tenant-b";
-const NODE: &str = "e2e-node";
-/// A node no kubelet runs: the home of another node's collector pod.
+const NODE: &str = NODE_NAME;
+/// The StorageClass of tenant B's tools claim, which no volume has.
+const NO_VOLUMES_CLASS: &str = "relay-tools-unprovisioned";
+/// A node no kubelet runs (unschedulable): the home of another node's collector pod.
 const OTHER_NODE: &str = "e2e-other-node";
 const SYSTEM_NS: &str = "relay-system";
 const COLLECTOR_ACCOUNT: &str = "relay-collector";
@@ -186,9 +193,10 @@ impl Drop for Operator {
 struct CollectorProcess(Child);
 
 impl CollectorProcess {
-    fn start(kubeconfig: &str, api: &Api, token_file: &Path) -> Self {
-        let kubepods = cgroup2_root().unwrap().join("kubepods");
-        std::fs::create_dir_all(&kubepods).unwrap();
+    fn start(kubeconfig: &str, api: &Api, token_file: &Path, node: &Node) -> Self {
+        // The kubelet's, under its own cgroup root.
+        let kubepods = node.cgroup_v2_root().unwrap().join("kubepods");
+        assert!(kubepods.is_dir(), "{} missing", kubepods.display());
         let mut child = Command::new(env!("CARGO_BIN_EXE_collector"))
             .env("KUBECONFIG", kubeconfig)
             .env(
@@ -264,7 +272,8 @@ fn pod_token(rest: &Rest, account: &str, pod: &Value) -> String {
     answer["status"]["token"].as_str().unwrap().to_owned()
 }
 
-/// A collector DaemonSet's pod record on `node` (the kubelet of `NODE` runs a placeholder for it).
+/// A collector DaemonSet's pod record on `node` (the kubelet of `NODE` runs a placeholder for it;
+/// it needs no network, so it gets the pod network's empty namespace).
 fn collector_pod(rest: &Rest, name: &str, node: &str) -> Value {
     rest.post(
         &format!("/api/v1/namespaces/{SYSTEM_NS}/pods"),
@@ -272,8 +281,8 @@ fn collector_pod(rest: &Rest, name: &str, node: &str) -> Value {
             "metadata": {"name": name, "labels": {"app": "relay-collector"}},
             "spec": {"nodeName": node, "serviceAccountName": COLLECTOR_ACCOUNT,
                 "automountServiceAccountToken": false, "terminationGracePeriodSeconds": 0,
-                "containers": [{"name": "collector", "image": "busybox",
-                    "command": ["sleep", "3600"]}]}}),
+                "containers": [{"name": "collector", "image": BUSYBOX_IMAGE,
+                    "imagePullPolicy": "Never", "command": ["sleep", "3600"]}]}}),
     )
     .unwrap()
 }
@@ -512,18 +521,19 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
         return;
     }
     let started = Instant::now();
-    let Some(kube) = KubeApi::start_or_skip_with(
-        &KubeOptions::new()
-            .controller_manager(true)
-            .without_controllers(&["job"]),
-    ) else {
+    // The tools volumes' host directories; dropped after the node, which mounts them.
+    let tools_volumes = tempfile::tempdir().unwrap();
+    // The controller manager: the Job controller runs the operator's tools Jobs, the
+    // PersistentVolume controller binds their claims.
+    let Some(kube) = KubeApi::start_or_skip_with(&KubeOptions::new().controller_manager(true))
+    else {
         return;
     };
-    let Some(cri) = Cri::start_or_skip() else {
+    let Some(node) = Node::start_or_skip(&kube, &NodeOptions::new()) else {
         return;
     };
-    let cri = Arc::new(cri);
-    let Some(tools) = tools_image_tagged(&cri, &[TOOLS_IMAGE_V2]).unwrap() else {
+    let cri = node.cri();
+    let Some(tools) = tools_image_tagged(cri, &[TOOLS_IMAGE_V2]).unwrap() else {
         return;
     };
     // The Knative trigger's image is in a registry, and its pod has no command (as Knative
@@ -543,7 +553,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
         )
         .unwrap();
     ImageBuild::busybox(trigger_image.as_str())
-        .import(&cri)
+        .import(cri)
         .unwrap();
     ImageBuild::busybox("localhost/e2e/step:1")
         .file(
@@ -551,7 +561,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
             TEKTON_ENTRYPOINT.as_bytes().to_vec(),
             0o755,
         )
-        .import(&cri)
+        .import(cri)
         .unwrap();
     let rest = kube.rest().unwrap();
     let kubeconfig = kube.kubeconfig_path();
@@ -563,19 +573,29 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
     let webhook_port = free_port();
     rest.install_relay(&crd, &[TENANT_NS, TENANT_B_NS], webhook_port)
         .unwrap();
+    // The kind overlay's tools volumes, as they are, but for the host directories.
+    let storage = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/overlays/kind/tools-storage.yaml"),
+    )
+    .unwrap()
+    .replace(
+        "/var/lib/relay-tools",
+        tools_volumes.path().to_str().unwrap(),
+    );
+    let mut apply = kube
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut apply.stdin.take().unwrap(), storage.as_bytes()).unwrap();
+    let applied = apply.wait_with_output().unwrap();
+    assert!(applied.status.success(), "{applied:?}");
 
     let mut api = Api::start_with_env(&["--auth", "kubernetes"], &[("KUBECONFIG", kubeconfig)]);
     let operator = Operator::start(kubeconfig, tools, webhook_port, &api.url, &registry.host());
-    let kubelet = Kubelet::start(
-        &kube,
-        cri.clone(),
-        NODE,
-        KubeletOptions::new()
-            .schedule_namespace(TENANT_NS)
-            .run_jobs(true)
-            .image("busybox", BUSYBOX_IMAGE),
-    )
-    .unwrap();
 
     // The collector authenticates as its DaemonSet pod on this node would: a token of
     // relay-system:relay-collector bound to that pod, for the metadata API's audience, in a file.
@@ -590,14 +610,21 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
     let token_file = token_dir.path().join("token");
     let first_collector_token = pod_token(&rest, COLLECTOR_ACCOUNT, &first_collector_pod);
     replace_file(&token_file, &first_collector_token);
-    let collector = CollectorProcess::start(kubeconfig, &api, &token_file);
+    let collector = CollectorProcess::start(kubeconfig, &api, &token_file, &node);
 
-    // Tenant A: its tools Job runs on the kubelet and fills the tools volume. Tenant B: nothing
-    // runs its tools Job (the kubelet plays the Job controller in tenant-a only).
-    for (namespace, name) in [(TENANT_NS, "a"), (TENANT_B_NS, "b")] {
+    // Tenant A names the kind overlay's class (as deploy/overlays/kind/tenant.yaml does): its
+    // tools Job runs and fills a volume made in advance. Tenant B names a class without volumes:
+    // its claim stays unbound, so its tools Job's pod is never scheduled.
+    for (namespace, name, class) in [
+        (TENANT_NS, "a", "relay-tools"),
+        (TENANT_B_NS, "b", NO_VOLUMES_CLASS),
+    ] {
         rest.post(
             &format!("/apis/relay.sh/v1beta1/namespaces/{namespace}/tenants"),
-            &json!({"apiVersion": "relay.sh/v1beta1", "kind": "Tenant", "metadata": {"name": name}, "spec": {}}),
+            &json!({"apiVersion": "relay.sh/v1beta1", "kind": "Tenant", "metadata": {"name": name},
+                "spec": {"entrypointInjection": {"volumeClaimTemplate": {
+                    "storageClassName": class, "accessModes": ["ReadOnlyMany"],
+                    "resources": {"requests": {"storage": "16Mi"}}}}}}),
         )
         .unwrap();
     }
@@ -608,12 +635,16 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
         }
         assert!(
             Instant::now() < deadline,
-            "tenant a not ready; kubelet errors: {:?}",
-            kubelet.errors()
+            "tenant a not ready:\n{}",
+            node.log_tail("kubelet", 20)
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    let installed = kubelet.pvc_dir(TENANT_NS, &claim_v1).join("lib/entrypoint");
+    let installed = node
+        .claim_dir(TENANT_NS, &claim_v1)
+        .unwrap()
+        .unwrap()
+        .join("lib/entrypoint");
     assert!(installed.exists(), "{} missing", installed.display());
     wait_for(WAIT, "the webhook's caBundle", || {
         get(&rest, "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/relay-pod-injection")
@@ -637,7 +668,9 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
     wait_default_account(&rest, TENANT_NS);
     wait_default_account(&rest, TENANT_B_NS);
 
-    // A Tekton TaskRun step and a Knative trigger, through the API server and the webhook.
+    // A Tekton TaskRun step and a Knative trigger, through the API server and the webhook. Their
+    // entrypoints ship to the metadata API on the host's loopback (no Service network here): host
+    // network. Images are in containerd already (tags other than `latest`: IfNotPresent).
     let step = rest
         .post(
             &format!("/api/v1/namespaces/{TENANT_NS}/pods"),
@@ -645,7 +678,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
                 "metadata": {"name": "build-pod", "labels": {
                     "tekton.dev/taskRun": "build-run", "relay.sh/workflow": "wf",
                     "relay.sh/run": "7", "relay.sh/step": "build"}},
-                "spec": {"restartPolicy": "Never", "containers": [{
+                "spec": {"restartPolicy": "Never", "hostNetwork": true, "containers": [{
                     "name": "step-build", "image": "localhost/e2e/step:1",
                     "command": ["/tekton-entrypoint"],
                     "args": ["-entrypoint", "/bin/sh", "--", "-c", SCRIPT, "build"]}]}}),
@@ -663,9 +696,9 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
                 "metadata": {"name": "trigger-pod", "labels": {
                     "serving.knative.dev/revision": "hook-1", "relay.sh/workflow": "wf",
                     "relay.sh/trigger-sync-id": "sync-1"}},
-                "spec": {"restartPolicy": "Never", "containers": [
+                "spec": {"restartPolicy": "Never", "hostNetwork": true, "containers": [
                     {"name": "user-container", "image": trigger_image},
-                    {"name": "queue-proxy", "image": "busybox",
+                    {"name": "queue-proxy", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
                      "command": ["/bin/sh", "-c", "echo proxy ready"]}]}}),
         )
         .unwrap();
@@ -704,8 +737,8 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
                 "metadata": {"name": "unready-pod", "labels": {
                     "tekton.dev/taskRun": "unready-run", "relay.sh/workflow": "wf-b",
                     "relay.sh/run": "1", "relay.sh/step": "unready"}},
-                "spec": {"restartPolicy": "Never", "nodeName": NODE, "containers": [{
-                    "name": "step-unready", "image": "busybox",
+                "spec": {"restartPolicy": "Never", "containers": [{
+                    "name": "step-unready", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
                     "command": unready_command}]}}),
         )
         .unwrap();
@@ -724,17 +757,13 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
         (TENANT_NS, "trigger-pod"),
         (TENANT_B_NS, "unready-pod"),
     ] {
-        let done = kubelet
-            .wait_pod(namespace, pod, WAIT, |p| {
-                matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
-            })
-            .unwrap();
+        let done = node.wait_pod_ended(namespace, pod, WAIT).unwrap();
         assert_eq!(
             done["status"]["phase"],
             "Succeeded",
-            "{pod}: {}; kubelet errors {:?}",
+            "{pod}: {}\n{}",
             done["status"],
-            kubelet.errors()
+            node.log_tail("kubelet", 20)
         );
         // The step's pod vanishes right after it exits (Tekton's timeout/cancel case, where
         // logs used to be lost); its logs must still be complete below.
@@ -742,8 +771,9 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
             rest.delete(&pod_path(namespace, pod), 0).unwrap();
         }
     }
-    // The entrypoint never tees: the containers' own stdout (the CRI log) has nothing of it.
-    let cri_log = kubelet
+    // The entrypoint never tees: the containers' own stdout (the kubelet's CRI log) has nothing
+    // of it.
+    let cri_log = node
         .logs(TENANT_NS, "trigger-pod", "user-container")
         .unwrap();
     assert!(
@@ -886,7 +916,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
                 "metadata": {"name": "long-pod", "labels": {
                     "tekton.dev/taskRun": "long-run", "relay.sh/workflow": "wf",
                     "relay.sh/run": "8", "relay.sh/step": "long"}},
-                "spec": {"restartPolicy": "Never",
+                "spec": {"restartPolicy": "Never", "hostNetwork": true,
                     "volumes": [{"name": "gate", "hostPath": {
                         "path": gate.path().to_str().unwrap(), "type": "Directory"}}],
                     "containers": [{
@@ -924,8 +954,8 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
         }
         assert!(
             Instant::now() < deadline,
-            "tools v2 not ready; kubelet errors: {:?}",
-            kubelet.errors()
+            "tools v2 not ready:\n{}",
+            node.log_tail("kubelet", 20)
         );
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -936,7 +966,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
                 "metadata": {"name": "after-pod", "labels": {
                     "tekton.dev/taskRun": "after-run", "relay.sh/workflow": "wf",
                     "relay.sh/run": "8", "relay.sh/step": "after"}},
-                "spec": {"restartPolicy": "Never", "containers": [{
+                "spec": {"restartPolicy": "Never", "hostNetwork": true, "containers": [{
                     "name": "step-after", "image": "localhost/e2e/step:1",
                     "command": ["/tekton-entrypoint"],
                     "args": ["-entrypoint", "/bin/sh", "--", "-c", SCRIPT, "after"]}]}}),
@@ -1007,7 +1037,8 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
     );
     rest.post(
         "/api/v1/nodes",
-        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": OTHER_NODE}}),
+        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": OTHER_NODE},
+            "spec": {"unschedulable": true}}),
     )
     .unwrap();
     let other_collector = pod_token(
@@ -1034,11 +1065,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
     // The long step goes on and ends; all its output is there, on both paths.
     std::fs::write(gate.path().join("release"), b"").unwrap();
     for pod in ["long-pod", "after-pod"] {
-        let done = kubelet
-            .wait_pod(TENANT_NS, pod, WAIT, |p| {
-                matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
-            })
-            .unwrap();
+        let done = node.wait_pod_ended(TENANT_NS, pod, WAIT).unwrap();
         assert_eq!(
             done["status"]["phase"], "Succeeded",
             "{pod}: {}",

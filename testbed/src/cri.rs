@@ -110,6 +110,14 @@ impl Cri {
     ///
     /// Fails when the test bed is [unavailable](crate::unavailable) or containerd does not come up.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// As [`start`](Self::start), with a pod network for a real kubelet when `pod_network`: the
+    /// CNI configuration and plugins of [`write_pod_network`] are in place before containerd
+    /// starts (its 1.6 CNI watcher ignores files created later), so pods without host network
+    /// get a network namespace of their own with an address, and nothing outside it.
+    pub(crate) fn start_with(pod_network: bool) -> anyhow::Result<Self> {
         if let Some(reason) = crate::unavailable() {
             bail!("{reason}");
         }
@@ -117,6 +125,9 @@ impl Cri {
             .prefix("relay-cri-")
             .tempdir()
             .context("cannot create a directory for containerd")?;
+        if pod_network {
+            write_pod_network(dir.path())?;
+        }
         let address = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
         fs::write(&config, config_toml(dir.path(), &address)?)
@@ -1006,6 +1017,67 @@ conf_dir = {cni_conf}
     ))
 }
 
+/// The CNI plugin behind the kubelet's pods that have no host network: it gives the pod's network
+/// namespace an `eth0` with an address (containerd 1.6 refuses a sandbox whose network has none,
+/// so `loopback` alone runs host-network pods only) and nothing else. `eth0` is one end of a veth
+/// pair whose other end stays in the same namespace: unlike `ptp` or `bridge`, nothing is made in
+/// the host's network namespace (no interface, route or iptables rule to undo) and the pod can
+/// reach nothing but itself. Debian's plugins 1.1 have no `dummy` plugin, and this kernel has no
+/// dummy interfaces. The address comes from the sandbox id; pods never talk to each other here.
+const POD_NETWORK_PLUGIN: &str = r#"#!/bin/sh
+# CNI plugin of the relay test bed: see testbed/src/cri.rs (POD_NETWORK_PLUGIN).
+set -e
+PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+cat >/dev/null
+case "$CNI_COMMAND" in
+ADD)
+    a=$(printf '%d' "0x$(echo "$CNI_CONTAINERID" | cut -c1-2)")
+    b=$(printf '%d' "0x$(echo "$CNI_CONTAINERID" | cut -c3-4)")
+    ip="10.88.$a.$b"
+    nsenter --net="$CNI_NETNS" ip link add "$CNI_IFNAME" type veth peer name relay-peer0 >&2
+    nsenter --net="$CNI_NETNS" ip addr add "$ip/32" dev "$CNI_IFNAME" >&2
+    nsenter --net="$CNI_NETNS" ip link set "$CNI_IFNAME" up >&2
+    printf '{"cniVersion":"0.4.0","interfaces":[{"name":"%s","sandbox":"%s"}],"ips":[{"version":"4","address":"%s/32","interface":0}]}\n' \
+        "$CNI_IFNAME" "$CNI_NETNS" "$ip"
+    ;;
+DEL | CHECK) ;;
+VERSION) echo '{"cniVersion":"0.4.0","supportedVersions":["0.3.0","0.3.1","0.4.0"]}' ;;
+*) echo "{\"code\":4,\"msg\":\"unknown CNI_COMMAND $CNI_COMMAND\"}"; exit 1 ;;
+esac
+"#;
+
+/// Puts the pod network in place under `dir` (`cni/net.d`, `cni/bin`): one conflist naming
+/// [`POD_NETWORK_PLUGIN`], that plugin, and Debian's `loopback`, which containerd runs in every
+/// pod's namespace itself.
+fn write_pod_network(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("cni/bin");
+    let conf = dir.join("cni/net.d");
+    for d in [&bin, &conf] {
+        fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    let loopback = layout::cni_bin_dir().join("loopback");
+    ensure!(
+        loopback.exists(),
+        "{} is missing: run `cargo xtask testbed install`",
+        loopback.display()
+    );
+    std::os::unix::fs::symlink(&loopback, bin.join("loopback"))
+        .context("cannot link the loopback CNI plugin")?;
+    let plugin = bin.join("relay-veth");
+    fs::write(&plugin, POD_NETWORK_PLUGIN)
+        .with_context(|| format!("cannot write {}", plugin.display()))?;
+    fs::set_permissions(&plugin, fs::Permissions::from_mode(0o755))?;
+    let conflist = serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": "relay-testbed",
+        "plugins": [{"type": "relay-veth"}],
+    });
+    let path = conf.join("10-relay-testbed.conflist");
+    fs::write(&path, serde_json::to_vec_pretty(&conflist)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Whether `path` is a non-empty relative path of plain components (no `..`, no `.`).
 fn is_plain_relative(path: &str) -> bool {
     !path.is_empty()
@@ -1044,7 +1116,7 @@ pub(crate) fn new_uid() -> String {
 
 /// The root of the cgroup v2 tree: `/sys/fs/cgroup/unified` on a hybrid host, `/sys/fs/cgroup`
 /// on a pure v2 host.
-fn cgroup_v2_root() -> anyhow::Result<PathBuf> {
+pub(crate) fn cgroup_v2_root() -> anyhow::Result<PathBuf> {
     for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
         if Path::new(root).join("cgroup.controllers").exists() {
             return Ok(PathBuf::from(root));
@@ -1077,7 +1149,7 @@ fn remove_cgroup(path: &str) -> anyhow::Result<()> {
 }
 
 /// The mount points of every cgroup hierarchy (v1 and v2).
-fn cgroup_hierarchies() -> Vec<PathBuf> {
+pub(crate) fn cgroup_hierarchies() -> Vec<PathBuf> {
     mountinfo()
         .into_iter()
         .filter(|(_, fstype)| fstype == "cgroup" || fstype == "cgroup2")
@@ -1086,7 +1158,7 @@ fn cgroup_hierarchies() -> Vec<PathBuf> {
 }
 
 /// Mount points at or below `dir`, deepest first.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let mut mounts: Vec<PathBuf> = mountinfo()
         .into_iter()
         .map(|(point, _)| point)

@@ -2,9 +2,10 @@
 //! optionally, `kube-controller-manager`) 1.20.2 from the cache `cargo xtask testbed install`
 //! fills, on loopback ports of their own, with a PKI generated for each instance.
 //!
-//! Pods can be created, read, patched (status included) and watched; none of them runs, since
-//! there is no kubelet and no scheduler (set `spec.nodeName` yourself). A test harness can act as
-//! the kubelet: read a pod and run it on containerd through [`crate::cri`], then write its status.
+//! Pods can be created, read, patched (status included) and watched; none of them runs until a
+//! [`crate::node::Node`] (the real kubelet and scheduler) is started on the instance. The API
+//! server is ready for one: it authorizes nodes (`Node,RBAC`, `NodeRestriction`), trusts kubelet
+//! serving certificates from its CA and reaches kubelets with a client certificate of its own.
 //!
 //! ```no_run
 //! use testbed::kube::KubeApi;
@@ -370,6 +371,19 @@ impl KubeApi {
                     "--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"
                 ))
                 .arg("--authorization-mode=Node,RBAC")
+                // A real kubelet ([`crate::node`]) may change only its own Node and its pods.
+                .arg("--enable-admission-plugins=NodeRestriction")
+                // How the API server reaches kubelets (`pods/log`, `exec`): the kubelet's serving
+                // certificate is from our CA, and it lets the API server in as system:masters.
+                .arg(format!("--kubelet-certificate-authority={}", file(Pki::CA)))
+                .arg(format!(
+                    "--kubelet-client-certificate={}",
+                    file(Pki::KUBELET_CLIENT_CERT)
+                ))
+                .arg(format!(
+                    "--kubelet-client-key={}",
+                    file(Pki::KUBELET_CLIENT_KEY)
+                ))
                 .arg("--allow-privileged=true")
                 .arg("--profiling=false");
             if !options.controller_manager {
@@ -410,6 +424,8 @@ impl KubeApi {
                 file(Pki::SA_KEY)
             ))
             .arg(format!("--root-ca-file={}", file(Pki::CA)))
+            // Else it creates /usr/libexec/kubernetes/kubelet-plugins/volume/exec on the host.
+            .arg(format!("--flex-volume-plugin-dir={}", file("flexvolume")))
             .arg("--leader-elect=false")
             // No serving at all (the defaults, 10252 and 10257, would clash between instances).
             .arg("--port=0")
@@ -572,6 +588,53 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// What a certificate from [`KubeApi::issue_certificate`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Usage {
+    /// TLS client authentication (a kubeconfig's user).
+    Client,
+    /// TLS serving for the names and addresses given.
+    Server,
+}
+
+impl KubeApi {
+    /// Issues a certificate from this instance's CA for `common_name` (in `organization`, the
+    /// group Kubernetes reads, when given) and, for a server, `names` (DNS names or IP
+    /// addresses), and writes it and its new key (PEM) to `cert` and `key`.
+    pub(crate) fn issue_certificate(
+        &self,
+        common_name: &str,
+        organization: Option<&str>,
+        names: &[&str],
+        usage: Usage,
+        cert: &Path,
+        key: &Path,
+    ) -> anyhow::Result<()> {
+        let ca_key = KeyPair::from_pem(&fs::read_to_string(self.dir.path().join(Pki::CA_KEY))?)?;
+        let issuer = Issuer::new(Pki::ca_params()?, ca_key);
+        let pair = KeyPair::generate()?;
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        if let Some(organization) = organization {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, organization);
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![match usage {
+            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
+            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
+        }];
+        fs::write(cert, params.signed_by(&pair, &issuer)?.pem())
+            .with_context(|| format!("cannot write {}", cert.display()))?;
+        fs::write(key, pair.serialize_pem())
+            .with_context(|| format!("cannot write {}", key.display()))
+    }
+}
+
 /// The keys and certificates of one instance, written into its directory.
 struct Pki {
     ca_pem: String,
@@ -579,6 +642,10 @@ struct Pki {
 
 impl Pki {
     const CA: &'static str = "ca.crt";
+    /// Kept so that [`KubeApi::issue_certificate`] can issue a node's certificates later.
+    const CA_KEY: &'static str = "ca.key";
+    const KUBELET_CLIENT_CERT: &'static str = "kubelet-client.crt";
+    const KUBELET_CLIENT_KEY: &'static str = "kubelet-client.key";
     const SERVING_CERT: &'static str = "apiserver.crt";
     const SERVING_KEY: &'static str = "apiserver.key";
     const ADMIN_CERT: &'static str = "admin.crt";
@@ -595,17 +662,10 @@ impl Pki {
         };
 
         let ca_key = KeyPair::generate()?;
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.distinguished_name
-            .push(DnType::CommonName, "relay-testbed-ca");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let ca = Self::ca_params()?;
         let ca_pem = ca.self_signed(&ca_key)?.pem();
         write(Self::CA, &ca_pem)?;
+        write(Self::CA_KEY, &ca_key.serialize_pem())?;
         let issuer = Issuer::new(ca, ca_key);
 
         let serving_key = KeyPair::generate()?;
@@ -650,10 +710,48 @@ impl Pki {
         )?;
         write(Self::ADMIN_KEY, &admin_key.serialize_pem())?;
 
+        // The API server's identity towards kubelets: in system:masters, so the kubelet's
+        // webhook authorization (a SubjectAccessReview) lets it read logs and exec.
+        let kubelet_client_key = KeyPair::generate()?;
+        let mut kubelet_client = CertificateParams::new(Vec::<String>::new())?;
+        kubelet_client
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver-kubelet-client");
+        kubelet_client
+            .distinguished_name
+            .push(DnType::OrganizationName, "system:masters");
+        kubelet_client.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        kubelet_client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        write(
+            Self::KUBELET_CLIENT_CERT,
+            &kubelet_client
+                .signed_by(&kubelet_client_key, &issuer)?
+                .pem(),
+        )?;
+        write(
+            Self::KUBELET_CLIENT_KEY,
+            &kubelet_client_key.serialize_pem(),
+        )?;
+
         let sa_key = KeyPair::generate()?;
         write(Self::SA_KEY, &sa_key.serialize_pem())?;
         write(Self::SA_PUB, &sa_key.public_key_pem())?;
         Ok(Self { ca_pem })
+    }
+
+    /// The CA's parameters: the same each time, so that an [`Issuer`] made again from them and
+    /// the CA key names the CA certificate written at start.
+    fn ca_params() -> anyhow::Result<CertificateParams> {
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.distinguished_name
+            .push(DnType::CommonName, "relay-testbed-ca");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        Ok(ca)
     }
 }
 

@@ -28,6 +28,7 @@ pub mod images;
 pub mod kube;
 pub mod kubelet;
 pub mod layout;
+pub mod node;
 mod oci;
 pub mod oci_archive;
 pub mod registry;
