@@ -194,9 +194,12 @@ struct CollectorProcess(Child);
 
 impl CollectorProcess {
     fn start(kubeconfig: &str, api: &Api, token_file: &Path, node: &Node) -> Self {
-        // The kubelet's, under its own cgroup root.
+        // The kubelet's, under its own cgroup root. The 1.20 kubelet makes its QoS cgroups in
+        // the v1 hierarchies only; runc makes the v2 directories of a pod when it starts its
+        // first container, which may be after the collector starts to watch (as with any node
+        // that had no pod yet). The node removes its cgroup root at teardown.
         let kubepods = node.cgroup_v2_root().unwrap().join("kubepods");
-        assert!(kubepods.is_dir(), "{} missing", kubepods.display());
+        std::fs::create_dir_all(&kubepods).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_collector"))
             .env("KUBECONFIG", kubeconfig)
             .env(
