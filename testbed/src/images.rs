@@ -1,6 +1,6 @@
 //! Images for the CRI containerd without a registry: the busybox root filesystem plus files of
 //! the test's choosing, imported under a name of the test's choosing, so that a pod naming that
-//! image runs it (see [`crate::kubelet`]).
+//! image runs it (on a [`crate::node::Node`], with `imagePullPolicy: Never`: nothing is pulled).
 //!
 //! ```no_run
 //! use testbed::{cri::Cri, images::ImageBuild};

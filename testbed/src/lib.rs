@@ -1,11 +1,12 @@
 //! Real container infrastructure for tests: a private containerd (with runc) per test, running
 //! busybox containers to completion and handing back their exit code, stdout and stderr; or,
 //! through [`cri`], running Kubernetes-shaped pods as a kubelet would. [`kube`] runs a real
-//! Kubernetes API server (etcd, `kube-apiserver` and optionally `kube-controller-manager`, no
-//! kubelet) on loopback. [`registry`] runs a real OCI registry (distribution 2.8) and pushes
-//! images built with umoci to it. [`kubelet`] plays one node's kubelet over [`kube`] and [`cri`],
-//! running the pods bound to it; [`images`] imports images for it without a registry, and
-//! [`oci_archive`] packs and imports archives of real images (`cargo xtask images`).
+//! Kubernetes API server (etcd, `kube-apiserver` and optionally `kube-controller-manager`) on
+//! loopback. [`node`] runs a real node on it (the kubelet and kube-scheduler on a containerd of
+//! its own), which schedules and runs its pods. [`registry`] runs a real OCI registry
+//! (distribution 2.8) and pushes images built with umoci to it. [`images`] imports images into a
+//! containerd without a registry, and [`oci_archive`] packs and imports archives of real images
+//! (`cargo xtask images`).
 //!
 //! The binaries come from Debian packages that `cargo xtask testbed install` extracts into
 //! `~/.cache/relay` (see [`layout`]); nothing is installed system-wide and no service is started.
@@ -26,7 +27,6 @@ mod containerd;
 pub mod cri;
 pub mod images;
 pub mod kube;
-pub mod kubelet;
 pub mod layout;
 pub mod node;
 mod oci;
