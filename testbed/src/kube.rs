@@ -395,12 +395,18 @@ impl KubeApi {
             kube.url = format!("https://127.0.0.1:{port}");
             let client = kube.client()?;
             let readyz = format!("{}/readyz", kube.url);
+            // `/readyz` can answer before the bootstrap controller made the `default` namespace,
+            // and a test's first object there would be refused (404).
+            let default_ns = format!("{}/api/v1/namespaces/default", kube.url);
             kube.wait_for("kube-apiserver", deadline, || {
-                Ok(client
-                    .get(&readyz)
-                    .timeout(Duration::from_secs(5))
-                    .send()
-                    .is_ok_and(|r| r.status().is_success()))
+                let ok = |url: &str| {
+                    client
+                        .get(url)
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .is_ok_and(|r| r.status().is_success())
+                };
+                Ok(ok(&readyz) && ok(&default_ns))
             })
         })
     }
