@@ -66,7 +66,8 @@ pub fn build_entrypoint() -> anyhow::Result<PathBuf> {
         "-p",
         "entrypoint",
     ]))?;
-    let bin = root().join("target").join(MUSL).join("dist/entrypoint");
+    // Where cargo put it: CARGO_TARGET_DIR when set (a worktree sharing a target directory).
+    let bin = crate::util::target_dir().join(MUSL).join("dist/entrypoint");
     if !is_static(&bin)? {
         bail!("{} is not statically linked", bin.display());
     }
