@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::EnvVar;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
@@ -38,6 +39,13 @@ pub struct CollectorConfig {
     pub image: String,
     /// Arguments appended to the template's.
     pub extra_args: Vec<String>,
+    /// Environment variables (name, value) set on the collector container, replacing the
+    /// template's of the same name.
+    pub extra_env: Vec<(String, String)>,
+    /// Run the collector pods in the node's network namespace (`hostNetwork: true`, with
+    /// `dnsPolicy: ClusterFirstWithHostNet` so that Service names still resolve): for clusters
+    /// where node agents reach the metadata API from the node, not from the pod network.
+    pub host_network: bool,
     /// The DaemonSet template as YAML; [`TEMPLATE`] unless replaced.
     pub template: String,
     /// How often the DaemonSet is applied even when nothing was seen to change.
@@ -51,6 +59,8 @@ impl CollectorConfig {
             namespace: namespace.into(),
             image: image.into(),
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
+            host_network: false,
             template: TEMPLATE.to_owned(),
             resync: Duration::from_secs(300),
         }
@@ -74,11 +84,19 @@ pub fn desired(config: &CollectorConfig) -> Result<DaemonSet, CollectorError> {
     daemonset.metadata.namespace = Some(config.namespace.clone());
     daemonset.metadata.resource_version = None;
     daemonset.status = None;
-    let container = daemonset
+    let pod = daemonset
         .spec
         .as_mut()
         .and_then(|s| s.template.spec.as_mut())
-        .and_then(|s| s.containers.iter_mut().find(|c| c.name == CONTAINER))
+        .ok_or(CollectorError::NoContainer)?;
+    if config.host_network {
+        pod.host_network = Some(true);
+        pod.dns_policy = Some("ClusterFirstWithHostNet".to_owned());
+    }
+    let container = pod
+        .containers
+        .iter_mut()
+        .find(|c| c.name == CONTAINER)
         .ok_or(CollectorError::NoContainer)?;
     container.image = Some(config.image.clone());
     if !config.extra_args.is_empty() {
@@ -86,6 +104,19 @@ pub fn desired(config: &CollectorConfig) -> Result<DaemonSet, CollectorError> {
             .args
             .get_or_insert_with(Vec::new)
             .extend(config.extra_args.iter().cloned());
+    }
+    if !config.extra_env.is_empty() {
+        let env = container.env.get_or_insert_with(Vec::new);
+        for (name, value) in &config.extra_env {
+            // One entry per name: a second one would make the apply ambiguous (env is a list
+            // merged by name) and the kubelet would take the last.
+            env.retain(|e| &e.name != name);
+            env.push(EnvVar {
+                name: name.clone(),
+                value: Some(value.clone()),
+                value_from: None,
+            });
+        }
     }
     Ok(daemonset)
 }
@@ -193,6 +224,50 @@ mod tests {
             args.ends_with(&["--gzip-level".to_owned(), "1".to_owned()]),
             "{args:?}"
         );
+    }
+
+    #[test]
+    fn host_network_and_env_are_set_on_request_only() {
+        let plain = desired(&CollectorConfig::new("ops", "img")).unwrap();
+        let spec = plain.spec.unwrap().template.spec.unwrap();
+        assert_eq!(spec.host_network, None);
+        assert_eq!(spec.dns_policy, None);
+
+        let mut config = CollectorConfig::new("ops", "img");
+        config.host_network = true;
+        config.extra_env = vec![
+            (
+                "RELAY_METADATA_API_URL".to_owned(),
+                "http://127.0.0.1:1".to_owned(),
+            ),
+            ("KUBERNETES_SERVICE_HOST".to_owned(), "127.0.0.1".to_owned()),
+        ];
+        let spec = desired(&config)
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert_eq!(spec.host_network, Some(true));
+        assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+        let env = spec.containers[0].env.clone().unwrap();
+        let values = |name: &str| -> Vec<Option<String>> {
+            env.iter()
+                .filter(|e| e.name == name)
+                .map(|e| e.value.clone())
+                .collect()
+        };
+        // The template's URL is replaced, not doubled; its other variables stay.
+        assert_eq!(
+            values("RELAY_METADATA_API_URL"),
+            [Some("http://127.0.0.1:1".to_owned())]
+        );
+        assert_eq!(
+            values("KUBERNETES_SERVICE_HOST"),
+            [Some("127.0.0.1".to_owned())]
+        );
+        assert_eq!(values("NODE_NAME").len(), 1);
     }
 
     #[test]

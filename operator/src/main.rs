@@ -90,6 +90,14 @@ struct Args {
     /// Argument appended to the collector's (repeatable).
     #[arg(long = "collector-arg", allow_hyphen_values = true)]
     collector_args: Vec<String>,
+    /// Environment variable `NAME=VALUE` set on the collector, replacing the template's of that
+    /// name (repeatable).
+    #[arg(long = "collector-env", value_parser = parse_env)]
+    collector_env: Vec<(String, String)>,
+    /// Run the collector pods on the node's network (`hostNetwork: true`), for clusters whose
+    /// node agents reach the metadata API from the node rather than from the pod network.
+    #[arg(long)]
+    collector_host_network: bool,
     /// Platform whose image config gives a container's entrypoint (default: the operator's).
     #[arg(long)]
     platform: Option<Platform>,
@@ -107,6 +115,14 @@ struct Args {
     /// that the API server has not stored yet (keep it above the webhook's timeout).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     superseded_claim_grace: Duration,
+}
+
+/// `NAME=VALUE` of `--collector-env`.
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -323,6 +339,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let collectors = args.collector_image.clone().map(|image| {
             let mut config = CollectorConfig::new(&args.namespace, image);
             config.extra_args = args.collector_args.clone();
+            config.extra_env = args.collector_env.clone();
+            config.host_network = args.collector_host_network;
             tokio::spawn(collector::run(
                 client.clone(),
                 config,
