@@ -2,9 +2,9 @@
 //! `RELAY_IMAGES_DIR`): configured as the manifests expect, named as the kind overlay names them,
 //! and running on real containerd through CRI (the test bed's), as a kubelet would run them.
 //!
-//! `cargo xtask test` builds the metadata-api and tools images (dev profile) before the tests;
-//! the operator and collector images are checked when their archives are there too (`cargo xtask
-//! images --profile dev`). Archives left from an earlier build are tested as they are.
+//! `cargo xtask test` builds all four images (dev profile) before the tests; the operator and
+//! collector images are checked when their archives are there (`cargo xtask images --profile
+//! dev` builds them; collector/tests/deployed.rs needs them all). Archives left from an earlier build are tested as they are.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{

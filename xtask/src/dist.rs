@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::util::{root, run};
+use crate::util::{root, run, target_dir};
 
 /// The target of the static build: musl links everything in.
 pub const MUSL: &str = "x86_64-unknown-linux-musl";

@@ -124,14 +124,15 @@ pub struct Args {
 }
 
 impl Args {
-    /// What `cargo xtask test` builds for testbed/tests/images.rs: the metadata-api and tools
-    /// images, dev profile, into `target/images`. Not the operator and collector images, whose
-    /// dev musl builds would add 2.5 minutes on a 2-vCPU machine (twice that when it is busy).
+    /// What `cargo xtask test` builds for testbed/tests/images.rs and collector/tests/deployed.rs
+    /// (which installs all four on the test bed's node): every image, dev profile, into
+    /// `target/images`. The operator and collector dev musl builds add about 2.5 minutes to a cold
+    /// build on a 2-vCPU machine (twice that when it is busy).
     pub fn for_tests() -> Self {
         Self {
             tag: "dev".to_owned(),
             profile: "dev".to_owned(),
-            images: vec![Name::MetadataApi, Name::Tools],
+            images: Name::ALL.to_vec(),
             push: None,
             insecure: false,
             out: None,

@@ -149,7 +149,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     // The demo's test (xtask/tests/demo.rs) runs the release collector, as the demo does.
     let collector = util::build_collector().context("building the collector")?;
-    // The images testbed/tests/images.rs runs on containerd (dev profile, musl).
+    // The images testbed/tests/images.rs runs on containerd and collector/tests/deployed.rs
+    // installs on the test bed's node (all four, dev profile, musl).
     let images = crate::images::Args::for_tests();
     crate::images::build(&images).context("building the images")?;
     nextest(
