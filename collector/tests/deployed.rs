@@ -1,0 +1,627 @@
+//! relay installed as a user installs it, on the test bed's real node: the four images of
+//! `cargo xtask images --profile dev` imported into the node's containerd, `deploy/` applied
+//! with kubectl through the API server (`deploy/overlays/testbed`, which lists every difference
+//! from a real cluster), and the kubelet running the metadata API, the operator and the
+//! operator's collector DaemonSet with the security contexts, volumes and mounts the manifests
+//! give them. On that install a Tenant gets its tools, and a Tekton-shaped and a Knative-shaped
+//! pod (the shapes of `e2e.rs`, which cites where they come from) are wrapped by the webhook, run,
+//! and read back byte-exact from the deployed metadata API on both capture paths.
+//!
+//! It lives with `e2e.rs` (same crate, same shapes and test group): that test runs the same
+//! components as host binaries, this one as the manifests deploy them, so the two differ only in
+//! how relay is installed.
+//!
+//! Skips (fails under `RELAY_REQUIRE_TESTBED=1`) when the images are not built: `RELAY_IMAGES_DIR`,
+//! or `$CARGO_TARGET_DIR/images` (`target/images`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{can_run, wait_for};
+use serde_json::{Value, json};
+use testbed::cri::BUSYBOX_IMAGE;
+use testbed::images::ImageBuild;
+use testbed::kube::{KubeApi, KubeOptions, Rest};
+use testbed::node::{Node, NodeOptions};
+use testbed::oci_archive;
+use testbed::registry::{Format, Image, Registry};
+
+/// Deployments Available, Jobs done, pods ended: the kubelet starts pods in about 2 s, but the
+/// images are large and the machine is shared.
+const WAIT: Duration = Duration::from_secs(180);
+const SYSTEM_NS: &str = "relay-system";
+/// deploy/examples/namespace.yaml and deploy/overlays/testbed/tenant.yaml.
+const TENANT_NS: &str = "tenant-a";
+const TENANT: &str = "tenant-a";
+/// Where deploy/overlays/testbed has the metadata API listen.
+const API_URL: &str = "http://127.0.0.1:17070";
+const KEY_FILE: &str = "/var/lib/relay/key/metadata-api.key";
+/// A stand-in for Tekton's entrypoint, as in e2e.rs: `-entrypoint X -- ARGS` runs `X ARGS`.
+const TEKTON_ENTRYPOINT: &str = "#!/bin/sh\n\
+[ \"$1\" = -entrypoint ] || { echo 'usage: -entrypoint X -- ARGS' >&2; exit 90; }\n\
+ep=$2; shift 2\n\
+[ \"$1\" = -- ] && shift\n\
+exec \"$ep\" \"$@\"\n";
+/// What the workloads print, as in e2e.rs.
+const SCRIPT: &str = "i=0; while [ $i -lt 3000 ]; do echo \"$0 line $i\"; i=$((i+1)); done; \
+                      echo \"$0 done\" >&2";
+const IMAGES: [&str; 4] = ["metadata-api", "operator", "collector", "tools"];
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn images_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RELAY_IMAGES_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace().join("target"), PathBuf::from)
+        .join("images")
+}
+
+fn expected(name: &str) -> (Vec<u8>, Vec<u8>) {
+    let stdout: String = (0..3000).map(|i| format!("{name} line {i}\n")).collect();
+    (stdout.into_bytes(), format!("{name} done\n").into_bytes())
+}
+
+/// `path` relative to `from` (both absolute): kubectl 1.20's kustomize refuses absolute bases.
+fn relative(from: &Path, path: &Path) -> PathBuf {
+    let from: Vec<Component> = from.canonicalize().unwrap().components().collect();
+    let path: Vec<Component> = path.canonicalize().unwrap().components().collect();
+    let common = from.iter().zip(&path).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..from.len() {
+        out.push("..");
+    }
+    for c in &path[common..] {
+        out.push(c.as_os_str());
+    }
+    out
+}
+
+/// Runs kubectl with `args` (and `stdin`), returning its output whatever its exit status.
+fn kubectl(kube: &KubeApi, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = kube.kubectl();
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().unwrap();
+    if let Some(bytes) = stdin {
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), bytes).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// kubectl with `args`, which must succeed; its stdout.
+fn kubectl_ok(kube: &KubeApi, args: &[&str]) -> String {
+    let out = kubectl(kube, args, None);
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// On a failing test: what kubectl says about every pod (status, events, logs), so the failure
+/// says why. Dropped before the node, while the API server and the kubelet still answer.
+struct Dump<'a>(&'a KubeApi);
+
+impl Drop for Dump<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let kube = self.0;
+        let text = |args: &[&str]| {
+            let out = kubectl(kube, args, None);
+            format!(
+                "$ kubectl {}\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        };
+        eprintln!(
+            "{}",
+            text(&["get", "all,pvc,pv,tenants", "-A", "-o", "wide"])
+        );
+        for namespace in [SYSTEM_NS, TENANT_NS] {
+            eprintln!("{}", text(&["describe", "pods", "-n", namespace]));
+            let pods = kubectl(kube, &["get", "pods", "-n", namespace, "-o", "name"], None);
+            for pod in String::from_utf8_lossy(&pods.stdout).lines() {
+                eprintln!(
+                    "{}",
+                    text(&[
+                        "logs",
+                        "-n",
+                        namespace,
+                        pod,
+                        "--all-containers",
+                        "--tail",
+                        "40"
+                    ])
+                );
+            }
+        }
+    }
+}
+
+/// The site kustomization: `deploy/overlays/testbed` plus what only this run knows (the API
+/// server's port, the node's kubepods cgroup, the tools volumes' host directories, the registry).
+fn site_kustomization(dir: &Path, kube: &KubeApi, kubepods: &Path, tools: &Path, registry: &str) {
+    let overlay = workspace().join("deploy/overlays/testbed");
+    let port = kube.url().rsplit(':').next().unwrap().to_owned();
+    let mut kustomization = format!(
+        "bases:\n- {}\npatchesStrategicMerge:\n- api-server-port.yaml\npatchesJson6902:\n\
+         - target: {{group: apps, version: v1, kind: Deployment, name: relay-operator}}\n  \
+         path: operator-site.yaml\n",
+        relative(dir, &overlay).display()
+    );
+    for i in 0..3 {
+        kustomization.push_str(&format!(
+            "- target: {{version: v1, kind: PersistentVolume, name: relay-tools-{i}}}\n  \
+             path: tools-{i}.yaml\n"
+        ));
+        std::fs::write(
+            dir.join(format!("tools-{i}.yaml")),
+            serde_json::to_string(&json!([{"op": "replace", "path": "/spec/hostPath/path",
+                "value": tools.join(i.to_string())}]))
+            .unwrap(),
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.join("kustomization.yaml"), kustomization).unwrap();
+    let env = json!([{"name": "KUBERNETES_SERVICE_PORT", "value": port}]);
+    let deployments: Vec<String> = [
+        ("metadata-api", "metadata-api"),
+        ("relay-operator", "operator"),
+    ]
+    .iter()
+    .map(|(name, container)| {
+        serde_json::to_string(&json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": name, "namespace": SYSTEM_NS},
+                "spec": {"template": {"spec": {"containers": [
+                    {"name": container, "env": env}]}}}}))
+        .unwrap()
+    })
+    .collect();
+    std::fs::write(
+        dir.join("api-server-port.yaml"),
+        deployments.join("\n---\n"),
+    )
+    .unwrap();
+    let add = |value: String| json!({"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": value});
+    std::fs::write(
+        dir.join("operator-site.yaml"),
+        serde_json::to_string(&json!([
+            add(format!("--collector-env=KUBERNETES_SERVICE_PORT={port}")),
+            add(format!(
+                "--collector-arg=--kubepods-cgroup={}",
+                kubepods.display()
+            )),
+            // The Knative-shaped pod's image has no command: the webhook reads its ENTRYPOINT
+            // from the test's registry (plain HTTP on loopback).
+            add(format!("--insecure-registry={registry}")),
+        ]))
+        .unwrap(),
+    )
+    .unwrap();
+}
+
+/// Waits until `kind/name` in `namespace` has `field` of its status equal to `want`.
+fn wait_status(rest: &Rest, path: &str, what: &str, ready: impl Fn(&Value) -> bool) {
+    wait_for(WAIT, what, || {
+        rest.get(path).unwrap().is_some_and(|o| ready(&o))
+    });
+}
+
+/// A token minted as a cluster admin mints one: `metadata-api token` run in the metadata API's
+/// pod, with its key file.
+fn mint(kube: &KubeApi, pod: &str, context: &str, scope: &str) -> String {
+    kubectl_ok(
+        kube,
+        &[
+            "exec",
+            "-n",
+            SYSTEM_NS,
+            pod,
+            "--",
+            "/usr/local/bin/metadata-api",
+            "token",
+            "--key-file",
+            KEY_FILE,
+            "--context",
+            context,
+            "--scope",
+            scope,
+            "--ttl",
+            "10m",
+        ],
+    )
+    .trim()
+    .to_owned()
+}
+
+/// Status and bytes of stream `name` of `source` in `context`, through the deployed API.
+fn read_stream(token: &str, context: &str, name: &str, source: &str) -> (Value, Vec<u8>) {
+    let http = reqwest::blocking::Client::new();
+    let spec = if source == "ebpf" {
+        json!({"name": name, "context": context, "source": "ebpf"})
+    } else {
+        json!({"name": name})
+    };
+    let created: Value = http
+        .post(format!("{API_URL}/logs"))
+        .bearer_auth(token)
+        .json(&spec)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = created["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{created}"));
+    let status: Value = http
+        .get(format!("{API_URL}/logs/{id}"))
+        .bearer_auth(token)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let data = http
+        .get(format!("{API_URL}/logs/{id}/data"))
+        .bearer_auth(token)
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap()
+        .to_vec();
+    (status, data)
+}
+
+/// Waits until the stream is complete, without drops, and returns its bytes.
+fn complete_stream(token: &str, context: &str, name: &str, source: &str) -> Vec<u8> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, data) = read_stream(token, context, name, source);
+        if status["complete"] == true {
+            let dropped = status["dropped"].as_array().map_or(0, Vec::len);
+            assert_eq!(dropped, 0, "{source} {context} {name}: {status}");
+            return data;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{source} {context} {name} not complete: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn report(token: &str, context: &str) -> Value {
+    let response = reqwest::blocking::Client::new()
+        .get(format!("{API_URL}/api/{context}/logs/capture-report"))
+        .bearer_auth(token)
+        .send()
+        .unwrap();
+    assert!(response.status().is_success(), "{context}: {response:?}");
+    response.json().unwrap()
+}
+
+fn comparisons(report: &Value) -> Vec<(String, String)> {
+    report["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["comparison"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn deploy_overlay_installs_relay_on_a_real_node_and_captures_both_paths() {
+    let archives: Vec<PathBuf> = IMAGES
+        .iter()
+        .map(|name| images_dir().join(format!("{name}.tar")))
+        .collect();
+    if let Some(missing) = archives.iter().find(|a| !a.exists()) {
+        testbed::skip_or_fail(&format!(
+            "{} is missing: run `cargo xtask images --profile dev`",
+            missing.display()
+        ));
+        return;
+    }
+    if !can_run() {
+        return;
+    }
+    let started = Instant::now();
+    // The tools volumes' host directories; dropped after the node, which mounts them.
+    let tools_volumes = tempfile::tempdir().unwrap();
+    let site = tempfile::tempdir().unwrap();
+    let Some(kube) = KubeApi::start_or_skip_with(&KubeOptions::new().controller_manager(true))
+    else {
+        return;
+    };
+    let Some(node) = Node::start_or_skip(&kube, &NodeOptions::new()) else {
+        return;
+    };
+    let dump = Dump(&kube);
+    let cri = node.cri();
+    for archive in &archives {
+        let name = oci_archive::import(cri, archive).unwrap();
+        eprintln!("deployed: imported {name}");
+    }
+    // The Knative trigger's image is in a registry and its pod has no command (e2e.rs); the
+    // Tekton step's image carries a stand-in for Tekton's entrypoint.
+    let Some(registry) = Registry::start_or_skip(None) else {
+        return;
+    };
+    let trigger_image = format!("{}/e2e/trigger:1", registry.host());
+    registry
+        .push(
+            "e2e/trigger:1",
+            &Image::new("linux", "amd64")
+                .entrypoint(["/bin/sh", "-c", SCRIPT])
+                .cmd(["trigger"]),
+            Format::Oci,
+        )
+        .unwrap();
+    ImageBuild::busybox(trigger_image.as_str())
+        .import(cri)
+        .unwrap();
+    ImageBuild::busybox("localhost/e2e/step:1")
+        .file(
+            "tekton-entrypoint",
+            TEKTON_ENTRYPOINT.as_bytes().to_vec(),
+            0o755,
+        )
+        .import(cri)
+        .unwrap();
+    let rest = kube.rest().unwrap();
+
+    // The kubelet makes its QoS cgroups in the v1 hierarchies only; runc makes the v2
+    // directories with a pod's first container: the collector must find kubepods there before.
+    let kubepods = node.cgroup_v2_root().unwrap().join("kubepods");
+    std::fs::create_dir_all(&kubepods).unwrap();
+    site_kustomization(
+        site.path(),
+        &kube,
+        &kubepods,
+        tools_volumes.path(),
+        &registry.host(),
+    );
+    let site_dir = site.path().to_str().unwrap();
+    kubectl_ok(&kube, &["apply", "-k", site_dir]);
+    eprintln!("deployed: applied after {:?}", started.elapsed());
+
+    for deployment in ["metadata-api", "relay-operator"] {
+        wait_status(
+            &rest,
+            &format!("/apis/apps/v1/namespaces/{SYSTEM_NS}/deployments/{deployment}"),
+            &format!("Deployment {deployment} available"),
+            |d| d["status"]["availableReplicas"] == 1,
+        );
+    }
+    // The operator applies the collector DaemonSet; its pod is Ready once the collector serves
+    // /healthz, which it does after loading its programs.
+    wait_status(
+        &rest,
+        &format!("/apis/apps/v1/namespaces/{SYSTEM_NS}/daemonsets/relay-collector"),
+        "the collector DaemonSet's pod ready",
+        |d| d["status"]["numberReady"] == 1,
+    );
+    eprintln!("deployed: relay running after {:?}", started.elapsed());
+    let collector = rest
+        .get(&format!(
+            "/apis/apps/v1/namespaces/{SYSTEM_NS}/daemonsets/relay-collector"
+        ))
+        .unwrap()
+        .unwrap();
+    let spec = &collector["spec"]["template"]["spec"];
+    // As deployed: the base's security context and mounts, no tracefs or debugfs anywhere.
+    assert_eq!(spec["hostPID"], true, "{spec}");
+    let security = &spec["containers"][0]["securityContext"];
+    assert_eq!(security["privileged"], false, "{security}");
+    assert_eq!(security["readOnlyRootFilesystem"], true, "{security}");
+    assert_eq!(
+        security["capabilities"]["add"],
+        json!(["BPF", "PERFMON", "SYS_PTRACE", "SYS_ADMIN"]),
+        "{security}"
+    );
+    assert!(
+        !spec.to_string().contains("tracing") && !spec.to_string().contains("debugfs"),
+        "{spec}"
+    );
+
+    // A tenant as deploy/examples has it, naming the overlay's tools class.
+    kubectl_ok(
+        &kube,
+        &[
+            "apply",
+            "-f",
+            workspace()
+                .join("deploy/examples/namespace.yaml")
+                .to_str()
+                .unwrap(),
+            "-f",
+            workspace()
+                .join("deploy/overlays/testbed/tenant.yaml")
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    let tenant_path = format!("/apis/relay.sh/v1beta1/namespaces/{TENANT_NS}/tenants/{TENANT}");
+    wait_status(&rest, &tenant_path, "the tenant Ready", |t| {
+        t["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    });
+    let claim = rest.get(&tenant_path).unwrap().unwrap()["status"]["toolsVolumeClaim"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let installed = node
+        .claim_dir(TENANT_NS, &claim)
+        .unwrap()
+        .unwrap()
+        .join("lib/entrypoint");
+    assert!(installed.exists(), "{} missing", installed.display());
+    wait_status(
+        &rest,
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/relay-pod-injection",
+        "the webhook's caBundle",
+        |c| {
+            c["webhooks"][0]["clientConfig"]["caBundle"]
+                .as_str()
+                .is_some_and(|b| !b.is_empty())
+        },
+    );
+    wait_status(
+        &rest,
+        &format!("/api/v1/namespaces/{TENANT_NS}/serviceaccounts/default"),
+        "the tenant's default ServiceAccount",
+        |sa| sa["secrets"].as_array().is_some_and(|s| !s.is_empty()),
+    );
+    eprintln!("deployed: tenant ready after {:?}", started.elapsed());
+
+    // The shapes of e2e.rs, on the host network to reach the metadata API on loopback.
+    let step = rest
+        .post(
+            &format!("/api/v1/namespaces/{TENANT_NS}/pods"),
+            &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "build-pod", "labels": {
+                    "tekton.dev/taskRun": "build-run", "relay.sh/workflow": "wf",
+                    "relay.sh/run": "7", "relay.sh/step": "build"}},
+                "spec": {"restartPolicy": "Never", "hostNetwork": true, "containers": [{
+                    "name": "step-build", "image": "localhost/e2e/step:1",
+                    "command": ["/tekton-entrypoint"],
+                    "args": ["-entrypoint", "/bin/sh", "--", "-c", SCRIPT, "build"]}]}}),
+        )
+        .unwrap();
+    assert_eq!(
+        step["metadata"]["annotations"]["relay.sh/injected"], "true",
+        "{step}"
+    );
+    let trigger = rest
+        .post(
+            &format!("/api/v1/namespaces/{TENANT_NS}/pods"),
+            &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "trigger-pod", "labels": {
+                    "serving.knative.dev/revision": "hook-1", "relay.sh/workflow": "wf",
+                    "relay.sh/trigger-sync-id": "sync-1"}},
+                "spec": {"restartPolicy": "Never", "hostNetwork": true, "containers": [
+                    {"name": "user-container", "image": trigger_image},
+                    {"name": "queue-proxy", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
+                     "command": ["/bin/sh", "-c", "echo proxy ready"]}]}}),
+        )
+        .unwrap();
+    assert_eq!(
+        trigger["metadata"]["annotations"]["relay.sh/injected"], "true",
+        "{trigger}"
+    );
+    assert_eq!(
+        trigger["spec"]["containers"][0]["command"][0], "/relay/lib/entrypoint",
+        "{trigger}"
+    );
+    let trigger_uid = trigger["metadata"]["uid"].as_str().unwrap().to_owned();
+    for pod in ["build-pod", "trigger-pod"] {
+        let done = node.wait_pod_ended(TENANT_NS, pod, WAIT).unwrap();
+        assert_eq!(
+            done["status"]["phase"], "Succeeded",
+            "{pod}: {}",
+            done["status"]
+        );
+    }
+
+    // Read back through the deployed API with tokens minted in its pod.
+    let api_pod = kubectl_ok(
+        &kube,
+        &[
+            "get",
+            "pods",
+            "-n",
+            SYSTEM_NS,
+            "-l",
+            "app.kubernetes.io/name=metadata-api",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
+    );
+    let collector_token = mint(&kube, &api_pod, "workflows", "collector");
+    let step_ctx = "workflows/wf/runs/7/steps/build";
+    let trigger_ctx = "workflows/wf/triggers/sync-1";
+    for (context, prefix, name) in [
+        (step_ctx, "step-build".to_owned(), "build"),
+        (
+            trigger_ctx,
+            format!("user-container.{trigger_uid}"),
+            "trigger",
+        ),
+    ] {
+        let write_token = mint(&kube, &api_pod, context, "write");
+        let (stdout, stderr) = expected(name);
+        for source in ["entrypoint", "ebpf"] {
+            let token = if source == "ebpf" {
+                &collector_token
+            } else {
+                &write_token
+            };
+            let out = complete_stream(token, context, &format!("{prefix}.stdout"), source);
+            assert!(
+                out == stdout,
+                "{source} {context} stdout differs ({} bytes, want {})",
+                out.len(),
+                stdout.len()
+            );
+            let err = complete_stream(token, context, &format!("{prefix}.stderr"), source);
+            assert_eq!(
+                String::from_utf8_lossy(&err),
+                String::from_utf8_lossy(&stderr),
+                "{source} {context}"
+            );
+        }
+    }
+    let read_token = mint(&kube, &api_pod, "workflows/wf", "read");
+    let step_report = report(&read_token, step_ctx);
+    assert_eq!(step_report["agree"], true, "{step_report:#}");
+    assert_eq!(
+        comparisons(&step_report),
+        [
+            ("step-build.stderr".to_owned(), "agree".to_owned()),
+            ("step-build.stdout".to_owned(), "agree".to_owned())
+        ],
+        "{step_report:#}"
+    );
+    let trigger_report = report(&read_token, trigger_ctx);
+    let trigger_comparisons = comparisons(&trigger_report);
+    assert_eq!(trigger_comparisons.len(), 4, "{trigger_report:#}");
+    for (name, comparison) in trigger_comparisons {
+        // queue-proxy runs unwrapped (the webhook wraps the user container): only the
+        // collector has it.
+        let want = if name.starts_with("queue-proxy.") {
+            "ebpf_only"
+        } else {
+            "agree"
+        };
+        assert_eq!(comparison, want, "{name}: {trigger_report:#}");
+    }
+    eprintln!(
+        "deployed: both paths read back after {:?}",
+        started.elapsed()
+    );
+    drop(dump);
+}
