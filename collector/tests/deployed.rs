@@ -19,7 +19,7 @@
 mod common;
 
 use std::path::{Component, Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{can_run, wait_for};
@@ -217,7 +217,7 @@ fn site_kustomization(dir: &Path, kube: &KubeApi, kubepods: &Path, tools: &Path,
     .unwrap();
 }
 
-/// Waits until `kind/name` in `namespace` has `field` of its status equal to `want`.
+/// Waits until the object at `path` exists and `ready` holds for it.
 fn wait_status(rest: &Rest, path: &str, what: &str, ready: impl Fn(&Value) -> bool) {
     wait_for(WAIT, what, || {
         rest.get(path).unwrap().is_some_and(|o| ready(&o))
