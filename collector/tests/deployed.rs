@@ -72,8 +72,9 @@ fn expected(name: &str) -> (Vec<u8>, Vec<u8>) {
 
 /// `path` relative to `from` (both absolute): kubectl 1.20's kustomize refuses absolute bases.
 fn relative(from: &Path, path: &Path) -> PathBuf {
-    let from: Vec<Component> = from.canonicalize().unwrap().components().collect();
-    let path: Vec<Component> = path.canonicalize().unwrap().components().collect();
+    let (from, path) = (from.canonicalize().unwrap(), path.canonicalize().unwrap());
+    let from: Vec<Component> = from.components().collect();
+    let path: Vec<Component> = path.components().collect();
     let common = from.iter().zip(&path).take_while(|(a, b)| a == b).count();
     let mut out = PathBuf::new();
     for _ in common..from.len() {
