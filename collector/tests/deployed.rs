@@ -162,7 +162,8 @@ fn site_kustomization(dir: &Path, kube: &KubeApi, kubepods: &Path, tools: &Path,
     let overlay = workspace().join("deploy/overlays/testbed");
     let port = kube.url().rsplit(':').next().unwrap().to_owned();
     let mut kustomization = format!(
-        "bases:\n- {}\npatchesStrategicMerge:\n- api-server-port.yaml\npatchesJson6902:\n\
+        "bases:\n- {}\npatchesStrategicMerge:\n- port-metadata-api.yaml\n- port-relay-operator.yaml\n\
+         patchesJson6902:\n\
          - target: {{group: apps, version: v1, kind: Deployment, name: relay-operator}}\n  \
          path: operator-site.yaml\n",
         relative(dir, &overlay).display()
@@ -182,24 +183,22 @@ fn site_kustomization(dir: &Path, kube: &KubeApi, kubepods: &Path, tools: &Path,
     }
     std::fs::write(dir.join("kustomization.yaml"), kustomization).unwrap();
     let env = json!([{"name": "KUBERNETES_SERVICE_PORT", "value": port}]);
-    let deployments: Vec<String> = [
+    // One file per Deployment: kubectl 1.20 reads a patch file that starts with `{` as one JSON
+    // document.
+    for (name, container) in [
         ("metadata-api", "metadata-api"),
         ("relay-operator", "operator"),
-    ]
-    .iter()
-    .map(|(name, container)| {
-        serde_json::to_string(&json!({"apiVersion": "apps/v1", "kind": "Deployment",
-                "metadata": {"name": name, "namespace": SYSTEM_NS},
-                "spec": {"template": {"spec": {"containers": [
-                    {"name": container, "env": env}]}}}}))
-        .unwrap()
-    })
-    .collect();
-    std::fs::write(
-        dir.join("api-server-port.yaml"),
-        deployments.join("\n---\n"),
-    )
-    .unwrap();
+    ] {
+        let patch = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": SYSTEM_NS},
+            "spec": {"template": {"spec": {"containers": [
+                {"name": container, "env": env}]}}}});
+        std::fs::write(
+            dir.join(format!("port-{name}.yaml")),
+            serde_json::to_string(&patch).unwrap(),
+        )
+        .unwrap();
+    }
     let add = |value: String| json!({"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": value});
     std::fs::write(
         dir.join("operator-site.yaml"),
@@ -608,18 +607,26 @@ fn deploy_overlay_installs_relay_on_a_real_node_and_captures_both_paths() {
         "{step_report:#}"
     );
     let trigger_report = report(&read_token, trigger_ctx);
-    let trigger_comparisons = comparisons(&trigger_report);
-    assert_eq!(trigger_comparisons.len(), 4, "{trigger_report:#}");
-    for (name, comparison) in trigger_comparisons {
-        // queue-proxy runs unwrapped (the webhook wraps the user container): only the
-        // collector has it.
-        let want = if name.starts_with("queue-proxy.") {
-            "ebpf_only"
-        } else {
-            "agree"
-        };
-        assert_eq!(comparison, want, "{name}: {trigger_report:#}");
-    }
+    // queue-proxy runs unwrapped (the webhook wraps the user container) and writes to stdout
+    // only: the collector alone has it.
+    assert_eq!(
+        comparisons(&trigger_report),
+        [
+            (
+                format!("queue-proxy.{trigger_uid}.stdout"),
+                "ebpf_only".to_owned()
+            ),
+            (
+                format!("user-container.{trigger_uid}.stderr"),
+                "agree".to_owned()
+            ),
+            (
+                format!("user-container.{trigger_uid}.stdout"),
+                "agree".to_owned()
+            ),
+        ],
+        "{trigger_report:#}"
+    );
     eprintln!(
         "deployed: both paths read back after {:?}",
         started.elapsed()
