@@ -288,6 +288,22 @@ fn read_stream(token: &str, context: &str, name: &str, source: &str) -> (Value, 
     (status, data)
 }
 
+/// Creates `pod` in the tenant's namespace once the webhook wraps it, and returns it as stored.
+///
+/// The webhook answers from its own watch of the Tenants, which may see the tools Ready a moment
+/// after the test does (and admits unwrapped until then: `failurePolicy: Ignore`, tools not
+/// ready). A server-side dry run goes through the webhook (it declares `sideEffects: None`)
+/// without creating anything: wait until it comes back wrapped, then create.
+fn create_wrapped(rest: &Rest, pod: &Value) -> Value {
+    let path = format!("/api/v1/namespaces/{TENANT_NS}/pods");
+    let name = pod["metadata"]["name"].as_str().unwrap();
+    wait_for(WAIT, &format!("the webhook to wrap {name}"), || {
+        rest.post(&format!("{path}?dryRun=All"), pod).unwrap()["metadata"]["annotations"]["relay.sh/injected"]
+            == "true"
+    });
+    rest.post(&path, pod).unwrap()
+}
+
 /// Waits until the stream is complete, without drops, and returns its bytes.
 fn complete_stream(token: &str, context: &str, name: &str, source: &str) -> Vec<u8> {
     let deadline = Instant::now() + WAIT;
@@ -499,10 +515,9 @@ fn deploy_overlay_installs_relay_on_a_real_node_and_captures_both_paths() {
     eprintln!("deployed: tenant ready after {:?}", started.elapsed());
 
     // The shapes of e2e.rs, on the host network to reach the metadata API on loopback.
-    let step = rest
-        .post(
-            &format!("/api/v1/namespaces/{TENANT_NS}/pods"),
-            &json!({"apiVersion": "v1", "kind": "Pod",
+    let step = create_wrapped(
+        &rest,
+        &json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": "build-pod", "labels": {
                     "tekton.dev/taskRun": "build-run", "relay.sh/workflow": "wf",
                     "relay.sh/run": "7", "relay.sh/step": "build"}},
@@ -510,16 +525,14 @@ fn deploy_overlay_installs_relay_on_a_real_node_and_captures_both_paths() {
                     "name": "step-build", "image": "localhost/e2e/step:1",
                     "command": ["/tekton-entrypoint"],
                     "args": ["-entrypoint", "/bin/sh", "--", "-c", SCRIPT, "build"]}]}}),
-        )
-        .unwrap();
+    );
     assert_eq!(
         step["metadata"]["annotations"]["relay.sh/injected"], "true",
         "{step}"
     );
-    let trigger = rest
-        .post(
-            &format!("/api/v1/namespaces/{TENANT_NS}/pods"),
-            &json!({"apiVersion": "v1", "kind": "Pod",
+    let trigger = create_wrapped(
+        &rest,
+        &json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": "trigger-pod", "labels": {
                     "serving.knative.dev/revision": "hook-1", "relay.sh/workflow": "wf",
                     "relay.sh/trigger-sync-id": "sync-1"}},
@@ -527,8 +540,7 @@ fn deploy_overlay_installs_relay_on_a_real_node_and_captures_both_paths() {
                     {"name": "user-container", "image": trigger_image},
                     {"name": "queue-proxy", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
                      "command": ["/bin/sh", "-c", "echo proxy ready"]}]}}),
-        )
-        .unwrap();
+    );
     assert_eq!(
         trigger["metadata"]["annotations"]["relay.sh/injected"], "true",
         "{trigger}"
