@@ -127,7 +127,8 @@ impl Args {
     /// What `cargo xtask test` builds for testbed/tests/images.rs and collector/tests/deployed.rs
     /// (which installs all four on the test bed's node): every image, dev profile, into
     /// `target/images`. The operator and collector dev musl builds add about 2.5 minutes to a cold
-    /// build on a 2-vCPU machine (twice that when it is busy).
+    /// build on an idle 2-vCPU machine; measured 11.5 minutes (695 s, after the metadata-api
+    /// image) on one shared with two other builds (load 5 to 8).
     pub fn for_tests() -> Self {
         Self {
             tag: "dev".to_owned(),
