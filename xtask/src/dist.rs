@@ -67,7 +67,7 @@ pub fn build_entrypoint() -> anyhow::Result<PathBuf> {
         "entrypoint",
     ]))?;
     // Where cargo put it: CARGO_TARGET_DIR when set (a worktree sharing a target directory).
-    let bin = crate::util::target_dir().join(MUSL).join("dist/entrypoint");
+    let bin = target_dir().join(MUSL).join("dist/entrypoint");
     if !is_static(&bin)? {
         bail!("{} is not statically linked", bin.display());
     }
