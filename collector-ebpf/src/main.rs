@@ -155,13 +155,7 @@ const TS_COMPAT: u32 = 0x0002;
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn sys_enter(ctx: RawTracePointContext) -> u32 {
     // TP_PROTO(struct pt_regs *regs, long id)
-    let id: u64 = ctx.arg(1);
-    let off = OFFSETS.load();
-    let vectored = if id == off.nr_write {
-        false
-    } else if id == off.nr_writev {
-        true
-    } else {
+    let Some(vectored) = watched_syscall(ctx.arg(1)) else {
         return 0;
     };
     enter(ctx.arg(0), vectored).unwrap_or(0)
@@ -171,19 +165,25 @@ pub fn sys_enter(ctx: RawTracePointContext) -> u32 {
 pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
     // TP_PROTO(struct pt_regs *regs, long ret)
     let regs: u64 = ctx.arg(0);
-    let off = OFFSETS.load();
-    let Some(id) = read_kernel::<u64>(regs, off.regs_nr) else {
-        return 0;
-    };
-    let vectored = if id == off.nr_write {
-        false
-    } else if id == off.nr_writev {
-        true
-    } else {
+    let Some(vectored) = read_kernel::<u64>(regs, OFFSETS.load().regs_nr).and_then(watched_syscall)
+    else {
         return 0;
     };
     let ret: i64 = ctx.arg(1);
     exit(&ctx, ret, vectored).unwrap_or(0)
+}
+
+/// Whether native syscall number `id` is `writev` (`Some(true)`) or `write` (`Some(false)`);
+/// `None` for every other syscall, which the programs pass over at once.
+fn watched_syscall(id: u64) -> Option<bool> {
+    let off = OFFSETS.load();
+    if id == off.nr_write {
+        Some(false)
+    } else if id == off.nr_writev {
+        Some(true)
+    } else {
+        None
+    }
 }
 
 fn count(index: u32, n: u64) {
