@@ -618,7 +618,16 @@ fn deploy_overlay_installs_relay_on_a_real_node_and_captures_both_paths() {
         ],
         "{step_report:#}"
     );
-    let trigger_report = report(&read_token, trigger_ctx);
+    // The collector finishes queue-proxy's stream when its container ends, which may be after
+    // the user container's streams are complete: wait for it to be reported.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let trigger_report = loop {
+        let r = report(&read_token, trigger_ctx);
+        if comparisons(&r).len() >= 3 || Instant::now() >= deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     // queue-proxy runs unwrapped (the webhook wraps the user container) and writes to stdout
     // only: the collector alone has it.
     assert_eq!(
