@@ -29,6 +29,34 @@ pub struct ChunkHeader {
     pub fd: u32,
     /// `FILE_KIND_*` of the file.
     pub kind: u32,
+    /// `uncopied::*`: 0 when `len` bytes of data follow; otherwise the syscall put `len` bytes
+    /// into the file from a source the programs cannot read (another file, a pipe), no data
+    /// follows, and user space reports the range as dropped for this reason.
+    pub uncopied: u32,
+    /// Explicit padding (the struct stays free of implicit padding).
+    pub reserved: u32,
+}
+
+/// Why bytes a syscall put into a watched file could not be copied: the source of the data is
+/// not the writer's memory but a file or pipe the kernel moves pages from.
+pub mod uncopied {
+    /// Data follows the header.
+    pub const NONE: u32 = 0;
+    pub const SENDFILE: u32 = 1;
+    pub const SPLICE: u32 = 2;
+    pub const TEE: u32 = 3;
+    pub const COPY_FILE_RANGE: u32 = 4;
+
+    /// The syscall's name, for metrics and dropped-range reasons.
+    pub fn syscall(reason: u32) -> &'static str {
+        match reason {
+            SENDFILE => "sendfile",
+            SPLICE => "splice",
+            TEE => "tee",
+            COPY_FILE_RANGE => "copy_file_range",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Size of [`ChunkHeader`] in the ring buffer.
@@ -71,14 +99,33 @@ pub const STREAM_CAPTURE: u32 = 1;
 /// Some other pipe of the container (`a | b` inside it): offsets still count, nothing is captured.
 pub const STREAM_IGNORE: u32 = 2;
 
-/// The inodes behind fds 1 and 2 of the first task seen writing in a cgroup: what user space
-/// falls back on to tell a container's stdout from its stderr when no process is left to look at.
-/// Replaced while both are the same file (a terminal, or a shell's `>&2` that dup'ed fd 2 onto 1).
+/// A cgroup's stdout and stderr: the inodes behind fds 1 and 2 of the container's command.
+///
+/// Taken when a task of the cgroup calls `execve` and is the command (see the exec program):
+/// the cgroup's first exec, the same process exec'ing again (runc's init becoming the command,
+/// a shell's `exec`), or the first child of an `entrypoint` (ours or Tekton's), which interposes
+/// its own pipes. Such a record (`tgid` set) is exact, and the programs then capture only writes
+/// to these two files, through whichever fd. A cgroup whose command started before the collector
+/// has none: then the first task seen writing fills one in (`tgid` 0), replaced while both are
+/// the same file (a terminal, or a shell's `>&2` that dup'ed fd 2 onto 1), and user space
+/// decides what each pipe is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StdioInodes {
+    /// 0 when fd 1 is not a pipe or terminal (or not open).
     pub stdout: u64,
     pub stderr: u64,
+    /// The process the record was taken from; 0 for a first writer's.
+    pub tgid: u32,
+    /// An `entrypoint` process of the cgroup whose first child is the command, or 0.
+    pub entrypoint: u32,
+}
+
+impl StdioInodes {
+    /// Taken at an exec: exact.
+    pub fn exact(&self) -> bool {
+        self.tgid != 0
+    }
 }
 
 /// Cached answer to "which watched cgroup is this task under?" for one cgroup id.
@@ -106,7 +153,7 @@ pub struct Cursor {
 /// Version of the maps' layout (names, types, keys, values, what the programs keep in them).
 /// Pinned maps are shared across collector restarts only within one version, so bump it with
 /// any such change: a collector of another version starts over with fresh maps.
-pub const MAP_LAYOUT: u32 = 1;
+pub const MAP_LAYOUT: u32 = 2;
 
 /// Indexes of the kernel-side counters (a per-CPU array of `u64`).
 pub mod counter {
@@ -122,8 +169,10 @@ pub mod counter {
     pub const UNTRACKED_WRITES: u32 = 4;
     /// Bytes that could not be read from the writer's memory.
     pub const FAULTED_BYTES: u32 = 5;
+    /// Bytes put into watched files from sources the programs cannot read (see `uncopied`).
+    pub const UNCOPIED_BYTES: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Offsets into kernel structures, read by the loader from the running kernel's BTF and set as
@@ -150,14 +199,43 @@ pub struct KernelOffsets {
     /// `task_struct.thread_info.status`: where x86 marks a task inside a 32-bit (compat)
     /// syscall, whose numbers and argument registers differ from the native ones.
     pub task_ti_status: u64,
+    /// `task_struct.tgid` and `task_struct.real_parent`.
+    pub task_tgid: u64,
+    pub task_real_parent: u64,
     /// `pt_regs` members holding a native syscall's number and first three arguments.
     pub regs_nr: u64,
     pub regs_arg0: u64,
     pub regs_arg1: u64,
     pub regs_arg2: u64,
-    /// Native syscall numbers of `write` and `writev` on the running architecture.
-    pub nr_write: u64,
-    pub nr_writev: u64,
+    /// Native numbers on the running architecture of the syscalls that can put bytes into a
+    /// pipe or terminal, indexed by `syscall::*`; `u64::MAX` where one does not exist.
+    pub nr: [u64; syscall::COUNT],
+}
+
+/// The syscalls the programs watch: indexes into [`KernelOffsets::nr`].
+///
+/// `pwrite64` and `pwritev` are not among them: on a pipe or terminal they fail with `ESPIPE`
+/// before writing anything (`pwritev2` with offset -1 is `writev` and is watched).
+pub mod syscall {
+    /// `write(fd, buf, count)`: copied.
+    pub const WRITE: usize = 0;
+    /// `writev(fd, iov, iovcnt)`: copied.
+    pub const WRITEV: usize = 1;
+    /// `pwritev2(fd, iov, iovcnt, -1, flags)`: copied.
+    pub const PWRITEV2: usize = 2;
+    /// `vmsplice(fd, iov, nr_segs, flags)`: the pages of the caller's memory, copied.
+    pub const VMSPLICE: usize = 3;
+    /// `sendfile(out_fd, in_fd, offset, count)`: from a file, not copied.
+    pub const SENDFILE: usize = 4;
+    /// `splice(fd_in, off_in, fd_out, off_out, len, flags)`: not copied.
+    pub const SPLICE: usize = 5;
+    /// `tee(fd_in, fd_out, len, flags)`: not copied.
+    pub const TEE: usize = 6;
+    /// `copy_file_range(fd_in, off_in, fd_out, off_out, len, flags)`: not copied (the kernel
+    /// refuses pipes and terminals as its target, so this only ever counts).
+    pub const COPY_FILE_RANGE: usize = 7;
+    /// Number of watched syscalls.
+    pub const COUNT: usize = 8;
 }
 
 #[cfg(feature = "user")]

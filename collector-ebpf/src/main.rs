@@ -1,12 +1,22 @@
 //! Kernel side of the collector: captures what tasks in watched cgroups write to their stdout and
 //! stderr.
 //!
-//! Two raw tracepoints, `sys_enter` and `sys_exit`, see every syscall. At entry, a native `write`
-//! or `writev` is filtered (fd 1 or 2, a watched cgroup, a pipe or tty behind the fd) and its
-//! arguments saved per thread; at exit exactly the `ret` bytes that were written are copied into
-//! the ring buffer, in chunks of at most [`CHUNK_BYTES`], each with its offset in the stream. A
-//! chunk that does not fit into the ring buffer is counted, never waited for: user space sees the
-//! gap in the offsets and reports it as dropped.
+//! Two raw tracepoints, `sys_enter` and `sys_exit`, see every syscall. At entry, a native
+//! syscall that can put bytes into a file (see [`collector_common::syscall`]) is filtered (a
+//! watched cgroup, a pipe or tty behind its target fd, whatever the fd's number, and that file
+//! being the container's stdout or stderr when the cgroup's stdio is known) and its arguments
+//! saved per thread; at exit exactly the `ret` bytes that were written are copied into the ring
+//! buffer, in chunks of at most [`CHUNK_BYTES`], each with its offset in the stream. Bytes the
+//! kernel moved from another file or pipe (`sendfile`, `splice`, `tee`) cannot be read here:
+//! they take their place in the stream's offsets all the same, and one record without data says
+//! which range and why, which user space reports as dropped. A chunk that does not fit into the
+//! ring buffer is counted, never waited for: user space sees the gap in the offsets and reports
+//! it as dropped.
+//!
+//! A third raw tracepoint, `sched_process_exec`, notes the stdout and stderr of each container's
+//! command when it starts (see [`StdioInodes`]): a container's output is a file, reached through
+//! any fd (`dup2`, a reopen of `/dev/stdout`, a log file linked to it), and only writes to that
+//! file are captured.
 //!
 //! Raw tracepoints rather than the per-syscall `syscalls/sys_enter_write` events: those are
 //! attached by an id read from tracefs, which a fresh host does not mount and a container's
@@ -26,7 +36,8 @@ use aya_ebpf::{
     Global,
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_probe_read_kernel,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_loop, bpf_probe_read_user,
         },
@@ -39,6 +50,7 @@ use aya_log_ebpf::debug;
 use collector_common::{
     CHUNK_BYTES, ChunkHeader, Cursor, FILE_KIND_FIFO, FILE_KIND_TTY, HEADER_BYTES, KernelOffsets,
     MAX_CGROUP_DEPTH, STREAM_IGNORE, StdioInodes, StreamKey, StreamState, Verdict, counter,
+    syscall, uncopied,
 };
 
 /// Our own process: the collector must never capture itself.
@@ -57,12 +69,13 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     inode_ino: 0,
     inode_rdev: 0,
     task_ti_status: 0,
+    task_tgid: 0,
+    task_real_parent: 0,
     regs_nr: 0,
     regs_arg0: 0,
     regs_arg1: 0,
     regs_arg2: 0,
-    nr_write: u64::MAX,
-    nr_writev: u64::MAX,
+    nr: [u64::MAX; syscall::COUNT],
 });
 
 /// Wake the reader only once this many bytes wait in the ring buffer; user space also reads on a
@@ -86,7 +99,7 @@ static GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static STREAMS: HashMap<StreamKey, StreamState> = HashMap::with_max_entries(16384, 0);
 
-/// The stdio of the first task seen writing in each cgroup (see [`StdioInodes`]).
+/// The stdio of each cgroup's command, or of its first writer (see [`StdioInodes`]).
 #[map]
 static CGROUP_STDIO: HashMap<u64, StdioInodes> = HashMap::with_max_entries(16384, 0);
 
@@ -130,6 +143,10 @@ struct Pending {
     fd: u32,
     kind: u32,
     tgid: u32,
+    /// The `syscall::*` being traced.
+    op: u32,
+    /// `uncopied::*`: why the bytes cannot be copied, or 0.
+    uncopied: u32,
     /// u32 flag instead of bool so this type has no implicit padding.
     vectored: u32,
 }
@@ -155,34 +172,71 @@ const TS_COMPAT: u32 = 0x0002;
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn sys_enter(ctx: RawTracePointContext) -> u32 {
     // TP_PROTO(struct pt_regs *regs, long id)
-    let Some(vectored) = watched_syscall(ctx.arg(1)) else {
+    let Some(op) = watched_syscall(ctx.arg(1)) else {
         return 0;
     };
-    enter(ctx.arg(0), vectored).unwrap_or(0)
+    enter(ctx.arg(0), op).unwrap_or(0)
 }
 
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
     // TP_PROTO(struct pt_regs *regs, long ret)
     let regs: u64 = ctx.arg(0);
-    let Some(vectored) = read_kernel::<u64>(regs, OFFSETS.load().regs_nr).and_then(watched_syscall)
+    let Some(op) = read_kernel::<u64>(regs, OFFSETS.load().regs_nr).and_then(watched_syscall)
     else {
         return 0;
     };
     let ret: i64 = ctx.arg(1);
-    exit(&ctx, ret, vectored).unwrap_or(0)
+    exit(&ctx, ret, op).unwrap_or(0)
 }
 
-/// Whether native syscall number `id` is `writev` (`Some(true)`) or `write` (`Some(false)`);
-/// `None` for every other syscall, which the programs pass over at once.
-fn watched_syscall(id: u64) -> Option<bool> {
-    let off = OFFSETS.load();
-    if id == off.nr_write {
-        Some(false)
-    } else if id == off.nr_writev {
-        Some(true)
-    } else {
-        None
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn sched_process_exec(_ctx: RawTracePointContext) -> u32 {
+    // TP_PROTO(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm): `p` is the
+    // current task, which has its new `comm` already.
+    note_command();
+    0
+}
+
+/// The `syscall::*` index of native syscall number `id`; `None` for every other syscall, which
+/// the programs pass over at once.
+fn watched_syscall(id: u64) -> Option<usize> {
+    let nr = OFFSETS.load().nr;
+    // The two that nearly every captured byte goes through come first.
+    if id == nr[syscall::WRITE] {
+        return Some(syscall::WRITE);
+    }
+    if id == nr[syscall::WRITEV] {
+        return Some(syscall::WRITEV);
+    }
+    // Numbers are small; anything above the highest watched one is passed over with one compare.
+    if id > nr[syscall::PWRITEV2].max(nr[syscall::COPY_FILE_RANGE]) {
+        return None;
+    }
+    (syscall::PWRITEV2..syscall::COUNT).find(|&op| nr[op] == id)
+}
+
+/// Where the target fd of `op` is among its arguments, how its bytes are read, and why they
+/// cannot be when they cannot.
+struct Shape {
+    fd_arg: u8,
+    vectored: bool,
+    uncopied: u32,
+}
+
+fn shape(op: usize) -> Shape {
+    let (fd_arg, vectored, uncopied) = match op {
+        syscall::WRITE => (0, false, uncopied::NONE),
+        syscall::WRITEV | syscall::PWRITEV2 | syscall::VMSPLICE => (0, true, uncopied::NONE),
+        syscall::SENDFILE => (0, false, uncopied::SENDFILE),
+        syscall::SPLICE => (2, false, uncopied::SPLICE),
+        syscall::TEE => (1, false, uncopied::TEE),
+        _ => (2, false, uncopied::COPY_FILE_RANGE),
+    };
+    Shape {
+        fd_arg,
+        vectored,
+        uncopied,
     }
 }
 
@@ -213,12 +267,15 @@ unsafe fn fetch_add(dst: *mut u64, n: u64) -> u64 {
     value
 }
 
-fn enter(regs: u64, vectored: bool) -> Result<u32, i64> {
+fn enter(regs: u64, op: usize) -> Result<u32, i64> {
     let off = OFFSETS.load();
-    let fd: u64 = read_kernel(regs, off.regs_arg0).ok_or(0)?;
-    if fd != 1 && fd != 2 {
-        return Ok(0);
-    }
+    let shape = shape(op);
+    let fd_at = match shape.fd_arg {
+        0 => off.regs_arg0,
+        1 => off.regs_arg1,
+        _ => off.regs_arg2,
+    };
+    let fd: u64 = read_kernel(regs, fd_at).ok_or(0)?;
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid == SELF_TGID.load() {
@@ -240,8 +297,23 @@ fn enter(regs: u64, vectored: bool) -> Result<u32, i64> {
     };
     // SAFETY: a helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let buf: u64 = read_kernel(regs, off.regs_arg1).ok_or(0)?;
-    let count_arg: u64 = read_kernel(regs, off.regs_arg2).ok_or(0)?;
+    // SAFETY: a copy is taken at once.
+    if let Some(stdio) = unsafe { CGROUP_STDIO.get(&cgroup_id) }.copied()
+        && stdio.exact()
+        && ino != stdio.stdout
+        && ino != stdio.stderr
+    {
+        // Another pipe of the container (`a | b` inside it): not its output.
+        return Ok(0);
+    }
+    let (buf, count_arg) = if shape.uncopied == uncopied::NONE {
+        (
+            read_kernel(regs, off.regs_arg1).ok_or(0)?,
+            read_kernel(regs, off.regs_arg2).ok_or(0)?,
+        )
+    } else {
+        (0, 0)
+    };
     let pending = Pending {
         key: StreamKey { cgroup_id, ino },
         buf,
@@ -256,7 +328,9 @@ fn enter(regs: u64, vectored: bool) -> Result<u32, i64> {
         fd: fd as u32,
         kind,
         tgid,
-        vectored: u32::from(vectored),
+        op: op as u32,
+        uncopied: shape.uncopied,
+        vectored: u32::from(shape.vectored),
     };
     if PENDING.insert(&pid_tgid, &pending, 0).is_err() {
         count(counter::UNTRACKED_WRITES, 1);
@@ -294,18 +368,76 @@ fn watched_root() -> u64 {
 }
 
 /// Records the stdio of the current task for its cgroup, unless a clear one is known. Called for
-/// the first write of each stream, so a cgroup's first writer sets it.
+/// the first write of each stream, so a cgroup's first writer sets it when its command started
+/// before the collector (otherwise the exec program has set it).
 fn note_stdio(cgroup_id: u64) {
     // SAFETY: a copy is taken at once.
     if let Some(known) = unsafe { CGROUP_STDIO.get(&cgroup_id) }
-        && known.stdout != known.stderr
+        && (known.exact() || known.stdout != known.stderr)
     {
         return;
     }
     let (Some((stdout, _)), Some((stderr, _))) = (stdio_file(1), stdio_file(2)) else {
         return;
     };
-    let _ = CGROUP_STDIO.insert(&cgroup_id, &StdioInodes { stdout, stderr }, 0);
+    let stdio = StdioInodes {
+        stdout,
+        stderr,
+        tgid: 0,
+        entrypoint: 0,
+    };
+    let _ = CGROUP_STDIO.insert(&cgroup_id, &stdio, 0);
+}
+
+/// At an exec in a watched cgroup: takes the stdio of the container's command (see
+/// [`StdioInodes`] for which exec that is).
+fn note_command() -> Option<()> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == SELF_TGID.load() || watched_root() == 0 {
+        return None;
+    }
+    // SAFETY: a helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: a copy is taken at once.
+    let known = unsafe { CGROUP_STDIO.get(&cgroup_id) }.copied();
+    let parent_is = |pid: u32| pid != 0 && parent_tgid() == Some(pid);
+    let entrypoint = known.map_or(0, |k| k.entrypoint);
+    let command = match known {
+        None => true,
+        Some(k) if k.tgid == tgid => true,
+        // The first child of the entrypoint (a record without files yet).
+        Some(k) => k.stdout == 0 && k.stderr == 0 && parent_is(k.entrypoint),
+    };
+    if !command {
+        return None;
+    }
+    let comm = bpf_get_current_comm().ok()?;
+    let stdio = if comm.starts_with(b"entrypoint\0") {
+        // Ours or Tekton's: its first child is the command, with the pipes it reads.
+        StdioInodes {
+            stdout: 0,
+            stderr: 0,
+            tgid,
+            entrypoint: tgid,
+        }
+    } else {
+        StdioInodes {
+            stdout: stdio_file(1).map_or(0, |f| f.0),
+            stderr: stdio_file(2).map_or(0, |f| f.0),
+            tgid,
+            entrypoint,
+        }
+    };
+    CGROUP_STDIO.insert(&cgroup_id, &stdio, 0).ok()
+}
+
+/// The thread group id of the current task's parent.
+fn parent_tgid() -> Option<u32> {
+    let off = OFFSETS.load();
+    // SAFETY: a helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let parent: u64 = read_kernel(task, off.task_real_parent)?;
+    read_kernel::<i32>(parent, off.task_tgid).map(|t| t as u32)
 }
 
 fn read_kernel<T>(base: u64, offset: u64) -> Option<T> {
@@ -347,15 +479,15 @@ fn stdio_file(fd: u64) -> Option<(u64, u32)> {
     Some((ino, kind))
 }
 
-fn exit(ctx: &RawTracePointContext, ret: i64, vectored: bool) -> Result<u32, i64> {
+fn exit(ctx: &RawTracePointContext, ret: i64, op: usize) -> Result<u32, i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(pending) = PENDING.get_ptr_mut(&pid_tgid) else {
         return Ok(0);
     };
     // SAFETY: our thread's entry, which only this thread touches between enter and exit.
     let p = unsafe { &mut *pending };
-    // An entry of the other syscall is stale (its exit was missed); never copy with it.
-    if ret > 0 && p.vectored == u32::from(vectored) && capture(p, ret as u64) == Some(0) {
+    // An entry of another syscall is stale (its exit was missed); never copy with it.
+    if ret > 0 && p.op == op as u32 && capture(p, ret as u64) == Some(0) {
         debug!(
             ctx,
             "new stream: cgroup {} inode {} fd {}", p.key.cgroup_id, p.key.ino, p.fd
@@ -393,6 +525,12 @@ fn capture(p: &mut Pending, written: u64) -> Option<u64> {
     }
     // SAFETY: as above; `mode` is a word user space stores.
     if unsafe { (*state).mode } == STREAM_IGNORE {
+        return Some(base);
+    }
+    if p.uncopied != uncopied::NONE {
+        if !emit_uncopied(p, base, written) {
+            lose(state, written, 1);
+        }
         return Some(base);
     }
     p.base = base;
@@ -489,6 +627,34 @@ extern "C" fn copy_chunk(_index: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
+/// Puts a record without data into the ring buffer: `written` bytes at `offset` came from a
+/// source the programs cannot read, for the reason in `p.uncopied`.
+fn emit_uncopied(p: &Pending, offset: u64, written: u64) -> bool {
+    // A syscall moves at most MAX_RW_COUNT (INT_MAX rounded down to a page) bytes at a time.
+    let Ok(len) = u32::try_from(written) else {
+        return false;
+    };
+    let header = ChunkHeader {
+        cgroup_id: p.key.cgroup_id,
+        ino: p.key.ino,
+        offset,
+        tgid: p.tgid,
+        len,
+        fd: p.fd,
+        kind: p.kind,
+        uncopied: p.uncopied,
+        reserved: 0,
+    };
+    if EVENTS
+        .output::<ChunkHeader>(&header, u64::from(BPF_RB_FORCE_WAKEUP))
+        .is_err()
+    {
+        return false;
+    }
+    count(counter::UNCOPIED_BYTES, written);
+    true
+}
+
 /// Puts one chunk into the ring buffer, in the smallest record size class that holds it.
 fn emit(p: &Pending, src: u64, n: u32, offset: u64) -> bool {
     match n {
@@ -514,6 +680,8 @@ fn emit_sized<const N: usize>(p: &Pending, src: u64, n: u32, offset: u64) -> boo
         len: n,
         fd: p.fd,
         kind: p.kind,
+        uncopied: uncopied::NONE,
+        reserved: 0,
     };
     let dst = record.as_mut_ptr();
     // SAFETY: the record has room for the header and N bytes; n <= N is checked above.

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use btf_rs::{Btf, Type};
-use collector_common::KernelOffsets;
+use collector_common::{KernelOffsets, syscall};
 
 /// Where the kernel publishes its own BTF.
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -49,12 +49,13 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         inode_ino: off("inode", "i_ino")?,
         inode_rdev: off("inode", "i_rdev")?,
         task_ti_status: off("task_struct", "thread_info")? + off("thread_info", "status")?,
+        task_tgid: off("task_struct", "tgid")?,
+        task_real_parent: off("task_struct", "real_parent")?,
         regs_nr: off("pt_regs", abi.regs[0])?,
         regs_arg0: off("pt_regs", abi.regs[1])?,
         regs_arg1: off("pt_regs", abi.regs[2])?,
         regs_arg2: off("pt_regs", abi.regs[3])?,
-        nr_write: abi.nr_write,
-        nr_writev: abi.nr_writev,
+        nr: abi.nr,
     })
 }
 
@@ -64,8 +65,8 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
 /// as the syscall entry saved them (not the per-syscall records of tracefs), so this is ABI.
 struct SyscallAbi {
     regs: [&'static str; 4],
-    nr_write: u64,
-    nr_writev: u64,
+    /// Indexed by `collector_common::syscall::*`.
+    nr: [u64; syscall::COUNT],
 }
 
 impl SyscallAbi {
@@ -73,9 +74,9 @@ impl SyscallAbi {
     const HOST: Option<Self> = Some(Self {
         // arch/x86/entry/entry_64.S; `orig_ax` keeps the number after `ax` took the return value.
         regs: ["orig_ax", "di", "si", "dx"],
-        // arch/x86/entry/syscalls/syscall_64.tbl
-        nr_write: 1,
-        nr_writev: 20,
+        // arch/x86/entry/syscalls/syscall_64.tbl: write, writev, pwritev2, vmsplice, sendfile,
+        // splice, tee, copy_file_range.
+        nr: [1, 20, 328, 278, 40, 275, 276, 326],
     });
     #[cfg(not(target_arch = "x86_64"))]
     const HOST: Option<Self> = None;
@@ -133,5 +134,6 @@ mod tests {
             (112, 104, 96, 120)
         );
         assert!(o.task_ti_status < o.task_files);
+        assert_ne!(o.task_tgid, o.task_real_parent);
     }
 }

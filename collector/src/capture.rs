@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use collector_common::{ChunkHeader, Cursor, HEADER_BYTES, StreamKey};
+use collector_common::{ChunkHeader, Cursor, HEADER_BYTES, StreamKey, uncopied};
 use metadata_api::{
     client::{Client, ShipConfig, Shipper, StreamSpec},
     source::Source,
@@ -102,8 +102,8 @@ struct Stream {
     /// Kernel offset of the next byte to hand to the redactor.
     next: u64,
     /// Chunks that arrived before their predecessors, by offset.
-    early: BTreeMap<u64, Vec<u8>>,
-    /// Bytes in `early`.
+    early: BTreeMap<u64, Early>,
+    /// Bytes of data in `early`.
     early_bytes: usize,
     gap_since: Option<Instant>,
     /// The position last recorded in the kernel's cursor map.
@@ -166,7 +166,67 @@ pub struct Engine<A> {
     shippers: tokio::task::JoinSet<()>,
 }
 
-/// Splits a ring buffer record into its header and data.
+/// What one record puts at its offset in a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece<'a> {
+    Bytes(&'a [u8]),
+    /// `len` bytes the kernel moved from another file or pipe (`uncopied::*` says how): they
+    /// are in the container's output, but not in the ring, and are reported as dropped.
+    Uncopied {
+        len: u64,
+        reason: u32,
+    },
+}
+
+impl<'a> Piece<'a> {
+    fn of(h: &ChunkHeader, data: &'a [u8]) -> Self {
+        if h.uncopied == uncopied::NONE {
+            Self::Bytes(data)
+        } else {
+            Self::Uncopied {
+                len: u64::from(h.len),
+                reason: h.uncopied,
+            }
+        }
+    }
+
+    /// Stream bytes it covers.
+    fn len(&self) -> u64 {
+        match self {
+            Self::Bytes(b) => b.len() as u64,
+            Self::Uncopied { len, .. } => *len,
+        }
+    }
+}
+
+/// A [`Piece`] waiting for its predecessors.
+#[derive(Debug)]
+enum Early {
+    Bytes(Vec<u8>),
+    Uncopied { len: u64, reason: u32 },
+}
+
+impl Early {
+    fn piece(&self) -> Piece<'_> {
+        match self {
+            Self::Bytes(b) => Piece::Bytes(b),
+            Self::Uncopied { len, reason } => Piece::Uncopied {
+                len: *len,
+                reason: *reason,
+            },
+        }
+    }
+
+    /// Memory it holds.
+    fn held(&self) -> usize {
+        match self {
+            Self::Bytes(b) => b.len(),
+            Self::Uncopied { .. } => 0,
+        }
+    }
+}
+
+/// Splits a ring buffer record into its header and data (none for an uncopied range).
 pub fn parse(record: &[u8]) -> Option<(ChunkHeader, &[u8])> {
     let u64_at = |i: usize| {
         record
@@ -188,8 +248,14 @@ pub fn parse(record: &[u8]) -> Option<(ChunkHeader, &[u8])> {
         len: u32_at(28)?,
         fd: u32_at(32)?,
         kind: u32_at(36)?,
+        uncopied: u32_at(40)?,
+        reserved: u32_at(44)?,
     };
-    let data = record.get(HEADER_BYTES..HEADER_BYTES + header.len as usize)?;
+    let data = if header.uncopied == uncopied::NONE {
+        record.get(HEADER_BYTES..HEADER_BYTES + header.len as usize)?
+    } else {
+        &[]
+    };
     Some((header, data))
 }
 
@@ -234,8 +300,9 @@ impl<A: Attributor> Engine<A> {
             cgroup_id: h.cgroup_id,
             ino: h.ino,
         };
+        let piece = Piece::of(&h, data);
         if let Some(stream) = self.streams.get_mut(&key) {
-            feed(stream, h.offset, data);
+            feed(stream, h.offset, piece);
             return;
         }
         if let Some(held) = self.held.get_mut(&h.cgroup_id) {
@@ -246,7 +313,7 @@ impl<A: Attributor> Engine<A> {
             match self.attributor.attribute(h.cgroup_id) {
                 Attributed::Target(target) => self.adopt(h.cgroup_id, target),
                 Attributed::Never => {
-                    self.pass_over(h.cgroup_id, data.len(), [h.ino]);
+                    self.pass_over(h.cgroup_id, piece.len() as usize, [h.ino]);
                     return;
                 }
                 Attributed::NotYet => {
@@ -261,12 +328,12 @@ impl<A: Attributor> Engine<A> {
             }
         }
         if self.role(key, h.fd) == Role::Other {
-            self.metrics.other_pipe_bytes.inc_by(data.len() as u64);
+            self.metrics.other_pipe_bytes.inc_by(piece.len());
             self.maps.ignore(&key);
             return;
         }
         if let Some(stream) = self.open(key) {
-            feed(stream, h.offset, data);
+            feed(stream, h.offset, piece);
         }
     }
 
@@ -294,15 +361,23 @@ impl<A: Attributor> Engine<A> {
             return *role;
         }
         let taken: Vec<Role> = cgroup.files.values().copied().collect();
-        let stdio = cgroup.stdio.or_else(|| {
-            self.maps
-                .cgroup_stdio(key.cgroup_id)
-                .filter(|s| s.stdout != s.stderr)
-                .map(|s| Stdio {
+        // The kernel's record of the command's stdio, taken at its exec, is exact; the oldest
+        // process's fds come next (a command started before the collector); the first writer's
+        // last (all of them may be gone).
+        let kernel = self.maps.cgroup_stdio(key.cgroup_id);
+        let stdio = kernel
+            .filter(|s| s.exact())
+            .map(|s| Stdio {
+                stdout: s.stdout,
+                stderr: s.stderr,
+            })
+            .or(cgroup.stdio)
+            .or_else(|| {
+                kernel.filter(|s| s.stdout != s.stderr).map(|s| Stdio {
                     stdout: s.stdout,
                     stderr: s.stderr,
                 })
-        });
+            });
         let role = role_of(stdio, &taken, key.ino, fd);
         tracing::debug!(
             cgroup_id = key.cgroup_id,
@@ -654,16 +729,16 @@ fn hold(held: &mut Held, h: ChunkHeader, data: &[u8], metrics: &Metrics) {
 }
 
 /// Hands a chunk to the stream in offset order.
-fn feed(stream: &mut Stream, offset: u64, data: &[u8]) {
+fn feed(stream: &mut Stream, offset: u64, piece: Piece<'_>) {
     if offset == stream.next {
-        put(stream, data);
+        place(stream, piece);
         while let Some(entry) = stream.early.first_entry() {
             if *entry.key() != stream.next {
                 break;
             }
-            let data = entry.remove();
-            stream.early_bytes -= data.len();
-            put(stream, &data);
+            let early = entry.remove();
+            stream.early_bytes -= early.held();
+            place(stream, early.piece());
         }
         stream.gap_since = if stream.early.is_empty() {
             None
@@ -671,8 +746,12 @@ fn feed(stream: &mut Stream, offset: u64, data: &[u8]) {
             stream.gap_since.or(Some(Instant::now()))
         };
     } else if offset > stream.next {
-        stream.early_bytes += data.len();
-        stream.early.insert(offset, data.to_vec());
+        let early = match piece {
+            Piece::Bytes(b) => Early::Bytes(b.to_vec()),
+            Piece::Uncopied { len, reason } => Early::Uncopied { len, reason },
+        };
+        stream.early_bytes += early.held();
+        stream.early.insert(offset, early);
         stream.gap_since.get_or_insert_with(Instant::now);
         // A chunk this far behind the ones arriving is lost, not late: stop holding them.
         if stream.early_bytes > EARLY_MAX {
@@ -684,6 +763,21 @@ fn feed(stream: &mut Stream, offset: u64, data: &[u8]) {
             next = stream.next,
             "Chunk behind the stream; ignored."
         );
+    }
+}
+
+/// Puts the piece at the stream's next offset.
+fn place(stream: &mut Stream, piece: Piece<'_>) {
+    match piece {
+        Piece::Bytes(data) => put(stream, data),
+        Piece::Uncopied { len, reason } => {
+            tracing::debug!(
+                bytes = len,
+                syscall = uncopied::syscall(reason),
+                "Bytes moved into the container's output by the kernel, not copied: dropped."
+            );
+            skip(stream, len);
+        }
     }
 }
 
@@ -713,9 +807,9 @@ fn close_gap(stream: &mut Stream) {
         return;
     };
     skip(stream, offset - stream.next);
-    if let Some(data) = stream.early.remove(&offset) {
-        stream.early_bytes -= data.len();
-        feed(stream, offset, &data);
+    if let Some(early) = stream.early.remove(&offset) {
+        stream.early_bytes -= early.held();
+        feed(stream, offset, early.piece());
     }
 }
 
@@ -733,20 +827,43 @@ mod tests {
             len: 3,
             fd: 2,
             kind: 1,
+            uncopied: uncopied::NONE,
+            reserved: 0,
         };
-        let mut rec = Vec::new();
-        for v in [h.cgroup_id, h.ino, h.offset] {
-            rec.extend_from_slice(&v.to_ne_bytes());
-        }
-        for v in [h.tgid, h.len, h.fd, h.kind] {
-            rec.extend_from_slice(&v.to_ne_bytes());
-        }
+        let encode = |h: &ChunkHeader| {
+            let mut rec = Vec::new();
+            for v in [h.cgroup_id, h.ino, h.offset] {
+                rec.extend_from_slice(&v.to_ne_bytes());
+            }
+            for v in [h.tgid, h.len, h.fd, h.kind, h.uncopied, h.reserved] {
+                rec.extend_from_slice(&v.to_ne_bytes());
+            }
+            rec
+        };
+        let mut rec = encode(&h);
+        assert_eq!(rec.len(), HEADER_BYTES);
         rec.extend_from_slice(b"abcdef");
         let (got, data) = parse(&rec).unwrap();
         assert_eq!(got, h);
         assert_eq!(data, b"abc");
         assert!(parse(&rec[..HEADER_BYTES + 2]).is_none());
         assert!(parse(&rec[..10]).is_none());
+        // A range the kernel could not copy: a header alone, whatever its length says.
+        let moved = ChunkHeader {
+            len: 1 << 30,
+            uncopied: uncopied::SENDFILE,
+            ..h
+        };
+        let rec = encode(&moved);
+        let (got, data) = parse(&rec).unwrap();
+        assert_eq!((got, data), (moved, &[][..]));
+        assert_eq!(
+            Piece::of(&got, data),
+            Piece::Uncopied {
+                len: 1 << 30,
+                reason: uncopied::SENDFILE
+            }
+        );
     }
 
     #[test]
@@ -774,22 +891,36 @@ mod tests {
             gap_since: None,
             cursor: None,
         };
-        feed(&mut s, 3, b"def");
+        let bytes = Piece::Bytes;
+        feed(&mut s, 3, bytes(b"def"));
         assert_eq!(shipper.offset(), 0);
         assert!(s.gap_since.is_some());
-        feed(&mut s, 0, b"abc");
+        feed(&mut s, 0, bytes(b"abc"));
         assert_eq!((shipper.offset(), s.next), (6, 6));
         assert!(s.gap_since.is_none());
-        feed(&mut s, 10, b"kl");
+        feed(&mut s, 10, bytes(b"kl"));
         close_gap(&mut s);
         assert_eq!((shipper.offset(), s.next), (12, 12));
         assert!(s.early.is_empty());
         // Past EARLY_MAX waiting behind a gap, the gap is given up at once.
         let big = vec![0; EARLY_MAX];
-        feed(&mut s, 20, &big);
+        feed(&mut s, 20, bytes(&big));
         assert_eq!(s.next, 12, "one chunk waits");
-        feed(&mut s, 20 + EARLY_MAX as u64, b"x");
+        feed(&mut s, 20 + EARLY_MAX as u64, bytes(b"x"));
         assert_eq!(s.next, 21 + EARLY_MAX as u64);
         assert_eq!((s.early.len(), s.early_bytes), (0, 0));
+        // An uncopied range takes its place in order, early or not, and holds no memory.
+        let at = s.next;
+        feed(&mut s, at + 1000, bytes(b"after"));
+        let moved = Piece::Uncopied {
+            len: 999,
+            reason: uncopied::SPLICE,
+        };
+        feed(&mut s, at + 1, moved);
+        assert_eq!(s.early_bytes, 5);
+        feed(&mut s, at, bytes(b"b"));
+        assert_eq!(s.next, at + 1005);
+        assert!(s.gap_since.is_none(), "no gap is left: nothing waits");
+        assert_eq!(shipper.offset(), at + 1005);
     }
 }

@@ -29,7 +29,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/co
 /// tracefs needed, so it works on a host that does not mount it and in a container whose `/sys`
 /// lacks it); the program names are the tracepoint names. Exit first: an entry saved before its
 /// exit program is attached would otherwise stay behind.
-const TRACEPOINTS: [&str; 2] = ["sys_exit", "sys_enter"];
+const TRACEPOINTS: [&str; 3] = ["sched_process_exec", "sys_exit", "sys_enter"];
 
 /// The maps shared by every run of the collector on a node when it pins them: all of the
 /// programs' state, so that offsets keep counting (and the ring keeps filling) between runs.
@@ -403,7 +403,7 @@ impl Maps {
         }
     }
 
-    /// The stdio the kernel saw for a cgroup's first writer.
+    /// The stdio the kernel noted for a cgroup: its command's, or its first writer's.
     pub fn cgroup_stdio(&self, cgroup_id: u64) -> Option<StdioInodes> {
         self.stdio.get(&cgroup_id, 0).ok()
     }

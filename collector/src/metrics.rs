@@ -25,6 +25,7 @@ pub struct Metrics {
     kernel_lost_chunks: Counter,
     untracked_writes: Counter,
     faulted_bytes: Counter,
+    uncopied_bytes: Counter,
     /// Bytes handed to shippers.
     pub handed_bytes: Counter,
     /// Bytes acknowledged as stored / as dropped, per finished stream.
@@ -61,6 +62,7 @@ impl Metrics {
             kernel_lost_chunks: Counter::default(),
             untracked_writes: Counter::default(),
             faulted_bytes: Counter::default(),
+            uncopied_bytes: Counter::default(),
             handed_bytes: Counter::default(),
             shipped_bytes: Counter::default(),
             dropped_bytes: Counter::default(),
@@ -100,6 +102,12 @@ impl Metrics {
             "faulted_bytes",
             "Bytes the kernel side could not read from the writer's memory",
             m.faulted_bytes.clone(),
+        );
+        r.register(
+            "uncopied_bytes",
+            "Bytes put into containers' output by sendfile, splice or tee, which the kernel side \
+             cannot copy (reported as dropped)",
+            m.uncopied_bytes.clone(),
         );
         r.register(
             "handed_bytes",
@@ -184,6 +192,7 @@ impl Metrics {
             (&self.kernel_lost_chunks, counter::LOST_CHUNKS),
             (&self.untracked_writes, counter::UNTRACKED_WRITES),
             (&self.faulted_bytes, counter::FAULTED_BYTES),
+            (&self.uncopied_bytes, counter::UNCOPIED_BYTES),
         ] {
             metric
                 .inner()

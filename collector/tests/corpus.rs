@@ -1,0 +1,334 @@
+//! A corpus of workload shapes: the ways real programs put bytes into their stdout and stderr
+//! (fds other than 1 and 2, reopened and symlinked files, every syscall that can fill a pipe,
+//! shells, pipelines, threads, daemons), each run in a cgroup of its own under the real
+//! collector, with its stdout and stderr the pipes of the test (as a container's are the pipes of
+//! its runtime). Every shape must come back byte-exact on the `ebpf` path, or, where the kernel
+//! moved the bytes from another file (`sendfile`, `splice`, `tee`), exactly accounted: the
+//! stream's length is what the pipe carried, the stored bytes sit at their offsets, and the
+//! dropped ranges are exactly the bytes those syscalls moved.
+//!
+//! Every hole found later gets a shape here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{collections::BTreeMap, path::Path, process::Command};
+
+use common::*;
+
+/// A workload: a script for `sh` (busybox's, as a busybox image runs it) or for `python3` (as
+/// the official Python images run it), and how many of its stdout bytes the kernel moves from
+/// another file.
+struct Shape {
+    name: &'static str,
+    program: Program,
+    script: String,
+    /// Bytes of stdout moved by `sendfile`, `splice` or `tee`: reported as dropped.
+    uncopied: u64,
+    /// Concurrent writers: the stream holds exactly the lines the pipe carried, but two writes
+    /// racing on two CPUs may be stored in the other order (offsets are taken when a write
+    /// returns, not when it enters the pipe).
+    racing: bool,
+}
+
+enum Program {
+    Busybox,
+    Python,
+}
+
+/// ctypes helpers for syscalls Python does not wrap.
+const CTYPES: &str = r#"
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+class iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+def iov(parts):
+    keep = [ctypes.create_string_buffer(p, len(p)) for p in parts]
+    arr = (iovec * len(parts))(*[iovec(ctypes.cast(k, ctypes.c_void_p), len(p)) for k, p in zip(keep, parts)])
+    return keep, arr
+def check(n, want, what):
+    if n != want:
+        raise SystemExit("%s returned %d (errno %d), wanted %d" % (what, n, ctypes.get_errno(), want))
+"#;
+
+fn shapes(files: &Path) -> Vec<Shape> {
+    let blob = files.join("blob");
+    std::fs::write(&blob, random(100_000)).unwrap();
+    let blob = blob.display().to_string();
+    let logs = files.join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let logs = logs.display().to_string();
+    let busybox = |name, script: &str| Shape {
+        name,
+        program: Program::Busybox,
+        script: script.to_owned(),
+        uncopied: 0,
+        racing: false,
+    };
+    let python = |name, script: String| Shape {
+        name,
+        program: Program::Python,
+        script,
+        uncopied: 0,
+        racing: false,
+    };
+    vec![
+        busybox(
+            "echo",
+            "echo out; echo err >&2; printf 'no newline at the end'",
+        ),
+        // `exec 3>&1` is fcntl(F_DUPFD) in busybox's ash: the container's stdout through fd 3.
+        busybox(
+            "dup-fd",
+            "exec 3>&1 4>&2; echo via-three >&3; echo via-four >&4; exec 1>&-; echo still >&3",
+        ),
+        // Output hidden on purpose goes nowhere, and what goes through the saved fd is output.
+        busybox(
+            "exec-redirect",
+            "exec 3>&1 1>/dev/null; echo hidden; echo shown >&3; echo err >&2",
+        ),
+        // A reopen makes a new open file on the same pipe.
+        busybox(
+            "reopen",
+            "echo a > /dev/stdout; echo b > /proc/self/fd/2; echo c >> /dev/fd/1; \
+             echo d > /dev/stderr",
+        ),
+        // Pipes inside the container are not its output; the last command's output is.
+        busybox(
+            "pipeline",
+            "seq 1 3000 | tr 1 x | sort -r; echo a | tr a b >&2",
+        ),
+        // A child that outlives its parent (fork and exit, as daemons do) and keeps the pipes.
+        busybox(
+            "daemon",
+            "(sleep 0.3; echo late-from-the-daemon; echo late-err >&2) & echo parent-exits",
+        ),
+        // Many children and subshells, each a process of its own.
+        busybox(
+            "children",
+            "for i in 1 2 3 4 5 6 7 8; do (echo child $i; echo child-err $i >&2); done; \
+             sh -c 'echo grandchild'",
+        ),
+        Shape {
+            // busybox `cat` copies files with sendfile(2).
+            uncopied: 100_000,
+            ..busybox("busybox-cat", &format!("echo before; cat {blob}; echo after"))
+        },
+        // nginx's official image links its logs to the container's output
+        // (docker-library/nginx, mainline/debian/Dockerfile: `ln -sf /dev/stdout
+        // /var/log/nginx/access.log && ln -sf /dev/stderr /var/log/nginx/error.log`), and nginx
+        // opens them O_WRONLY|O_APPEND|O_CREAT (src/os/unix/ngx_files.h, NGX_FILE_APPEND).
+        python(
+            "nginx-logs",
+            format!(
+                r#"
+import os
+os.symlink("/dev/stdout", "{logs}/access.log")
+os.symlink("/dev/stderr", "{logs}/error.log")
+flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+access = os.open("{logs}/access.log", flags, 0o644)
+error = os.open("{logs}/error.log", flags, 0o644)
+os.write(error, b"2026/12/06 17:00:00 [notice] 1#1: start worker processes\n")
+for i in range(2000):
+    os.write(access, b'10.0.0.%d - - [06/Dec/2026:17:00:00 +0000] "GET /item/%d HTTP/1.1" 200 612 "-" "curl/8.5.0" "-"\n' % (i % 250, i))
+"#
+            ),
+        ),
+        // Python's stdout on a pipe is block-buffered: 8 KiB writes, the rest at exit.
+        python(
+            "python-buffered",
+            "import sys\nfor i in range(30000): print('line', i)\nprint('bye', file=sys.stderr)"
+                .to_owned(),
+        ),
+        python(
+            "python-unbuffered",
+            "import sys\nsys.stdout.reconfigure(write_through=True)\n\
+             for i in range(3000): print('line', i, flush=True)\n"
+                .to_owned(),
+        ),
+        python(
+            "writev-many",
+            "import os\nparts = [b'part %d\\n' % i for i in range(1000)]\n\
+             assert os.writev(1, parts) == sum(map(len, parts))\n"
+                .to_owned(),
+        ),
+        python(
+            "pwritev2",
+            format!(
+                "{CTYPES}\nparts = [b'pwritev2 %d\\n' % i for i in range(300)]\n\
+                 keep, arr = iov(parts)\n\
+                 libc.pwritev2.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_int]\n\
+                 check(libc.pwritev2(1, arr, len(parts), -1, 0), sum(map(len, parts)), 'pwritev2')\n"
+            ),
+        ),
+        // At most one pipe slot per iovec (16 slots): eight parts go in one call.
+        python(
+            "vmsplice",
+            format!(
+                "{CTYPES}\nparts = [b'vmsplice %d ' % i + b'v' * 400 + b'\\n' for i in range(8)]\n\
+                 keep, arr = iov(parts)\n\
+                 libc.vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]\n\
+                 check(libc.vmsplice(1, arr, len(parts), 0), sum(map(len, parts)), 'vmsplice')\n\
+                 os.write(1, b'after\\n')\n"
+            ),
+        ),
+        Shape {
+            uncopied: 100_000,
+            ..python(
+                "sendfile",
+                format!(
+                    "import os\nos.write(1, b'before\\n')\nf = os.open('{blob}', os.O_RDONLY)\n\
+                     sent = 0\nwhile sent < 100000: sent += os.sendfile(1, f, sent, 100000 - sent)\n\
+                     os.write(1, b'after\\n')\n"
+                ),
+            )
+        },
+        Shape {
+            uncopied: 100_000,
+            ..python(
+                "splice",
+                format!(
+                    "import os\nos.write(2, b'before\\n')\nf = os.open('{blob}', os.O_RDONLY)\n\
+                     moved = 0\nwhile moved < 100000: moved += os.splice(f, 1, 100000 - moved)\n\
+                     os.write(1, b'after\\n')\n"
+                ),
+            )
+        },
+        Shape {
+            uncopied: 4096,
+            ..python(
+                "tee",
+                format!(
+                    "{CTYPES}\nr, w = os.pipe()\nos.write(w, b't' * 4096)\n\
+                     libc.tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]\n\
+                     check(libc.tee(r, 1, 4096, 0), 4096, 'tee')\nos.write(1, b'after\\n')\n"
+                ),
+            )
+        },
+        Shape {
+            racing: true,
+            ..python(
+                "threads",
+                "import os, threading\n\
+                 def run(t):\n    for i in range(500): os.write(1 if i % 3 else 2, b'thread %d line %d\\n' % (t, i))\n\
+                 ts = [threading.Thread(target=run, args=(t,)) for t in range(8)]\n\
+                 [t.start() for t in ts]; [t.join() for t in ts]\n"
+                    .to_owned(),
+            )
+        },
+    ]
+}
+
+/// What the stream of one shape's stdout or stderr came back as.
+struct Outcome {
+    bytes: usize,
+    dropped: u64,
+}
+
+#[test]
+fn every_shape_of_the_corpus_is_captured_byte_exact_or_accounted_exactly() {
+    if !can_run() {
+        return;
+    }
+    let busybox = testbed::layout::busybox_rootfs().join("bin/busybox");
+    if !busybox.exists() {
+        testbed::skip_or_fail(&format!(
+            "{} is missing: run `cargo xtask testbed install`",
+            busybox.display()
+        ));
+        return;
+    }
+    let api = Api::start(&[]);
+    let files = tempfile::tempdir().unwrap();
+    let shapes = shapes(files.path());
+    let cgroups: Vec<Cgroup> = shapes.iter().map(|s| Cgroup::new(s.name)).collect();
+    let contexts: Vec<String> = shapes
+        .iter()
+        .map(|s| format!("workflows/corpus/runs/r1/steps/{}", s.name))
+        .collect();
+    let watched: Vec<(&Path, &str)> = cgroups
+        .iter()
+        .zip(&contexts)
+        .map(|(c, ctx)| (c.path.as_path(), ctx.as_str()))
+        .collect();
+    let collector = Collector::start(&api, &watched, &[]);
+
+    // All at once, as a node runs many containers.
+    let runs: Vec<_> = shapes
+        .iter()
+        .zip(&cgroups)
+        .map(|(shape, cg)| {
+            let cmd = match shape.program {
+                Program::Busybox => {
+                    let mut c = Cgroup::sh(&cg.path, r#"exec "$BUSYBOX" sh -c "$SCRIPT""#);
+                    c.env("BUSYBOX", &busybox);
+                    // Applets by name, as in a busybox image.
+                    c.env("PATH", busybox.parent().unwrap());
+                    c
+                }
+                Program::Python => Cgroup::sh(&cg.path, r#"exec python3 -c "$SCRIPT""#),
+            };
+            let mut cmd: Command = cmd;
+            cmd.env("SCRIPT", &shape.script);
+            std::thread::spawn(move || run_piped(cmd))
+        })
+        .collect();
+    let outputs: Vec<(i32, Vec<u8>, Vec<u8>)> =
+        runs.into_iter().map(|r| r.join().unwrap()).collect();
+
+    let mut table: BTreeMap<&str, [Option<Outcome>; 2]> = BTreeMap::new();
+    for ((shape, ctx), (code, out, err)) in shapes.iter().zip(&contexts).zip(&outputs) {
+        assert_eq!(*code, 0, "{}: {}", shape.name, String::from_utf8_lossy(err));
+        let mut row = [None, None];
+        for (i, (name, want)) in [("stdout", out), ("stderr", err)].into_iter().enumerate() {
+            if want.is_empty() {
+                continue;
+            }
+            let (status, data) = complete_ebpf(&api, ctx, name);
+            let what = format!("{} {name}", shape.name);
+            let dropped = if shape.racing {
+                assert_eq!(
+                    status["final_length"],
+                    want.len() as u64,
+                    "{what}: {status}"
+                );
+                assert_eq!(spans(&status, "dropped"), vec![], "{what}: {status}");
+                assert_eq!(
+                    sorted_lines(&data),
+                    sorted_lines(want),
+                    "{what}: lines differ"
+                );
+                0
+            } else {
+                assert_accounted(&status, &data, want)
+            };
+            let uncopied = if name == "stdout" { shape.uncopied } else { 0 };
+            assert_eq!(dropped, uncopied, "{what}: dropped bytes: {status}");
+            row[i] = Some(Outcome {
+                bytes: want.len(),
+                dropped,
+            });
+        }
+        table.insert(shape.name, row);
+    }
+    let total_uncopied: u64 = shapes.iter().map(|s| s.uncopied).sum();
+    assert_eq!(collector.metric("uncopied_bytes_total"), total_uncopied);
+    assert_eq!(collector.metric("kernel_lost_bytes_total"), 0);
+    assert_eq!(collector.metric("faulted_bytes_total"), 0);
+
+    println!("{:<18} {:>26} {:>26}", "shape", "stdout", "stderr");
+    for (name, row) in &table {
+        let cell = |o: &Option<Outcome>| match o {
+            None => "-".to_owned(),
+            Some(o) if o.dropped == 0 => format!("{} B exact", o.bytes),
+            Some(o) => format!("{} B, {} dropped", o.bytes, o.dropped),
+        };
+        println!("{name:<18} {:>26} {:>26}", cell(&row[0]), cell(&row[1]));
+    }
+}
+
+fn sorted_lines(b: &[u8]) -> Vec<&[u8]> {
+    let mut lines: Vec<&[u8]> = b.split_inclusive(|&c| c == b'\n').collect();
+    lines.sort_unstable();
+    lines
+}
