@@ -98,7 +98,9 @@ impl Record {
 }
 
 /// One logical stream (stdout or stderr) read from its authoritative source, with the other capture
-/// path filling ranges the first one dropped.
+/// path filling ranges the first one dropped or does not hold yet (its writer is behind, or died
+/// with bytes in flight): both paths hold the same bytes at the same offsets, so a merged read
+/// returns every byte either path holds, in order.
 #[derive(Debug, Clone)]
 pub struct Lane {
     pub name: String,
@@ -142,62 +144,88 @@ impl Lane {
             return (Vec::new(), self.offset);
         };
         let fallback = self.primary.as_ref().and(self.fallback.as_ref());
-        let (pieces, reached) = first.plan(Span::new(self.offset, self.limit()));
         let mut out = Vec::new();
-        for piece in pieces {
-            match piece {
-                Piece::Data { span, part } => out.push(Planned::Data {
-                    source: first.meta.source,
-                    span,
-                    part,
-                }),
-                Piece::Dropped(span) => {
-                    let Some(fb) = fallback else {
-                        out.push(Planned::Dropped {
-                            source: first.meta.source,
-                            span,
-                        });
-                        continue;
-                    };
-                    let mut at = span.start;
-                    for p in fb.plan(span).0 {
-                        match p {
-                            Piece::Data { span: s, part } => {
-                                out.push(Planned::Data {
-                                    source: fb.meta.source,
-                                    span: s,
-                                    part,
-                                });
-                                at = s.end;
-                            }
-                            Piece::Dropped(_) => break,
-                        }
-                    }
-                    if at < span.end {
-                        out.push(Planned::Dropped {
-                            source: first.meta.source,
-                            span: Span::new(at, span.end),
-                        });
-                    }
-                }
+        let mut at = self.offset;
+        loop {
+            let reached =
+                plan_with_fallback(first, fallback, Span::new(at, self.limit()), &mut out);
+            at = reached;
+            // The first source stops at a range it neither holds nor has dropped: the other
+            // path fills what it holds from there, and the first takes over again after it.
+            let Some(fb) = fallback.filter(|_| at < self.limit()) else {
+                break;
+            };
+            let filled = take_data(fb, Span::new(at, self.limit()), &mut out);
+            if filled == at {
+                break;
             }
+            at = filled;
         }
-        (out, reached)
+        (out, at)
     }
 
+    /// Whether the lane is read to its end: the first source's final length, or the other
+    /// path's when the first never declares one (its writer died).
     fn finished(&self) -> bool {
         if self.end.is_some_and(|e| self.offset >= e) {
             return true;
         }
-        self.primary
-            .as_ref()
-            .or(self.fallback.as_ref())
-            .is_some_and(|s| s.finished_at(self.offset))
+        self.streams().any(|s| s.finished_at(self.offset))
     }
 
     fn streams(&self) -> impl Iterator<Item = &Arc<Stream>> {
         self.primary.iter().chain(self.fallback.iter())
     }
+}
+
+/// Data pieces of `stream` from `span.start` on, as far as they are contiguous; returns where
+/// they end.
+fn take_data(stream: &Arc<Stream>, span: Span, out: &mut Vec<Planned>) -> u64 {
+    let mut at = span.start;
+    for p in stream.plan(span).0 {
+        match p {
+            Piece::Data { span: s, part } => {
+                out.push(Planned::Data {
+                    source: stream.meta.source,
+                    span: s,
+                    part,
+                });
+                at = s.end;
+            }
+            Piece::Dropped(_) => break,
+        }
+    }
+    at
+}
+
+/// Plans `span` of `first`, filling its dropped ranges from `fallback` where it holds them;
+/// returns where the plan stopped (the first range `first` neither holds nor has dropped).
+fn plan_with_fallback(
+    first: &Arc<Stream>,
+    fallback: Option<&Arc<Stream>>,
+    span: Span,
+    out: &mut Vec<Planned>,
+) -> u64 {
+    let (pieces, reached) = first.plan(span);
+    for piece in pieces {
+        match piece {
+            Piece::Data { span, part } => out.push(Planned::Data {
+                source: first.meta.source,
+                span,
+                part,
+            }),
+            Piece::Dropped(span) => {
+                let at = fallback.map_or(span.start, |fb| take_data(fb, span, out));
+                if at < span.end {
+                    out.push(Planned::Dropped {
+                        source: first.meta.source,
+                        span: Span::new(at, span.end),
+                    });
+                }
+            }
+        }
+    }
+    reached
 }
 
 /// When a follower stops.

@@ -340,3 +340,66 @@ async fn step_follower_picks_up_container_streams_created_after_it_began() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_step_whose_entrypoint_died_with_bytes_in_flight_reads_whole_and_its_follower_returns() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let c = s.client(&s.token("workflows", Scope::Collector));
+    let rd = s.client(&s.token("workflows/w1", Scope::Read));
+    let content = b"0123456789abcdefghijklmnopqrstuvwxyzABCD";
+    // The entrypoint stored its first and third batches; the second was in flight when the
+    // container was killed, and nobody will ever declare its final length.
+    let entry: serde_json::Value = w
+        .create(serde_json::json!({"name": "build.stdout"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let entry = entry["id"].as_str().unwrap().to_owned();
+    w.put_at(&entry, 0, &content[..10]).await;
+    w.put_at(&entry, 30, &content[30..]).await;
+    let resp = rd
+        .req(Method::GET, &format!("/api/{CTX}/logs?follow=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.bytes_stream();
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        got.extend_from_slice(&body.next().await.unwrap().unwrap());
+    }
+    // The follower waits at the gap; the collector's stream of the same output completes.
+    let ebpf: serde_json::Value = c
+        .create(serde_json::json!({"name": "build.stdout", "source": "ebpf", "context": CTX}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let ebpf = ebpf["id"].as_str().unwrap().to_owned();
+    c.put_at(&ebpf, 0, content).await;
+    c.finish(&ebpf, content.len() as u64).await;
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(chunk) = body.next().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+    })
+    .await;
+    assert!(
+        rest.is_ok(),
+        "the follower did not return: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(got, content, "the gap is filled from the collector's stream");
+    // A read now returns it all at once too.
+    let whole = rd
+        .req(Method::GET, &format!("/api/{CTX}/logs"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&whole[..], content);
+}
