@@ -120,6 +120,9 @@ pub struct PathReport {
     pub pending_bytes: u64,
     pub complete: bool,
     pub final_length: Option<u64>,
+    /// Set when the stream was settled after its writer died: the first offset it never sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer_died_at: Option<u64>,
     /// Highest offset stored or dropped.
     pub end: u64,
     pub first_received_ms: Option<u64>,
@@ -526,6 +529,7 @@ fn path_report(status: &Status, sha256: String) -> PathReport {
         pending: status.pending.clone(),
         complete: status.complete,
         final_length: status.final_length,
+        writer_died_at: status.writer_died_at,
         end: status.end,
         first_received_ms: status.first_received_ms,
         last_received_ms: status.last_received_ms,
@@ -562,6 +566,12 @@ pub async fn compare_stream(
         }
         (Some(e), Some(b)) => {
             for (p, src) in [(e, Source::Entrypoint), (b, Source::Ebpf)] {
+                if let Some(at) = p.writer_died_at {
+                    reasons.push(format!(
+                        "the {src} writer died at offset {at}; the rest of its stream was settled \
+                         from the other path's length"
+                    ));
+                }
                 if !p.complete {
                     reasons.push(format!(
                         "{src} is incomplete ({} bytes pending, final length {})",

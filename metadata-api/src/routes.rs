@@ -1,6 +1,10 @@
 //! HTTP routes.
 
-use std::{io::Read, sync::Arc, time::Instant};
+use std::{
+    io::Read,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Json, Router,
@@ -37,6 +41,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/logs/{id}/data"),
     ("patch", "/logs/{id}/data"),
     ("post", "/logs/{id}/markers"),
+    ("post", "/logs/{id}/settle"),
     ("get", "/api/workflows/{workflow}/triggers/{trigger}/logs"),
     (
         "get",
@@ -89,6 +94,7 @@ pub fn app(state: Arc<AppState>) -> Router {
             get(read_stream).post(write_data).patch(write_data),
         )
         .route("/logs/{id}/markers", post(add_markers))
+        .route("/logs/{id}/settle", post(settle_writer_gone))
         .route(
             "/api/workflows/{workflow}/triggers/{trigger}/logs",
             get(trigger_logs),
@@ -574,6 +580,88 @@ async fn add_markers(
         s.store.declare_final(&stream, t).await?;
     }
     Ok(written(&stream))
+}
+
+/// How long the entrypoint's stream of an output must have received nothing before it is
+/// settled: requests its writer sent just before it died may still be on their way.
+const SETTLE_QUIET: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Serialize)]
+struct SettleResponse {
+    /// Ids of the other path's streams of this output that will be settled.
+    settling: Vec<String>,
+}
+
+/// `POST /logs/{id}/settle`: the collector says that the container whose output this (complete)
+/// `ebpf` stream holds is gone. Its writer on the other path (the entrypoint, inside the same
+/// container) died with it; if that stream never got its final length, it is settled once quiet
+/// for [`SETTLE_QUIET`] (see [`crate::store::Store::settle`]): what it left pending becomes
+/// dropped, its final length is the one the collector saw, and followers are released.
+async fn settle_writer_gone(
+    State(s): S,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<SettleResponse>), ApiError> {
+    let p = principal(&s, &headers).await?;
+    let stream = visible(&s, &p, &id).await?;
+    if p.scope != Scope::Collector
+        || stream.meta.source != Source::Ebpf
+        || !may_write(&s, &p, &stream.meta)
+    {
+        return Err(ApiError::Forbidden(
+            "only the collector settles, through a stream of its own",
+        ));
+    }
+    s.store.refresh(&stream).await?;
+    let Some(total) = stream.status().final_length else {
+        return Err(ApiError::Conflict(
+            "declare this stream's final length first: it is what the other path is settled to"
+                .to_owned(),
+        ));
+    };
+    let other = s.keys.stream_id(
+        &stream.meta.context,
+        &stream.meta.name,
+        Source::Entrypoint.as_str(),
+    );
+    let Some(sibling) = s.store.open(&other).await? else {
+        return Ok((StatusCode::OK, Json(SettleResponse { settling: vec![] })));
+    };
+    if sibling.status().final_length.is_some() {
+        return Ok((StatusCode::OK, Json(SettleResponse { settling: vec![] })));
+    }
+    let store = s.store.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = store.refresh(&sibling).await {
+                tracing::warn!(stream = %sibling.id, error = %e, "Cannot settle a stream.");
+                return;
+            }
+            let last = sibling.status().last_received_ms.unwrap_or(0);
+            let quiet_until = last + SETTLE_QUIET.as_millis() as u64;
+            let now = crate::store::now_ms();
+            if now >= quiet_until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(quiet_until - now)).await;
+        }
+        match store.settle(&sibling, total).await {
+            Ok(Some(at)) => tracing::info!(
+                stream = %sibling.id,
+                writer_died_at = at,
+                final_length = total,
+                "Settled a stream whose writer died."
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(stream = %sibling.id, error = %e, "Cannot settle a stream."),
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(SettleResponse {
+            settling: vec![other],
+        }),
+    ))
 }
 
 async fn stream_status(

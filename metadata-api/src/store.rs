@@ -7,6 +7,8 @@
 //!   replica can accept any part without a lock;
 //! - `streams/{id}/dropped/{start:016x}-{end:016x}`: an empty object per `dropped` marker;
 //! - `streams/{id}/final`: the declared final length (written once);
+//! - `streams/{id}/writer-died/{offset:016x}`: an empty object when the stream was settled after
+//!   its writer died (see [`Store::settle`]), at the offset where its bytes first went missing;
 //! - `index/{context}/{source}/{hex(name)}`: an empty object per stream, so a context's streams
 //!   can be listed (the capture report); written with the stream's `meta.json`, never on appends.
 //!
@@ -95,6 +97,8 @@ struct State {
     stored: RangeSet,
     dropped: RangeSet,
     final_len: Option<u64>,
+    /// Where the bytes of a writer that died first went missing (see [`Store::settle`]).
+    writer_died_at: Option<u64>,
     /// Ranges this process is writing now; an overlapping write waits for them.
     inflight: Vec<Span>,
     /// Earliest and latest receive time of the known parts (ms since the epoch).
@@ -118,6 +122,10 @@ pub struct Status {
     pub pending: Vec<Span>,
     pub final_length: Option<u64>,
     pub complete: bool,
+    /// Set when the stream was settled after its writer died: the first offset it never sent
+    /// (every range it left pending is dropped, and its final length came from the other path).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writer_died_at: Option<u64>,
     /// Receive time of the earliest-received stored part, ms since the Unix epoch.
     pub first_received_ms: Option<u64>,
     /// Receive time of the latest-received stored part, ms since the Unix epoch.
@@ -176,7 +184,7 @@ pub enum Written {
     Unchanged,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -267,6 +275,7 @@ impl Stream {
             complete: st.final_len.is_some() && pending.is_empty(),
             pending,
             final_length: st.final_len,
+            writer_died_at: st.writer_died_at,
             first_received_ms: st.received.map(|r| r.0),
             last_received_ms: st.received.map(|r| r.1),
         }
@@ -367,6 +376,10 @@ impl Stream {
             st.final_len = listing.final_len;
             changed = true;
         }
+        if st.writer_died_at.is_none() && listing.writer_died_at.is_some() {
+            st.writer_died_at = listing.writer_died_at;
+            changed = true;
+        }
         drop(st);
         if changed {
             self.notify();
@@ -416,6 +429,7 @@ struct Listing {
     parts: Vec<Part>,
     dropped: Vec<Span>,
     final_len: Option<u64>,
+    writer_died_at: Option<u64>,
     /// The listing holds every part that starts at or after this offset.
     complete_from: Option<u64>,
 }
@@ -602,6 +616,13 @@ impl Store {
             match (parent.as_ref().map(|p| p.as_ref()), name.as_ref()) {
                 (Some("parts"), _) => out.parts.extend(part_of(m)),
                 (Some("dropped"), n) => out.dropped.extend(parse_span_name(n)),
+                (Some("writer-died"), n) => {
+                    out.writer_died_at = out
+                        .writer_died_at
+                        .into_iter()
+                        .chain(u64::from_str_radix(n, 16).ok())
+                        .min();
+                }
                 (_, "final") if !final_known => {
                     let b = self.timed("get", self.os.get(&m.location)).await?;
                     let b = b.bytes().await?;
@@ -1002,6 +1023,42 @@ impl Store {
             .workflow_bytes(&stream.meta, crate::metrics::Kind::Dropped, new);
         stream.notify();
         Ok(())
+    }
+
+    /// Settles a stream whose writer died (its container is gone) without declaring its end:
+    /// every range below `total` (the length the other capture path saw; at least what is stored
+    /// or dropped) that is neither stored nor dropped becomes dropped, `total` becomes its final
+    /// length, and the first such offset is recorded as where the writer died. Returns that
+    /// offset; `None` when nothing was pending, or when the stream had ended after all.
+    pub async fn settle(&self, stream: &Stream, total: u64) -> Result<Option<u64>, StoreError> {
+        self.refresh(stream).await?;
+        let (pending, total) = {
+            let st = lock(&stream.state);
+            if st.final_len.is_some() {
+                return Ok(None);
+            }
+            let covered = st.stored.union(&st.dropped);
+            let total = total.max(covered.max_end());
+            (covered.gaps(Span::new(0, total)), total)
+        };
+        let died_at = pending.first().map(|s| s.start);
+        if let Some(at) = died_at {
+            let key = self.key(&stream.id, &format!("writer-died/{at:016x}"));
+            let put = self
+                .os
+                .put_opts(&key, PutPayload::new(), PutOptions::from(PutMode::Create));
+            match self.timed("put", put).await {
+                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let mut st = lock(&stream.state);
+            st.writer_died_at = Some(st.writer_died_at.map_or(at, |known| known.min(at)));
+        }
+        for span in pending {
+            self.mark_dropped(stream, span).await?;
+        }
+        self.declare_final(stream, total).await?;
+        Ok(died_at)
     }
 
     /// Reads `span` of the stream into memory (for tests and small reads).

@@ -391,7 +391,10 @@ async fn a_step_whose_entrypoint_died_with_bytes_in_flight_reads_whole_and_its_f
         "the follower did not return: {:?}",
         String::from_utf8_lossy(&got)
     );
-    assert_eq!(got, content, "the gap is filled from the collector's stream");
+    assert_eq!(
+        got, content,
+        "the gap is filled from the collector's stream"
+    );
     // A read now returns it all at once too.
     let whole = rd
         .req(Method::GET, &format!("/api/{CTX}/logs"))
@@ -402,4 +405,100 @@ async fn a_step_whose_entrypoint_died_with_bytes_in_flight_reads_whole_and_its_f
         .await
         .unwrap();
     assert_eq!(&whole[..], content);
+}
+
+#[tokio::test]
+async fn the_collector_settles_the_stream_of_an_entrypoint_that_died_with_its_container() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let c = s.client(&s.token("workflows", Scope::Collector));
+    let rd = s.client(&s.token("workflows/w1", Scope::Read));
+    let content = b"0123456789abcdefghijklmnopqrstuvwxyzABCD";
+    let entry: serde_json::Value = w
+        .create(serde_json::json!({"name": "build.stdout"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let entry = entry["id"].as_str().unwrap().to_owned();
+    w.put_at(&entry, 0, &content[..10]).await;
+    w.put_at(&entry, 30, &content[30..35]).await;
+    let ebpf: serde_json::Value = c
+        .create(serde_json::json!({"name": "build.stdout", "source": "ebpf", "context": CTX}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let ebpf = ebpf["id"].as_str().unwrap().to_owned();
+    let settle = |id: String| {
+        let c = c.clone();
+        async move {
+            c.req(Method::POST, &format!("/logs/{id}/settle"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Only a complete ebpf stream, and only the collector, can say its container is gone.
+    assert_eq!(settle(ebpf.clone()).await.status(), StatusCode::CONFLICT);
+    let by_writer = w
+        .req(Method::POST, &format!("/logs/{entry}/settle"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_writer.status(), StatusCode::FORBIDDEN);
+    c.put_at(&ebpf, 0, content).await;
+    c.finish(&ebpf, content.len() as u64).await;
+    let resp = settle(ebpf.clone()).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["settling"], serde_json::json!([entry]));
+
+    let started = std::time::Instant::now();
+    let status = common::eventually(
+        Duration::from_secs(10),
+        "the entrypoint stream settles",
+        || {
+            let w = w.clone();
+            let entry = entry.clone();
+            async move {
+                let st = w.status(&entry).await;
+                (st["complete"] == true).then_some(st)
+            }
+        },
+    )
+    .await;
+    println!("settled {:?} after the collector's call", started.elapsed());
+    assert_eq!(status["final_length"], content.len() as u64, "{status}");
+    assert_eq!(status["writer_died_at"], 10, "{status}");
+    assert_eq!(
+        status["dropped"],
+        serde_json::json!([{"start": 10, "end": 30}, {"start": 35, "end": 40}]),
+        "{status}"
+    );
+    // The report says what happened, and the merged read holds every byte.
+    let report: serde_json::Value = rd
+        .req(Method::GET, &format!("/api/{CTX}/logs/capture-report"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = report.to_string();
+    assert!(
+        text.contains("the entrypoint writer died at offset 10"),
+        "{report:#}"
+    );
+    let whole = rd
+        .req(Method::GET, &format!("/api/{CTX}/logs"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&whole[..], content);
+    // Settling again changes nothing.
+    assert_eq!(settle(ebpf).await.status(), StatusCode::OK);
 }

@@ -434,6 +434,20 @@ impl Client {
         )
         .await
     }
+
+    /// `POST /logs/{id}/settle`: the container whose output the complete `ebpf` stream `id`
+    /// holds is gone, so the entrypoint's stream of the same output, if it never ended (its
+    /// writer died with the container), is settled to this stream's final length.
+    pub async fn settle(&self, id: &str) -> Result<(), ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/logs/{id}/settle"),
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .map(drop)
+    }
 }
 
 /// The server's JSON `message`, or a short excerpt of the body.
