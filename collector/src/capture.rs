@@ -28,7 +28,10 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -108,6 +111,9 @@ struct Stream {
     gap_since: Option<Instant>,
     /// The position last recorded in the kernel's cursor map.
     cursor: Option<Cursor>,
+    /// Set when the stream ends because its container is gone (not because we stop): the API is
+    /// then asked to settle the other path's stream of it, whose writer died with the container.
+    gone: Arc<AtomicBool>,
 }
 
 impl Stream {
@@ -415,13 +421,26 @@ impl<A: Attributor> Engine<A> {
             );
             shipper.resume_at(c.shipped);
         }
+        let gone = Arc::new(AtomicBool::new(false));
         {
             let shipper = shipper.clone();
             let client = self.client.clone();
             let metrics = self.metrics.clone();
+            let gone = gone.clone();
             self.metrics.streams_open.inc();
             self.shippers.spawn(async move {
-                let report = shipper.run(client, spec).await;
+                let report = shipper.run(client.clone(), spec).await;
+                if gone.load(Ordering::Relaxed)
+                    && report.final_declared
+                    && let Some(id) = &report.id
+                    && let Err(e) = client.settle(id).await
+                {
+                    tracing::warn!(
+                        stream = %report.name,
+                        error = %e,
+                        "Cannot have the entrypoint's stream of a finished container settled."
+                    );
+                }
                 tracing::info!(
                     stream = %report.name,
                     stored = report.stored,
@@ -440,6 +459,7 @@ impl<A: Attributor> Engine<A> {
             early_bytes: 0,
             gap_since: None,
             cursor,
+            gone,
         }))
     }
 
@@ -548,13 +568,13 @@ impl<A: Attributor> Engine<A> {
         let mut kernel = self.maps.streams_by_cgroup();
         for cgroup_id in gone {
             let inos = kernel.remove(&cgroup_id).unwrap_or_default();
-            self.finish_cgroup(cgroup_id, &inos);
+            self.finish_cgroup(cgroup_id, &inos, true);
         }
     }
 
-    /// Closes the streams of a container that has no process left; `kernel_inos` are the files
-    /// the kernel counted for it.
-    fn finish_cgroup(&mut self, cgroup_id: u64, kernel_inos: &[u64]) {
+    /// Closes the streams of a container; `kernel_inos` are the files the kernel counted for it.
+    /// `gone`: it has no process left (rather than: we are stopping).
+    fn finish_cgroup(&mut self, cgroup_id: u64, kernel_inos: &[u64], gone: bool) {
         // Streams of the cgroup whose every chunk was lost have no file entry yet.
         for &ino in kernel_inos {
             let key = StreamKey { cgroup_id, ino };
@@ -593,6 +613,7 @@ impl<A: Attributor> Engine<A> {
             stream.redactor.finish(|b| {
                 shipper.write(b);
             });
+            stream.gone.store(gone, Ordering::Relaxed);
             stream.shipper.close(deadline);
         }
         self.maps
@@ -631,7 +652,7 @@ impl<A: Attributor> Engine<A> {
                 continue;
             }
             let inos = kernel.remove(&id).unwrap_or_default();
-            self.finish_cgroup(id, &inos);
+            self.finish_cgroup(id, &inos, !running);
         }
         self.record_positions();
         let wait = async { while self.shippers.join_next().await.is_some() {} };
@@ -890,6 +911,7 @@ mod tests {
             early_bytes: 0,
             gap_since: None,
             cursor: None,
+            gone: Arc::default(),
         };
         let bytes = Piece::Bytes;
         feed(&mut s, 3, bytes(b"def"));

@@ -619,18 +619,58 @@ async fn settle_writer_gone(
                 .to_owned(),
         ));
     };
-    let other = s.keys.stream_id(
-        &stream.meta.context,
-        &stream.meta.name,
-        Source::Entrypoint.as_str(),
-    );
-    let Some(sibling) = s.store.open(&other).await? else {
-        return Ok((StatusCode::OK, Json(SettleResponse { settling: vec![] })));
-    };
-    if sibling.status().final_length.is_some() {
-        return Ok((StatusCode::OK, Json(SettleResponse { settling: vec![] })));
+    let ctx = &stream.meta.context;
+    let mut settling = Vec::new();
+    // The entrypoint's stream of this output, to the length the collector saw...
+    let mut targets = vec![(stream.meta.name.clone(), Some(total))];
+    // ...and of the container's other output when the collector has no stream of it (the
+    // container wrote nothing there): to what the entrypoint stored or dropped of it.
+    if let Some(other) = other_output(&stream.meta.name)
+        && s.store
+            .open(&s.keys.stream_id(ctx, &other, Source::Ebpf.as_str()))
+            .await?
+            .is_none()
+    {
+        targets.push((other, None));
     }
-    let store = s.store.clone();
+    for (name, total) in targets {
+        let id = s.keys.stream_id(ctx, &name, Source::Entrypoint.as_str());
+        let Some(sibling) = s.store.open(&id).await? else {
+            continue;
+        };
+        if sibling.status().final_length.is_some() {
+            continue;
+        }
+        settle_when_quiet(s.store.clone(), sibling, total.unwrap_or(0));
+        settling.push(id);
+    }
+    let code = if settling.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((code, Json(SettleResponse { settling })))
+}
+
+/// The name of the container's other output: `stderr` for `stdout` and back, with the same
+/// container prefix and generation.
+fn other_output(name: &str) -> Option<String> {
+    let (base, generation) = crate::report::split_generation(name);
+    let other = if let Some(prefix) = base.strip_suffix("stdout") {
+        format!("{prefix}stderr")
+    } else {
+        format!("{}stdout", base.strip_suffix("stderr")?)
+    };
+    Some(if generation == 0 {
+        other
+    } else {
+        format!("{other}.{generation}")
+    })
+}
+
+/// Settles `sibling` to `total` (at least what it holds) once it has received nothing for
+/// [`SETTLE_QUIET`].
+fn settle_when_quiet(store: Arc<Store>, sibling: Arc<Stream>, total: u64) {
     tokio::spawn(async move {
         loop {
             if let Err(e) = store.refresh(&sibling).await {
@@ -656,12 +696,6 @@ async fn settle_writer_gone(
             Err(e) => tracing::warn!(stream = %sibling.id, error = %e, "Cannot settle a stream."),
         }
     });
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(SettleResponse {
-            settling: vec![other],
-        }),
-    ))
 }
 
 async fn stream_status(
@@ -1023,6 +1057,21 @@ async fn step_logs(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_other_output_keeps_the_container_prefix_and_the_generation() {
+        assert_eq!(other_output("stdout").as_deref(), Some("stderr"));
+        assert_eq!(
+            other_output("build.stderr").as_deref(),
+            Some("build.stdout")
+        );
+        assert_eq!(
+            other_output("build.stdout.2").as_deref(),
+            Some("build.stderr.2")
+        );
+        assert_eq!(other_output("notes"), None);
+    }
+
     use std::io::Write;
 
     use super::*;
