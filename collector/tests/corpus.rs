@@ -34,6 +34,13 @@ struct Shape {
 enum Program {
     Busybox,
     Python,
+    /// Python on a terminal (`tty: true`): stdout and stderr are one pseudo-terminal, which
+    /// `pty.spawn` of the test's own Python reads (its line discipline turns `\n` into `\r\n`
+    /// on the way: the container wrote the bytes before it, and those are what is captured).
+    /// The script's output is the shape's expected stdout, given in the script's first line.
+    PythonOnTty {
+        wrote: &'static [u8],
+    },
 }
 
 /// ctypes helpers for syscalls Python does not wrap.
@@ -205,6 +212,18 @@ for i in range(2000):
                 ),
             )
         },
+        // A terminal is both stdout and stderr: one stream, `stdout`, as Kubernetes shows it.
+        Shape {
+            name: "tty",
+            program: Program::PythonOnTty {
+                wrote: b"on a terminal\nto stderr too\nand back\n",
+            },
+            script: "import sys\nprint('on a terminal', flush=True)\n\
+                     print('to stderr too', file=sys.stderr, flush=True)\nprint('and back')\n"
+                .to_owned(),
+            uncopied: 0,
+            racing: false,
+        },
         Shape {
             racing: true,
             ..python(
@@ -220,9 +239,13 @@ for i in range(2000):
 }
 
 /// What the stream of one shape's stdout or stderr came back as.
-struct Outcome {
-    bytes: usize,
-    dropped: u64,
+enum Outcome {
+    /// Byte-exact where stored, and exactly the expected bytes dropped.
+    Accounted {
+        bytes: usize,
+        dropped: u64,
+    },
+    Failed(String),
 }
 
 #[test]
@@ -267,6 +290,20 @@ fn every_shape_of_the_corpus_is_captured_byte_exact_or_accounted_exactly() {
                     c
                 }
                 Program::Python => Cgroup::sh(&cg.path, r#"exec python3 -c "$SCRIPT""#),
+                Program::PythonOnTty { .. } => {
+                    let mut c = Command::new("python3");
+                    c.args([
+                        "-c",
+                        "import pty, sys; sys.exit(pty.spawn(sys.argv[1:]) >> 8)",
+                        "sh",
+                        "-c",
+                    ])
+                    .arg(format!(
+                        r#"echo $$ > {}/cgroup.procs && exec python3 -c "$SCRIPT""#,
+                        cg.path.display()
+                    ));
+                    c
+                }
             };
             let mut cmd: Command = cmd;
             cmd.env("SCRIPT", &shape.script);
@@ -276,7 +313,18 @@ fn every_shape_of_the_corpus_is_captured_byte_exact_or_accounted_exactly() {
     let outputs: Vec<(i32, Vec<u8>, Vec<u8>)> =
         runs.into_iter().map(|r| r.join().unwrap()).collect();
 
+    // Every shape is checked and the table printed before the verdict, so one run shows them all.
     let mut table: BTreeMap<&str, [Option<Outcome>; 2]> = BTreeMap::new();
+    // What each container wrote: what its pipes carried, but on a terminal the line
+    // discipline's output is what the test read, not what the container wrote.
+    let outputs: Vec<(i32, Vec<u8>, Vec<u8>)> = shapes
+        .iter()
+        .zip(outputs)
+        .map(|(shape, (code, out, err))| match shape.program {
+            Program::PythonOnTty { wrote } => (code, wrote.to_vec(), Vec::new()),
+            _ => (code, out, err),
+        })
+        .collect();
     for ((shape, ctx), (code, out, err)) in shapes.iter().zip(&contexts).zip(&outputs) {
         assert_eq!(*code, 0, "{}: {}", shape.name, String::from_utf8_lossy(err));
         let mut row = [None, None];
@@ -284,47 +332,64 @@ fn every_shape_of_the_corpus_is_captured_byte_exact_or_accounted_exactly() {
             if want.is_empty() {
                 continue;
             }
-            let (status, data) = complete_ebpf(&api, ctx, name);
-            let what = format!("{} {name}", shape.name);
-            let dropped = if shape.racing {
-                assert_eq!(
-                    status["final_length"],
-                    want.len() as u64,
-                    "{what}: {status}"
-                );
-                assert_eq!(spans(&status, "dropped"), vec![], "{what}: {status}");
-                assert_eq!(
-                    sorted_lines(&data),
-                    sorted_lines(want),
-                    "{what}: lines differ"
-                );
-                0
-            } else {
-                assert_accounted(&status, &data, want)
-            };
             let uncopied = if name == "stdout" { shape.uncopied } else { 0 };
-            assert_eq!(dropped, uncopied, "{what}: dropped bytes: {status}");
-            row[i] = Some(Outcome {
-                bytes: want.len(),
-                dropped,
+            let check = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                check_stream(&api, ctx, name, want, shape.racing, uncopied)
+            }));
+            row[i] = Some(match check {
+                Ok(dropped) => Outcome::Accounted {
+                    bytes: want.len(),
+                    dropped,
+                },
+                Err(panic) => Outcome::Failed(
+                    panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_default(),
+                ),
             });
         }
         table.insert(shape.name, row);
     }
+    println!("{:<18} {:>26} {:>26}", "shape", "stdout", "stderr");
+    let mut failures = Vec::new();
+    for (name, row) in &table {
+        let cell = |o: &Option<Outcome>| match o {
+            None => "-".to_owned(),
+            Some(Outcome::Accounted { bytes, dropped: 0 }) => format!("{bytes} B exact"),
+            Some(Outcome::Accounted { bytes, dropped }) => {
+                format!("{bytes} B, {dropped} dropped")
+            }
+            Some(Outcome::Failed(_)) => "FAILED".to_owned(),
+        };
+        println!("{name:<18} {:>26} {:>26}", cell(&row[0]), cell(&row[1]));
+        for o in row {
+            if let Some(Outcome::Failed(why)) = o {
+                failures.push(format!("{name}: {why}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     let total_uncopied: u64 = shapes.iter().map(|s| s.uncopied).sum();
     assert_eq!(collector.metric("uncopied_bytes_total"), total_uncopied);
     assert_eq!(collector.metric("kernel_lost_bytes_total"), 0);
     assert_eq!(collector.metric("faulted_bytes_total"), 0);
+}
 
-    println!("{:<18} {:>26} {:>26}", "shape", "stdout", "stderr");
-    for (name, row) in &table {
-        let cell = |o: &Option<Outcome>| match o {
-            None => "-".to_owned(),
-            Some(o) if o.dropped == 0 => format!("{} B exact", o.bytes),
-            Some(o) => format!("{} B, {} dropped", o.bytes, o.dropped),
-        };
-        println!("{name:<18} {:>26} {:>26}", cell(&row[0]), cell(&row[1]));
-    }
+/// Checks one `ebpf` stream against what its pipe carried; returns its dropped bytes.
+fn check_stream(api: &Api, ctx: &str, name: &str, want: &[u8], racing: bool, uncopied: u64) -> u64 {
+    let (status, data) = complete_ebpf(api, ctx, name);
+    let dropped = if racing {
+        assert_eq!(status["final_length"], want.len() as u64, "{status}");
+        assert_eq!(spans(&status, "dropped"), vec![], "{status}");
+        assert_eq!(sorted_lines(&data), sorted_lines(want), "lines differ");
+        0
+    } else {
+        assert_accounted(&status, &data, want)
+    };
+    assert_eq!(dropped, uncopied, "dropped bytes: {status}");
+    dropped
 }
 
 fn sorted_lines(b: &[u8]) -> Vec<&[u8]> {
