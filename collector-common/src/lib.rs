@@ -202,6 +202,11 @@ pub struct KernelOffsets {
     /// `task_struct.tgid` and `task_struct.real_parent`.
     pub task_tgid: u64,
     pub task_real_parent: u64,
+    /// `task_struct.thread_pid`, `pid.level` and `pid.numbers`: the task's pid in its own pid
+    /// namespace is `thread_pid->numbers[level].nr`.
+    pub task_thread_pid: u64,
+    pub pid_level: u64,
+    pub pid_numbers: u64,
     /// `pt_regs` members holding a native syscall's number and first three arguments.
     pub regs_nr: u64,
     pub regs_arg0: u64,

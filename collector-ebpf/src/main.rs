@@ -71,6 +71,9 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     task_ti_status: 0,
     task_tgid: 0,
     task_real_parent: 0,
+    task_thread_pid: 0,
+    pid_level: 0,
+    pid_numbers: 0,
     regs_nr: 0,
     regs_arg0: 0,
     regs_arg1: 0,
@@ -208,10 +211,6 @@ fn watched_syscall(id: u64) -> Option<usize> {
     }
     if id == nr[syscall::WRITEV] {
         return Some(syscall::WRITEV);
-    }
-    // Numbers are small; anything above the highest watched one is passed over with one compare.
-    if id > nr[syscall::PWRITEV2].max(nr[syscall::COPY_FILE_RANGE]) {
-        return None;
     }
     (syscall::PWRITEV2..syscall::COUNT).find(|&op| nr[op] == id)
 }
@@ -401,13 +400,22 @@ fn note_command() -> Option<()> {
     // SAFETY: a copy is taken at once.
     let known = unsafe { CGROUP_STDIO.get(&cgroup_id) }.copied();
     let parent_is = |pid: u32| pid != 0 && parent_tgid() == Some(pid);
-    let entrypoint = known.map_or(0, |k| k.entrypoint);
-    let command = match known {
-        None => true,
-        Some(k) if k.tgid == tgid => true,
-        // The first child of the entrypoint (a record without files yet).
-        Some(k) => k.stdout == 0 && k.stderr == 0 && parent_is(k.entrypoint),
+    // A container's own pid 1 is its command: runc's init process may have exec'd in the cgroup
+    // before, as another process (its stage-0 parent), with the runtime's stdio rather than the
+    // command's (a terminal it sets up later, the entrypoint's pipes).
+    let init = namespace_pid() == Some(1);
+    let entrypoint = if init {
+        0
+    } else {
+        known.map_or(0, |k| k.entrypoint)
     };
+    let command = init
+        || match known {
+            None => true,
+            Some(k) if k.tgid == tgid => true,
+            // The first child of the entrypoint (a record without files yet).
+            Some(k) => k.stdout == 0 && k.stderr == 0 && parent_is(k.entrypoint),
+        };
     if !command {
         return None;
     }
@@ -429,6 +437,19 @@ fn note_command() -> Option<()> {
         }
     };
     CGROUP_STDIO.insert(&cgroup_id, &stdio, 0).ok()
+}
+
+/// The current task's pid in its own pid namespace.
+fn namespace_pid() -> Option<u32> {
+    let off = OFFSETS.load();
+    // SAFETY: a helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let pid: u64 = read_kernel(task, off.task_thread_pid)?;
+    let level: u32 = read_kernel(pid, off.pid_level)?;
+    // `struct upid` is { int nr; struct pid_namespace *ns; }: 16 bytes, `nr` first. Levels are
+    // bounded by MAX_PID_NS_LEVEL (32).
+    let at = off.pid_numbers + u64::from(level.min(32)) * 16;
+    read_kernel::<i32>(pid, at).map(|n| n as u32)
 }
 
 /// The thread group id of the current task's parent.

@@ -168,7 +168,9 @@ for i in range(2000):
                  check(libc.pwritev2(1, arr, len(parts), -1, 0), sum(map(len, parts)), 'pwritev2')\n"
             ),
         ),
-        // At most one pipe slot per iovec (16 slots): eight parts go in one call.
+        // At most one pipe slot per iovec (16 slots): eight parts go in one call. The pipe
+        // holds the caller's pages, not copies: as vmsplice(2) asks, they are left alone until
+        // the reader has taken them (FIONREAD on the pipe is 0), or it would read later contents.
         python(
             "vmsplice",
             format!(
@@ -176,6 +178,8 @@ for i in range(2000):
                  keep, arr = iov(parts)\n\
                  libc.vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]\n\
                  check(libc.vmsplice(1, arr, len(parts), 0), sum(map(len, parts)), 'vmsplice')\n\
+                 import fcntl, struct, termios, time\n\
+                 while struct.unpack('i', fcntl.ioctl(1, termios.FIONREAD, b'0000'))[0]: time.sleep(0.01)\n\
                  os.write(1, b'after\\n')\n"
             ),
         ),

@@ -4,7 +4,7 @@
 //! names of Secrets ([`secrets_to_read`]) from the API server, beforehand and hands them in
 //! through `resolve` and `secret_keys`, so every rule here is covered by table tests.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{
@@ -159,6 +159,11 @@ pub enum SkipReason {
     MalformedTektonArgs,
     /// Another volume is already mounted where ours go.
     MountPathTaken,
+    /// A Tekton step with `stdoutConfig`/`stderrConfig` (`-stdout_path`, `-stderr_path`): Tekton's
+    /// entrypoint tees its child's output into those files, from which it reads step results;
+    /// our entrypoint as its child writes nothing there. Left to the collector, which captures
+    /// what Tekton tees to the container's output anyway.
+    TektonOutputFile,
 }
 
 impl SkipReason {
@@ -172,6 +177,7 @@ impl SkipReason {
             Self::NoTektonEntrypoint => "no_tekton_entrypoint",
             Self::MalformedTektonArgs => "malformed_tekton_args",
             Self::MountPathTaken => "mount_path_taken",
+            Self::TektonOutputFile => "tekton_output_file",
         }
     }
 }
@@ -310,9 +316,14 @@ fn wrap(
         return Err(SkipReason::MountPathTaken);
     }
     match workload {
-        Workload::Tekton => {
-            c.args = Some(tekton_args(c.args.as_deref().unwrap_or_default())?);
-        }
+        Workload::Tekton => match tekton_args(c.args.as_deref().unwrap_or_default()) {
+            Ok(args) => c.args = Some(args),
+            // A step without `command`: Tekton resolved the image's entrypoint per platform.
+            Err(SkipReason::NoTektonEntrypoint) if platform_commands(c).is_some() => {
+                wrap_platform_commands(c)?;
+            }
+            Err(e) => return Err(e),
+        },
         Workload::Plain | Workload::Knative => {
             let original = original_command(c, resolve)?;
             c.command = Some(vec![ENTRYPOINT_PATH.to_owned()]);
@@ -515,6 +526,13 @@ fn tekton_args(args: &[String]) -> Result<Vec<String>, SkipReason> {
     let mut i = 0;
     while let Some(arg) = flags.get(i) {
         let flag = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-'));
+        if let Some(f) = flag
+            && ["stdout_path", "stderr_path"]
+                .iter()
+                .any(|p| f == *p || f.strip_prefix(p).is_some_and(|v| v.starts_with('=')))
+        {
+            return Err(SkipReason::TektonOutputFile);
+        }
         let hit = match flag {
             Some("entrypoint") => match flags.get(i + 1) {
                 Some(v) => Some((i + 1, v.as_str(), false)),
@@ -551,6 +569,57 @@ fn tekton_args(args: &[String]) -> Result<Vec<String>, SkipReason> {
         ENTRYPOINT_PATH.to_owned()
     };
     Ok(out)
+}
+
+/// Tekton's variable holding, for a step without `command`, the image's entrypoint per platform
+/// (JSON `{"linux/amd64": ["/ko-app/x"], ...}`): its entrypoint, given no `-entrypoint`, runs
+/// the command for its own platform followed by the step's arguments (tektoncd/pipeline
+/// `pkg/pod/entrypoint_lookup.go` `resolveEntrypoints` and `cmd/entrypoint/main.go`, at
+/// 955fcc5d8ec1 and 74dcbc45dc8c).
+const TEKTON_PLATFORM_COMMANDS: &str = "TEKTON_PLATFORM_COMMANDS";
+
+/// The literal value of the container's [`TEKTON_PLATFORM_COMMANDS`].
+fn platform_commands(c: &Container) -> Option<&str> {
+    c.env
+        .as_deref()?
+        .iter()
+        .find(|e| e.name == TEKTON_PLATFORM_COMMANDS)?
+        .value
+        .as_deref()
+}
+
+/// Puts our entrypoint and its `--` in front of every platform's command in
+/// [`TEKTON_PLATFORM_COMMANDS`], so Tekton's entrypoint runs `/relay/lib/entrypoint -- CMD ARGS`.
+fn wrap_platform_commands(c: &mut Container) -> Result<(), SkipReason> {
+    let value = platform_commands(c).ok_or(SkipReason::NoTektonEntrypoint)?;
+    let commands: BTreeMap<String, Vec<String>> =
+        serde_json::from_str(value).map_err(|_| SkipReason::MalformedTektonArgs)?;
+    if commands.is_empty() || commands.values().any(Vec::is_empty) {
+        return Err(SkipReason::MalformedTektonArgs);
+    }
+    if commands
+        .values()
+        .any(|cmd| cmd.first().is_some_and(|c| c == ENTRYPOINT_PATH))
+    {
+        return Err(SkipReason::AlreadyWrapped);
+    }
+    let wrapped: BTreeMap<String, Vec<String>> = commands
+        .into_iter()
+        .map(|(platform, cmd)| {
+            let cmd = [ENTRYPOINT_PATH.to_owned(), "--".to_owned()]
+                .into_iter()
+                .chain(cmd)
+                .collect();
+            (platform, cmd)
+        })
+        .collect();
+    let json = serde_json::to_string(&wrapped).map_err(|_| SkipReason::MalformedTektonArgs)?;
+    for e in c.env.iter_mut().flatten() {
+        if e.name == TEKTON_PLATFORM_COMMANDS {
+            e.value = Some(json.clone());
+        }
+    }
+    Ok(())
 }
 
 fn tools_volume(injection: &Injection) -> Volume {
@@ -904,6 +973,28 @@ mod tests {
                 want: Err(SkipReason::AlreadyWrapped),
             },
             Case {
+                // tektoncd/pipeline cmd/entrypoint/runner.go (c54cbbb14d18): with -stdout_path
+                // the child's stdout goes to os.Stdout and the file, and results are read from it.
+                what: "Tekton step with stdoutConfig",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&[
+                    "-stdout_path",
+                    "/tekton/steps/step-build/out",
+                    "-entrypoint",
+                    "/bin/sh",
+                    "--",
+                    "-c",
+                    "echo hi",
+                ]),
+                want: Err(SkipReason::TektonOutputFile),
+            },
+            Case {
+                what: "Tekton step with stderrConfig, -f=v form",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["--stderr_path=/x/err", "-entrypoint", "/bin/true", "--"]),
+                want: Err(SkipReason::TektonOutputFile),
+            },
+            Case {
                 what: "Knative user-container",
                 label: Some(KNATIVE_REVISION_LABEL),
                 container: c("user-container", "nginx", &[], &[]),
@@ -941,6 +1032,60 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A step without `command` as Tekton's controller builds it: no `-entrypoint`, the image's
+    /// entrypoint per platform in TEKTON_PLATFORM_COMMANDS (tektoncd/pipeline
+    /// `pkg/pod/entrypoint_lookup.go` at 955fcc5d8ec1 appends it as JSON of platform to command;
+    /// the value is one a real TaskRun pod carried for a cosign step).
+    #[test]
+    fn a_tekton_step_without_command_is_wrapped_through_its_platform_commands() {
+        let mut step = container(
+            "step-sign",
+            "gcr.io/projectsigstore/cosign@sha256:0000",
+            &["/tekton/bin/entrypoint"],
+            &[TEKTON_FLAGS.as_slice(), &["--", "sign", "--key", "k"]].concat(),
+        );
+        let commands = r#"{"linux/amd64":["/ko-app/cosign"],"linux/arm64":["/ko-app/cosign"]}"#;
+        step.env = Some(vec![value(TEKTON_PLATFORM_COMMANDS, commands)]);
+        let before = pod(Some(TEKTON_TASK_RUN_LABEL), vec![step.clone()], vec![]);
+        let m = run(&before);
+        assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+        let after = find(&m.pod, "step-sign");
+        // Tekton's own command and arguments are untouched...
+        assert_eq!(after.command, step.command);
+        assert_eq!(after.args, step.args);
+        // ...and every platform's command now starts with ours and its `--`.
+        let got: BTreeMap<String, Vec<String>> =
+            serde_json::from_str(platform_commands(after).unwrap()).unwrap();
+        let wrapped = strings(&[ENTRYPOINT_PATH, "--", "/ko-app/cosign"]);
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                ("linux/amd64".to_owned(), wrapped.clone()),
+                ("linux/arm64".to_owned(), wrapped),
+            ])
+        );
+        // Mutating the result again wraps nothing twice.
+        let mut again = m.pod.clone();
+        again.metadata.annotations = None;
+        let m2 = run(&again);
+        assert_eq!(
+            m2.skipped,
+            vec![Skipped {
+                container: "step-sign".to_owned(),
+                reason: SkipReason::AlreadyWrapped,
+            }]
+        );
+        // A sidecar of the same pod has neither, and is left to the collector.
+        let sidecar = container("sidecar-proxy", "envoy", &["/usr/local/bin/envoy"], &[]);
+        let m3 = run(&pod(Some(TEKTON_TASK_RUN_LABEL), vec![sidecar], vec![]));
+        assert_eq!(m3.skipped[0].reason, SkipReason::NoTektonEntrypoint);
+        // A value that is not the JSON Tekton writes is not guessed at.
+        let mut broken = step;
+        broken.env = Some(vec![value(TEKTON_PLATFORM_COMMANDS, "linux/amd64=/x")]);
+        let m4 = run(&pod(Some(TEKTON_TASK_RUN_LABEL), vec![broken], vec![]));
+        assert_eq!(m4.skipped[0].reason, SkipReason::MalformedTektonArgs);
     }
 
     #[test]

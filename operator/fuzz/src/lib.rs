@@ -182,6 +182,16 @@ const TEKTON_VALUE_FLAGS: [&str; 15] = [
 /// value, a bad bool), or stops before an `-entrypoint` (at an argument that is not a flag: Tekton
 /// never writes one there, `mutate` does not model it), or nothing runs.
 pub fn tekton_runs(args: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+    let (entrypoint, rest) = tekton_flags(args)?;
+    let mut argv = vec![entrypoint.filter(|e| !e.is_empty())?];
+    argv.extend(rest);
+    Some(argv)
+}
+
+/// Go's `flag.Parse` over Tekton's flags: the `-entrypoint` value, if any, and the arguments
+/// after the flags. `None` when Go would refuse the arguments, or stops before an argument that
+/// is not a flag.
+fn tekton_flags(args: &[Vec<u8>]) -> Option<(Option<Vec<u8>>, Vec<Vec<u8>>)> {
     let mut entrypoint: Option<Vec<u8>> = None;
     let mut i = 0;
     while let Some(arg) = args.get(i) {
@@ -242,9 +252,47 @@ pub fn tekton_runs(args: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
         }
         i += 1;
     }
-    let mut argv = vec![entrypoint.filter(|e| !e.is_empty())?];
-    argv.extend_from_slice(&args[i..]);
-    Some(argv)
+    Some((entrypoint, args[i..].to_vec()))
+}
+
+/// Tekton's variable of a step without `command`: the image's command per platform, which its
+/// entrypoint runs (followed by the step's arguments) when no `-entrypoint` is given
+/// (`cmd/entrypoint/main.go`, `pkg/pod/entrypoint_lookup.go`).
+const TEKTON_PLATFORM_COMMANDS: &str = "TEKTON_PLATFORM_COMMANDS";
+
+/// The platform commands of a container, as Tekton's entrypoint decodes them (JSON of platform
+/// to command); `None` when absent or not that JSON.
+fn platform_commands(c: &Container) -> Option<std::collections::BTreeMap<String, Vec<String>>> {
+    let value = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == TEKTON_PLATFORM_COMMANDS)?
+        .value
+        .as_deref()?;
+    serde_json::from_str(value).ok()
+}
+
+/// For a Tekton step without `-entrypoint`: what Tekton's entrypoint runs on each platform,
+/// given the container's platform commands and its arguments.
+fn tekton_platform_runs(c: &Container, args: &[Vec<u8>]) -> Option<Vec<(String, Vec<Vec<u8>>)>> {
+    let (None, rest) = tekton_flags(args)? else {
+        return None;
+    };
+    let commands = platform_commands(c)?;
+    Some(
+        commands
+            .into_iter()
+            .map(|(platform, cmd)| {
+                let argv = cmd
+                    .into_iter()
+                    .map(String::into_bytes)
+                    .chain(rest.iter().cloned())
+                    .collect();
+                (platform, argv)
+            })
+            .collect(),
+    )
 }
 
 /// What our entrypoint runs when started as `argv` (program name first): `entrypoint -- CMD ARGS`
@@ -336,9 +384,21 @@ fn check_env(c0: &Container, c1: &Container, knative: bool) {
         .collect();
     let redact = env.get(kept.len()).filter(|e| e.name == ENV_REDACT);
     let ours_at = kept.len() + usize::from(redact.is_some());
+    // Tekton's platform commands are rewritten when the step is wrapped through them; what
+    // they run is checked with the command.
+    let comparable = |e: &EnvVar| {
+        let mut e = e.clone();
+        if e.name == TEKTON_PLATFORM_COMMANDS {
+            e.value = None;
+        }
+        e
+    };
     assert_eq!(
-        env[..kept.len().min(env.len())].iter().collect::<Vec<_>>(),
-        kept,
+        env[..kept.len().min(env.len())]
+            .iter()
+            .map(comparable)
+            .collect::<Vec<_>>(),
+        kept.iter().map(|e| comparable(e)).collect::<Vec<_>>(),
         "container {}: its own env changed, or one of ours is there twice",
         c0.name
     );
@@ -493,6 +553,20 @@ pub fn check_mutation(before: &Pod, m: &Mutation) {
                     c0.args,
                     c1.args
                 );
+            } else if let Some(originals) = tekton_platform_runs(c0, &before_args) {
+                let started = tekton_platform_runs(c1, &after_args).unwrap_or_else(|| {
+                    panic!("Tekton cannot run the rewritten step {}", c0.name)
+                });
+                assert_eq!(started.len(), originals.len(), "platforms of {}", c0.name);
+                for ((p0, original), (p1, argv)) in originals.iter().zip(&started) {
+                    assert_eq!(p0, p1, "platforms of {}", c0.name);
+                    assert_eq!(
+                        relay_runs(argv).as_ref(),
+                        Some(original),
+                        "Tekton step {} on {p0}: {original:?} became {argv:?}",
+                        c0.name
+                    );
+                }
             }
         } else {
             let original = runs(c0).unwrap_or_else(|| {
