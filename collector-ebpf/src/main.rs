@@ -655,17 +655,7 @@ fn emit_uncopied(p: &Pending, offset: u64, written: u64) -> bool {
     let Ok(len) = u32::try_from(written) else {
         return false;
     };
-    let header = ChunkHeader {
-        cgroup_id: p.key.cgroup_id,
-        ino: p.key.ino,
-        offset,
-        tgid: p.tgid,
-        len,
-        fd: p.fd,
-        kind: p.kind,
-        uncopied: p.uncopied,
-        reserved: 0,
-    };
+    let header = header(p, offset, len, p.uncopied);
     if EVENTS
         .output::<ChunkHeader>(&header, u64::from(BPF_RB_FORCE_WAKEUP))
         .is_err()
@@ -674,6 +664,21 @@ fn emit_uncopied(p: &Pending, offset: u64, written: u64) -> bool {
     }
     count(counter::UNCOPIED_BYTES, written);
     true
+}
+
+/// The record header of `len` bytes of `p`'s stream at `offset`.
+fn header(p: &Pending, offset: u64, len: u32, uncopied: u32) -> ChunkHeader {
+    ChunkHeader {
+        cgroup_id: p.key.cgroup_id,
+        ino: p.key.ino,
+        offset,
+        tgid: p.tgid,
+        len,
+        fd: p.fd,
+        kind: p.kind,
+        uncopied,
+        reserved: 0,
+    }
 }
 
 /// Puts one chunk into the ring buffer, in the smallest record size class that holds it.
@@ -693,17 +698,7 @@ fn emit_sized<const N: usize>(p: &Pending, src: u64, n: u32, offset: u64) -> boo
     let Some(mut record) = EVENTS.reserve_bytes(HEADER_BYTES + N, 0) else {
         return false;
     };
-    let header = ChunkHeader {
-        cgroup_id: p.key.cgroup_id,
-        ino: p.key.ino,
-        offset,
-        tgid: p.tgid,
-        len: n,
-        fd: p.fd,
-        kind: p.kind,
-        uncopied: uncopied::NONE,
-        reserved: 0,
-    };
+    let header = header(p, offset, n, uncopied::NONE);
     let dst = record.as_mut_ptr();
     // SAFETY: the record has room for the header and N bytes; n <= N is checked above.
     let read = unsafe {

@@ -1002,14 +1002,8 @@ impl Store {
                 return Ok(());
             }
         }
-        let key = self.key(&stream.id, &format!("dropped/{}", span_name(span)));
-        let put = self
-            .os
-            .put_opts(&key, PutPayload::new(), PutOptions::from(PutMode::Create));
-        match self.timed("put", put).await {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
+        self.put_marker(&stream.id, &format!("dropped/{}", span_name(span)))
+            .await?;
         let new = {
             let mut st = lock(&stream.state);
             let mut only = RangeSet::new();
@@ -1043,14 +1037,8 @@ impl Store {
         };
         let died_at = pending.first().map(|s| s.start);
         if let Some(at) = died_at {
-            let key = self.key(&stream.id, &format!("writer-died/{at:016x}"));
-            let put = self
-                .os
-                .put_opts(&key, PutPayload::new(), PutOptions::from(PutMode::Create));
-            match self.timed("put", put).await {
-                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.put_marker(&stream.id, &format!("writer-died/{at:016x}"))
+                .await?;
             let mut st = lock(&stream.state);
             st.writer_died_at = Some(st.writer_died_at.map_or(at, |known| known.min(at)));
         }
@@ -1059,6 +1047,19 @@ impl Store {
         }
         self.declare_final(stream, total).await?;
         Ok(died_at)
+    }
+
+    /// Creates the empty marker object `name` of stream `id`; one there already is the same
+    /// marker (another replica, or a retry, wrote it).
+    async fn put_marker(&self, id: &str, name: &str) -> Result<(), StoreError> {
+        let key = self.key(id, name);
+        let put = self
+            .os
+            .put_opts(&key, PutPayload::new(), PutOptions::from(PutMode::Create));
+        match self.timed("put", put).await {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Reads `span` of the stream into memory (for tests and small reads).

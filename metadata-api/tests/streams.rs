@@ -350,13 +350,7 @@ async fn a_step_whose_entrypoint_died_with_bytes_in_flight_reads_whole_and_its_f
     let content = b"0123456789abcdefghijklmnopqrstuvwxyzABCD";
     // The entrypoint stored its first and third batches; the second was in flight when the
     // container was killed, and nobody will ever declare its final length.
-    let entry: serde_json::Value = w
-        .create(serde_json::json!({"name": "build.stdout"}))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let entry = entry["id"].as_str().unwrap().to_owned();
+    let entry = w.stream("build.stdout").await;
     w.put_at(&entry, 0, &content[..10]).await;
     w.put_at(&entry, 30, &content[30..]).await;
     let resp = rd
@@ -371,13 +365,7 @@ async fn a_step_whose_entrypoint_died_with_bytes_in_flight_reads_whole_and_its_f
         got.extend_from_slice(&body.next().await.unwrap().unwrap());
     }
     // The follower waits at the gap; the collector's stream of the same output completes.
-    let ebpf: serde_json::Value = c
-        .create(serde_json::json!({"name": "build.stdout", "source": "ebpf", "context": CTX}))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let ebpf = ebpf["id"].as_str().unwrap().to_owned();
+    let ebpf = c.ebpf_stream("build.stdout", CTX).await;
     c.put_at(&ebpf, 0, content).await;
     c.finish(&ebpf, content.len() as u64).await;
     let rest = tokio::time::timeout(Duration::from_secs(10), async {
@@ -414,22 +402,10 @@ async fn the_collector_settles_the_stream_of_an_entrypoint_that_died_with_its_co
     let c = s.client(&s.token("workflows", Scope::Collector));
     let rd = s.client(&s.token("workflows/w1", Scope::Read));
     let content = b"0123456789abcdefghijklmnopqrstuvwxyzABCD";
-    let entry: serde_json::Value = w
-        .create(serde_json::json!({"name": "build.stdout"}))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let entry = entry["id"].as_str().unwrap().to_owned();
+    let entry = w.stream("build.stdout").await;
     w.put_at(&entry, 0, &content[..10]).await;
     w.put_at(&entry, 30, &content[30..35]).await;
-    let ebpf: serde_json::Value = c
-        .create(serde_json::json!({"name": "build.stdout", "source": "ebpf", "context": CTX}))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let ebpf = ebpf["id"].as_str().unwrap().to_owned();
+    let ebpf = c.ebpf_stream("build.stdout", CTX).await;
     let settle = |id: String| {
         let c = c.clone();
         async move {

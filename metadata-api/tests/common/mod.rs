@@ -160,6 +160,18 @@ impl Api {
             .to_owned()
     }
 
+    /// Creates (or finds) the collector's stream `name` in `context`; returns its id.
+    pub async fn ebpf_stream(&self, name: &str, context: &str) -> String {
+        let r = self
+            .create(json!({ "name": name, "source": "ebpf", "context": context }))
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
     pub async fn patch(&self, id: &str, range: &str, body: impl Into<reqwest::Body>) -> Response {
         self.req(Method::PATCH, &format!("/logs/{id}/data"))
             .header("content-type", "application/octet-stream")
