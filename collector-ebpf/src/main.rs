@@ -268,13 +268,6 @@ unsafe fn fetch_add(dst: *mut u64, n: u64) -> u64 {
 
 fn enter(regs: u64, op: usize) -> Result<u32, i64> {
     let off = OFFSETS.load();
-    let shape = shape(op);
-    let fd_at = match shape.fd_arg {
-        0 => off.regs_arg0,
-        1 => off.regs_arg1,
-        _ => off.regs_arg2,
-    };
-    let fd: u64 = read_kernel(regs, fd_at).ok_or(0)?;
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid == SELF_TGID.load() {
@@ -291,6 +284,14 @@ fn enter(regs: u64, op: usize) -> Result<u32, i64> {
     if status & TS_COMPAT != 0 {
         return Ok(0);
     }
+    // The fd is read only now: every write on the node gets this far only from a watched cgroup.
+    let shape = shape(op);
+    let fd_at = match shape.fd_arg {
+        0 => off.regs_arg0,
+        1 => off.regs_arg1,
+        _ => off.regs_arg2,
+    };
+    let fd: u64 = read_kernel(regs, fd_at).ok_or(0)?;
     let Some((ino, kind)) = stdio_file(fd) else {
         return Ok(0);
     };
