@@ -26,6 +26,7 @@
 //! unredacted, with a warning.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     path::PathBuf,
     sync::{
@@ -105,7 +106,7 @@ struct Stream {
     /// Kernel offset of the next byte to hand to the redactor.
     next: u64,
     /// Chunks that arrived before their predecessors, by offset.
-    early: BTreeMap<u64, Early>,
+    early: BTreeMap<u64, Piece<'static>>,
     /// Bytes of data in `early`.
     early_bytes: usize,
     gap_since: Option<Instant>,
@@ -172,10 +173,11 @@ pub struct Engine<A> {
     shippers: tokio::task::JoinSet<()>,
 }
 
-/// What one record puts at its offset in a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What one record puts at its offset in a stream: borrowed from the ring, or owned while it
+/// waits for its predecessors.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece<'a> {
-    Bytes(&'a [u8]),
+    Bytes(Cow<'a, [u8]>),
     /// `len` bytes the kernel moved from another file or pipe (`uncopied::*` says how): they
     /// are in the container's output, but not in the ring, and are reported as dropped.
     Uncopied {
@@ -187,7 +189,7 @@ enum Piece<'a> {
 impl<'a> Piece<'a> {
     fn of(h: &ChunkHeader, data: &'a [u8]) -> Self {
         if h.uncopied == uncopied::NONE {
-            Self::Bytes(data)
+            Self::Bytes(Cow::Borrowed(data))
         } else {
             Self::Uncopied {
                 len: u64::from(h.len),
@@ -203,31 +205,19 @@ impl<'a> Piece<'a> {
             Self::Uncopied { len, .. } => *len,
         }
     }
-}
-
-/// A [`Piece`] waiting for its predecessors.
-#[derive(Debug)]
-enum Early {
-    Bytes(Vec<u8>),
-    Uncopied { len: u64, reason: u32 },
-}
-
-impl Early {
-    fn piece(&self) -> Piece<'_> {
-        match self {
-            Self::Bytes(b) => Piece::Bytes(b),
-            Self::Uncopied { len, reason } => Piece::Uncopied {
-                len: *len,
-                reason: *reason,
-            },
-        }
-    }
 
     /// Memory it holds.
     fn held(&self) -> usize {
         match self {
             Self::Bytes(b) => b.len(),
             Self::Uncopied { .. } => 0,
+        }
+    }
+
+    fn into_owned(self) -> Piece<'static> {
+        match self {
+            Self::Bytes(b) => Piece::Bytes(Cow::Owned(b.into_owned())),
+            Self::Uncopied { len, reason } => Piece::Uncopied { len, reason },
         }
     }
 }
@@ -759,7 +749,7 @@ fn feed(stream: &mut Stream, offset: u64, piece: Piece<'_>) {
             }
             let early = entry.remove();
             stream.early_bytes -= early.held();
-            place(stream, early.piece());
+            place(stream, early);
         }
         stream.gap_since = if stream.early.is_empty() {
             None
@@ -767,10 +757,7 @@ fn feed(stream: &mut Stream, offset: u64, piece: Piece<'_>) {
             stream.gap_since.or(Some(Instant::now()))
         };
     } else if offset > stream.next {
-        let early = match piece {
-            Piece::Bytes(b) => Early::Bytes(b.to_vec()),
-            Piece::Uncopied { len, reason } => Early::Uncopied { len, reason },
-        };
+        let early = piece.into_owned();
         stream.early_bytes += early.held();
         stream.early.insert(offset, early);
         stream.gap_since.get_or_insert_with(Instant::now);
@@ -790,7 +777,7 @@ fn feed(stream: &mut Stream, offset: u64, piece: Piece<'_>) {
 /// Puts the piece at the stream's next offset.
 fn place(stream: &mut Stream, piece: Piece<'_>) {
     match piece {
-        Piece::Bytes(data) => put(stream, data),
+        Piece::Bytes(data) => put(stream, &data),
         Piece::Uncopied { len, reason } => {
             tracing::debug!(
                 bytes = len,
@@ -830,7 +817,7 @@ fn close_gap(stream: &mut Stream) {
     skip(stream, offset - stream.next);
     if let Some(early) = stream.early.remove(&offset) {
         stream.early_bytes -= early.held();
-        feed(stream, offset, early.piece());
+        feed(stream, offset, early);
     }
 }
 
@@ -913,7 +900,9 @@ mod tests {
             cursor: None,
             gone: Arc::default(),
         };
-        let bytes = Piece::Bytes;
+        fn bytes(b: &[u8]) -> Piece<'_> {
+            Piece::Bytes(Cow::Borrowed(b))
+        }
         feed(&mut s, 3, bytes(b"def"));
         assert_eq!(shipper.offset(), 0);
         assert!(s.gap_since.is_some());
