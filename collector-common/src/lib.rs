@@ -37,8 +37,9 @@ pub struct ChunkHeader {
     pub reserved: u32,
 }
 
-/// Why bytes a syscall put into a watched file could not be copied: the source of the data is
-/// not the writer's memory but a file or pipe the kernel moves pages from.
+/// Why bytes put into a watched file could not be copied: the source of the data is not the
+/// writer's memory but a file or pipe the kernel moves pages from, or (io_uring `WRITEV`) it
+/// may no longer be where the programs could find it.
 pub mod uncopied {
     /// Data follows the header.
     pub const NONE: u32 = 0;
@@ -46,14 +47,21 @@ pub mod uncopied {
     pub const SPLICE: u32 = 2;
     pub const TEE: u32 = 3;
     pub const COPY_FILE_RANGE: u32 = 4;
+    /// io_uring `WRITEV`/`WRITEV_FIXED`: the iovec array may be reused before the completion.
+    pub const URING_WRITEV: u32 = 5;
+    pub const URING_SPLICE: u32 = 6;
+    pub const URING_TEE: u32 = 7;
 
-    /// The syscall's name, for metrics and dropped-range reasons.
+    /// The syscall's (or io_uring operation's) name, for metrics and dropped-range reasons.
     pub fn syscall(reason: u32) -> &'static str {
         match reason {
             SENDFILE => "sendfile",
             SPLICE => "splice",
             TEE => "tee",
             COPY_FILE_RANGE => "copy_file_range",
+            URING_WRITEV => "io_uring_writev",
+            URING_SPLICE => "io_uring_splice",
+            URING_TEE => "io_uring_tee",
             _ => "unknown",
         }
     }
@@ -153,7 +161,7 @@ pub struct Cursor {
 /// Version of the maps' layout (names, types, keys, values, what the programs keep in them).
 /// Pinned maps are shared across collector restarts only within one version, so bump it with
 /// any such change: a collector of another version starts over with fresh maps.
-pub const MAP_LAYOUT: u32 = 2;
+pub const MAP_LAYOUT: u32 = 3;
 
 /// Indexes of the kernel-side counters (a per-CPU array of `u64`).
 pub mod counter {
@@ -215,6 +223,22 @@ pub struct KernelOffsets {
     /// Native numbers on the running architecture of the syscalls that can put bytes into a
     /// pipe or terminal, indexed by `syscall::*`; `u64::MAX` where one does not exist.
     pub nr: [u64; syscall::COUNT],
+    /// `io_kiocb.file`, `io_kiocb.opcode`, `io_kiocb.cqe.res` and `io_kiocb.cmd` (where a
+    /// read or write request keeps its `struct io_rw`), and `io_rw.addr` and `io_rw.len`.
+    /// All `u64::MAX` on a kernel without io_uring, whose program is then not attached.
+    pub uring_req_file: u64,
+    pub uring_req_opcode: u64,
+    pub uring_req_res: u64,
+    pub uring_req_cmd: u64,
+    pub uring_rw_addr: u64,
+    pub uring_rw_len: u64,
+}
+
+impl KernelOffsets {
+    /// Whether the running kernel has io_uring (its request type is in the BTF).
+    pub fn has_io_uring(&self) -> bool {
+        self.uring_req_opcode != u64::MAX
+    }
 }
 
 /// The syscalls the programs watch: indexes into [`KernelOffsets::nr`].

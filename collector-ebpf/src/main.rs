@@ -18,6 +18,14 @@
 //! any fd (`dup2`, a reopen of `/dev/stdout`, a log file linked to it), and only writes to that
 //! file are captured.
 //!
+//! A fourth, `io_uring_complete`, takes writes a program hands to io_uring instead of a syscall:
+//! at each completion of a write-type request on such a file, the `res` bytes it wrote are
+//! copied from the request's buffer (`WRITE`, `WRITE_FIXED`) or recorded as uncopied
+//! (`WRITEV`, whose iovec array may be gone by then, `SPLICE`, `TEE`). Two completions never reach it: a request submitted with
+//! `IOSQE_CQE_SKIP_SUCCESS` that succeeds posts no completion at all, and one whose completion
+//! overflows a full completion queue is posted later without the request; both are documented
+//! as not captured.
+//!
 //! Raw tracepoints rather than the per-syscall `syscalls/sys_enter_write` events: those are
 //! attached by an id read from tracefs, which a fresh host does not mount and a container's
 //! `/sys` does not have, while a raw tracepoint is opened by name with one `bpf()` call. They are
@@ -79,6 +87,12 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     regs_arg1: 0,
     regs_arg2: 0,
     nr: [u64::MAX; syscall::COUNT],
+    uring_req_file: 0,
+    uring_req_opcode: 0,
+    uring_req_res: 0,
+    uring_req_cmd: 0,
+    uring_rw_addr: 0,
+    uring_rw_len: 0,
 });
 
 /// Wake the reader only once this many bytes wait in the ring buffer; user space also reads on a
@@ -152,6 +166,10 @@ struct Pending {
     uncopied: u32,
     /// u32 flag instead of bool so this type has no implicit padding.
     vectored: u32,
+    /// For an io_uring completion: the address of the completion queue entry it filled, so that
+    /// a second program attached to the same event (while a new collector takes over from an
+    /// old one) sees it was taken.
+    event: u64,
 }
 
 /// `struct iovec` as user space passes it.
@@ -191,6 +209,13 @@ pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
     };
     let ret: i64 = ctx.arg(1);
     exit(&ctx, ret, op).unwrap_or(0)
+}
+
+#[raw_tracepoint(tracepoint = "io_uring_complete")]
+pub fn io_uring_complete(ctx: RawTracePointContext) -> u32 {
+    // TP_PROTO(struct io_ring_ctx *ctx, void *req, struct io_uring_cqe *cqe) since 5.19 (before:
+    // ctx, req, user_data, res, cflags). The result is read from the request, not the entry.
+    uring_complete(ctx.arg(1), ctx.arg(2)).unwrap_or(0)
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
@@ -297,13 +322,7 @@ fn enter(regs: u64, op: usize) -> Result<u32, i64> {
     };
     // SAFETY: a helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: a copy is taken at once.
-    if let Some(stdio) = unsafe { CGROUP_STDIO.get(&cgroup_id) }.copied()
-        && stdio.exact()
-        && ino != stdio.stdout
-        && ino != stdio.stderr
-    {
-        // Another pipe of the container (`a | b` inside it): not its output.
+    if not_output(cgroup_id, ino) {
         return Ok(0);
     }
     let (buf, count_arg) = if shape.uncopied == uncopied::NONE {
@@ -331,11 +350,114 @@ fn enter(regs: u64, op: usize) -> Result<u32, i64> {
         op: op as u32,
         uncopied: shape.uncopied,
         vectored: u32::from(shape.vectored),
+        event: 0,
     };
     if PENDING.insert(&pid_tgid, &pending, 0).is_err() {
         count(counter::UNTRACKED_WRITES, 1);
     }
     Ok(0)
+}
+
+/// Whether file `ino` of the current task's cgroup is one its stdio record rules out: another
+/// pipe of the container (`a | b` inside it), not its output.
+fn not_output(cgroup_id: u64, ino: u64) -> bool {
+    // SAFETY: a copy is taken at once.
+    unsafe { CGROUP_STDIO.get(&cgroup_id) }
+        .copied()
+        .is_some_and(|stdio| stdio.exact() && ino != stdio.stdout && ino != stdio.stderr)
+}
+
+/// io_uring opcodes (include/uapi/linux/io_uring.h) that put bytes into a file.
+const IORING_OP_WRITEV: u8 = 2;
+const IORING_OP_WRITE_FIXED: u8 = 5;
+const IORING_OP_WRITE: u8 = 23;
+const IORING_OP_SPLICE: u8 = 30;
+const IORING_OP_TEE: u8 = 33;
+const IORING_OP_WRITEV_FIXED: u8 = 61;
+
+/// Marks the `PENDING` entry an io_uring completion uses: thread ids stay below 2^31, so these
+/// keys never meet the syscall entries (a completion can run inside a watched syscall).
+const URING_KEY: u64 = 1 << 63;
+
+/// At an io_uring completion in a watched cgroup: captures what a write-type request put into
+/// the container's output, as the syscall exit does for a syscall.
+fn uring_complete(req: u64, cqe: u64) -> Option<u32> {
+    let off = OFFSETS.load();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == SELF_TGID.load() || watched_root() == 0 {
+        return None;
+    }
+    let opcode: u8 = read_kernel(req, off.uring_req_opcode)?;
+    // The buffer of a `WRITE` must stay put until its completion, and the request keeps its
+    // address. A `WRITEV`'s iovec array is not: the kernel copies it at submission and the
+    // program may reuse it at once, so reading it now could store other bytes; its range is
+    // marked instead, as are the pages a `SPLICE` or `TEE` moved.
+    let uncopied = match opcode {
+        IORING_OP_WRITE | IORING_OP_WRITE_FIXED => uncopied::NONE,
+        IORING_OP_WRITEV | IORING_OP_WRITEV_FIXED => uncopied::URING_WRITEV,
+        IORING_OP_SPLICE => uncopied::URING_SPLICE,
+        IORING_OP_TEE => uncopied::URING_TEE,
+        _ => return None,
+    };
+    let res: i32 = read_kernel(req, off.uring_req_res)?;
+    if res <= 0 {
+        return None;
+    }
+    let file: u64 = read_kernel(req, off.uring_req_file)?;
+    let (ino, kind) = file_kind(file)?;
+    // SAFETY: a helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if not_output(cgroup_id, ino) {
+        return None;
+    }
+    let key = URING_KEY | pid_tgid;
+    // SAFETY: a copy is taken at once.
+    if unsafe { PENDING.get(&key) }.is_some_and(|p| p.event == cqe) {
+        // Another collector's program took this completion first.
+        return None;
+    }
+    // io-wq workers and the SQPOLL thread share the submitter's files: its fd 2 tells stderr.
+    let fd = if stdio_file(2).map(|f| f.0) == Some(ino) && stdio_file(1).map(|f| f.0) != Some(ino)
+    {
+        2
+    } else {
+        1
+    };
+    let (buf, count_arg) = if uncopied == uncopied::NONE {
+        let rw = req + off.uring_req_cmd;
+        let len: u32 = read_kernel(rw, off.uring_rw_len)?;
+        (read_kernel(rw, off.uring_rw_addr)?, u64::from(len))
+    } else {
+        (0, 0)
+    };
+    let pending = Pending {
+        key: StreamKey { cgroup_id, ino },
+        buf,
+        count: count_arg,
+        base: 0,
+        total: 0,
+        done: 0,
+        iov_next: 0,
+        iov_base: 0,
+        iov_len: 0,
+        iov_off: 0,
+        fd,
+        kind,
+        tgid,
+        op: u32::MAX,
+        uncopied,
+        vectored: 0,
+        event: cqe,
+    };
+    if PENDING.insert(&key, &pending, 0).is_err() {
+        count(counter::UNTRACKED_WRITES, 1);
+        return None;
+    }
+    let p = PENDING.get_ptr_mut(&key)?;
+    // SAFETY: this thread's io_uring entry, which only this thread touches.
+    capture(unsafe { &mut *p }, res as u64);
+    Some(0)
 }
 
 /// The watched cgroup the current task is in or under, or 0.
@@ -480,10 +602,15 @@ fn stdio_file(fd: u64) -> Option<(u64, u32)> {
         return None;
     }
     let fds: u64 = read_kernel(fdt, off.fdt_fd)?;
-    let file: u64 = read_kernel(fds, fd * 8)?;
+    file_kind(read_kernel(fds, fd * 8)?)
+}
+
+/// The inode number and kind of `file` (a `struct file *`), when it is a pipe, FIFO or terminal.
+fn file_kind(file: u64) -> Option<(u64, u32)> {
     if file == 0 {
         return None;
     }
+    let off = OFFSETS.load();
     let inode: u64 = read_kernel(file, off.file_inode)?;
     let mode: u16 = read_kernel(inode, off.inode_mode)?;
     let kind = match mode & S_IFMT {

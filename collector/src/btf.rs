@@ -39,6 +39,22 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
     let abi = SyscallAbi::HOST.ok_or(BtfError::Architecture {
         arch: std::env::consts::ARCH,
     })?;
+    // A kernel built without io_uring has none of these, and its programs then need none.
+    let uring = |strukt, member| off(strukt, member).ok();
+    let (uring_req_file, uring_req_opcode, uring_req_res, uring_req_cmd, uring_rw_addr, uring_rw_len) =
+        match (
+            uring("io_kiocb", "file"),
+            uring("io_kiocb", "opcode"),
+            uring("io_kiocb", "cqe").zip(uring("io_cqe", "res")),
+            uring("io_kiocb", "cmd"),
+            uring("io_rw", "addr"),
+            uring("io_rw", "len"),
+        ) {
+            (Some(file), Some(opcode), Some((cqe, res)), Some(cmd), Some(addr), Some(len)) => {
+                (file, opcode, cqe + res, cmd, addr, len)
+            }
+            _ => (u64::MAX, u64::MAX, u64::MAX, u64::MAX, u64::MAX, u64::MAX),
+        };
     Ok(KernelOffsets {
         task_files: off("task_struct", "files")?,
         files_fdt: off("files_struct", "fdt")?,
@@ -59,6 +75,12 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         regs_arg1: off("pt_regs", abi.regs[2])?,
         regs_arg2: off("pt_regs", abi.regs[3])?,
         nr: abi.nr,
+        uring_req_file,
+        uring_req_opcode,
+        uring_req_res,
+        uring_req_cmd,
+        uring_rw_addr,
+        uring_rw_len,
     })
 }
 
@@ -138,5 +160,11 @@ mod tests {
         );
         assert!(o.task_ti_status < o.task_files);
         assert_ne!(o.task_tgid, o.task_real_parent);
+        // This kernel has io_uring: `file` shares the request's first word with its command
+        // data, and the opcode follows them.
+        assert!(o.has_io_uring(), "{o:?}");
+        assert_eq!((o.uring_req_file, o.uring_req_cmd), (0, 0));
+        assert!(o.uring_req_opcode > 0 && o.uring_req_res > o.uring_req_opcode);
+        assert!(o.uring_rw_len > o.uring_rw_addr);
     }
 }

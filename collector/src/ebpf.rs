@@ -28,8 +28,14 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/co
 /// The raw tracepoints the programs attach to, by name through `BPF_RAW_TRACEPOINT_OPEN` (no
 /// tracefs needed, so it works on a host that does not mount it and in a container whose `/sys`
 /// lacks it); the program names are the tracepoint names. Exit first: an entry saved before its
-/// exit program is attached would otherwise stay behind.
-const TRACEPOINTS: [&str; 3] = ["sched_process_exec", "sys_exit", "sys_enter"];
+/// exit program is attached would otherwise stay behind. `io_uring_complete` only where the kernel
+/// has io_uring.
+const TRACEPOINTS: [&str; 4] = [
+    "sched_process_exec",
+    "io_uring_complete",
+    "sys_exit",
+    "sys_enter",
+];
 
 /// The maps shared by every run of the collector on a node when it pins them: all of the
 /// programs' state, so that offsets keep counting (and the ring keeps filling) between runs.
@@ -171,6 +177,12 @@ impl Probes {
         let mut links = Vec::new();
         let mut link_paths = Vec::new();
         for tracepoint in TRACEPOINTS {
+            if tracepoint == "io_uring_complete" && !offsets.has_io_uring() {
+                tracing::info!(
+                    "The kernel has no io_uring: its writes need no capture, and none is attached."
+                );
+                continue;
+            }
             let mut attach = || -> Result<(), String> {
                 let program: &mut RawTracePoint = ebpf
                     .program_mut(tracepoint)

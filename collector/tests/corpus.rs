@@ -58,6 +58,56 @@ def check(n, want, what):
         raise SystemExit("%s returned %d (errno %d), wanted %d" % (what, n, ctypes.get_errno(), want))
 "#;
 
+/// A minimal io_uring for Python, with the raw syscalls (x86_64 numbers) and the ring layout of
+/// include/uapi/linux/io_uring.h, as liburing sets it up: one request at a time, submitted and
+/// waited for in one `io_uring_enter`.
+const URING: &str = r#"
+import mmap, struct
+libc.syscall.restype = ctypes.c_long
+class Ring:
+    def __init__(self, entries=8):
+        params = ctypes.create_string_buffer(120)
+        fd = libc.syscall(425, entries, params)
+        if fd < 0:
+            raise SystemExit("io_uring_setup: errno %d" % ctypes.get_errno())
+        self.fd = fd
+        sq_entries, cq_entries = struct.unpack_from("<II", params, 0)
+        # sq_off: head, tail, ring_mask, ring_entries, flags, dropped, array; cq_off: head,
+        # tail, ring_mask, ring_entries, overflow, cqes.
+        self.sq = struct.unpack_from("<7I", params, 40)
+        self.cq = struct.unpack_from("<6I", params, 80)
+        self.sqring = mmap.mmap(fd, self.sq[6] + sq_entries * 4, offset=0)
+        self.cqring = mmap.mmap(fd, self.cq[5] + cq_entries * 16, offset=0x8000000)
+        self.sqes = mmap.mmap(fd, sq_entries * 64, offset=0x10000000)
+    def u32(self, ring, at):
+        return struct.unpack_from("<I", ring, at)[0]
+    def run(self, opcode, fd, addr, length, off=-1, fd_in=0):
+        sq, cq = self.sq, self.cq
+        tail = self.u32(self.sqring, sq[1])
+        index = tail & self.u32(self.sqring, sq[2])
+        sqe = bytearray(64)
+        struct.pack_into("<BBHiQQI", sqe, 0, opcode, 0, 0, fd, off % 2**64, addr, length)
+        struct.pack_into("<i", sqe, 44, fd_in)
+        self.sqes[index * 64:(index + 1) * 64] = bytes(sqe)
+        struct.pack_into("<I", self.sqring, sq[6] + index * 4, index)
+        struct.pack_into("<I", self.sqring, sq[1], tail + 1)
+        n = libc.syscall(426, self.fd, 1, 1, 1, None, 0)
+        if n != 1:
+            raise SystemExit("io_uring_enter returned %d (errno %d)" % (n, ctypes.get_errno()))
+        head = self.u32(self.cqring, cq[0])
+        at = cq[5] + (head & self.u32(self.cqring, cq[2])) * 16
+        res = struct.unpack_from("<i", self.cqring, at + 8)[0]
+        struct.pack_into("<I", self.cqring, cq[0], head + 1)
+        if res < 0:
+            raise SystemExit("io_uring opcode %d failed: errno %d" % (opcode, -res))
+        return res
+    def write(self, fd, data):
+        buf = ctypes.create_string_buffer(data, len(data))
+        done = 0
+        while done < len(data):
+            done += self.run(23, fd, ctypes.addressof(buf) + done, len(data) - done)
+"#;
+
 fn shapes(files: &Path) -> Vec<Shape> {
     let blob = files.join("blob");
     std::fs::write(&blob, random(100_000)).unwrap();
@@ -213,6 +263,25 @@ for i in range(2000):
                     "{CTYPES}\nr, w = os.pipe()\nos.write(w, b't' * 4096)\n\
                      libc.tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]\n\
                      check(libc.tee(r, 1, 4096, 0), 4096, 'tee')\nos.write(1, b'after\\n')\n"
+                ),
+            )
+        },
+        // io_uring (opcodes from include/uapi/linux/io_uring.h): WRITE is copied from the
+        // request's buffer, more than the pipe holds so that it completes late; WRITEV's iovec
+        // array may be gone by its completion and SPLICE moves pages, so those are marked.
+        Shape {
+            uncopied: 22 + 5_000,
+            ..python(
+                "io-uring",
+                format!(
+                    "{CTYPES}{URING}\nring = Ring()\n\
+                     ring.write(1, b''.join(b'uring line %d\\n' % i for i in range(20000)))\n\
+                     ring.write(2, b'uring to stderr\\n')\n\
+                     keep, arr = iov([b'writev one\\n', b'writev two\\n'])\n\
+                     check(ring.run(2, 1, ctypes.addressof(arr), 2), 22, 'IORING_OP_WRITEV')\n\
+                     f = os.open('{blob}', os.O_RDONLY)\nmoved = 0\n\
+                     while moved < 5000: moved += ring.run(30, 1, moved, 5000 - moved, fd_in=f)\n\
+                     os.write(1, b'after\\n')\n"
                 ),
             )
         },
