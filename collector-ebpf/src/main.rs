@@ -418,8 +418,7 @@ fn uring_complete(req: u64, cqe: u64) -> Option<u32> {
         return None;
     }
     // io-wq workers and the SQPOLL thread share the submitter's files: its fd 2 tells stderr.
-    let fd = if stdio_file(2).map(|f| f.0) == Some(ino) && stdio_file(1).map(|f| f.0) != Some(ino)
-    {
+    let fd = if stdio_file(2).map(|f| f.0) == Some(ino) && stdio_file(1).map(|f| f.0) != Some(ino) {
         2
     } else {
         1

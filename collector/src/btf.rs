@@ -41,20 +41,26 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
     })?;
     // A kernel built without io_uring has none of these, and its programs then need none.
     let uring = |strukt, member| off(strukt, member).ok();
-    let (uring_req_file, uring_req_opcode, uring_req_res, uring_req_cmd, uring_rw_addr, uring_rw_len) =
-        match (
-            uring("io_kiocb", "file"),
-            uring("io_kiocb", "opcode"),
-            uring("io_kiocb", "cqe").zip(uring("io_cqe", "res")),
-            uring("io_kiocb", "cmd"),
-            uring("io_rw", "addr"),
-            uring("io_rw", "len"),
-        ) {
-            (Some(file), Some(opcode), Some((cqe, res)), Some(cmd), Some(addr), Some(len)) => {
-                (file, opcode, cqe + res, cmd, addr, len)
-            }
-            _ => (u64::MAX, u64::MAX, u64::MAX, u64::MAX, u64::MAX, u64::MAX),
-        };
+    let (
+        uring_req_file,
+        uring_req_opcode,
+        uring_req_res,
+        uring_req_cmd,
+        uring_rw_addr,
+        uring_rw_len,
+    ) = match (
+        uring("io_kiocb", "file"),
+        uring("io_kiocb", "opcode"),
+        uring("io_kiocb", "cqe").zip(uring("io_cqe", "res")),
+        uring("io_kiocb", "cmd"),
+        uring("io_rw", "addr"),
+        uring("io_rw", "len"),
+    ) {
+        (Some(file), Some(opcode), Some((cqe, res)), Some(cmd), Some(addr), Some(len)) => {
+            (file, opcode, cqe + res, cmd, addr, len)
+        }
+        _ => (u64::MAX, u64::MAX, u64::MAX, u64::MAX, u64::MAX, u64::MAX),
+    };
     Ok(KernelOffsets {
         task_files: off("task_struct", "files")?,
         files_fdt: off("files_struct", "fdt")?,
