@@ -512,12 +512,54 @@ fn original_command(
     }
 }
 
+/// Flags of Tekton's entrypoint that take no value (`cmd/entrypoint/main.go` at 74dcbc45dc8c
+/// and later releases).
+const TEKTON_BOOL_FLAGS: [&str; 7] = [
+    "wait_file_content",
+    "breakpoint_on_failure",
+    "enable_spire",
+    "run_always",
+    "discard_error",
+    "debug_before_step",
+    "keep_pod_on_cancel",
+];
+
+/// Flags of Tekton's entrypoint that take a value, its credential helpers' among them
+/// (`pkg/credentials/gitcreds`, `pkg/credentials/dockercreds`).
+const TEKTON_VALUE_FLAGS: [&str; 19] = [
+    "entrypoint",
+    "wait_file",
+    "post_file",
+    "termination_path",
+    "results",
+    "step_results",
+    "timeout",
+    "stdout_path",
+    "stderr_path",
+    "on_error",
+    "step_metadata_dir",
+    "spire_socket_path",
+    "result_from",
+    "step_when_expressions",
+    "basic-git",
+    "ssh-git",
+    "basic-docker",
+    "docker-config",
+    "docker-cfg",
+];
+
 /// Rewrites Tekton's entrypoint arguments `... -entrypoint X ... -- ARGS` to
 /// `... -entrypoint /relay/lib/entrypoint ... -- -- X ARGS`, so Tekton's entrypoint (which does the
 /// step ordering) runs ours as `/relay/lib/entrypoint -- X ARGS`, which runs `X ARGS`. Without
 /// our own `--`, a step command such as `install DIR` or `-x` would be read as our entrypoint's
-/// subcommand or option. Go's flag package accepts `-f v`, `-f=v`, `--f v` and `--f=v`, and stops
-/// at (and consumes) the first `--`.
+/// subcommand or option.
+///
+/// Tekton's entrypoint splits its arguments at the first `--` (`cmd/entrypoint/args.go`
+/// `extractArgs`) and parses the part before it with Go's flag package, which accepts `-f v`,
+/// `-f=v`, `--f v` and `--f=v` and stops at the first argument that is not a flag; the rest goes
+/// to its subcommands. Tekton's pod builder writes only flags there, so anything else (a
+/// non-flag, a flag this table does not know, a missing value) is left alone rather than guessed
+/// at: the collector still captures such a step.
 fn tekton_args(args: &[String]) -> Result<Vec<String>, SkipReason> {
     let separator = args.iter().position(|a| a == "--");
     let flags = &args[..separator.unwrap_or(args.len())];
@@ -525,29 +567,37 @@ fn tekton_args(args: &[String]) -> Result<Vec<String>, SkipReason> {
     let mut found: Option<(usize, &str, bool)> = None;
     let mut i = 0;
     while let Some(arg) = flags.get(i) {
-        let flag = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-'));
-        if let Some(f) = flag
-            && ["stdout_path", "stderr_path"]
-                .iter()
-                .any(|p| f == *p || f.strip_prefix(p).is_some_and(|v| v.starts_with('=')))
-        {
+        let spec = arg
+            .strip_prefix("--")
+            .or_else(|| arg.strip_prefix('-'))
+            .filter(|s| !s.is_empty() && !s.starts_with(['-', '=']))
+            .ok_or(SkipReason::MalformedTektonArgs)?;
+        let (name, inline) = match spec.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (spec, None),
+        };
+        if name == "stdout_path" || name == "stderr_path" {
             return Err(SkipReason::TektonOutputFile);
         }
-        let hit = match flag {
-            Some("entrypoint") => match flags.get(i + 1) {
-                Some(v) => Some((i + 1, v.as_str(), false)),
-                None => return Err(SkipReason::MalformedTektonArgs),
-            },
-            Some(f) => f.strip_prefix("entrypoint=").map(|v| (i, v, true)),
-            None => None,
-        };
-        if let Some(hit) = hit {
-            if found.replace(hit).is_some() {
-                return Err(SkipReason::MalformedTektonArgs);
-            }
-            i = hit.0;
+        if TEKTON_BOOL_FLAGS.contains(&name) {
+            i += 1;
+            continue;
         }
-        i += 1;
+        if !TEKTON_VALUE_FLAGS.contains(&name) {
+            return Err(SkipReason::MalformedTektonArgs);
+        }
+        let at = if inline.is_some() { i } else { i + 1 };
+        let value = match inline {
+            Some(v) => v,
+            None => flags
+                .get(at)
+                .ok_or(SkipReason::MalformedTektonArgs)?
+                .as_str(),
+        };
+        if name == "entrypoint" && found.replace((at, value, inline.is_some())).is_some() {
+            return Err(SkipReason::MalformedTektonArgs);
+        }
+        i = at + 1;
     }
     let (at, command, inline) = found.ok_or(SkipReason::NoTektonEntrypoint)?;
     if command == ENTRYPOINT_PATH {
@@ -953,6 +1003,39 @@ mod tests {
                 label: Some(TEKTON_TASK_RUN_LABEL),
                 container: tekton(&["-entrypoint", "--", "x"]),
                 want: Err(SkipReason::MalformedTektonArgs),
+            },
+            Case {
+                // Go's flag parsing stops at `x`: Tekton's entrypoint hands `x -entrypoint b` to
+                // its subcommands and its `-entrypoint` is `a`, not `b`.
+                what: "Tekton non-flag before --",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-entrypoint", "a", "x", "-entrypoint", "b", "--"]),
+                want: Err(SkipReason::MalformedTektonArgs),
+            },
+            Case {
+                what: "Tekton value flag whose value looks like -entrypoint",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-post_file", "-entrypoint", "/bin/sh", "--"]),
+                want: Err(SkipReason::MalformedTektonArgs),
+            },
+            Case {
+                what: "Tekton flag unknown to us",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-new_flag", "v", "-entrypoint", "/bin/sh", "--"]),
+                want: Err(SkipReason::MalformedTektonArgs),
+            },
+            Case {
+                what: "Tekton bool flag before -entrypoint",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&["-breakpoint_on_failure", "-entrypoint", "/bin/sh", "--"]),
+                want: Ok(t(&[
+                    "-breakpoint_on_failure",
+                    "-entrypoint",
+                    ENTRYPOINT_PATH,
+                    "--",
+                    "--",
+                    "/bin/sh",
+                ])),
             },
             Case {
                 what: "Tekton -entrypoint given twice",

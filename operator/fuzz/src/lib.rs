@@ -157,8 +157,8 @@ const TEKTON_BOOL_FLAGS: [&str; 7] = [
     "keep_pod_on_cancel",
     "enable_spire",
 ];
-/// Flags of Tekton's entrypoint that take a value.
-const TEKTON_VALUE_FLAGS: [&str; 15] = [
+/// Flags of Tekton's entrypoint that take a value, its credential helpers' among them.
+const TEKTON_VALUE_FLAGS: [&str; 19] = [
     "entrypoint",
     "wait_file",
     "post_file",
@@ -172,8 +172,12 @@ const TEKTON_VALUE_FLAGS: [&str; 15] = [
     "step_metadata_dir",
     "result_from",
     "step_when_expressions",
+    "spire_socket_path",
     "docker-config",
+    "docker-cfg",
     "basic-docker",
+    "basic-git",
+    "ssh-git",
 ];
 
 /// What Tekton's entrypoint runs given `args` (after `$(VAR)` expansion), when its flags name the
