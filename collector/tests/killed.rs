@@ -1,14 +1,16 @@
-//! A wrapped container killed whole (`cgroup.kill`, as an OOM kill, an eviction or a step
-//! timeout ends it) while its entrypoint still holds megabytes it has not shipped: the
-//! entrypoint's stream is left with a pending range and no end. The collector saw every byte;
-//! once the container is gone, the entrypoint's stream settles, the merged step log is what the
-//! workload wrote, and a step follower returns.
+//! A wrapped container whose entrypoint dies while it still holds megabytes it has not shipped:
+//! killed whole (`cgroup.kill`, as an OOM kill or an eviction ends it), or killed alone by
+//! Tekton's entrypoint at a step's timeout, before the container ends. The entrypoint's stream is
+//! left with a pending range and no end. The collector saw every byte; once the container is
+//! gone, the entrypoint's stream settles, the merged step log is what the workload wrote, and a
+//! step follower returns.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::{
     io::Read,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -19,13 +21,56 @@ use metadata_api::auth::Scope;
 const TOTAL: usize = 10 << 20;
 const BATCH: &str = "4M";
 
+/// What Tekton's entrypoint does for a step with a `timeout` (tektoncd/pipeline at c54cbbb14d18,
+/// `cmd/entrypoint/runner.go`): it starts the step's command, ours, with `exec.CommandContext`
+/// in a process group of its own, and at the deadline Go kills that process alone (SIGKILL to its
+/// pid, not the group); then it reports the timeout and exits, which ends the container: its pid
+/// namespace goes, and every process left in it. Here the deadline is a file the test creates,
+/// so it comes when the test has seen what it needs to, not after a guessed time. Run as a file
+/// named `entrypoint` (as Tekton's `/tekton/bin/entrypoint` is), through its shebang, as the
+/// container's pid 1.
+const TEKTON_TIMEOUT: &str = r#"
+import os, subprocess, sys, time
+child = subprocess.Popen(sys.argv[1:], process_group=0)
+while child.poll() is None and not os.path.exists(os.environ["DEADLINE"]):
+    time.sleep(0.01)
+if child.poll() is None:
+    child.kill()
+    child.wait()
+    open(os.environ["REPORT"], "w").write(str(child.returncode))
+    sys.stderr.write("step timed out\n")
+    sys.exit(1)
+sys.exit(child.returncode)
+"#;
+
+/// How the entrypoint dies.
+#[derive(Clone, Copy)]
+enum Death {
+    /// The container's cgroup killed whole.
+    ContainerKilled,
+    /// Tekton's entrypoint kills ours at the step's timeout, then the container ends.
+    TektonTimeout,
+}
+
 #[test]
 fn a_killed_wrapped_container_settles_and_its_step_log_is_whole() {
+    entrypoint_dies(Death::ContainerKilled);
+}
+
+#[test]
+fn a_tekton_step_timeout_leaves_a_whole_step_log_and_settled_streams() {
+    entrypoint_dies(Death::TektonTimeout);
+}
+
+fn entrypoint_dies(death: Death) {
     if !can_run() {
         return;
     }
     let api = Api::start(&[]);
-    let cg = Cgroup::new("killed");
+    let cg = Cgroup::new(match death {
+        Death::ContainerKilled => "killed",
+        Death::TektonTimeout => "timeout",
+    });
     let collector = Collector::start(
         &api,
         &[(&cg.path, CTX)],
@@ -47,7 +92,30 @@ fn a_killed_wrapped_container_settles_and_its_step_log_is_whole() {
         input.display(),
         written.display()
     );
-    let mut cmd = Cgroup::sh(&cg.path, r#"exec "$0" -- python3 -c "$1""#);
+    let deadline = files.path().join("deadline");
+    let report = files.path().join("report");
+    let mut cmd = match death {
+        Death::ContainerKilled => Cgroup::sh(&cg.path, r#"exec "$0" -- python3 -c "$1""#),
+        Death::TektonTimeout => {
+            let tekton = files.path().join("entrypoint");
+            let python = Command::new("python3")
+                .args(["-c", "import sys; print(sys.executable)"])
+                .output()
+                .unwrap();
+            let python = String::from_utf8(python.stdout).unwrap();
+            std::fs::write(&tekton, format!("#!{}\n{TEKTON_TIMEOUT}", python.trim())).unwrap();
+            std::fs::set_permissions(&tekton, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            let mut cmd = Cgroup::sh(
+                &cg.path,
+                r#"exec unshare --pid --fork "$TEKTON" "$0" -- python3 -c "$1""#,
+            );
+            cmd.env("TEKTON", &tekton)
+                .env("DEADLINE", &deadline)
+                .env("REPORT", &report);
+            cmd
+        }
+    };
     cmd.arg(&entrypoint)
         .arg(script)
         .env("RELAY_METADATA_API_URL", &api.url)
@@ -91,10 +159,18 @@ fn a_killed_wrapped_container_settles_and_its_step_log_is_whole() {
             ep["length"] == 8u64 << 20 && eb["length"] == TOTAL as u64
         },
     );
-    std::fs::write(cg.path.join("cgroup.kill"), "1").unwrap();
     let killed = Instant::now();
+    match death {
+        Death::ContainerKilled => std::fs::write(cg.path.join("cgroup.kill"), "1").unwrap(),
+        Death::TektonTimeout => std::fs::write(&deadline, "").unwrap(),
+    }
     let status = child.wait().unwrap();
     assert!(!status.success(), "the container was killed: {status:?}");
+    if let Death::TektonTimeout = death {
+        // Tekton's entrypoint saw ours die of its SIGKILL, and failed the step.
+        assert_eq!(std::fs::read_to_string(&report).unwrap(), "-9");
+        assert_eq!(status.code(), Some(1), "{status:?}");
+    }
 
     let (got, returned) = follower.join().unwrap();
     let settle = returned - killed;
