@@ -73,6 +73,9 @@ pub struct Target {
     /// Variables holding secret values besides those the container's own `RELAY_REDACT_ENV`
     /// names (a `redact::EnvSelector` list; from the pod spec in Kubernetes mode).
     pub redact_env: String,
+    /// Why the container has no entrypoint streams, from the pod spec in Kubernetes mode (see
+    /// [`entrypoint_absent`]).
+    pub entrypoint_absent: Option<&'static str>,
 }
 
 /// The answer to "whose is this cgroup?".
@@ -334,9 +337,17 @@ impl<A: Attributor> Engine<A> {
     }
 
     /// Starts following an attributed cgroup.
-    fn adopt(&mut self, cgroup_id: u64, target: Target) {
+    fn adopt(&mut self, cgroup_id: u64, mut target: Target) {
         let stdio = cgroups::container_stdio(&target.dir);
-        let secrets = container_secrets(cgroup_id, &target);
+        let environ = cgroups::container_environ(&target.dir);
+        let secrets = container_secrets(cgroup_id, &target, environ.as_deref());
+        // The pod spec tells in Kubernetes mode; otherwise the environment of a process still
+        // running, if any.
+        if target.entrypoint_absent.is_none() {
+            target.entrypoint_absent = environ
+                .as_deref()
+                .and_then(|e| entrypoint_absent(environ_vars(e)));
+        }
         self.cgroups.insert(
             cgroup_id,
             Cgroup {
@@ -394,6 +405,7 @@ impl<A: Attributor> Engine<A> {
             name: format!("{}{}", cgroup.target.prefix, role.stream_name()),
             source: Some(Source::Ebpf),
             context: Some(cgroup.target.context.clone()),
+            entrypoint_absent: cgroup.target.entrypoint_absent.map(str::to_owned),
         };
         let redactor = Redactor::new(cgroup.secrets.clone());
         let shipper = Shipper::new(self.cfg.ship.clone());
@@ -695,8 +707,8 @@ fn role_of(stdio: Option<Stdio>, taken: &[Role], ino: u64, fd: u32) -> Role {
 }
 
 /// The secret values of the container in an attributed cgroup, from its environment.
-fn container_secrets(cgroup_id: u64, target: &Target) -> Arc<Secrets> {
-    let Some(environ) = cgroups::container_environ(&target.dir) else {
+fn container_secrets(cgroup_id: u64, target: &Target, environ: Option<&[u8]>) -> Arc<Secrets> {
+    let Some(environ) = environ else {
         tracing::warn!(
             cgroup_id,
             dir = %target.dir.display(),
@@ -706,7 +718,7 @@ fn container_secrets(cgroup_id: u64, target: &Target) -> Arc<Secrets> {
         return Arc::new(Secrets::none());
     };
     let extra = redact::EnvSelector::parse(&target.redact_env);
-    match Secrets::from_environ_with(&environ, &extra) {
+    match Secrets::from_environ_with(environ, &extra) {
         Ok(s) => {
             if !s.is_empty() {
                 tracing::debug!(cgroup_id, values = s.len(), "Redacting secret values.");
@@ -718,6 +730,38 @@ fn container_secrets(cgroup_id: u64, target: &Target) -> Arc<Secrets> {
             Arc::new(Secrets::none())
         }
     }
+}
+
+/// Why a container whose variables are `vars` (name, value) has no entrypoint streams, when they
+/// tell: a Tekton hermetic step, which the webhook leaves alone because Tekton runs its command
+/// without a network (`TEKTON_HERMETIC=1`, tektoncd/pipeline `cmd/entrypoint/runner.go`), or a
+/// container without the variable the webhook gives every container it wraps.
+pub fn entrypoint_absent<'a>(
+    mut vars: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+) -> Option<&'static str> {
+    if vars
+        .clone()
+        .any(|(name, value)| name == b"TEKTON_HERMETIC" && value == b"1")
+    {
+        return Some(
+            "a Tekton hermetic step: its command runs without a network, so it is not wrapped \
+             and the collector is its only capture path",
+        );
+    }
+    let wrapped = vars.any(|(name, _)| name == b"RELAY_METADATA_API_URL");
+    (!wrapped).then_some(
+        "the container does not run under the entrypoint (a sidecar, an init container, a pod \
+         admitted without injection, or a container the webhook skipped: see its \
+         skipped_containers metric)",
+    )
+}
+
+/// The variables of a `/proc/PID/environ`.
+fn environ_vars(environ: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
+    environ.split(|&b| b == 0).filter_map(|entry| {
+        let eq = entry.iter().position(|&b| b == b'=')?;
+        Some((&entry[..eq], &entry[eq + 1..]))
+    })
 }
 
 impl Held {
@@ -824,6 +868,20 @@ fn close_gap(stream: &mut Stream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_environment_tells_why_a_container_has_no_entrypoint_streams() {
+        let absent = |environ: &[u8]| entrypoint_absent(environ_vars(environ));
+        let wrapped = b"PATH=/bin\0RELAY_METADATA_API_URL=http://api\0HOME=/";
+        assert_eq!(absent(wrapped), None);
+        let hermetic = b"RELAY_METADATA_API_URL=http://api\0TEKTON_HERMETIC=1\0";
+        assert!(absent(hermetic).is_some_and(|w| w.contains("hermetic")));
+        // Only the exact value 1 makes Tekton drop the network.
+        let not_hermetic = b"RELAY_METADATA_API_URL=x\0TEKTON_HERMETIC=0";
+        assert_eq!(absent(not_hermetic), None);
+        let plain = b"PATH=/bin\0XRELAY_METADATA_API_URL=x";
+        assert!(absent(plain).is_some_and(|w| w.contains("does not run under")));
+    }
 
     #[test]
     fn records_parse_and_short_ones_do_not() {

@@ -133,6 +133,33 @@ pub struct Attribution {
     pub context: String,
     /// The container's variables from Secrets, from [`secret_env`].
     pub secret_env: String,
+    /// Why the container has no entrypoint streams, from [`entrypoint_absent`].
+    pub entrypoint_absent: Option<&'static str>,
+}
+
+/// Why container `name` of `pod` has no entrypoint streams, from the variables its spec gives it
+/// (see [`crate::capture::entrypoint_absent`]); `None` when the spec does not name it.
+pub fn entrypoint_absent(pod: &Pod, name: &str) -> Option<&'static str> {
+    let spec = pod.spec.as_ref()?;
+    let env = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == name)
+        .map(|c| &c.env)
+        .or_else(|| {
+            spec.ephemeral_containers
+                .iter()
+                .flatten()
+                .find(|c| c.name == name)
+                .map(|c| &c.env)
+        })?;
+    crate::capture::entrypoint_absent(env.iter().flatten().map(|e| {
+        (
+            e.name.as_bytes(),
+            e.value.as_deref().unwrap_or_default().as_bytes(),
+        )
+    }))
 }
 
 /// The variables container `name` of `pod` gets from Secrets, as a `redact::EnvSelector` list:
@@ -218,6 +245,7 @@ pub fn attribute(pod: &Pod, container_id: &str) -> Option<Attribution> {
         restart_count,
         context,
         secret_env: secret_env(pod, &found.name),
+        entrypoint_absent: entrypoint_absent(pod, &found.name),
     })
 }
 
@@ -853,7 +881,31 @@ mod tests {
             restart_count,
             context: "workflows/w/runs/7/steps/build".into(),
             secret_env: String::new(),
+            entrypoint_absent: None,
         })
+    }
+
+    #[test]
+    fn the_spec_tells_why_a_container_has_no_entrypoint_streams() {
+        let p = pod(json!({
+            "metadata": {"name": "p"},
+            "spec": {
+                "containers": [
+                    {"name": "step-build", "env": [
+                        {"name": "RELAY_METADATA_API_URL", "value": "http://relay"},
+                    ]},
+                    // tektoncd/pipeline pkg/pod/pod.go: every step of a hermetic TaskRun.
+                    {"name": "step-offline", "env": [{"name": "TEKTON_HERMETIC", "value": "1"}]},
+                    {"name": "sidecar-db"},
+                ],
+            },
+        }));
+        assert_eq!(entrypoint_absent(&p, "step-build"), None);
+        assert!(entrypoint_absent(&p, "step-offline").is_some_and(|w| w.contains("hermetic")));
+        assert!(
+            entrypoint_absent(&p, "sidecar-db").is_some_and(|w| w.contains("does not run under"))
+        );
+        assert_eq!(entrypoint_absent(&p, "missing"), None);
     }
 
     #[test]

@@ -60,6 +60,7 @@ impl Attributor for Kube {
                 context: a.context,
                 dir: path.to_path_buf(),
                 redact_env: a.secret_env,
+                entrypoint_absent: a.entrypoint_absent,
             }),
             Err(Miss::NotYet) => Attributed::NotYet,
             Err(Miss::NamespaceNotSelected) => {
@@ -118,6 +119,7 @@ mod tests {
             restart_count: 0,
             context: context.into(),
             secret_env: String::new(),
+            entrypoint_absent: None,
         }
     }
 

@@ -40,6 +40,7 @@ impl Attributor for Local {
                     prefix: prefix(dir.strip_prefix(&root).unwrap_or(Path::new(""))),
                     dir: dir.to_path_buf(),
                     redact_env: String::new(),
+                    entrypoint_absent: None,
                 });
             }
         }

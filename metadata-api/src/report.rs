@@ -561,7 +561,12 @@ pub async fn compare_stream(
             (Comparison::EntrypointOnly, None)
         }
         (None, _) => {
-            reasons.push("only the collector stored this stream".to_owned());
+            reasons.push(
+                match ebpf.and_then(|b| b.meta.entrypoint_absent.as_deref()) {
+                    Some(why) => format!("only the collector stored this stream: {why}"),
+                    None => "only the collector stored this stream".to_owned(),
+                },
+            );
             (Comparison::EbpfOnly, None)
         }
         (Some(e), Some(b)) => {

@@ -250,7 +250,12 @@ struct CreateRequest {
     name: String,
     source: Option<Source>,
     context: Option<String>,
+    /// Collector tokens only: see [`StreamMeta::entrypoint_absent`].
+    entrypoint_absent: Option<String>,
 }
+
+/// Longest note a collector may leave on why a container has no entrypoint stream.
+const MAX_ABSENT_NOTE: usize = 256;
 
 #[derive(Debug, Serialize)]
 struct CreateResponse {
@@ -274,6 +279,18 @@ async fn create_stream(
         return Err(ApiError::bad(
             "name must be 1-64 characters of [A-Za-z0-9._-]",
         ));
+    }
+    if let Some(note) = &req.entrypoint_absent {
+        if p.scope != Scope::Collector {
+            return Err(ApiError::Forbidden(
+                "only collector tokens say why an entrypoint stream is absent",
+            ));
+        }
+        if note.len() > MAX_ABSENT_NOTE || note.chars().any(char::is_control) {
+            return Err(ApiError::bad(
+                "entrypoint_absent must be at most 256 bytes without control characters",
+            ));
+        }
     }
     let (context, source) = match p.scope {
         Scope::Read => return Err(ApiError::Forbidden("read tokens cannot create streams")),
@@ -331,6 +348,7 @@ async fn create_stream(
                 context,
                 name: req.name,
                 source,
+                entrypoint_absent: req.entrypoint_absent,
             },
         )
         .await?;

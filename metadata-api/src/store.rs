@@ -52,6 +52,10 @@ pub struct StreamMeta {
     pub context: Context,
     pub name: String,
     pub source: Source,
+    /// On an `ebpf` stream, the collector's word on why the container has no `entrypoint`
+    /// stream of the same name (it is not wrapped, or is a Tekton hermetic step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint_absent: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +130,9 @@ pub struct Status {
     /// (every range it left pending is dropped, and its final length came from the other path).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub writer_died_at: Option<u64>,
+    /// See [`StreamMeta::entrypoint_absent`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entrypoint_absent: Option<String>,
     /// Receive time of the earliest-received stored part, ms since the Unix epoch.
     pub first_received_ms: Option<u64>,
     /// Receive time of the latest-received stored part, ms since the Unix epoch.
@@ -276,6 +283,7 @@ impl Stream {
             pending,
             final_length: st.final_len,
             writer_died_at: st.writer_died_at,
+            entrypoint_absent: self.meta.entrypoint_absent.clone(),
             first_received_ms: st.received.map(|r| r.0),
             last_received_ms: st.received.map(|r| r.1),
         }
@@ -1096,6 +1104,7 @@ mod tests {
             context: Context::stream("workflows/w/triggers/t").unwrap(),
             name: "stdout".into(),
             source: Source::Entrypoint,
+            entrypoint_absent: None,
         }
     }
 

@@ -199,6 +199,55 @@ async fn a_stream_only_the_collector_saw_is_reported_as_one_path() {
     assert_eq!(st["entrypoint"], Value::Null);
     assert_eq!(st["ebpf"]["sha256"], sha256(b"hi\n"));
     assert_eq!(st["divergence"], Value::Null);
+    assert_eq!(
+        st["reasons"],
+        json!(["only the collector stored this stream"])
+    );
+}
+
+#[tokio::test]
+async fn the_report_says_why_the_entrypoint_path_is_empty_when_the_collector_knows() {
+    let s = Server::start(&[]);
+    let (w, c) = writers(&s, CTX);
+    let rd = s.client(&s.token("workflows/w1/runs/r1", Scope::Read));
+    let why = "a Tekton hermetic step: its command runs without a network";
+    let r = c
+        .create(json!({"name": "stdout", "context": CTX, "entrypoint_absent": why}))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.put_at(&id, 0, b"offline build\n").await;
+    c.finish(&id, 14).await;
+    let st = stream(&report(&rd, REPORT).await, "stdout").clone();
+    assert_eq!(st["comparison"], "ebpf_only");
+    assert_eq!(
+        st["reasons"],
+        json!([format!("only the collector stored this stream: {why}")])
+    );
+    let status: Value = c
+        .req(Method::GET, &format!("/logs/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["entrypoint_absent"], why);
+
+    // Only collectors say it, briefly and on one line.
+    let r = w
+        .create(json!({"name": "stderr", "entrypoint_absent": why}))
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    for bad in ["x".repeat(257), "two\nlines".to_owned()] {
+        let r = c
+            .create(json!({"name": "stderr", "context": CTX, "entrypoint_absent": bad}))
+            .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    }
 }
 
 #[tokio::test]

@@ -322,6 +322,7 @@ async fn run(os: Arc<dyn ObjectStore>, prefix: Path, ops: Vec<Op>) {
         context: Context::stream("workflows/w/runs/r/steps/s").expect("context"),
         name: "stdout".to_owned(),
         source: Source::Entrypoint,
+        entrypoint_absent: None,
     };
     let id = "0".repeat(64);
     let mut store = Store::new(os.clone(), prefix.clone(), metrics.clone());

@@ -164,6 +164,11 @@ pub enum SkipReason {
     /// our entrypoint as its child writes nothing there. Left to the collector, which captures
     /// what Tekton tees to the container's output anyway.
     TektonOutputFile,
+    /// A Tekton step in hermetic mode (`TEKTON_HERMETIC=1`): Tekton's entrypoint starts the step's
+    /// command in a network namespace of its own without interfaces (tektoncd/pipeline
+    /// `cmd/entrypoint/runner.go`, `dropNetworking`), where our entrypoint could not ship.
+    /// Left to the collector, which says so in the capture report.
+    TektonHermetic,
 }
 
 impl SkipReason {
@@ -178,6 +183,7 @@ impl SkipReason {
             Self::MalformedTektonArgs => "malformed_tekton_args",
             Self::MountPathTaken => "mount_path_taken",
             Self::TektonOutputFile => "tekton_output_file",
+            Self::TektonHermetic => "tekton_hermetic",
         }
     }
 }
@@ -316,6 +322,9 @@ fn wrap(
         return Err(SkipReason::MountPathTaken);
     }
     match workload {
+        Workload::Tekton if env_value(c, TEKTON_HERMETIC) == Some("1") => {
+            return Err(SkipReason::TektonHermetic);
+        }
         Workload::Tekton => match tekton_args(c.args.as_deref().unwrap_or_default()) {
             Ok(args) => c.args = Some(args),
             // A step without `command`: Tekton resolved the image's entrypoint per platform.
@@ -526,7 +535,7 @@ const TEKTON_BOOL_FLAGS: [&str; 7] = [
 
 /// Flags of Tekton's entrypoint that take a value, its credential helpers' among them
 /// (`pkg/credentials/gitcreds`, `pkg/credentials/dockercreds`).
-const TEKTON_VALUE_FLAGS: [&str; 19] = [
+const TEKTON_VALUE_FLAGS: [&str; 20] = [
     "entrypoint",
     "wait_file",
     "post_file",
@@ -538,6 +547,7 @@ const TEKTON_VALUE_FLAGS: [&str; 19] = [
     "stderr_path",
     "on_error",
     "step_metadata_dir",
+    "step_metadata_dir_link",
     "spire_socket_path",
     "result_from",
     "step_when_expressions",
@@ -628,12 +638,20 @@ fn tekton_args(args: &[String]) -> Result<Vec<String>, SkipReason> {
 /// 955fcc5d8ec1 and 74dcbc45dc8c).
 const TEKTON_PLATFORM_COMMANDS: &str = "TEKTON_PLATFORM_COMMANDS";
 
+/// Tekton's variable of a step in hermetic mode; the value `1` drops the command's network.
+const TEKTON_HERMETIC: &str = "TEKTON_HERMETIC";
+
 /// The literal value of the container's [`TEKTON_PLATFORM_COMMANDS`].
 fn platform_commands(c: &Container) -> Option<&str> {
+    env_value(c, TEKTON_PLATFORM_COMMANDS)
+}
+
+/// The literal value of the container's variable `name`.
+fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
     c.env
         .as_deref()?
         .iter()
-        .find(|e| e.name == TEKTON_PLATFORM_COMMANDS)?
+        .find(|e| e.name == name)?
         .value
         .as_deref()
 }
@@ -1005,6 +1023,65 @@ mod tests {
                 want: Err(SkipReason::MalformedTektonArgs),
             },
             Case {
+                // The first step of a TaskRun with credentials, as tektoncd/pipeline builds it
+                // (pkg/pod/entrypoint.go `orderContainers` at 00f7cc6f2119, credential flags from
+                // pkg/credentials/dockercreds and gitcreds).
+                what: "Tekton first step with metadata link and credential flags",
+                label: Some(TEKTON_TASK_RUN_LABEL),
+                container: tekton(&[
+                    "-wait_file",
+                    "/tekton/downward/ready",
+                    "-wait_file_content",
+                    "-post_file",
+                    "/tekton/run/0/out",
+                    "-termination_path",
+                    "/tekton/termination",
+                    "-step_metadata_dir",
+                    "/tekton/steps/step-sleep",
+                    "-step_metadata_dir_link",
+                    "/tekton/steps/0",
+                    "-docker-cfg=pipeline-dockercfg-5hww7",
+                    "-ssh-git=my-ssh=github.com",
+                    "-timeout",
+                    "1m0s",
+                    "-on_error",
+                    "continue",
+                    "-results",
+                    "digest,url",
+                    "-entrypoint",
+                    "sleep",
+                    "--",
+                    "3600",
+                ]),
+                want: Ok(t(&[
+                    "-wait_file",
+                    "/tekton/downward/ready",
+                    "-wait_file_content",
+                    "-post_file",
+                    "/tekton/run/0/out",
+                    "-termination_path",
+                    "/tekton/termination",
+                    "-step_metadata_dir",
+                    "/tekton/steps/step-sleep",
+                    "-step_metadata_dir_link",
+                    "/tekton/steps/0",
+                    "-docker-cfg=pipeline-dockercfg-5hww7",
+                    "-ssh-git=my-ssh=github.com",
+                    "-timeout",
+                    "1m0s",
+                    "-on_error",
+                    "continue",
+                    "-results",
+                    "digest,url",
+                    "-entrypoint",
+                    ENTRYPOINT_PATH,
+                    "--",
+                    "--",
+                    "sleep",
+                    "3600",
+                ])),
+            },
+            Case {
                 // Go's flag parsing stops at `x`: Tekton's entrypoint hands `x -entrypoint b` to
                 // its subcommands and its `-entrypoint` is `a`, not `b`.
                 what: "Tekton non-flag before --",
@@ -1169,6 +1246,34 @@ mod tests {
         broken.env = Some(vec![value(TEKTON_PLATFORM_COMMANDS, "linux/amd64=/x")]);
         let m4 = run(&pod(Some(TEKTON_TASK_RUN_LABEL), vec![broken], vec![]));
         assert_eq!(m4.skipped[0].reason, SkipReason::MalformedTektonArgs);
+    }
+
+    #[test]
+    fn tekton_hermetic_steps_are_left_to_the_collector() {
+        // tektoncd/pipeline pkg/pod/pod.go sets TEKTON_HERMETIC=1 on every step of a TaskRun
+        // in hermetic execution mode; its entrypoint then starts the command without a network.
+        let mut step = container(
+            "step-build",
+            "golang",
+            &["/tekton/bin/entrypoint"],
+            &[
+                TEKTON_FLAGS.as_slice(),
+                &["-entrypoint", "go", "--", "build"],
+            ]
+            .concat(),
+        );
+        step.env = Some(vec![value("TEKTON_HERMETIC", "1")]);
+        let m = run(&pod(
+            Some(TEKTON_TASK_RUN_LABEL),
+            vec![step.clone()],
+            vec![],
+        ));
+        assert_eq!(m.skipped[0].reason, SkipReason::TektonHermetic);
+        assert!(m.patch.0.is_empty(), "{:?}", m.patch);
+        // Any other value keeps the network, and the step is wrapped.
+        step.env = Some(vec![value("TEKTON_HERMETIC", "0")]);
+        let m = run(&pod(Some(TEKTON_TASK_RUN_LABEL), vec![step], vec![]));
+        assert!(m.skipped.is_empty(), "{:?}", m.skipped);
     }
 
     #[test]

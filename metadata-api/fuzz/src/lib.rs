@@ -78,6 +78,7 @@ impl Harness {
             context,
             name: NAME.to_owned(),
             source: Source::Entrypoint,
+            entrypoint_absent: None,
         };
         let stream = self
             .rt

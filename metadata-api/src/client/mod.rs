@@ -169,6 +169,9 @@ pub struct StreamSpec {
     /// Only collector tokens name a context; write tokens write in their own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context: Option<String>,
+    /// Collector tokens only: why the container has no entrypoint stream of this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entrypoint_absent: Option<String>,
 }
 
 impl StreamSpec {
@@ -178,6 +181,7 @@ impl StreamSpec {
             name: name.into(),
             source: None,
             context: None,
+            entrypoint_absent: None,
         }
     }
 }

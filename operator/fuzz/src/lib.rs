@@ -158,7 +158,7 @@ const TEKTON_BOOL_FLAGS: [&str; 7] = [
     "enable_spire",
 ];
 /// Flags of Tekton's entrypoint that take a value, its credential helpers' among them.
-const TEKTON_VALUE_FLAGS: [&str; 19] = [
+const TEKTON_VALUE_FLAGS: [&str; 20] = [
     "entrypoint",
     "wait_file",
     "post_file",
@@ -170,6 +170,7 @@ const TEKTON_VALUE_FLAGS: [&str; 19] = [
     "stdout_path",
     "stderr_path",
     "step_metadata_dir",
+    "step_metadata_dir_link",
     "result_from",
     "step_when_expressions",
     "spire_socket_path",
