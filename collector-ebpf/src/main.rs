@@ -531,18 +531,30 @@ fn note_command() -> Option<()> {
     } else {
         known.map_or(0, |k| k.entrypoint)
     };
+    let comm = bpf_get_current_comm().ok()?;
+    let wrapper = comm.starts_with(b"entrypoint\0");
     let command = init
         || match known {
             None => true,
             Some(k) if k.tgid == tgid => true,
             // The first child of the entrypoint (a record without files yet).
-            Some(k) => k.stdout == 0 && k.stderr == 0 && parent_is(k.entrypoint),
+            Some(k) if k.stdout == 0 && k.stderr == 0 => parent_is(k.entrypoint),
+            // An entrypoint writing to the container's output, exec'd after another process of
+            // the cgroup wrote or exec'd there: under runc that is its init (which writes its
+            // log and sync pipes from the cgroup before the command starts), and when the
+            // command is not its namespace's pid 1 (`shareProcessNamespace`) nothing else tells
+            // the two apart. The entrypoint puts its own pipes between its child and that
+            // output, so its child's are the ones to watch.
+            Some(k) => {
+                wrapper
+                    && stdio_file(1).map(|f| f.0) == Some(k.stdout)
+                    && stdio_file(2).map(|f| f.0) == Some(k.stderr)
+            }
         };
     if !command {
         return None;
     }
-    let comm = bpf_get_current_comm().ok()?;
-    let stdio = if comm.starts_with(b"entrypoint\0") {
+    let stdio = if wrapper {
         // Ours or Tekton's: its first child is the command, with the pipes it reads.
         StdioInodes {
             stdout: 0,

@@ -39,7 +39,10 @@ fn container_output_is_captured_and_equals_the_entrypoint_path() {
     let (_, stderr) = complete_ebpf(&api, CTX, "plain.stderr");
     assert!(
         stdout == out.stdout,
-        "ebpf stdout differs from the container's"
+        "ebpf stdout differs from the container's: {} against {} bytes, first difference at {:?}",
+        stdout.len(),
+        out.stdout.len(),
+        stdout.iter().zip(&out.stdout).position(|(a, b)| a != b)
     );
     assert_eq!(stderr, out.stderr);
 
@@ -73,4 +76,29 @@ fn container_output_is_captured_and_equals_the_entrypoint_path() {
         entry_out == stdout,
         "and both equal the plain container's output"
     );
+
+    // Again in a pod that shares its process namespace (`shareProcessNamespace`): the command is
+    // not its namespace's pid 1, and runc's init still execs in the cgroup before it.
+    let shared = testbed::Run::new(
+        format!("shared-{id}"),
+        ["/relay/lib/entrypoint", "--", "sh", "-c", SCRIPT],
+    )
+    .cgroup(format!("/{name}/shared"))
+    .host_network()
+    .host_pid()
+    .bind(&bin, "/relay/lib/entrypoint", true)
+    .bind(secrets.path(), "/var/run/relay", true)
+    .env("RELAY_METADATA_API_URL", &api.url)
+    .env("RELAY_METADATA_API_TOKEN_FILE", "/var/run/relay/token")
+    .env("RELAY_STDOUT_STREAM", "shared.stdout")
+    .env("RELAY_STDERR_STREAM", "shared.stderr");
+    let out = containerd.run(&shared).unwrap();
+    assert_eq!(out.code, 0, "{out}");
+    let (_, ebpf_out) = complete_ebpf(&api, CTX, "shared.stdout");
+    let (_, ebpf_err) = complete_ebpf(&api, CTX, "shared.stderr");
+    assert!(
+        ebpf_out == stdout,
+        "ebpf stdout of the shared-pid container"
+    );
+    assert_eq!(ebpf_err, stderr);
 }

@@ -63,6 +63,8 @@ pub struct Run {
     /// Share the host's network namespace (as a pod with `hostNetwork`), so the container reaches
     /// servers on the host's loopback.
     pub host_network: bool,
+    /// Share the host's pid namespace (see [`Run::host_pid`]).
+    pub host_pid: bool,
 }
 
 /// A mount added to a container.
@@ -126,6 +128,7 @@ impl Run {
             cgroup: None,
             timeout: Duration::from_secs(60),
             host_network: false,
+            host_pid: false,
         }
     }
 
@@ -182,6 +185,14 @@ impl Run {
     #[must_use]
     pub fn cgroup(mut self, path: impl Into<String>) -> Self {
         self.cgroup = Some(path.into());
+        self
+    }
+
+    /// Runs in the host's pid namespace: the command is not its namespace's pid 1, as in a pod
+    /// with `shareProcessNamespace` (where the pause container is).
+    #[must_use]
+    pub fn host_pid(mut self) -> Self {
+        self.host_pid = true;
         self
     }
 
@@ -289,13 +300,15 @@ impl Run {
             });
         }
         let mut namespaces = vec![
-            json!({"type": "pid"}),
             json!({"type": "ipc"}),
             json!({"type": "uts"}),
             json!({"type": "mount"}),
         ];
         if !self.host_network {
             namespaces.push(json!({"type": "network"}));
+        }
+        if !self.host_pid {
+            namespaces.push(json!({"type": "pid"}));
         }
         json!({
             "ociVersion": "1.0.2",
