@@ -1,12 +1,15 @@
 //! Kernel side of the collector: captures what tasks in watched cgroups write to their stdout and
 //! stderr.
 //!
-//! Two raw tracepoints, `sys_enter` and `sys_exit`, see every syscall. At entry, a native
-//! syscall that can put bytes into a file (see [`collector_common::syscall`]) is filtered (a
-//! watched cgroup, a pipe or tty behind its target fd, whatever the fd's number, and that file
-//! being the container's stdout or stderr when the cgroup's stdio is known) and its arguments
-//! saved per thread; at exit exactly the `ret` bytes that were written are copied into the ring
-//! buffer, in chunks of at most [`CHUNK_BYTES`], each with its offset in the stream. Bytes the
+//! One raw tracepoint, `sys_exit`, sees every syscall as it returns, with the registers it was
+//! called with. A native syscall that can put bytes into a file (see
+//! [`collector_common::syscall`]) and wrote some is filtered (a watched cgroup, a pipe or tty
+//! behind its target fd, whatever the fd's number, and that file being the container's stdout or
+//! stderr when the cgroup's stdio is known), and exactly the `ret` bytes it wrote are copied into
+//! the ring buffer, in chunks of at most [`CHUNK_BYTES`], each with its offset in the stream. The
+//! arguments are still in the saved registers at exit (the kernel does not change a native
+//! syscall's argument registers), so nothing runs at syscall entry: an unwatched process pays
+//! for one program per syscall, a watched write for no per-write map insert. Bytes the
 //! kernel moved from another file or pipe (`sendfile`, `splice`, `tee`) cannot be read here:
 //! they take their place in the stream's offsets all the same, and one record without data says
 //! which range and why, which user space reports as dropped. A chunk that does not fit into the
@@ -25,6 +28,9 @@
 //! `IOSQE_CQE_SKIP_SUCCESS` that succeeds posts no completion at all, and one whose completion
 //! overflows a full completion queue is posted later without the request; both are documented
 //! as not captured.
+//!
+//! While a new collector takes over from an old one, both attach to the same events; the shared
+//! `OWNER` word says whose programs capture, and the new collector switches it in one store.
 //!
 //! Raw tracepoints rather than the per-syscall `syscalls/sys_enter_write` events: those are
 //! attached by an id read from tracefs, which a fresh host does not mount and a container's
@@ -95,6 +101,10 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     uring_rw_len: 0,
 });
 
+/// This load of the programs: they capture only while `OWNER` holds it.
+#[unsafe(no_mangle)]
+static INSTANCE: Global<u64> = Global::new(0);
+
 /// Wake the reader only once this many bytes wait in the ring buffer; user space also reads on a
 /// short timer, so a trickle is not held back. 0 wakes it for every record.
 #[unsafe(no_mangle)]
@@ -120,9 +130,14 @@ static STREAMS: HashMap<StreamKey, StreamState> = HashMap::with_max_entries(1638
 #[map]
 static CGROUP_STDIO: HashMap<u64, StdioInodes> = HashMap::with_max_entries(16384, 0);
 
-/// A write in progress, per thread (`pid_tgid`), saved at syscall entry.
+/// Each writing thread's copy state (`pid_tgid`; `URING_KEY | pid_tgid` for io_uring
+/// completions), kept between its writes so a write looks it up rather than inserting it.
 #[map]
 static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0);
+
+/// Index 0: the `INSTANCE` of the collector whose programs capture (set by user space).
+#[map]
+static OWNER: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Captured chunks for user space. Its size is set by the loader.
 #[map]
@@ -136,9 +151,9 @@ static CURSORS: HashMap<StreamKey, Cursor> = HashMap::with_max_entries(16384, 0)
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// A watched write between its syscall entry and exit. It also holds the state of the copy loop:
-/// `bpf_loop` callbacks compare values kept in map memory far more cheaply for the verifier than
-/// values on the stack.
+/// A watched write being copied: its stream, arguments and the state of the copy loop, in map
+/// memory because `bpf_loop` callbacks compare values kept there far more cheaply for the
+/// verifier than values on the stack.
 #[repr(C)]
 struct Pending {
     key: StreamKey,
@@ -166,10 +181,6 @@ struct Pending {
     uncopied: u32,
     /// u32 flag instead of bool so this type has no implicit padding.
     vectored: u32,
-    /// For an io_uring completion: the address of the completion queue entry it filled, so that
-    /// a second program attached to the same event (while a new collector takes over from an
-    /// old one) sees it was taken.
-    event: u64,
 }
 
 /// `struct iovec` as user space passes it.
@@ -190,32 +201,26 @@ const MEM_MAJOR: u32 = 1;
 /// passed differently (arch/x86/include/asm/thread_info.h).
 const TS_COMPAT: u32 = 0x0002;
 
-#[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn sys_enter(ctx: RawTracePointContext) -> u32 {
-    // TP_PROTO(struct pt_regs *regs, long id)
-    let Some(op) = watched_syscall(ctx.arg(1)) else {
-        return 0;
-    };
-    enter(ctx.arg(0), op).unwrap_or(0)
-}
-
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
     // TP_PROTO(struct pt_regs *regs, long ret)
+    let ret: i64 = ctx.arg(1);
+    if ret <= 0 {
+        return 0;
+    }
     let regs: u64 = ctx.arg(0);
     let Some(op) = read_kernel::<u64>(regs, OFFSETS.load().regs_nr).and_then(watched_syscall)
     else {
         return 0;
     };
-    let ret: i64 = ctx.arg(1);
-    exit(&ctx, ret, op).unwrap_or(0)
+    exit(&ctx, regs, op, ret as u64).unwrap_or(0)
 }
 
 #[raw_tracepoint(tracepoint = "io_uring_complete")]
 pub fn io_uring_complete(ctx: RawTracePointContext) -> u32 {
     // TP_PROTO(struct io_ring_ctx *ctx, void *req, struct io_uring_cqe *cqe) since 5.19 (before:
     // ctx, req, user_data, res, cflags). The result is read from the request, not the entry.
-    uring_complete(ctx.arg(1), ctx.arg(2)).unwrap_or(0)
+    uring_complete(ctx.arg(1)).unwrap_or(0)
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
@@ -291,7 +296,7 @@ unsafe fn fetch_add(dst: *mut u64, n: u64) -> u64 {
     value
 }
 
-fn enter(regs: u64, op: usize) -> Result<u32, i64> {
+fn exit(ctx: &RawTracePointContext, regs: u64, op: usize, written: u64) -> Result<u32, i64> {
     let off = OFFSETS.load();
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
@@ -322,7 +327,7 @@ fn enter(regs: u64, op: usize) -> Result<u32, i64> {
     };
     // SAFETY: a helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if not_output(cgroup_id, ino) {
+    if not_output(cgroup_id, ino) || !owner() {
         return Ok(0);
     }
     let (buf, count_arg) = if shape.uncopied == uncopied::NONE {
@@ -333,10 +338,47 @@ fn enter(regs: u64, op: usize) -> Result<u32, i64> {
     } else {
         (0, 0)
     };
-    let pending = Pending {
-        key: StreamKey { cgroup_id, ino },
-        buf,
-        count: count_arg,
+    let Some(p) = scratch(pid_tgid) else {
+        count(counter::UNTRACKED_WRITES, 1);
+        return Ok(0);
+    };
+    p.key = StreamKey { cgroup_id, ino };
+    p.buf = buf;
+    p.count = count_arg;
+    p.fd = fd as u32;
+    p.kind = kind;
+    p.tgid = tgid;
+    p.op = op as u32;
+    p.uncopied = shape.uncopied;
+    p.vectored = u32::from(shape.vectored);
+    if capture(p, written) == Some(0) {
+        debug!(
+            ctx,
+            "new stream: cgroup {} inode {} fd {}", p.key.cgroup_id, p.key.ino, p.fd
+        );
+    }
+    Ok(0)
+}
+
+/// Whether this load of the programs is the one that captures (see `OWNER`).
+fn owner() -> bool {
+    OWNER.get(0).copied() == Some(INSTANCE.load())
+}
+
+/// The copy state of the thread (or io_uring completion) `key`, created on its first write.
+fn scratch(key: u64) -> Option<&'static mut Pending> {
+    if let Some(p) = PENDING.get_ptr_mut(&key) {
+        // SAFETY: the entry of the current thread, which only this thread's runs of the
+        // programs touch, and only one at a time.
+        return Some(unsafe { &mut *p });
+    }
+    let fresh = Pending {
+        key: StreamKey {
+            cgroup_id: 0,
+            ino: 0,
+        },
+        buf: 0,
+        count: 0,
         base: 0,
         total: 0,
         done: 0,
@@ -344,18 +386,16 @@ fn enter(regs: u64, op: usize) -> Result<u32, i64> {
         iov_base: 0,
         iov_len: 0,
         iov_off: 0,
-        fd: fd as u32,
-        kind,
-        tgid,
-        op: op as u32,
-        uncopied: shape.uncopied,
-        vectored: u32::from(shape.vectored),
-        event: 0,
+        fd: 0,
+        kind: 0,
+        tgid: 0,
+        op: 0,
+        uncopied: 0,
+        vectored: 0,
     };
-    if PENDING.insert(&pid_tgid, &pending, 0).is_err() {
-        count(counter::UNTRACKED_WRITES, 1);
-    }
-    Ok(0)
+    PENDING.insert(&key, &fresh, 0).ok()?;
+    // SAFETY: as above.
+    PENDING.get_ptr_mut(&key).map(|p| unsafe { &mut *p })
 }
 
 /// Whether file `ino` of the current task's cgroup is one its stdio record rules out: another
@@ -381,7 +421,7 @@ const URING_KEY: u64 = 1 << 63;
 
 /// At an io_uring completion in a watched cgroup: captures what a write-type request put into
 /// the container's output, as the syscall exit does for a syscall.
-fn uring_complete(req: u64, cqe: u64) -> Option<u32> {
+fn uring_complete(req: u64) -> Option<u32> {
     let off = OFFSETS.load();
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
@@ -411,10 +451,7 @@ fn uring_complete(req: u64, cqe: u64) -> Option<u32> {
     if not_output(cgroup_id, ino) {
         return None;
     }
-    let key = URING_KEY | pid_tgid;
-    // SAFETY: a copy is taken at once.
-    if unsafe { PENDING.get(&key) }.is_some_and(|p| p.event == cqe) {
-        // Another collector's program took this completion first.
+    if !owner() {
         return None;
     }
     // io-wq workers and the SQPOLL thread share the submitter's files: its fd 2 tells stderr.
@@ -430,32 +467,20 @@ fn uring_complete(req: u64, cqe: u64) -> Option<u32> {
     } else {
         (0, 0)
     };
-    let pending = Pending {
-        key: StreamKey { cgroup_id, ino },
-        buf,
-        count: count_arg,
-        base: 0,
-        total: 0,
-        done: 0,
-        iov_next: 0,
-        iov_base: 0,
-        iov_len: 0,
-        iov_off: 0,
-        fd,
-        kind,
-        tgid,
-        op: u32::MAX,
-        uncopied,
-        vectored: 0,
-        event: cqe,
-    };
-    if PENDING.insert(&key, &pending, 0).is_err() {
+    let Some(p) = scratch(URING_KEY | pid_tgid) else {
         count(counter::UNTRACKED_WRITES, 1);
         return None;
-    }
-    let p = PENDING.get_ptr_mut(&key)?;
-    // SAFETY: this thread's io_uring entry, which only this thread touches.
-    capture(unsafe { &mut *p }, res as u64);
+    };
+    p.key = StreamKey { cgroup_id, ino };
+    p.buf = buf;
+    p.count = count_arg;
+    p.fd = fd;
+    p.kind = kind;
+    p.tgid = tgid;
+    p.op = u32::MAX;
+    p.uncopied = uncopied;
+    p.vectored = 0;
+    capture(p, res as u64);
     Some(0)
 }
 
@@ -637,24 +662,6 @@ fn file_kind(file: u64) -> Option<(u64, u32)> {
     };
     let ino: u64 = read_kernel(inode, off.inode_ino)?;
     Some((ino, kind))
-}
-
-fn exit(ctx: &RawTracePointContext, ret: i64, op: usize) -> Result<u32, i64> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(pending) = PENDING.get_ptr_mut(&pid_tgid) else {
-        return Ok(0);
-    };
-    // SAFETY: our thread's entry, which only this thread touches between enter and exit.
-    let p = unsafe { &mut *pending };
-    // An entry of another syscall is stale (its exit was missed); never copy with it.
-    if ret > 0 && p.op == op as u32 && capture(p, ret as u64) == Some(0) {
-        debug!(
-            ctx,
-            "new stream: cgroup {} inode {} fd {}", p.key.cgroup_id, p.key.ino, p.fd
-        );
-    }
-    let _ = PENDING.remove(&pid_tgid);
-    Ok(0)
 }
 
 fn stream(key: &StreamKey, fd: u32) -> Option<*mut StreamState> {

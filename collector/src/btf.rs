@@ -92,8 +92,8 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
 
 /// How the host architecture's syscall tracepoints see a native syscall: the `pt_regs` members
 /// of its number and first three arguments, and the numbers of the syscalls the programs watch.
-/// The programs attach to the raw `sys_enter`/`sys_exit` tracepoints, which hand them `pt_regs`
-/// as the syscall entry saved them (not the per-syscall records of tracefs), so this is ABI.
+/// The programs attach to the raw `sys_exit` tracepoint, which hands them `pt_regs` as the
+/// syscall entry saved them (not the per-syscall records of tracefs), so this is ABI.
 struct SyscallAbi {
     regs: [&'static str; 4],
     /// Indexed by `collector_common::syscall::*`.

@@ -27,19 +27,14 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/co
 
 /// The raw tracepoints the programs attach to, by name through `BPF_RAW_TRACEPOINT_OPEN` (no
 /// tracefs needed, so it works on a host that does not mount it and in a container whose `/sys`
-/// lacks it); the program names are the tracepoint names. Exit first: an entry saved before its
-/// exit program is attached would otherwise stay behind. `io_uring_complete` only where the kernel
-/// has io_uring.
-const TRACEPOINTS: [&str; 4] = [
-    "sched_process_exec",
-    "io_uring_complete",
-    "sys_exit",
-    "sys_enter",
-];
+/// lacks it); the program names are the tracepoint names. `io_uring_complete` only where the
+/// kernel has io_uring.
+const TRACEPOINTS: [&str; 3] = ["sched_process_exec", "io_uring_complete", "sys_exit"];
 
 /// The maps shared by every run of the collector on a node when it pins them: all of the
 /// programs' state, so that offsets keep counting (and the ring keeps filling) between runs.
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 10] = [
+    "OWNER",
     "WATCHED",
     "VERDICTS",
     "GENERATION",
@@ -134,6 +129,12 @@ impl Probes {
         }
         let offsets: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX))?;
         let self_tgid = std::process::id();
+        // Tells this load's programs from an earlier collector's, which stay attached (through
+        // their pinned links) until this one has taken over.
+        let instance: u64 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ (u64::from(self_tgid) << 40);
         // aya-log's level global: 0 turns every log statement into a cheap early return.
         let log_level: u8 = if opts.log { 0xff } else { 0 };
         // Without pins the collector still captures; it only loses the hand-over between runs,
@@ -156,6 +157,7 @@ impl Probes {
         let mut loader = EbpfLoader::new();
         loader
             .override_global("SELF_TGID", &self_tgid, true)
+            .override_global("INSTANCE", &instance, true)
             .override_global("OFFSETS", &offsets, true)
             .override_global("WAKEUP_BYTES", &opts.wakeup_bytes, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
@@ -203,10 +205,17 @@ impl Probes {
             };
             attach().map_err(|reason| Refusal::Attach { tracepoint, reason })?;
         }
+        // Ours capture from here on, an earlier run's no more: one store switches every event
+        // from its programs to ours, so each write is captured exactly once across the handover.
+        let mut owner: Array<_, u64> = ebpf
+            .map_mut("OWNER")
+            .ok_or_else(|| Refusal::Load("map OWNER missing from the object".to_owned()))
+            .and_then(|m| Array::try_from(m).map_err(|e| Refusal::Load(chain(&e))))?;
+        owner
+            .set(0, instance, 0)
+            .map_err(|e| Refusal::Load(chain(&e)))?;
         if let Some(pins) = &pins {
-            // Ours count now; those of an earlier run detach as their pins go. Until here both
-            // ran, which counts each write once: whichever exit program runs first for a write
-            // takes its pending entry (the programs of one event run one after the other).
+            // Those of an earlier run detach as their pins go.
             pins.release_others(&link_paths);
         }
         let mut take = |name: &str| {
