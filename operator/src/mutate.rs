@@ -847,6 +847,30 @@ mod tests {
         "/tekton/run/0/out",
     ];
 
+    /// Tekton's flags on the first step of a TaskRun with credentials and a timeout, an
+    /// `onError` and results (see the case that uses them).
+    const FIRST_STEP_FLAGS: [&str; 19] = [
+        "-wait_file",
+        "/tekton/downward/ready",
+        "-wait_file_content",
+        "-post_file",
+        "/tekton/run/0/out",
+        "-termination_path",
+        "/tekton/termination",
+        "-step_metadata_dir",
+        "/tekton/steps/step-sleep",
+        "-step_metadata_dir_link",
+        "/tekton/steps/0",
+        "-docker-cfg=pipeline-dockercfg-5hww7",
+        "-ssh-git=my-ssh=github.com",
+        "-timeout",
+        "1m0s",
+        "-on_error",
+        "continue",
+        "-results",
+        "digest,url",
+    ];
+
     #[test]
     fn commands_are_wrapped_following_kubernetes_rules() {
         struct Case {
@@ -1028,58 +1052,18 @@ mod tests {
                 // pkg/credentials/dockercreds and gitcreds).
                 what: "Tekton first step with metadata link and credential flags",
                 label: Some(TEKTON_TASK_RUN_LABEL),
-                container: tekton(&[
-                    "-wait_file",
-                    "/tekton/downward/ready",
-                    "-wait_file_content",
-                    "-post_file",
-                    "/tekton/run/0/out",
-                    "-termination_path",
-                    "/tekton/termination",
-                    "-step_metadata_dir",
-                    "/tekton/steps/step-sleep",
-                    "-step_metadata_dir_link",
-                    "/tekton/steps/0",
-                    "-docker-cfg=pipeline-dockercfg-5hww7",
-                    "-ssh-git=my-ssh=github.com",
-                    "-timeout",
-                    "1m0s",
-                    "-on_error",
-                    "continue",
-                    "-results",
-                    "digest,url",
-                    "-entrypoint",
-                    "sleep",
-                    "--",
-                    "3600",
-                ]),
+                container: tekton(
+                    &[
+                        FIRST_STEP_FLAGS.as_slice(),
+                        &["-entrypoint", "sleep", "--", "3600"],
+                    ]
+                    .concat(),
+                ),
                 want: Ok(t(&[
-                    "-wait_file",
-                    "/tekton/downward/ready",
-                    "-wait_file_content",
-                    "-post_file",
-                    "/tekton/run/0/out",
-                    "-termination_path",
-                    "/tekton/termination",
-                    "-step_metadata_dir",
-                    "/tekton/steps/step-sleep",
-                    "-step_metadata_dir_link",
-                    "/tekton/steps/0",
-                    "-docker-cfg=pipeline-dockercfg-5hww7",
-                    "-ssh-git=my-ssh=github.com",
-                    "-timeout",
-                    "1m0s",
-                    "-on_error",
-                    "continue",
-                    "-results",
-                    "digest,url",
-                    "-entrypoint",
-                    ENTRYPOINT_PATH,
-                    "--",
-                    "--",
-                    "sleep",
-                    "3600",
-                ])),
+                    FIRST_STEP_FLAGS.as_slice(),
+                    &["-entrypoint", ENTRYPOINT_PATH, "--", "--", "sleep", "3600"],
+                ]
+                .concat())),
             },
             Case {
                 // Go's flag parsing stops at `x`: Tekton's entrypoint hands `x -entrypoint b` to
