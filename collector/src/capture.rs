@@ -346,7 +346,7 @@ impl<A: Attributor> Engine<A> {
         if target.entrypoint_absent.is_none() {
             target.entrypoint_absent = environ
                 .as_deref()
-                .and_then(|e| entrypoint_absent(environ_vars(e)));
+                .and_then(|e| entrypoint_absent(redact::environ_vars(e)));
         }
         self.cgroups.insert(
             cgroup_id,
@@ -756,14 +756,6 @@ pub fn entrypoint_absent<'a>(
     )
 }
 
-/// The variables of a `/proc/PID/environ`.
-fn environ_vars(environ: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
-    environ.split(|&b| b == 0).filter_map(|entry| {
-        let eq = entry.iter().position(|&b| b == b'=')?;
-        Some((&entry[..eq], &entry[eq + 1..]))
-    })
-}
-
 impl Held {
     /// The files the held chunks were written to.
     fn inos(&self) -> Vec<u64> {
@@ -871,7 +863,7 @@ mod tests {
 
     #[test]
     fn the_environment_tells_why_a_container_has_no_entrypoint_streams() {
-        let absent = |environ: &[u8]| entrypoint_absent(environ_vars(environ));
+        let absent = |environ: &[u8]| entrypoint_absent(redact::environ_vars(environ));
         let wrapped = b"PATH=/bin\0RELAY_METADATA_API_URL=http://api\0HOME=/";
         assert_eq!(absent(wrapped), None);
         let hermetic = b"RELAY_METADATA_API_URL=http://api\0TEKTON_HERMETIC=1\0";

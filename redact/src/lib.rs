@@ -190,13 +190,7 @@ impl Secrets {
 
     /// As [`Secrets::from_environ`], with the variables `extra` selects too.
     pub fn from_environ_with(environ: &[u8], extra: &EnvSelector) -> Result<Self, Error> {
-        Self::from_vars_with(
-            environ.split(|&b| b == 0).filter_map(|entry| {
-                let eq = entry.iter().position(|&b| b == b'=')?;
-                Some((&entry[..eq], &entry[eq + 1..]))
-            }),
-            extra,
-        )
+        Self::from_vars_with(environ_vars(environ), extra)
     }
 
     /// Number of matchable forms (values and lines of values).
@@ -490,6 +484,15 @@ impl Redactor {
             self.carry.extend_from_slice(chunk);
         }
     }
+}
+
+/// The `(name, value)` pairs of a `/proc/PID/environ` file (`KEY=VALUE` entries ended by NUL
+/// bytes); entries without `=` are skipped.
+pub fn environ_vars(environ: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
+    environ.split(|&b| b == 0).filter_map(|entry| {
+        let eq = entry.iter().position(|&b| b == b'=')?;
+        Some((&entry[..eq], &entry[eq + 1..]))
+    })
 }
 
 #[cfg(test)]
