@@ -1,8 +1,8 @@
 //! Kernel side of the collector: captures what tasks in watched cgroups write to their stdout and
 //! stderr.
 //!
-//! One raw tracepoint, `sys_exit`, sees every syscall as it returns, with the registers it was
-//! called with. A native syscall that can put bytes into a file (see
+//! One BTF-typed tracepoint (`tp_btf`), `sys_exit`, sees every syscall as it returns, with the
+//! registers it was called with. A native syscall that can put bytes into a file (see
 //! [`collector_common::syscall`]) and wrote some is filtered (a watched cgroup, a pipe or tty
 //! behind its target fd, whatever the fd's number, and that file being the container's stdout or
 //! stderr when the cgroup's stdio is known), and exactly the `ret` bytes it wrote are copied into
@@ -16,12 +16,21 @@
 //! ring buffer is counted, never waited for: user space sees the gap in the offsets and reports
 //! it as dropped.
 //!
-//! A third raw tracepoint, `sched_process_exec`, notes the stdout and stderr of each container's
+//! This program runs for every syscall on the node, so its path is kept short: BTF typing lets
+//! it read the registers and the task's fd table with plain loads (the JIT guards them) rather
+//! than a helper call each, the hot functions are inlined (a BPF-to-BPF call and return cost
+//! more than their bodies here), and the rare paths (a new stream, a thread's first write, a
+//! cgroup without a cached verdict) are out of line. `fexit` trampolines on the write syscalls
+//! would spare every other syscall altogether, but kernels that forbid trampolines refuse to
+//! load them (this project's test machines among them: `EPERM` for any `fentry`/`fexit`
+//! program), while tracepoints work everywhere the collector runs.
+//!
+//! A raw tracepoint, `sched_process_exec`, notes the stdout and stderr of each container's
 //! command when it starts (see [`StdioInodes`]): a container's output is a file, reached through
 //! any fd (`dup2`, a reopen of `/dev/stdout`, a log file linked to it), and only writes to that
 //! file are captured.
 //!
-//! A fourth, `io_uring_complete`, takes writes a program hands to io_uring instead of a syscall:
+//! Another, `io_uring_complete`, takes writes a program hands to io_uring instead of a syscall:
 //! at each completion of a write-type request on such a file, the `res` bytes it wrote are
 //! copied from the request's buffer (`WRITE`, `WRITE_FIXED`) or recorded as uncopied
 //! (`WRITEV`, whose iovec array may be gone by then, `SPLICE`, `TEE`). Two completions never reach it: a request submitted with
@@ -32,11 +41,11 @@
 //! While a new collector takes over from an old one, both attach to the same events; the shared
 //! `OWNER` word says whose programs capture, and the new collector switches it in one store.
 //!
-//! Raw tracepoints rather than the per-syscall `syscalls/sys_enter_write` events: those are
-//! attached by an id read from tracefs, which a fresh host does not mount and a container's
-//! `/sys` does not have, while a raw tracepoint is opened by name with one `bpf()` call. They are
-//! also cheaper for the writes that matter (no perf record is built per event), and one program
-//! pair can take every syscall that writes into a file.
+//! Raw and BTF-typed tracepoints rather than the per-syscall `syscalls/sys_enter_write` events:
+//! those are attached by an id read from tracefs, which a fresh host does not mount and a
+//! container's `/sys` does not have, while these are opened by name or BTF id with one `bpf()`
+//! call. They are also cheaper for the writes that matter (no perf record is built per event),
+//! and one program can take every syscall that writes into a file.
 #![no_std]
 #![no_main]
 // The BPF target has no compare-and-swap, so core's atomic types offer no `fetch_add`, and
@@ -53,12 +62,13 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_loop, bpf_probe_read_user,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_get_current_task_btf,
+            bpf_loop, bpf_probe_read_user,
         },
     },
-    macros::{map, raw_tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::RawTracePointContext,
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 use aya_log_ebpf::debug;
 use collector_common::{
@@ -100,6 +110,23 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     uring_rw_addr: 0,
     uring_rw_len: 0,
 });
+
+/// One member of [`OFFSETS`]. `Global::load` would copy the whole struct (a volatile read of
+/// some 200 bytes) for each use, on the path every syscall takes; this reads one word.
+macro_rules! offset {
+    ($($member:tt)+) => {
+        // SAFETY: `Global<T>` is a single field around `MaybeUninit<T>`, so the `T` starts it
+        // (checked below), and the loader always initialises it. Volatile, as `Global::load`,
+        // so that the compiler does not fold in the placeholder values of the object file.
+        unsafe {
+            core::ptr::read_volatile(
+                &raw const (*(&raw const OFFSETS).cast::<KernelOffsets>()).$($member)+,
+            )
+        }
+    };
+}
+
+const _: () = assert!(size_of::<Global<KernelOffsets>>() == size_of::<KernelOffsets>());
 
 /// This load of the programs: they capture only while `OWNER` holds it.
 #[unsafe(no_mangle)]
@@ -201,16 +228,16 @@ const MEM_MAJOR: u32 = 1;
 /// passed differently (arch/x86/include/asm/thread_info.h).
 const TS_COMPAT: u32 = 0x0002;
 
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn sys_exit(ctx: RawTracePointContext) -> u32 {
-    // TP_PROTO(struct pt_regs *regs, long ret)
+#[btf_tracepoint(function = "sys_exit")]
+pub fn sys_exit(ctx: BtfTracePointContext) -> u32 {
+    // TP_PROTO(struct pt_regs *regs, long ret). A BTF-typed tracepoint, so `regs` is a typed
+    // pointer that is read with plain loads: this runs for every syscall on the node.
     let ret: i64 = ctx.arg(1);
     if ret <= 0 {
         return 0;
     }
     let regs: u64 = ctx.arg(0);
-    let Some(op) = read_kernel::<u64>(regs, OFFSETS.load().regs_nr).and_then(watched_syscall)
-    else {
+    let Some(op) = watched_syscall(load(regs, offset!(regs_nr))) else {
         return 0;
     };
     exit(&ctx, regs, op, ret as u64).unwrap_or(0)
@@ -233,16 +260,16 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> u32 {
 
 /// The `syscall::*` index of native syscall number `id`; `None` for every other syscall, which
 /// the programs pass over at once.
+#[inline(always)]
 fn watched_syscall(id: u64) -> Option<usize> {
-    let nr = OFFSETS.load().nr;
     // The two that nearly every captured byte goes through come first.
-    if id == nr[syscall::WRITE] {
+    if id == offset!(nr[syscall::WRITE]) {
         return Some(syscall::WRITE);
     }
-    if id == nr[syscall::WRITEV] {
+    if id == offset!(nr[syscall::WRITEV]) {
         return Some(syscall::WRITEV);
     }
-    (syscall::PWRITEV2..syscall::COUNT).find(|&op| nr[op] == id)
+    (syscall::PWRITEV2..syscall::COUNT).find(|&op| offset!(nr[op]) == id)
 }
 
 /// Where the target fd of `op` is among its arguments, how its bytes are read, and why they
@@ -253,6 +280,7 @@ struct Shape {
     uncopied: u32,
 }
 
+#[inline(always)]
 fn shape(op: usize) -> Shape {
     let (fd_arg, vectored, uncopied) = match op {
         syscall::WRITE => (0, false, uncopied::NONE),
@@ -269,6 +297,7 @@ fn shape(op: usize) -> Shape {
     }
 }
 
+#[inline(always)]
 fn count(index: u32, n: u64) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: the pointer is to this CPU's slot of a live map value; an atomic add keeps it
@@ -282,6 +311,7 @@ fn count(index: u32, n: u64) {
 /// # Safety
 ///
 /// `dst` must point to a live, aligned `u64` in map memory.
+#[inline(always)]
 unsafe fn fetch_add(dst: *mut u64, n: u64) -> u64 {
     let mut value = n;
     // SAFETY: as the caller promises; BPF_ATOMIC | BPF_FETCH | BPF_ADD on a double word.
@@ -296,44 +326,43 @@ unsafe fn fetch_add(dst: *mut u64, n: u64) -> u64 {
     value
 }
 
-fn exit(ctx: &RawTracePointContext, regs: u64, op: usize, written: u64) -> Result<u32, i64> {
-    let off = OFFSETS.load();
+#[inline(always)]
+fn exit(ctx: &BtfTracePointContext, regs: u64, op: usize, written: u64) -> Result<u32, i64> {
+    // The cgroup first: it rules out nearly every write on the node.
+    // SAFETY: a helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if watched_root(cgroup_id) == 0 {
+        return Ok(0);
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid == SELF_TGID.load() {
         return Ok(0);
     }
-    if watched_root() == 0 {
-        return Ok(0);
-    }
     // A 32-bit syscall of the same number is another syscall: the per-syscall tracepoints
     // passed these over too.
-    // SAFETY: a helper without arguments.
-    let task = unsafe { bpf_get_current_task() };
-    let status: u32 = read_kernel(task, off.task_ti_status).ok_or(0)?;
+    let status: u32 = load(current_task(), offset!(task_ti_status));
     if status & TS_COMPAT != 0 {
         return Ok(0);
     }
     // The fd is read only now: every write on the node gets this far only from a watched cgroup.
     let shape = shape(op);
     let fd_at = match shape.fd_arg {
-        0 => off.regs_arg0,
-        1 => off.regs_arg1,
-        _ => off.regs_arg2,
+        0 => offset!(regs_arg0),
+        1 => offset!(regs_arg1),
+        _ => offset!(regs_arg2),
     };
-    let fd: u64 = read_kernel(regs, fd_at).ok_or(0)?;
+    let fd: u64 = load(regs, fd_at);
     let Some((ino, kind)) = stdio_file(fd) else {
         return Ok(0);
     };
-    // SAFETY: a helper without arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if not_output(cgroup_id, ino) || !owner() {
         return Ok(0);
     }
     let (buf, count_arg) = if shape.uncopied == uncopied::NONE {
         (
-            read_kernel(regs, off.regs_arg1).ok_or(0)?,
-            read_kernel(regs, off.regs_arg2).ok_or(0)?,
+            load(regs, offset!(regs_arg1)),
+            load(regs, offset!(regs_arg2)),
         )
     } else {
         (0, 0)
@@ -361,17 +390,25 @@ fn exit(ctx: &RawTracePointContext, regs: u64, op: usize, written: u64) -> Resul
 }
 
 /// Whether this load of the programs is the one that captures (see `OWNER`).
+#[inline(always)]
 fn owner() -> bool {
     OWNER.get(0).copied() == Some(INSTANCE.load())
 }
 
 /// The copy state of the thread (or io_uring completion) `key`, created on its first write.
+#[inline(always)]
 fn scratch(key: u64) -> Option<&'static mut Pending> {
     if let Some(p) = PENDING.get_ptr_mut(&key) {
         // SAFETY: the entry of the current thread, which only this thread's runs of the
         // programs touch, and only one at a time.
         return Some(unsafe { &mut *p });
     }
+    new_scratch(key)
+}
+
+/// [`scratch`] for a thread's first write: out of line, as it is rare.
+#[inline(never)]
+fn new_scratch(key: u64) -> Option<&'static mut Pending> {
     let fresh = Pending {
         key: StreamKey {
             cgroup_id: 0,
@@ -400,6 +437,7 @@ fn scratch(key: u64) -> Option<&'static mut Pending> {
 
 /// Whether file `ino` of the current task's cgroup is one its stdio record rules out: another
 /// pipe of the container (`a | b` inside it), not its output.
+#[inline(always)]
 fn not_output(cgroup_id: u64, ino: u64) -> bool {
     // SAFETY: a copy is taken at once.
     unsafe { CGROUP_STDIO.get(&cgroup_id) }
@@ -422,13 +460,14 @@ const URING_KEY: u64 = 1 << 63;
 /// At an io_uring completion in a watched cgroup: captures what a write-type request put into
 /// the container's output, as the syscall exit does for a syscall.
 fn uring_complete(req: u64) -> Option<u32> {
-    let off = OFFSETS.load();
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if tgid == SELF_TGID.load() || watched_root() == 0 {
+    // SAFETY: a helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if tgid == SELF_TGID.load() || watched_root(cgroup_id) == 0 {
         return None;
     }
-    let opcode: u8 = read_kernel(req, off.uring_req_opcode)?;
+    let opcode: u8 = read_kernel(req, offset!(uring_req_opcode))?;
     // The buffer of a `WRITE` must stay put until its completion, and the request keeps its
     // address. A `WRITEV`'s iovec array is not: the kernel copies it at submission and the
     // program may reuse it at once, so reading it now could store other bytes; its range is
@@ -440,14 +479,12 @@ fn uring_complete(req: u64) -> Option<u32> {
         IORING_OP_TEE => uncopied::URING_TEE,
         _ => return None,
     };
-    let res: i32 = read_kernel(req, off.uring_req_res)?;
+    let res: i32 = read_kernel(req, offset!(uring_req_res))?;
     if res <= 0 {
         return None;
     }
-    let file: u64 = read_kernel(req, off.uring_req_file)?;
+    let file: u64 = read_kernel(req, offset!(uring_req_file))?;
     let (ino, kind) = file_kind(file)?;
-    // SAFETY: a helper without arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if not_output(cgroup_id, ino) {
         return None;
     }
@@ -461,9 +498,9 @@ fn uring_complete(req: u64) -> Option<u32> {
         1
     };
     let (buf, count_arg) = if uncopied == uncopied::NONE {
-        let rw = req + off.uring_req_cmd;
-        let len: u32 = read_kernel(rw, off.uring_rw_len)?;
-        (read_kernel(rw, off.uring_rw_addr)?, u64::from(len))
+        let rw = req + offset!(uring_req_cmd);
+        let len: u32 = read_kernel(rw, offset!(uring_rw_len))?;
+        (read_kernel(rw, offset!(uring_rw_addr))?, u64::from(len))
     } else {
         (0, 0)
     };
@@ -484,10 +521,9 @@ fn uring_complete(req: u64) -> Option<u32> {
     Some(0)
 }
 
-/// The watched cgroup the current task is in or under, or 0.
-fn watched_root() -> u64 {
-    // SAFETY: a helper without arguments.
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+/// The watched cgroup that `cgroup`, the current task's, is or is under, or 0.
+#[inline(always)]
+fn watched_root(cgroup: u64) -> u64 {
     let generation = GENERATION.get(0).copied().unwrap_or(0);
     // SAFETY: a copy is taken at once; a concurrent update can at worst give a stale verdict,
     // which the generation check rejects.
@@ -496,6 +532,12 @@ fn watched_root() -> u64 {
     {
         return v.root;
     }
+    decide_root(cgroup, generation)
+}
+
+/// [`watched_root`] without a current verdict: walks the task's ancestors and caches the result.
+#[inline(never)]
+fn decide_root(cgroup: u64, generation: u64) -> u64 {
     let mut root = 0;
     // Level 0 is the root of the hierarchy; the walk stops past the task's own level.
     for level in 0..MAX_CGROUP_DEPTH {
@@ -539,11 +581,11 @@ fn note_stdio(cgroup_id: u64) {
 /// [`StdioInodes`] for which exec that is).
 fn note_command() -> Option<()> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if tgid == SELF_TGID.load() || watched_root() == 0 {
-        return None;
-    }
     // SAFETY: a helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if tgid == SELF_TGID.load() || watched_root(cgroup_id) == 0 {
+        return None;
+    }
     // SAFETY: a copy is taken at once.
     let known = unsafe { CGROUP_STDIO.get(&cgroup_id) }.copied();
     let parent_is = |pid: u32| pid != 0 && parent_tgid() == Some(pid);
@@ -600,26 +642,43 @@ fn note_command() -> Option<()> {
 
 /// The current task's pid in its own pid namespace.
 fn namespace_pid() -> Option<u32> {
-    let off = OFFSETS.load();
     // SAFETY: a helper without arguments.
     let task = unsafe { bpf_get_current_task() };
-    let pid: u64 = read_kernel(task, off.task_thread_pid)?;
-    let level: u32 = read_kernel(pid, off.pid_level)?;
+    let pid: u64 = read_kernel(task, offset!(task_thread_pid))?;
+    let level: u32 = read_kernel(pid, offset!(pid_level))?;
     // `struct upid` is { int nr; struct pid_namespace *ns; }: 16 bytes, `nr` first. Levels are
     // bounded by MAX_PID_NS_LEVEL (32).
-    let at = off.pid_numbers + u64::from(level.min(32)) * 16;
+    let at = offset!(pid_numbers) + u64::from(level.min(32)) * 16;
     read_kernel::<i32>(pid, at).map(|n| n as u32)
 }
 
 /// The thread group id of the current task's parent.
 fn parent_tgid() -> Option<u32> {
-    let off = OFFSETS.load();
     // SAFETY: a helper without arguments.
     let task = unsafe { bpf_get_current_task() };
-    let parent: u64 = read_kernel(task, off.task_real_parent)?;
-    read_kernel::<i32>(parent, off.task_tgid).map(|t| t as u32)
+    let parent: u64 = read_kernel(task, offset!(task_real_parent))?;
+    read_kernel::<i32>(parent, offset!(task_tgid)).map(|t| t as u32)
 }
 
+/// The current task, as a pointer the verifier knows the type of (see [`load`]).
+#[inline(always)]
+fn current_task() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_get_current_task_btf() as u64 }
+}
+
+/// The `T` at `offset` in kernel object `base`, which must be a pointer the verifier knows the
+/// BTF type of (a `tp_btf` argument, the current task, or a pointer member loaded from one) and
+/// `offset` one of [`OFFSETS`] (read-only, so the verifier checks the access against the type).
+/// A plain load, which the JIT guards against faults (a null or bad pointer reads as 0): several
+/// times cheaper than the helper call of [`read_kernel`], which takes any address.
+#[inline(always)]
+fn load<T: Copy>(base: u64, offset: u64) -> T {
+    // SAFETY: as the verifier checks; see above.
+    unsafe { core::ptr::read_volatile((base + offset) as *const T) }
+}
+
+#[inline(always)]
 fn read_kernel<T>(base: u64, offset: u64) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error, not a fault.
     unsafe { bpf_probe_read_kernel((base + offset) as *const T) }.ok()
@@ -627,32 +686,35 @@ fn read_kernel<T>(base: u64, offset: u64) -> Option<T> {
 
 /// The inode number and kind of the file behind `fd` of the current task, when it is a pipe,
 /// FIFO or terminal; `None` for files, sockets, /dev/null and everything else.
+#[inline(always)]
 fn stdio_file(fd: u64) -> Option<(u64, u32)> {
-    let off = OFFSETS.load();
-    // SAFETY: a helper without memory arguments.
-    let task = unsafe { bpf_get_current_task() };
-    let files: u64 = read_kernel(task, off.task_files)?;
-    let fdt: u64 = read_kernel(files, off.files_fdt)?;
-    let max_fds: u32 = read_kernel(fdt, off.fdt_max_fds)?;
+    let files: u64 = load(current_task(), offset!(task_files));
+    if files == 0 {
+        return None;
+    }
+    let fdt: u64 = load(files, offset!(files_fdt));
+    let max_fds: u32 = load(fdt, offset!(fdt_max_fds));
     if fd >= u64::from(max_fds) {
         return None;
     }
-    let fds: u64 = read_kernel(fdt, off.fdt_fd)?;
+    // `fdt->fd` is a pointer to pointers, which the verifier does not type: the element is
+    // read with the helper.
+    let fds: u64 = load(fdt, offset!(fdt_fd));
     file_kind(read_kernel(fds, fd * 8)?)
 }
 
 /// The inode number and kind of `file` (a `struct file *`), when it is a pipe, FIFO or terminal.
+#[inline(always)]
 fn file_kind(file: u64) -> Option<(u64, u32)> {
     if file == 0 {
         return None;
     }
-    let off = OFFSETS.load();
-    let inode: u64 = read_kernel(file, off.file_inode)?;
-    let mode: u16 = read_kernel(inode, off.inode_mode)?;
+    let inode: u64 = read_kernel(file, offset!(file_inode))?;
+    let mode: u16 = read_kernel(inode, offset!(inode_mode))?;
     let kind = match mode & S_IFMT {
         S_IFIFO => FILE_KIND_FIFO,
         S_IFCHR => {
-            let rdev: u32 = read_kernel(inode, off.inode_rdev)?;
+            let rdev: u32 = read_kernel(inode, offset!(inode_rdev))?;
             if rdev >> 20 == MEM_MAJOR {
                 return None;
             }
@@ -660,14 +722,21 @@ fn file_kind(file: u64) -> Option<(u64, u32)> {
         }
         _ => return None,
     };
-    let ino: u64 = read_kernel(inode, off.inode_ino)?;
+    let ino: u64 = read_kernel(inode, offset!(inode_ino))?;
     Some((ino, kind))
 }
 
+#[inline(always)]
 fn stream(key: &StreamKey, fd: u32) -> Option<*mut StreamState> {
     if let Some(s) = STREAMS.get_ptr_mut(key) {
         return Some(s);
     }
+    new_stream(key, fd)
+}
+
+/// [`stream`] for a stream's first write: out of line, as it is rare.
+#[inline(never)]
+fn new_stream(key: &StreamKey, fd: u32) -> Option<*mut StreamState> {
     let fresh = StreamState {
         fd,
         ..StreamState::default()
@@ -679,6 +748,7 @@ fn stream(key: &StreamKey, fd: u32) -> Option<*mut StreamState> {
 
 /// Copies the `written` bytes of a finished write into the ring buffer. Returns the stream
 /// offset they were given.
+#[inline(always)]
 fn capture(p: &mut Pending, written: u64) -> Option<u64> {
     let Some(state) = stream(&p.key, p.fd) else {
         count(counter::UNTRACKED_WRITES, 1);
@@ -700,12 +770,21 @@ fn capture(p: &mut Pending, written: u64) -> Option<u64> {
         }
         return Some(base);
     }
+    if p.vectored == 0 && written <= CHUNK_BYTES as u64 {
+        // One chunk, as most writes are: copied here, without the loop helper's calls.
+        if !emit(p, p.buf, written as u32, base) {
+            lose(state, written, 1);
+        }
+        return Some(base);
+    }
     p.base = base;
     p.total = written;
-    p.done = 0;
-    p.iov_next = 0;
-    p.iov_len = 0;
-    p.iov_off = 0;
+    // Stored one by one: plain stores of adjacent zeros become a call to `memset`, a
+    // subprogram on the path of every captured write.
+    for word in [&mut p.done, &mut p.iov_next, &mut p.iov_len, &mut p.iov_off] {
+        // SAFETY: a valid, aligned `u64` of the thread's entry.
+        unsafe { core::ptr::write_volatile(word, 0) };
+    }
     let chunks = written / CHUNK_BYTES as u64 + 1;
     // Each iovec costs a step to load it and may end in a short chunk of its own.
     let loops = if p.vectored != 0 {
@@ -813,6 +892,7 @@ fn emit_uncopied(p: &Pending, offset: u64, written: u64) -> bool {
 }
 
 /// The record header of `len` bytes of `p`'s stream at `offset`.
+#[inline(always)]
 fn header(p: &Pending, offset: u64, len: u32, uncopied: u32) -> ChunkHeader {
     ChunkHeader {
         cgroup_id: p.key.cgroup_id,
@@ -828,6 +908,7 @@ fn header(p: &Pending, offset: u64, len: u32, uncopied: u32) -> ChunkHeader {
 }
 
 /// Puts one chunk into the ring buffer, in the smallest record size class that holds it.
+#[inline(always)]
 fn emit(p: &Pending, src: u64, n: u32, offset: u64) -> bool {
     match n {
         0..=64 => emit_sized::<64>(p, src, n, offset),
@@ -837,6 +918,7 @@ fn emit(p: &Pending, src: u64, n: u32, offset: u64) -> bool {
     }
 }
 
+#[inline(always)]
 fn emit_sized<const N: usize>(p: &Pending, src: u64, n: u32, offset: u64) -> bool {
     if n as usize > N {
         return false;

@@ -7,10 +7,10 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        RawTracePoint,
+        BtfTracePoint, RawTracePoint,
         links::{FdLink, PinnedLink},
     },
 };
@@ -25,11 +25,15 @@ use crate::btf;
 /// The eBPF object `build.rs` built.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector"));
 
-/// The raw tracepoints the programs attach to, by name through `BPF_RAW_TRACEPOINT_OPEN` (no
-/// tracefs needed, so it works on a host that does not mount it and in a container whose `/sys`
-/// lacks it); the program names are the tracepoint names. `io_uring_complete` only where the
-/// kernel has io_uring.
+/// The raw tracepoints the programs attach to, by name through `BPF_RAW_TRACEPOINT_OPEN` or by
+/// BTF id (no tracefs needed, so it works on a host that does not mount it and in a container
+/// whose `/sys` lacks it); the program names are the tracepoint names. `io_uring_complete` only
+/// where the kernel has io_uring.
 const TRACEPOINTS: [&str; 3] = ["sched_process_exec", "io_uring_complete", "sys_exit"];
+
+/// The tracepoints whose programs are BTF-typed (`tp_btf`): their pointer arguments are read
+/// with plain loads, which matters where a program runs for every syscall.
+const BTF_TYPED: [&str; 1] = ["sys_exit"];
 
 /// The maps shared by every run of the collector on a node when it pins them: all of the
 /// programs' state, so that offsets keep counting (and the ring keeps filling) between runs.
@@ -178,6 +182,13 @@ impl Probes {
         }
         let mut links = Vec::new();
         let mut link_paths = Vec::new();
+        // The types of the BTF-typed tracepoints: the same BTF the offsets came from.
+        let kernel_btf = Btf::from_sys_fs().map_err(|e| {
+            Refusal::Btf(btf::BtfError::Read {
+                path: btf::VMLINUX.to_owned(),
+                source: e.into(),
+            })
+        })?;
         for tracepoint in TRACEPOINTS {
             if tracepoint == "io_uring_complete" && !offsets.has_io_uring() {
                 tracing::info!(
@@ -186,16 +197,28 @@ impl Probes {
                 continue;
             }
             let mut attach = || -> Result<(), String> {
-                let program: &mut RawTracePoint = ebpf
+                let program = ebpf
                     .program_mut(tracepoint)
-                    .ok_or("program missing from the object")?
-                    .try_into()
-                    .map_err(|e| chain(&e))?;
-                program.load().map_err(|e| chain(&e))?;
-                let id = program.attach(tracepoint).map_err(|e| chain(&e))?;
-                if let Some(pins) = &pins {
-                    let link = program.take_link(id).map_err(|e| chain(&e))?;
-                    let link = FdLink::from(link);
+                    .ok_or("program missing from the object")?;
+                let link = if BTF_TYPED.contains(&tracepoint) {
+                    let program: &mut BtfTracePoint = program.try_into().map_err(|e| chain(&e))?;
+                    program
+                        .load(tracepoint, &kernel_btf)
+                        .map_err(|e| chain(&e))?;
+                    let id = program.attach().map_err(|e| chain(&e))?;
+                    pins.as_ref()
+                        .map(|_| program.take_link(id).map(FdLink::from))
+                        .transpose()
+                } else {
+                    let program: &mut RawTracePoint = program.try_into().map_err(|e| chain(&e))?;
+                    program.load().map_err(|e| chain(&e))?;
+                    let id = program.attach(tracepoint).map_err(|e| chain(&e))?;
+                    pins.as_ref()
+                        .map(|_| program.take_link(id).map(FdLink::from))
+                        .transpose()
+                }
+                .map_err(|e| chain(&e))?;
+                if let (Some(pins), Some(link)) = (&pins, link) {
                     // No dots: the BPF filesystem reserves names with dots.
                     let path = pins.links.join(format!("{tracepoint}-{}", pins.instance));
                     links.push(link.pin(&path).map_err(|e| chain(&e))?);
