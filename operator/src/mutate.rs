@@ -809,6 +809,9 @@ mod tests {
             "alpine" => (&[], &["/bin/sh"]),
             "dollar" => (&["/bin/echo"], &["$(HOME)"]),
             "scratch" => (&[], &[]),
+            KNATIVE_USER_IMAGE => (&["docker-entrypoint.sh"], &["node", "server.js"]),
+            // ko builds Knative's images with the binary as ENTRYPOINT and no CMD.
+            KNATIVE_QUEUE_IMAGE => (&["/ko-app/queue"], &[]),
             _ => return None,
         };
         Some(ImageCommand {
@@ -870,6 +873,166 @@ mod tests {
         "-results",
         "digest,url",
     ];
+
+    /// The user container's image of [`knative_revision_pod`], as Knative resolves tags to digests.
+    const KNATIVE_USER_IMAGE: &str = "registry.example/relay/hook@sha256:5f0e2a9c7b3d4e1f8a6b2c9d0e7f1a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f";
+    /// The `queue-sidecar-image` of Knative's `config-deployment`.
+    const KNATIVE_QUEUE_IMAGE: &str = "gcr.io/knative-releases/knative.dev/serving/cmd/queue@sha256:0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e";
+
+    /// A revision pod as Knative Serving's revision reconciler builds it (knative/serving
+    /// pkg/reconciler/revision/resources/deploy.go and queue.go (83bc270a5be2e5a4125302a064e0cded3e180598),
+    /// labels from meta.go `makeLabels` and configuration/resources/revision.go, the default
+    /// readiness probe from apis/serving/v1/revision_defaults.go `applyProbes`), with the stock
+    /// config maps (no /var/log collection, dataplane trust disabled, no profiling) and the
+    /// metadata the ReplicaSet controller gives its pods. The revision's template, as a trigger's
+    /// Knative Service has it: an image and no `command` (Knative leaves it unset, so the image's
+    /// ENTRYPOINT runs), two variables one of them from a Secret, an HTTP liveness probe, a
+    /// hardened securityContext, and the labels naming the trigger.
+    ///
+    /// What Knative emits, not what the API server adds before webhooks run (defaults such as
+    /// `imagePullPolicy`, `protocol` or probe timings, the ServiceAccount token volume); the pod
+    /// has no `name` yet, only `generateName`.
+    fn knative_revision_pod() -> serde_json::Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "generateName": "hook-00001-deployment-7d9f8c6b5-",
+                "namespace": "tenant-a",
+                "labels": {
+                    // The template's own (the trigger's), then Knative's, then the ReplicaSet's.
+                    "relay.sh/workflow": "wf",
+                    "relay.sh/trigger-sync-id": "sync-1",
+                    "serving.knative.dev/configuration": "hook",
+                    "serving.knative.dev/configurationGeneration": "1",
+                    "serving.knative.dev/service": "hook",
+                    "serving.knative.dev/revision": "hook-00001",
+                    "serving.knative.dev/revisionUID": "6a1f0c3e-4b7d-4c2e-9a51-2f8d3b7e9c10",
+                    "app": "hook-00001",
+                    "pod-template-hash": "7d9f8c6b5",
+                },
+                "annotations": {
+                    "serving.knative.dev/creator": "system:serviceaccount:relay-system:relay-operator",
+                },
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": "hook-00001-deployment-7d9f8c6b5",
+                    "uid": "0b8e4f2a-1c3d-4e5f-8a9b-7c6d5e4f3a2b",
+                    "controller": true,
+                    "blockOwnerDeletion": true,
+                }],
+            },
+            "spec": {
+                "containers": [
+                    {
+                        // makeServingContainer: the one port, renamed; PORT then K_* appended;
+                        // the TCP readiness probe dropped (queue-proxy runs it); the liveness
+                        // probe pointed at the user port with the K-Kubelet-Probe header;
+                        // makeContainer: the preStop hook on queue-proxy's admin port.
+                        "name": "user-container",
+                        "image": KNATIVE_USER_IMAGE,
+                        "ports": [{"name": "user-port", "containerPort": 8080}],
+                        "env": [
+                            {"name": "LOG_LEVEL", "value": "info"},
+                            {"name": "WEBHOOK_SECRET", "valueFrom": {"secretKeyRef": {"name": "hook-secret", "key": "token"}}},
+                            {"name": "PORT", "value": "8080"},
+                            {"name": "K_REVISION", "value": "hook-00001"},
+                            {"name": "K_CONFIGURATION", "value": "hook"},
+                            {"name": "K_SERVICE", "value": "hook"},
+                        ],
+                        "resources": {},
+                        "livenessProbe": {
+                            "httpGet": {
+                                "path": "/healthz",
+                                "port": 8080,
+                                "httpHeaders": [{"name": "K-Kubelet-Probe", "value": "queue"}],
+                            },
+                            "periodSeconds": 10,
+                        },
+                        "lifecycle": {"preStop": {"httpGet": {"path": "/wait-for-drain", "port": 8022}}},
+                        "terminationMessagePolicy": "FallbackToLogsOnError",
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "capabilities": {"drop": ["ALL"]},
+                            "readOnlyRootFilesystem": true,
+                            "runAsNonRoot": true,
+                        },
+                    },
+                    {
+                        // makeQueueContainer: no command (the image's /ko-app/queue runs).
+                        "name": "queue-proxy",
+                        "image": KNATIVE_QUEUE_IMAGE,
+                        "ports": [
+                            {"name": "http-queueadm", "containerPort": 8022},
+                            {"name": "http-autometric", "containerPort": 9090},
+                            {"name": "http-usermetric", "containerPort": 9091},
+                            {"name": "queue-port", "containerPort": 8012},
+                            {"name": "https-port", "containerPort": 8112},
+                        ],
+                        "env": [
+                            {"name": "SERVING_NAMESPACE", "value": "tenant-a"},
+                            {"name": "SERVING_SERVICE", "value": "hook"},
+                            {"name": "SERVING_CONFIGURATION", "value": "hook"},
+                            {"name": "SERVING_REVISION", "value": "hook-00001"},
+                            {"name": "QUEUE_SERVING_PORT", "value": "8012"},
+                            {"name": "QUEUE_SERVING_TLS_PORT", "value": "8112"},
+                            {"name": "CONTAINER_CONCURRENCY", "value": "0"},
+                            {"name": "REVISION_TIMEOUT_SECONDS", "value": "300"},
+                            {"name": "REVISION_RESPONSE_START_TIMEOUT_SECONDS", "value": "0"},
+                            {"name": "REVISION_IDLE_TIMEOUT_SECONDS", "value": "0"},
+                            {"name": "SERVING_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "SERVING_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                            {"name": "TRUST_CONFIG", "value": "disabled"},
+                            {"name": "SERVING_LOGGING_CONFIG", "value": r#"{"level": "info", "development": false, "outputPaths": ["stdout"], "errorOutputPaths": ["stderr"], "encoding": "json", "encoderConfig": {"timeKey": "timestamp", "levelKey": "severity", "nameKey": "logger", "callerKey": "caller", "messageKey": "message", "stacktraceKey": "stacktrace", "timeEncoder": "iso8601"}}"#},
+                            // Empty values are omitted, as Go's JSON of the container omits them.
+                            {"name": "SERVING_LOGGING_LEVEL"},
+                            {"name": "SERVING_REQUEST_LOG_TEMPLATE"},
+                            {"name": "SERVING_ENABLE_REQUEST_LOG", "value": "false"},
+                            {"name": "SERVING_REQUEST_METRICS_BACKEND", "value": "prometheus"},
+                            {"name": "SERVING_REQUEST_METRICS_REPORTING_PERIOD_SECONDS", "value": "5"},
+                            {"name": "TRACING_CONFIG_BACKEND", "value": "none"},
+                            {"name": "TRACING_CONFIG_ZIPKIN_ENDPOINT"},
+                            {"name": "TRACING_CONFIG_DEBUG", "value": "false"},
+                            {"name": "TRACING_CONFIG_SAMPLE_RATE", "value": "0.1"},
+                            {"name": "USER_PORT", "value": "8080"},
+                            {"name": "SYSTEM_NAMESPACE", "value": "knative-serving"},
+                            {"name": "METRICS_DOMAIN", "value": "knative.dev/internal/serving"},
+                            {"name": "SERVING_READINESS_PROBE", "value": r#"{"tcpSocket":{"port":8080,"host":"127.0.0.1"},"successThreshold":1}"#},
+                            {"name": "ENABLE_PROFILING", "value": "false"},
+                            {"name": "SERVING_ENABLE_PROBE_REQUEST_LOG", "value": "false"},
+                            {"name": "METRICS_COLLECTOR_ADDRESS"},
+                            {"name": "HOST_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.hostIP"}}},
+                            {"name": "ENABLE_HTTP2_AUTO_DETECTION", "value": "false"},
+                            {"name": "ROOT_CA"},
+                        ],
+                        "resources": {"requests": {"cpu": "25m"}},
+                        "readinessProbe": {
+                            "httpGet": {
+                                "port": 8012,
+                                "httpHeaders": [{"name": "K-Network-Probe", "value": "queue"}],
+                            },
+                            "successThreshold": 1,
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "capabilities": {"drop": ["ALL"]},
+                            "readOnlyRootFilesystem": true,
+                            "runAsNonRoot": true,
+                        },
+                    },
+                ],
+                // BuildPodSpec: the revision's timeout; config-defaults' enable-service-links.
+                "enableServiceLinks": false,
+                "terminationGracePeriodSeconds": 300,
+            },
+        })
+    }
+
+    /// The queue-proxy container of [`knative_revision_pod`].
+    fn knative_queue_proxy() -> Container {
+        serde_json::from_value(knative_revision_pod()["spec"]["containers"][1].clone()).unwrap()
+    }
 
     #[test]
     fn commands_are_wrapped_following_kubernetes_rules() {
@@ -1147,7 +1310,7 @@ mod tests {
             Case {
                 what: "Knative queue-proxy",
                 label: Some(KNATIVE_REVISION_LABEL),
-                container: c("queue-proxy", "nginx", &["/ko-app/queue"], &[]),
+                container: knative_queue_proxy(),
                 want: Err(SkipReason::NotUserContainer),
             },
         ];
@@ -1300,7 +1463,7 @@ mod tests {
             Some(strings(&["/tekton/bin/entrypoint"]))
         );
 
-        let queue = container("queue-proxy", "queue", &["/ko-app/queue"], &[]);
+        let queue = knative_queue_proxy();
         let user = container("user-container", "nginx", &["/app"], &[]);
         let p = pod(
             Some(KNATIVE_REVISION_LABEL),
@@ -1321,6 +1484,111 @@ mod tests {
             (user.command.clone(), user.args.clone()),
             wrapped(&["/app"])
         );
+    }
+
+    /// The revision pod as Knative builds it: `user-container` runs the image's ENTRYPOINT and CMD
+    /// under ours, and the rest of the pod, queue-proxy included, stays as Knative made it.
+    #[test]
+    fn a_knative_revision_pod_as_knative_builds_it() {
+        let before = knative_revision_pod();
+        let pod: Pod = serde_json::from_value(before.clone()).unwrap();
+        // The fixture survives the typed round trip, so the comparisons below are byte for byte.
+        assert_eq!(serde_json::to_value(&pod).unwrap(), before);
+
+        let asked = std::cell::RefCell::new(Vec::new());
+        let record = |c: &Container| {
+            asked.borrow_mut().push(c.name.clone());
+            resolve(c)
+        };
+        let m = mutate(&pod, &injection(), &record, &secret_keys).unwrap();
+        // The image is looked up for user-container only (the webhook looks up exactly what
+        // `mutate` asks for): queue-proxy has no `command` either, but is never wrapped.
+        assert_eq!(*asked.borrow(), strings(&["user-container"]));
+        assert_eq!(
+            m.skipped,
+            vec![Skipped {
+                container: "queue-proxy".to_owned(),
+                reason: SkipReason::NotUserContainer,
+            }]
+        );
+
+        let user = find(&m.pod, "user-container");
+        assert_eq!(
+            (user.command.clone(), user.args.clone()),
+            wrapped(&["docker-entrypoint.sh", "node", "server.js"])
+        );
+        assert_eq!(find(&m.pod, "queue-proxy"), &knative_queue_proxy());
+
+        // Everything else as Knative made it: the whole pod is the original plus our additions.
+        let mut want = before.clone();
+        want["metadata"]["annotations"][INJECTED_ANNOTATION] = json!("true");
+        want["spec"]["volumes"] = json!([
+            {"name": "relay-tools", "persistentVolumeClaim": {"claimName": "tools-v1", "readOnly": true}},
+            {"name": "relay-token", "projected": {"sources": [{"serviceAccountToken": {
+                "audience": "metadata-api", "expirationSeconds": 3600, "path": "token"}}]}},
+        ]);
+        let c = &mut want["spec"]["containers"][0];
+        c["command"] = json!([ENTRYPOINT_PATH]);
+        c["args"] = json!(["--", "docker-entrypoint.sh", "node", "server.js"]);
+        c["volumeMounts"] = json!([
+            {"name": "relay-tools", "mountPath": "/relay", "readOnly": true},
+            {"name": "relay-token", "mountPath": "/var/run/secrets/relay", "readOnly": true},
+        ]);
+        c["env"].as_array_mut().unwrap().extend([
+            json!({"name": "RELAY_REDACT_ENV", "value": "WEBHOOK_SECRET"}),
+            json!({"name": "RELAY_METADATA_API_URL", "value": "http://metadata-api.relay:7000"}),
+            json!({"name": "RELAY_METADATA_API_TOKEN_FILE", "value": "/var/run/secrets/relay/token"}),
+            json!({"name": "RELAY_POD_UID", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.uid"}}}),
+            json!({"name": "RELAY_STDOUT_STREAM", "value": "user-container.$(RELAY_POD_UID).stdout"}),
+            json!({"name": "RELAY_STDERR_STREAM", "value": "user-container.$(RELAY_POD_UID).stderr"}),
+        ]);
+        let got = serde_json::to_value(&m.pod).unwrap();
+        assert_eq!(got, want);
+        // Spelled out: the user container's ports, probes, lifecycle, securityContext (a read-only
+        // root filesystem: ours are volume mounts) and Knative's variables, in their order.
+        for field in [
+            "ports",
+            "livenessProbe",
+            "lifecycle",
+            "securityContext",
+            "terminationMessagePolicy",
+            "resources",
+            "image",
+        ] {
+            let (was, is) = (
+                &before["spec"]["containers"][0][field],
+                &got["spec"]["containers"][0][field],
+            );
+            assert_eq!(is, was, "{field}");
+        }
+        assert_eq!(got["spec"]["containers"][0]["readinessProbe"], json!(null));
+        let env = got["spec"]["containers"][0]["env"].as_array().unwrap();
+        assert_eq!(
+            env[..6],
+            before["spec"]["containers"][0]["env"].as_array().unwrap()[..]
+        );
+        // The labels the product names the trigger's streams and context by are all there.
+        assert_eq!(got["metadata"]["labels"], before["metadata"]["labels"]);
+        for label in [
+            KNATIVE_REVISION_LABEL,
+            "relay.sh/workflow",
+            "relay.sh/trigger-sync-id",
+        ] {
+            assert!(m.pod.metadata.labels.as_ref().unwrap().contains_key(label));
+        }
+
+        // The patch touches nothing of queue-proxy, and gives the mutated pod.
+        let ops = serde_json::to_value(&m.patch).unwrap();
+        for op in ops.as_array().unwrap() {
+            let path = op["path"].as_str().unwrap();
+            assert!(!path.starts_with("/spec/containers/1"), "{op}");
+        }
+        let mut doc = before;
+        json_patch::patch(&mut doc, &m.patch).unwrap();
+        assert_eq!(doc, got);
+        // And a second admission (a retried request) changes nothing.
+        let again = mutate(&m.pod, &injection(), &resolve, &secret_keys).unwrap();
+        assert!(again.patch.0.is_empty());
     }
 
     #[test]
@@ -1459,7 +1727,7 @@ mod tests {
                 Some(KNATIVE_REVISION_LABEL),
                 vec![
                     container("user-container", "nginx", &[], &[]),
-                    container("queue-proxy", "q", &["/q"], &[]),
+                    knative_queue_proxy(),
                 ],
                 vec![],
             ),
