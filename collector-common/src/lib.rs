@@ -223,6 +223,16 @@ pub struct KernelOffsets {
     /// Native numbers on the running architecture of the syscalls that can put bytes into a
     /// pipe or terminal, indexed by `syscall::*`; `u64::MAX` where one does not exist.
     pub nr: [u64; syscall::COUNT],
+    /// The same for 32-bit programs (x86's ia32 emulation: another table, arguments in other
+    /// registers, iovecs of two 32-bit words); `nr_compat_sendfile` is the older `sendfile`
+    /// with a 32-bit offset, beside `sendfile64` in `nr_compat[SENDFILE]`. All `u64::MAX`
+    /// where the kernel runs no 32-bit programs.
+    pub nr_compat: [u64; syscall::COUNT],
+    pub nr_compat_sendfile: u64,
+    /// `pt_regs` members holding a 32-bit syscall's first three arguments.
+    pub regs_compat_arg0: u64,
+    pub regs_compat_arg1: u64,
+    pub regs_compat_arg2: u64,
     /// `io_kiocb.file`, `io_kiocb.opcode`, `io_kiocb.cqe.res` and `io_kiocb.cmd` (where a
     /// read or write request keeps its `struct io_rw`), and `io_rw.addr` and `io_rw.len`.
     /// All `u64::MAX` on a kernel without io_uring, whose program is then not attached.

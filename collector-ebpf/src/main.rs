@@ -2,13 +2,13 @@
 //! stderr.
 //!
 //! One BTF-typed tracepoint (`tp_btf`), `sys_exit`, sees every syscall as it returns, with the
-//! registers it was called with. A native syscall that can put bytes into a file (see
-//! [`collector_common::syscall`]) and wrote some is filtered (a watched cgroup, a pipe or tty
-//! behind its target fd, whatever the fd's number, and that file being the container's stdout or
-//! stderr when the cgroup's stdio is known), and exactly the `ret` bytes it wrote are copied into
-//! the ring buffer, in chunks of at most [`CHUNK_BYTES`], each with its offset in the stream. The
-//! arguments are still in the saved registers at exit (the kernel does not change a native
-//! syscall's argument registers), so nothing runs at syscall entry: an unwatched process pays
+//! registers it was called with. A syscall that can put bytes into a file (see
+//! [`collector_common::syscall`]; 32-bit programs' too, by their own table) and wrote some is
+//! filtered (a watched cgroup, a pipe or tty behind its target fd, whatever the fd's number, and
+//! that file being the container's stdout or stderr when the cgroup's stdio is known), and
+//! exactly the `ret` bytes it wrote are copied into the ring buffer, in chunks of at most
+//! [`CHUNK_BYTES`], each with its offset in the stream. The arguments are still in the saved
+//! registers at exit (the kernel does not change a syscall's argument registers), so nothing runs at syscall entry: an unwatched process pays
 //! for one program per syscall, a watched write for no per-write map insert. Bytes the
 //! kernel moved from another file or pipe (`sendfile`, `splice`, `tee`) cannot be read here:
 //! they take their place in the stream's offsets all the same, and one record without data says
@@ -109,6 +109,11 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     uring_req_cmd: 0,
     uring_rw_addr: 0,
     uring_rw_len: 0,
+    nr_compat: [u64::MAX; syscall::COUNT],
+    nr_compat_sendfile: u64::MAX,
+    regs_compat_arg0: 0,
+    regs_compat_arg1: 0,
+    regs_compat_arg2: 0,
 });
 
 /// One member of [`OFFSETS`]. `Global::load` would copy the whole struct (a volatile read of
@@ -206,7 +211,8 @@ struct Pending {
     op: u32,
     /// `uncopied::*`: why the bytes cannot be copied, or 0.
     uncopied: u32,
-    /// u32 flag instead of bool so this type has no implicit padding.
+    /// 0: `buf` is the data; 1: an array of `struct iovec`; [`VECTORED_COMPAT`]: of
+    /// `struct compat_iovec`. A u32 so that this type has no implicit padding.
     vectored: u32,
 }
 
@@ -216,6 +222,14 @@ struct Pending {
 struct Iovec {
     base: u64,
     len: u64,
+}
+
+/// `struct compat_iovec` as a 32-bit program passes it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CompatIovec {
+    base: u32,
+    len: u32,
 }
 
 const S_IFMT: u16 = 0o170_000;
@@ -237,10 +251,24 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     let regs: u64 = ctx.arg(0);
-    let Some(op) = watched_syscall(load(regs, offset!(regs_nr))) else {
-        return 0;
+    let id: u64 = load(regs, offset!(regs_nr));
+    // Which table the number is from is only looked up for the few that are in either.
+    let ops = Ops {
+        native: watched_syscall(id),
+        compat: compat_syscall(id),
     };
-    exit(&ctx, regs, op, ret as u64).unwrap_or(0)
+    if ops.native.is_none() && ops.compat.is_none() {
+        return 0;
+    }
+    exit(&ctx, regs, ops, ret as u64).unwrap_or(0)
+}
+
+/// What a syscall number is among the watched syscalls, in the native table and in the 32-bit
+/// one (`write` of a 32-bit program is 4, native `stat`).
+#[derive(Clone, Copy)]
+struct Ops {
+    native: Option<usize>,
+    compat: Option<usize>,
 }
 
 #[raw_tracepoint(tracepoint = "io_uring_complete")]
@@ -271,6 +299,21 @@ fn watched_syscall(id: u64) -> Option<usize> {
     }
     (syscall::PWRITEV2..syscall::COUNT).find(|&op| offset!(nr[op]) == id)
 }
+
+/// The `syscall::*` index of 32-bit syscall number `id` (see [`watched_syscall`]).
+#[inline(always)]
+fn compat_syscall(id: u64) -> Option<usize> {
+    if id == offset!(nr_compat[syscall::WRITE]) {
+        return Some(syscall::WRITE);
+    }
+    if id == offset!(nr_compat_sendfile) {
+        return Some(syscall::SENDFILE);
+    }
+    (syscall::WRITEV..syscall::COUNT).find(|&op| offset!(nr_compat[op]) == id)
+}
+
+/// `Pending::vectored` of a 32-bit program's iovec array: `struct compat_iovec`.
+const VECTORED_COMPAT: u32 = 2;
 
 /// Where the target fd of `op` is among its arguments, how its bytes are read, and why they
 /// cannot be when they cannot.
@@ -327,7 +370,7 @@ unsafe fn fetch_add(dst: *mut u64, n: u64) -> u64 {
 }
 
 #[inline(always)]
-fn exit(ctx: &BtfTracePointContext, regs: u64, op: usize, written: u64) -> Result<u32, i64> {
+fn exit(ctx: &BtfTracePointContext, regs: u64, ops: Ops, written: u64) -> Result<u32, i64> {
     // The cgroup first: it rules out nearly every write on the node.
     // SAFETY: a helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
@@ -339,20 +382,35 @@ fn exit(ctx: &BtfTracePointContext, regs: u64, op: usize, written: u64) -> Resul
     if tgid == SELF_TGID.load() {
         return Ok(0);
     }
-    // A 32-bit syscall of the same number is another syscall: the per-syscall tracepoints
-    // passed these over too.
+    // A 32-bit program's syscall is numbered from its own table and takes its arguments in
+    // other registers, of which only the low 32 bits count (a 64-bit program making one with
+    // `int $0x80` may leave anything in the high ones).
     let status: u32 = load(current_task(), offset!(task_ti_status));
-    if status & TS_COMPAT != 0 {
+    let compat = status & TS_COMPAT != 0;
+    let (op, args, width) = if compat {
+        (
+            ops.compat,
+            [
+                offset!(regs_compat_arg0),
+                offset!(regs_compat_arg1),
+                offset!(regs_compat_arg2),
+            ],
+            u64::from(u32::MAX),
+        )
+    } else {
+        (
+            ops.native,
+            [offset!(regs_arg0), offset!(regs_arg1), offset!(regs_arg2)],
+            u64::MAX,
+        )
+    };
+    let Some(op) = op else {
         return Ok(0);
-    }
+    };
+    let arg = |n: usize| load::<u64>(regs, args[n.min(2)]) & width;
     // The fd is read only now: every write on the node gets this far only from a watched cgroup.
     let shape = shape(op);
-    let fd_at = match shape.fd_arg {
-        0 => offset!(regs_arg0),
-        1 => offset!(regs_arg1),
-        _ => offset!(regs_arg2),
-    };
-    let fd: u64 = load(regs, fd_at);
+    let fd = arg(usize::from(shape.fd_arg));
     let Some((ino, kind)) = stdio_file(fd) else {
         return Ok(0);
     };
@@ -360,10 +418,7 @@ fn exit(ctx: &BtfTracePointContext, regs: u64, op: usize, written: u64) -> Resul
         return Ok(0);
     }
     let (buf, count_arg) = if shape.uncopied == uncopied::NONE {
-        (
-            load(regs, offset!(regs_arg1)),
-            load(regs, offset!(regs_arg2)),
-        )
+        (arg(1), arg(2))
     } else {
         (0, 0)
     };
@@ -379,7 +434,11 @@ fn exit(ctx: &BtfTracePointContext, regs: u64, op: usize, written: u64) -> Resul
     p.tgid = tgid;
     p.op = op as u32;
     p.uncopied = shape.uncopied;
-    p.vectored = u32::from(shape.vectored);
+    p.vectored = match (shape.vectored, compat) {
+        (false, _) => 0,
+        (true, false) => 1,
+        (true, true) => VECTORED_COMPAT,
+    };
     if capture(p, written) == Some(0) {
         debug!(
             ctx,
@@ -843,11 +902,27 @@ extern "C" fn copy_chunk(_index: u64, ctx: *mut c_void) -> i64 {
             if p.iov_next >= p.count {
                 return 1;
             }
-            let at = p.buf + p.iov_next * core::mem::size_of::<Iovec>() as u64;
-            // SAFETY: bpf_probe_read_user checks the address.
-            let Ok(iov) = (unsafe { aya_ebpf::helpers::bpf_probe_read_user(at as *const Iovec) })
-            else {
-                return 1;
+            let iov = if p.vectored == VECTORED_COMPAT {
+                let at = p.buf + p.iov_next * core::mem::size_of::<CompatIovec>() as u64;
+                // SAFETY: bpf_probe_read_user checks the address.
+                let Ok(iov) =
+                    (unsafe { aya_ebpf::helpers::bpf_probe_read_user(at as *const CompatIovec) })
+                else {
+                    return 1;
+                };
+                Iovec {
+                    base: u64::from(iov.base),
+                    len: u64::from(iov.len),
+                }
+            } else {
+                let at = p.buf + p.iov_next * core::mem::size_of::<Iovec>() as u64;
+                // SAFETY: bpf_probe_read_user checks the address.
+                let Ok(iov) =
+                    (unsafe { aya_ebpf::helpers::bpf_probe_read_user(at as *const Iovec) })
+                else {
+                    return 1;
+                };
+                iov
             };
             p.iov_next += 1;
             p.iov_base = iov.base;

@@ -81,6 +81,11 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         regs_arg1: off("pt_regs", abi.regs[2])?,
         regs_arg2: off("pt_regs", abi.regs[3])?,
         nr: abi.nr,
+        nr_compat: abi.nr_compat,
+        nr_compat_sendfile: abi.nr_compat_sendfile,
+        regs_compat_arg0: off("pt_regs", abi.compat_regs[0])?,
+        regs_compat_arg1: off("pt_regs", abi.compat_regs[1])?,
+        regs_compat_arg2: off("pt_regs", abi.compat_regs[2])?,
         uring_req_file,
         uring_req_opcode,
         uring_req_res,
@@ -98,6 +103,10 @@ struct SyscallAbi {
     regs: [&'static str; 4],
     /// Indexed by `collector_common::syscall::*`.
     nr: [u64; syscall::COUNT],
+    /// A 32-bit syscall's first three arguments (its number is in `regs[0]` too).
+    compat_regs: [&'static str; 3],
+    nr_compat: [u64; syscall::COUNT],
+    nr_compat_sendfile: u64,
 }
 
 impl SyscallAbi {
@@ -108,6 +117,11 @@ impl SyscallAbi {
         // arch/x86/entry/syscalls/syscall_64.tbl: write, writev, pwritev2, vmsplice, sendfile,
         // splice, tee, copy_file_range.
         nr: [1, 20, 328, 278, 40, 275, 276, 326],
+        // arch/x86/entry/entry_64_compat.S and syscall_32.tbl: write, writev, pwritev2,
+        // vmsplice, sendfile64, splice, tee, copy_file_range; and sendfile.
+        compat_regs: ["bx", "cx", "dx"],
+        nr_compat: [4, 146, 379, 316, 239, 313, 315, 377],
+        nr_compat_sendfile: 187,
     });
     #[cfg(not(target_arch = "x86_64"))]
     const HOST: Option<Self> = None;
@@ -165,6 +179,11 @@ mod tests {
             (112, 104, 96, 120)
         );
         assert!(o.task_ti_status < o.task_files);
+        // ebx, ecx, edx.
+        assert_eq!(
+            (o.regs_compat_arg0, o.regs_compat_arg1, o.regs_compat_arg2),
+            (40, 88, 96)
+        );
         assert_ne!(o.task_tgid, o.task_real_parent);
         // This kernel has io_uring: `file` shares the request's first word with its command
         // data, and the opcode follows them.

@@ -108,6 +108,30 @@ class Ring:
             done += self.run(23, fd, ctypes.addressof(buf) + done, len(data) - done)
 "#;
 
+/// Syscalls of a 32-bit program for Python: `sys32(a0, a1, a2, nr, a3)` runs syscall `nr` of
+/// the i386 table through `int $0x80` (x86-64 code: push rbx; mov eax, ecx; mov ebx, edi;
+/// mov ecx, esi; mov esi, r8d; int 0x80; pop rbx; ret), on buffers that `put` places below 4 GiB.
+/// The kernel enters such a syscall as it enters an i386 binary's (ia32 emulation: TS_COMPAT
+/// set, the 32-bit table, arguments in ebx, ecx, edx, esi), so this is how an i386 image's
+/// programs write, without an i386 toolchain on the test machine.
+const INT80: &str = r#"
+import mmap, struct
+low = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+base = ctypes.addressof(ctypes.c_char.from_buffer(low))
+assert base + len(low) < 2**32, hex(base)
+code = bytes([0x53, 0x89, 0xC8, 0x89, 0xFB, 0x89, 0xF1, 0x44, 0x89, 0xC6, 0xCD, 0x80, 0x5B, 0xC3])
+low[0:len(code)] = code
+u = ctypes.c_uint
+sys32 = ctypes.CFUNCTYPE(ctypes.c_int, u, u, u, u, u)(base)
+free = [4096]
+def put(data):
+    at = free[0]
+    low[at:at + len(data)] = data
+    free[0] = (at + len(data) + 63) // 64 * 64
+    return base + at
+"#;
+
 fn shapes(files: &Path) -> Vec<Shape> {
     let blob = files.join("blob");
     std::fs::write(&blob, random(100_000)).unwrap();
@@ -281,6 +305,33 @@ for i in range(2000):
                      check(ring.run(2, 1, ctypes.addressof(arr), 2), 22, 'IORING_OP_WRITEV')\n\
                      f = os.open('{blob}', os.O_RDONLY)\nmoved = 0\n\
                      while moved < 5000: moved += ring.run(30, 1, moved, 5000 - moved, fd_in=f)\n\
+                     os.write(1, b'after\\n')\n"
+                ),
+            )
+        },
+        // A 32-bit program (i386 images, old static binaries): `write` is 4 in its table (native
+        // `stat`), `writev` 146 with iovecs of two 32-bit words, `sendfile` 187 and `sendfile64`
+        // 239 (arch/x86/entry/syscalls/syscall_32.tbl).
+        Shape {
+            uncopied: 100_000,
+            ..python(
+                "i386",
+                format!(
+                    "{CTYPES}{INT80}\n\
+                     for i in range(200):\n\
+                     \x20   line = b'i386 write %d\\n' % i\n\
+                     \x20   check(sys32(1, put(line), len(line), 4, 0), len(line), 'write')\n\
+                     err = b'i386 to stderr\\n'\n\
+                     check(sys32(2, put(err), len(err), 4, 0), len(err), 'write')\n\
+                     parts = [b'i386 writev %d\\n' % i for i in range(50)]\n\
+                     vec = put(b''.join(struct.pack('<II', put(p), len(p)) for p in parts))\n\
+                     check(sys32(1, vec, len(parts), 146, 0), sum(map(len, parts)), 'writev')\n\
+                     f = os.open('{blob}', os.O_RDONLY)\nsent = 0\n\
+                     for nr, upto in ((187, 50000), (239, 100000)):\n\
+                     \x20   while sent < upto:\n\
+                     \x20       n = sys32(1, f, 0, nr, upto - sent)\n\
+                     \x20       assert n > 0, 'sendfile: %d' % n\n\
+                     \x20       sent += n\n\
                      os.write(1, b'after\\n')\n"
                 ),
             )
