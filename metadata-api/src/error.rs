@@ -38,6 +38,8 @@ pub enum ApiError {
     },
     #[error("authentication is unavailable; retry later")]
     AuthUnavailable,
+    #[error("the request body did not arrive in time ({0:?} for its size)")]
+    BodyTimeout(Duration),
     #[error("storage is unavailable; retry later")]
     Unavailable(#[source] object_store::Error),
     #[error("internal error")]
@@ -62,6 +64,7 @@ impl ApiError {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Unavailable(_) | Self::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -80,6 +83,7 @@ impl ApiError {
             Self::TooLarge(_) => "too_large",
             Self::UnsupportedMedia(_) => "unsupported_media_type",
             Self::Throttled { .. } => "throttled",
+            Self::BodyTimeout(_) => "body_timeout",
             Self::Unavailable(_) | Self::AuthUnavailable => "unavailable",
             Self::Internal(_) => "internal",
         }

@@ -11,6 +11,8 @@ pub mod auth;
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "server")]
+pub mod conn;
+#[cfg(feature = "server")]
 pub mod error;
 #[cfg(feature = "kubernetes")]
 pub mod kube_auth;

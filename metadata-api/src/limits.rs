@@ -24,6 +24,10 @@ pub struct Limits {
     pub stream_inflight: u64,
     /// Body bytes the service may have in flight.
     pub global_inflight: u64,
+    /// Slowest upload accepted, bytes per second, and the time any body gets on top of that
+    /// (see [`Limits::body_deadline`]).
+    pub body_min_rate: u64,
+    pub body_grace: Duration,
 }
 
 impl Default for Limits {
@@ -35,13 +39,27 @@ impl Default for Limits {
             global_rate: 1 << 30,
             stream_inflight: 64 << 20,
             global_inflight: 512 << 20,
+            body_min_rate: 64 << 10,
+            body_grace: Duration::from_secs(10),
         }
+    }
+}
+
+impl Limits {
+    /// How long a body of `declared` bytes (the largest allowed when undeclared) may take to
+    /// arrive: [`Limits::body_grace`] plus its size at [`Limits::body_min_rate`]. A slow upload
+    /// of a big part still makes it; a client trickling bytes to hold the connection does not.
+    pub fn body_deadline(&self, declared: Option<u64>) -> Duration {
+        let bytes = declared.unwrap_or(self.max_body as u64);
+        self.body_grace + Duration::from_secs_f64(bytes as f64 / self.body_min_rate.max(1) as f64)
     }
 }
 
 /// Which budget refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exhausted {
+    /// The stream's writer came back before the `Retry-After` it was given.
+    RetryAfter,
     StreamRate,
     GlobalRate,
     StreamInflight,
@@ -51,6 +69,7 @@ pub enum Exhausted {
 impl Exhausted {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::RetryAfter => "retry_after",
             Self::StreamRate => "stream_rate",
             Self::GlobalRate => "global_rate",
             Self::StreamInflight => "stream_inflight",
@@ -105,7 +124,14 @@ impl Bucket {
 struct StreamBudget {
     bucket: Option<Bucket>,
     inflight: u64,
+    /// When the last `Retry-After` was given, and its end: data is not accepted before it.
+    told: Option<(Instant, Instant)>,
 }
+
+/// Requests of a stream that arrive this soon after it was told to retry later were on their
+/// way before the writer could know (a shipper has several in flight): they are budgeted as
+/// usual rather than refused for coming back early.
+const ON_THEIR_WAY: Duration = Duration::from_millis(250);
 
 /// Shared budget state.
 #[derive(Debug)]
@@ -161,8 +187,41 @@ impl Budget {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Refuses data for `stream` while the `Retry-After` it was last given runs: checked
+    /// before anything else of the request, so its body is neither read nor stored.
+    pub fn check_retry_after(&self, stream: &str) -> Result<(), Throttled> {
+        let now = Instant::now();
+        let streams = self.streams();
+        match streams.get(stream).and_then(|s| s.told) {
+            Some((told, until)) if now < until && now >= told + ON_THEIR_WAY => Err(Throttled {
+                budget: Exhausted::RetryAfter,
+                retry_after: until - now,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Notes that `stream` was told to retry after `t.retry_after` (as the response says it,
+    /// whole seconds rounded up).
+    fn told(&self, stream: &str, t: Throttled) -> Throttled {
+        let wire = Duration::from_secs(t.retry_after.as_secs_f64().ceil() as u64);
+        // A refusal for coming back early does not push the end further out.
+        if t.budget != Exhausted::RetryAfter
+            && let Some(s) = self.streams().get_mut(stream)
+        {
+            let now = Instant::now();
+            s.told = Some((now, now + wire));
+        }
+        t
+    }
+
     /// Reserves `bytes` of in-flight body for `stream`, before the body is read.
     pub fn admit(self: &Arc<Self>, stream: &str, bytes: u64) -> Result<Permit, Throttled> {
+        self.admit_inner(stream, bytes)
+            .map_err(|t| self.told(stream, t))
+    }
+
+    fn admit_inner(self: &Arc<Self>, stream: &str, bytes: u64) -> Result<Permit, Throttled> {
         let l = self.limits;
         // A request larger than a whole budget may pass alone, never beside others.
         let prev = self.global_inflight.fetch_add(bytes, Ordering::AcqRel);
@@ -172,8 +231,10 @@ impl Budget {
         }
         let mut streams = self.streams();
         if streams.len() > 100_000 {
-            // Forget idle streams rather than grow without bound.
-            streams.retain(|_, s| s.inflight > 0);
+            // Forget idle streams rather than grow without bound (a `Retry-After` still running
+            // is kept: forgetting it would let its writer in early).
+            let now = Instant::now();
+            streams.retain(|_, s| s.inflight > 0 || s.told.is_some_and(|(_, until)| until > now));
         }
         let s = streams.entry(stream.to_owned()).or_default();
         if s.inflight > 0 && s.inflight + bytes > l.stream_inflight {
@@ -191,6 +252,11 @@ impl Budget {
 
     /// Charges `bytes` of log data to the stream's and the global rate.
     pub fn charge(&self, stream: &str, bytes: u64) -> Result<(), Throttled> {
+        self.charge_inner(stream, bytes)
+            .map_err(|t| self.told(stream, t))
+    }
+
+    fn charge_inner(&self, stream: &str, bytes: u64) -> Result<(), Throttled> {
         let l = self.limits;
         let now = Instant::now();
         let mut streams = self.streams();
@@ -234,6 +300,25 @@ mod tests {
         let t0 = Instant::now();
         assert!(b.take(1000, 100, t0).is_ok());
         assert!(b.take(1, 100, t0 + Duration::from_millis(500)).is_err());
+    }
+
+    #[test]
+    fn data_before_the_retry_after_is_refused_for_what_is_left_of_it() {
+        let budget = Budget::new(Limits {
+            stream_rate: 100,
+            ..Limits::default()
+        });
+        budget.charge("s", 100).unwrap();
+        let told = budget.charge("s", 100).unwrap_err();
+        assert_eq!(told.budget, Exhausted::StreamRate);
+        // What was already on its way is let through to the budget.
+        assert!(budget.check_retry_after("s").is_ok());
+        std::thread::sleep(ON_THEIR_WAY);
+        let early = budget.check_retry_after("s").unwrap_err();
+        assert_eq!(early.budget, Exhausted::RetryAfter);
+        assert!(early.retry_after <= Duration::from_secs(1), "{early:?}");
+        // Other streams are not held back.
+        assert!(budget.check_retry_after("other").is_ok());
     }
 
     #[test]

@@ -201,6 +201,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_CONFIG);
                 }
             };
+            // Before any listener: connections are then capped below what is in force.
+            let open_files = metadata_api::conn::raise_open_files();
             let result = rt.block_on(async {
                 let listener = tokio::net::TcpListener::bind(args.listen)
                     .await
@@ -221,7 +223,14 @@ fn main() -> ExitCode {
                     }
                     None => None,
                 };
-                serve(listener, metrics, state, Duration::from_secs(10)).await?;
+                let limits = args.conn_limits(open_files);
+                tracing::info!(
+                    max_connections = limits.max_connections,
+                    max_per_peer = limits.max_per_peer,
+                    open_files,
+                    "Connection limits."
+                );
+                serve(listener, metrics, state, limits, Duration::from_secs(10)).await?;
                 anyhow::Ok(())
             });
             match result {

@@ -66,6 +66,12 @@ pub struct Metrics {
     pub storage: Family<OpLabels, Histogram>,
     pub streams_open: Gauge<i64, AtomicI64>,
     pub followers: Gauge<i64, AtomicI64>,
+    /// Open client connections, and connections refused over a limit by reason
+    /// (`connections`, `connections_per_peer`).
+    pub connections_open: Gauge<i64, AtomicI64>,
+    pub connections_refused: Family<ReasonLabels, Counter>,
+    /// Requests that ran out of time for their body.
+    pub body_timeouts: Counter,
     /// New bytes stored per workflow and capture path.
     pub workflow_stored: Family<WorkflowLabels, Counter>,
     /// Bytes reported dropped per workflow and capture path.
@@ -141,6 +147,24 @@ impl Metrics {
             "Readers following a stream now",
             followers.clone(),
         );
+        let connections_open = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused over a limit, by reason",
+            connections_refused.clone(),
+        );
+        let body_timeouts = Counter::default();
+        registry.register(
+            "body_timeouts",
+            "Requests whose body did not arrive in time",
+            body_timeouts.clone(),
+        );
         let workflow_stored = Family::<WorkflowLabels, Counter>::default();
         registry.register(
             "stored_bytes",
@@ -164,6 +188,9 @@ impl Metrics {
             storage,
             streams_open,
             followers,
+            connections_open,
+            connections_refused,
+            body_timeouts,
             workflow_stored,
             workflow_dropped,
             workflows: Mutex::default(),

@@ -232,8 +232,27 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+/// Reads a body of at most `limit` bytes, which must arrive within the deadline its declared
+/// size allows (`Content-Length`, else `limit`): a client trickling a body holds its connection
+/// only that long.
+async fn read_body(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|n| n.min(limit as u64))
+        .unwrap_or(limit as u64);
+    let deadline = s.budget.limits().body_deadline(Some(declared));
+    let Ok(read) = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await else {
+        s.metrics.body_timeouts.inc();
+        return Err(ApiError::BodyTimeout(deadline));
+    };
+    read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
@@ -274,7 +293,7 @@ async fn create_stream(
     body: Body,
 ) -> Result<Json<CreateResponse>, ApiError> {
     let p = principal(&s, &headers).await?;
-    let req: CreateRequest = parse_json(&read_body(body, MAX_JSON).await?)?;
+    let req: CreateRequest = parse_json(&read_body(&s, &headers, body, MAX_JSON).await?)?;
     if !crate::names::valid_stream_name(&req.name) {
         return Err(ApiError::bad(
             "name must be 1-64 characters of [A-Za-z0-9._-]",
@@ -476,11 +495,15 @@ async fn write_data(
         }
     };
     let wire = declared.unwrap_or(limits.max_body as u64);
+    // Back before its `Retry-After`: refused again, the body left unread.
+    s.budget
+        .check_retry_after(&stream.id)
+        .map_err(|t| throttled(&s, t, wire))?;
     let _permit = s
         .budget
         .admit(&stream.id, wire)
         .map_err(|t| throttled(&s, t, wire))?;
-    let raw = read_body(body, limits.max_body).await?;
+    let raw = read_body(&s, &headers, body, limits.max_body).await?;
     let data: Bytes = if gzip {
         let wire = raw.len() as u64;
         decode_gzip(raw, limits.max_decoded)
@@ -578,7 +601,7 @@ async fn add_markers(
     if !may_write(&s, &p, &stream.meta) {
         return Err(ApiError::Forbidden("this token cannot write to the stream"));
     }
-    let req: MarkerRequest = parse_json(&read_body(body, MAX_JSON).await?)?;
+    let req: MarkerRequest = parse_json(&read_body(&s, &headers, body, MAX_JSON).await?)?;
     if req.markers.is_empty() {
         return Err(ApiError::bad("markers must name at least one marker"));
     }

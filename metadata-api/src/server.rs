@@ -13,6 +13,7 @@ use object_store::{
 
 use crate::{
     auth::Keys,
+    conn::{self, ConnLimits},
     limits::{Budget, Limits},
     metrics::Metrics,
     routes::{AppState, app, metrics_app},
@@ -82,6 +83,23 @@ pub struct ServeArgs {
     /// Body bytes the service may have in flight.
     #[arg(long, env = "RELAY_METADATA_API_GLOBAL_INFLIGHT", default_value = "512M", value_parser = parse_size)]
     pub global_inflight: u64,
+    /// Open client connections in all; lowered to fit under the open-files limit (which is
+    /// raised to the host's hard limit at start).
+    #[arg(long, env = "RELAY_METADATA_API_MAX_CONNECTIONS", default_value_t = ConnLimits::default().max_connections)]
+    pub max_connections: usize,
+    /// Open connections from one peer address (a pod, a node's collector): one tenant cannot
+    /// take the connections of the others.
+    #[arg(long, env = "RELAY_METADATA_API_MAX_CONNECTIONS_PER_PEER", default_value_t = ConnLimits::default().max_per_peer)]
+    pub max_connections_per_peer: usize,
+    /// Time for a request's head to arrive whole; also how long a kept-alive connection may
+    /// stay idle.
+    #[arg(long, env = "RELAY_METADATA_API_HEAD_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub head_timeout: Duration,
+    /// Slowest accepted upload (bytes per second, K/M/G suffixes): a body must arrive within
+    /// `--head-timeout` plus its declared size at this rate (its largest allowed size when
+    /// undeclared).
+    #[arg(long, env = "RELAY_METADATA_API_BODY_MIN_RATE", default_value = "64K", value_parser = parse_size)]
+    pub body_min_rate: u64,
     /// Settings of `--auth kubernetes`.
     #[cfg(feature = "kubernetes")]
     #[command(flatten)]
@@ -203,6 +221,10 @@ impl ServeArgs {
             global_rate,
             stream_inflight,
             global_inflight,
+            max_connections: _,
+            max_connections_per_peer: _,
+            head_timeout,
+            body_min_rate,
             #[cfg(feature = "kubernetes")]
             kubernetes,
         } = self;
@@ -224,6 +246,8 @@ impl ServeArgs {
             global_rate: *global_rate,
             stream_inflight: *stream_inflight,
             global_inflight: *global_inflight,
+            body_min_rate: (*body_min_rate).max(1),
+            body_grace: *head_timeout,
         };
         Ok(Arc::new(AppState {
             store: Arc::new(Store::new(os, prefix, metrics.clone())),
@@ -235,6 +259,24 @@ impl ServeArgs {
             kube,
         }))
     }
+
+    /// The connection limits, fitted under `open_files` (see [`conn::raise_open_files`]).
+    pub fn conn_limits(&self, open_files: u64) -> ConnLimits {
+        let max_connections = conn::fit_connections(self.max_connections, open_files);
+        if max_connections < self.max_connections {
+            tracing::warn!(
+                wanted = self.max_connections,
+                max_connections,
+                open_files,
+                "Fewer connections than asked for: the open-files limit is lower."
+            );
+        }
+        ConnLimits {
+            max_connections,
+            max_per_peer: self.max_connections_per_peer.clamp(1, max_connections),
+            head_timeout: self.head_timeout,
+        }
+    }
 }
 
 /// Serves until SIGINT or SIGTERM; in-flight requests get `grace` to finish. `metrics`: the
@@ -243,6 +285,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Option<tokio::net::TcpListener>,
     state: Arc<AppState>,
+    limits: ConnLimits,
     grace: Duration,
 ) -> std::io::Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -252,12 +295,27 @@ pub async fn serve(
     };
     let metrics = async {
         match metrics {
-            Some(listener) => axum::serve(listener, metrics_app(state.clone())).await,
+            Some(listener) => {
+                conn::serve(
+                    listener,
+                    metrics_app(state.clone()),
+                    limits,
+                    state.metrics.clone(),
+                    std::future::pending(),
+                )
+                .await
+            }
             None => std::future::pending().await,
         }
     };
-    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(shutdown);
-    let server = std::pin::pin!(server.into_future());
+    let server = conn::serve(
+        listener,
+        app(state.clone()),
+        limits,
+        state.metrics.clone(),
+        shutdown,
+    );
+    let server = std::pin::pin!(server);
     tokio::select! {
         r = server => r,
         r = metrics => r,

@@ -144,6 +144,12 @@ async fn throttling_is_retried_without_loss_or_duplicates() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert!(throttled > 0.0, "the test must meet 429s:\n{metrics}");
+    // Never back before its Retry-After: the server would refuse that too (reason retry_after).
+    assert!(
+        !metrics.lines().any(|l| l
+            .starts_with("relay_metadata_api_throttled_requests_total{reason=\"retry_after\"}")),
+        "the client came back before its Retry-After:\n{metrics}"
+    );
 }
 
 #[tokio::test]

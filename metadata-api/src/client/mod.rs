@@ -293,7 +293,9 @@ impl Client {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout.min(Duration::from_secs(3))));
         let http = HttpClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Below the server's idle deadline (`--head-timeout`, 10 s by default): a pooled
+            // connection is retired here before the server closes it under a request.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build(connector);
         Ok(Self {
             http,

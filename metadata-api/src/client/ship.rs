@@ -422,6 +422,7 @@ impl Shipper {
             generation: 0,
             create_at: Some(Instant::now()),
             create_backoff: Backoff::new(&self.shared.cfg),
+            pause: Arc::new(Pause::default()),
             jobs: JoinSet::new(),
             running: HashMap::new(),
             prior: Vec::new(),
@@ -472,6 +473,8 @@ struct Run {
     /// When to (re)try creating the stream; `None` while a try runs or after giving up.
     create_at: Option<Instant>,
     create_backoff: Backoff,
+    /// Shared by the stream's data requests (see [`Pause`]).
+    pause: Arc<Pause>,
     jobs: JoinSet<Done>,
     running: HashMap<Id, (AbortHandle, Job)>,
     prior: Vec<Span>,
@@ -582,6 +585,7 @@ impl Run {
                 let (client, id) = (self.client.clone(), id.clone());
                 let cfg = cfg.clone();
                 let pool = self.shipper.shared.pool.clone();
+                let pause = Arc::clone(&self.pause);
                 self.spawn(Job::Data(span), async move {
                     let payload = if cfg.gzip_level > 0 {
                         let (level, raw) = (cfg.gzip_level, data.clone());
@@ -600,9 +604,11 @@ impl Run {
                         Payload::plain(data)
                     };
                     Done::Unit(
-                        retry(&cfg, || client.append(&id, base + start, &payload))
-                            .await
-                            .map(drop),
+                        retry_paused(&cfg, Some(&pause), || {
+                            client.append(&id, base + start, &payload)
+                        })
+                        .await
+                        .map(drop),
                     )
                 });
             }
@@ -844,17 +850,54 @@ impl Backoff {
     }
 }
 
+/// When a stream's data may be sent again: the end of the latest `Retry-After` any of its
+/// requests was given. Its other requests wait for it too, before a retry and before a first
+/// try, so none goes back early (the server refuses those again, unread).
+#[derive(Debug, Default)]
+struct Pause(Mutex<Option<Instant>>);
+
+impl Pause {
+    fn until(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn hold(&self, wait: Duration) {
+        let until = Instant::now() + wait;
+        let mut at = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *at = Some(at.map_or(until, |t| t.max(until)));
+    }
+}
+
 /// Calls `f` until it succeeds or fails for good.
-async fn retry<T, F, Fut>(cfg: &ShipConfig, mut f: F) -> Result<T, ClientError>
+async fn retry<T, F, Fut>(cfg: &ShipConfig, f: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    retry_paused(cfg, None, f).await
+}
+
+/// [`retry`], keeping to the stream's `pause` when given one.
+async fn retry_paused<T, F, Fut>(
+    cfg: &ShipConfig,
+    pause: Option<&Pause>,
+    mut f: F,
+) -> Result<T, ClientError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, ClientError>>,
 {
     let mut backoff = Backoff::new(cfg);
     loop {
+        if let Some(until) = pause.and_then(Pause::until) {
+            tokio::time::sleep_until(until).await;
+        }
         match f().await {
             Ok(v) => return Ok(v),
             Err(e) if e.is_retryable() => {
+                if let (Some(pause), Some(wait)) = (pause, e.retry_after()) {
+                    pause.hold(wait);
+                }
                 tokio::time::sleep(backoff.next(e.retry_after())).await;
             }
             Err(e) => return Err(e),
