@@ -49,6 +49,12 @@ pub enum ContextError {
 use crate::names::valid_context_segment as valid_segment;
 
 impl Context {
+    /// The workflow the context belongs to (its second segment): the tenant whose budget its
+    /// streams share.
+    pub fn workflow(&self) -> &str {
+        self.0.split('/').nth(1).unwrap_or_default()
+    }
+
     /// A full context a stream can live in.
     pub fn stream(s: &str) -> Result<Self, ContextError> {
         let ctx = Self::prefix(s)?;

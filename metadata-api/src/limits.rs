@@ -1,4 +1,7 @@
-//! Ingest budgets: bytes per second and bytes in flight, per stream and for the whole service.
+//! Ingest budgets: bytes per second and bytes in flight, per stream, per tenant (a workflow) and
+//! for the whole service. The tenant's sits between the two: one tenant writing at many times
+//! its share over many streams meets its own budget long before the service's, which the other
+//! tenants then still have.
 
 use std::{
     collections::HashMap,
@@ -24,6 +27,9 @@ pub struct Limits {
     pub stream_inflight: u64,
     /// Body bytes the service may have in flight.
     pub global_inflight: u64,
+    /// Bytes per second, and body bytes in flight, of one tenant's streams together.
+    pub tenant_rate: u64,
+    pub tenant_inflight: u64,
     /// Slowest upload accepted, bytes per second, and the time any body gets on top of that
     /// (see [`Limits::body_deadline`]).
     pub body_min_rate: u64,
@@ -39,6 +45,8 @@ impl Default for Limits {
             global_rate: 1 << 30,
             stream_inflight: 64 << 20,
             global_inflight: 512 << 20,
+            tenant_rate: 256 << 20,
+            tenant_inflight: 128 << 20,
             body_min_rate: 64 << 10,
             body_grace: Duration::from_secs(10),
         }
@@ -61,8 +69,10 @@ pub enum Exhausted {
     /// The stream's writer came back before the `Retry-After` it was given.
     RetryAfter,
     StreamRate,
+    TenantRate,
     GlobalRate,
     StreamInflight,
+    TenantInflight,
     GlobalInflight,
 }
 
@@ -71,6 +81,8 @@ impl Exhausted {
         match self {
             Self::RetryAfter => "retry_after",
             Self::StreamRate => "stream_rate",
+            Self::TenantRate => "tenant_rate",
+            Self::TenantInflight => "tenant_inflight",
             Self::GlobalRate => "global_rate",
             Self::StreamInflight => "stream_inflight",
             Self::GlobalInflight => "global_inflight",
@@ -124,14 +136,29 @@ impl Bucket {
 struct StreamBudget {
     bucket: Option<Bucket>,
     inflight: u64,
-    /// When the last `Retry-After` was given, and its end: data is not accepted before it.
-    told: Option<(Instant, Instant)>,
+    /// While a `Retry-After` given runs: its end, and how many more requests are let through
+    /// to the budget as "already on their way" (see [`ON_THEIR_WAY`]).
+    told: Option<Told>,
 }
 
-/// Requests of a stream that arrive this soon after it was told to retry later were on their
-/// way before the writer could know (a shipper has several in flight): they are budgeted as
-/// usual rather than refused for coming back early.
-const ON_THEIR_WAY: Duration = Duration::from_millis(250);
+#[derive(Debug, Clone, Copy)]
+struct Told {
+    until: Instant,
+    on_their_way: u32,
+}
+
+/// Requests of a stream that may have been on their way before its writer could know it was
+/// told to retry later (a shipper has up to 4 in flight): the first this many arriving after a
+/// refusal are budgeted as usual; the rest, until the `Retry-After` ends, are refused unread. A
+/// count rather than a time, so that a slow network or a busy writer is not taken for an
+/// impatient one.
+const ON_THEIR_WAY: u32 = 8;
+
+#[derive(Debug, Default)]
+struct TenantBudget {
+    bucket: Option<Bucket>,
+    inflight: u64,
+}
 
 /// Shared budget state.
 #[derive(Debug)]
@@ -140,6 +167,7 @@ pub struct Budget {
     global: Mutex<Bucket>,
     global_inflight: AtomicU64,
     streams: Mutex<HashMap<String, StreamBudget>>,
+    tenants: Mutex<HashMap<String, TenantBudget>>,
 }
 
 /// Holds bytes in flight until dropped.
@@ -147,6 +175,7 @@ pub struct Budget {
 pub struct Permit {
     budget: Arc<Budget>,
     stream: String,
+    tenant: String,
     bytes: u64,
 }
 
@@ -155,12 +184,19 @@ impl Drop for Permit {
         self.budget
             .global_inflight
             .fetch_sub(self.bytes, Ordering::AcqRel);
+        if let Some(t) = self.budget.tenants().get_mut(&self.tenant) {
+            t.inflight = t.inflight.saturating_sub(self.bytes);
+        }
         let mut streams = self.budget.streams();
         if let Some(s) = streams.get_mut(&self.stream) {
             s.inflight = s.inflight.saturating_sub(self.bytes);
         }
     }
 }
+
+/// Entries kept per map before idle ones are forgotten, so that memory follows the streams and
+/// tenants writing now, not every one ever seen.
+const MAX_ENTRIES: usize = 100_000;
 
 fn retry(budget: Exhausted, wait: Duration) -> Throttled {
     Throttled {
@@ -176,6 +212,7 @@ impl Budget {
             global: Mutex::new(Bucket::new(limits.global_rate, Instant::now())),
             global_inflight: AtomicU64::new(0),
             streams: Mutex::default(),
+            tenants: Mutex::default(),
         })
     }
 
@@ -187,18 +224,29 @@ impl Budget {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn tenants(&self) -> std::sync::MutexGuard<'_, HashMap<String, TenantBudget>> {
+        self.tenants.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Refuses data for `stream` while the `Retry-After` it was last given runs: checked
     /// before anything else of the request, so its body is neither read nor stored.
     pub fn check_retry_after(&self, stream: &str) -> Result<(), Throttled> {
         let now = Instant::now();
-        let streams = self.streams();
-        match streams.get(stream).and_then(|s| s.told) {
-            Some((told, until)) if now < until && now >= told + ON_THEIR_WAY => Err(Throttled {
-                budget: Exhausted::RetryAfter,
-                retry_after: until - now,
-            }),
-            _ => Ok(()),
+        let mut streams = self.streams();
+        let Some(told) = streams.get_mut(stream).and_then(|s| s.told.as_mut()) else {
+            return Ok(());
+        };
+        if now >= told.until {
+            return Ok(());
         }
+        if told.on_their_way > 0 {
+            told.on_their_way -= 1;
+            return Ok(());
+        }
+        Err(Throttled {
+            budget: Exhausted::RetryAfter,
+            retry_after: told.until - now,
+        })
     }
 
     /// Notes that `stream` was told to retry after `t.retry_after` (as the response says it,
@@ -210,18 +258,38 @@ impl Budget {
             && let Some(s) = self.streams().get_mut(stream)
         {
             let now = Instant::now();
-            s.told = Some((now, now + wire));
+            s.told = Some(match s.told {
+                // Within a running one: later, but no new allowance.
+                Some(told) if now < told.until => Told {
+                    until: told.until.max(now + wire),
+                    ..told
+                },
+                _ => Told {
+                    until: now + wire,
+                    on_their_way: ON_THEIR_WAY,
+                },
+            });
         }
         t
     }
 
-    /// Reserves `bytes` of in-flight body for `stream`, before the body is read.
-    pub fn admit(self: &Arc<Self>, stream: &str, bytes: u64) -> Result<Permit, Throttled> {
-        self.admit_inner(stream, bytes)
+    /// Reserves `bytes` of in-flight body for `stream` of `tenant`, before the body is read.
+    pub fn admit(
+        self: &Arc<Self>,
+        stream: &str,
+        tenant: &str,
+        bytes: u64,
+    ) -> Result<Permit, Throttled> {
+        self.admit_inner(stream, tenant, bytes)
             .map_err(|t| self.told(stream, t))
     }
 
-    fn admit_inner(self: &Arc<Self>, stream: &str, bytes: u64) -> Result<Permit, Throttled> {
+    fn admit_inner(
+        self: &Arc<Self>,
+        stream: &str,
+        tenant: &str,
+        bytes: u64,
+    ) -> Result<Permit, Throttled> {
         let l = self.limits;
         // A request larger than a whole budget may pass alone, never beside others.
         let prev = self.global_inflight.fetch_add(bytes, Ordering::AcqRel);
@@ -229,34 +297,57 @@ impl Budget {
             self.global_inflight.fetch_sub(bytes, Ordering::AcqRel);
             return Err(retry(Exhausted::GlobalInflight, Duration::from_secs(1)));
         }
+        let undo_global = || {
+            self.global_inflight.fetch_sub(bytes, Ordering::AcqRel);
+        };
+        {
+            let mut tenants = self.tenants();
+            if tenants.len() > MAX_ENTRIES {
+                tenants.retain(|_, t| t.inflight > 0);
+            }
+            let t = tenants.entry(tenant.to_owned()).or_default();
+            if t.inflight > 0 && t.inflight + bytes > l.tenant_inflight {
+                drop(tenants);
+                undo_global();
+                return Err(retry(Exhausted::TenantInflight, Duration::from_secs(1)));
+            }
+            t.inflight += bytes;
+        }
+        let undo_tenant = || {
+            if let Some(t) = self.tenants().get_mut(tenant) {
+                t.inflight = t.inflight.saturating_sub(bytes);
+            }
+        };
         let mut streams = self.streams();
-        if streams.len() > 100_000 {
+        if streams.len() > MAX_ENTRIES {
             // Forget idle streams rather than grow without bound (a `Retry-After` still running
             // is kept: forgetting it would let its writer in early).
             let now = Instant::now();
-            streams.retain(|_, s| s.inflight > 0 || s.told.is_some_and(|(_, until)| until > now));
+            streams.retain(|_, s| s.inflight > 0 || s.told.is_some_and(|t| t.until > now));
         }
         let s = streams.entry(stream.to_owned()).or_default();
         if s.inflight > 0 && s.inflight + bytes > l.stream_inflight {
             drop(streams);
-            self.global_inflight.fetch_sub(bytes, Ordering::AcqRel);
+            undo_tenant();
+            undo_global();
             return Err(retry(Exhausted::StreamInflight, Duration::from_secs(1)));
         }
         s.inflight += bytes;
         Ok(Permit {
             budget: Arc::clone(self),
             stream: stream.to_owned(),
+            tenant: tenant.to_owned(),
             bytes,
         })
     }
 
-    /// Charges `bytes` of log data to the stream's and the global rate.
-    pub fn charge(&self, stream: &str, bytes: u64) -> Result<(), Throttled> {
-        self.charge_inner(stream, bytes)
+    /// Charges `bytes` of log data to the stream's, its tenant's and the global rate.
+    pub fn charge(&self, stream: &str, tenant: &str, bytes: u64) -> Result<(), Throttled> {
+        self.charge_inner(stream, tenant, bytes)
             .map_err(|t| self.told(stream, t))
     }
 
-    fn charge_inner(&self, stream: &str, bytes: u64) -> Result<(), Throttled> {
+    fn charge_inner(&self, stream: &str, tenant: &str, bytes: u64) -> Result<(), Throttled> {
         let l = self.limits;
         let now = Instant::now();
         let mut streams = self.streams();
@@ -267,6 +358,15 @@ impl Budget {
         bucket
             .take(bytes, l.stream_rate, now)
             .map_err(|w| retry(Exhausted::StreamRate, w))?;
+        let mut tenants = self.tenants();
+        let t = tenants.entry(tenant.to_owned()).or_default();
+        let tenant_bucket = t
+            .bucket
+            .get_or_insert_with(|| Bucket::new(l.tenant_rate, now));
+        if let Err(w) = tenant_bucket.take(bytes, l.tenant_rate, now) {
+            bucket.refund(bytes, l.stream_rate);
+            return Err(retry(Exhausted::TenantRate, w));
+        }
         let global =
             self.global
                 .lock()
@@ -274,6 +374,7 @@ impl Budget {
                 .take(bytes, l.global_rate, now);
         if let Err(w) = global {
             bucket.refund(bytes, l.stream_rate);
+            tenant_bucket.refund(bytes, l.tenant_rate);
             return Err(retry(Exhausted::GlobalRate, w));
         }
         Ok(())
@@ -308,12 +409,13 @@ mod tests {
             stream_rate: 100,
             ..Limits::default()
         });
-        budget.charge("s", 100).unwrap();
-        let told = budget.charge("s", 100).unwrap_err();
+        budget.charge("s", "w", 100).unwrap();
+        let told = budget.charge("s", "w", 100).unwrap_err();
         assert_eq!(told.budget, Exhausted::StreamRate);
-        // What was already on its way is let through to the budget.
-        assert!(budget.check_retry_after("s").is_ok());
-        std::thread::sleep(ON_THEIR_WAY);
+        // What may have been on its way is let through to the budget.
+        for _ in 0..ON_THEIR_WAY {
+            assert!(budget.check_retry_after("s").is_ok());
+        }
         let early = budget.check_retry_after("s").unwrap_err();
         assert_eq!(early.budget, Exhausted::RetryAfter);
         assert!(early.retry_after <= Duration::from_secs(1), "{early:?}");
@@ -322,18 +424,35 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_over_its_rate_leaves_the_others_theirs() {
+        let budget = Budget::new(Limits {
+            tenant_rate: 100,
+            global_rate: 400,
+            ..Limits::default()
+        });
+        // Ten streams of one tenant: the first takes the tenant's second, the rest wait.
+        budget.charge("a0", "loud", 100).unwrap();
+        for i in 1..10 {
+            let t = budget.charge(&format!("a{i}"), "loud", 100).unwrap_err();
+            assert_eq!(t.budget, Exhausted::TenantRate);
+        }
+        // The service has room left, and another tenant gets it.
+        budget.charge("b0", "quiet", 100).unwrap();
+    }
+
+    #[test]
     fn inflight_is_released() {
         let budget = Budget::new(Limits {
             stream_inflight: 10,
             ..Limits::default()
         });
-        let p = budget.admit("s", 8).unwrap();
+        let p = budget.admit("s", "w", 8).unwrap();
         assert_eq!(
-            budget.admit("s", 8).unwrap_err().budget,
+            budget.admit("s", "w", 8).unwrap_err().budget,
             Exhausted::StreamInflight
         );
-        assert!(budget.admit("other", 8).is_ok());
+        assert!(budget.admit("other", "w", 8).is_ok());
         drop(p);
-        assert!(budget.admit("s", 8).is_ok());
+        assert!(budget.admit("s", "w", 8).is_ok());
     }
 }

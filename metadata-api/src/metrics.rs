@@ -216,7 +216,7 @@ impl Metrics {
         if bytes == 0 {
             return;
         }
-        let workflow = meta.context.as_str().split('/').nth(1).unwrap_or_default();
+        let workflow = meta.context.workflow();
         let labels = WorkflowLabels {
             workflow: self.workflow_label(workflow),
             source: meta.source.as_str(),

@@ -501,7 +501,7 @@ async fn write_data(
         .map_err(|t| throttled(&s, t, wire))?;
     let _permit = s
         .budget
-        .admit(&stream.id, wire)
+        .admit(&stream.id, stream.meta.context.workflow(), wire)
         .map_err(|t| throttled(&s, t, wire))?;
     let raw = read_body(&s, &headers, body, limits.max_body).await?;
     let data: Bytes = if gzip {
@@ -547,7 +547,7 @@ async fn write_data(
     };
     if n > 0 {
         s.budget
-            .charge(&stream.id, n)
+            .charge(&stream.id, stream.meta.context.workflow(), n)
             .map_err(|t| throttled(&s, t, n))?;
     }
     let t = Instant::now();

@@ -83,6 +83,14 @@ pub struct ServeArgs {
     /// Body bytes the service may have in flight.
     #[arg(long, env = "RELAY_METADATA_API_GLOBAL_INFLIGHT", default_value = "512M", value_parser = parse_size)]
     pub global_inflight: u64,
+    /// Bytes per second one tenant (a workflow) may append over all its streams: a quarter of
+    /// the service's by default, so that one tenant at many times its share leaves the others
+    /// theirs.
+    #[arg(long, env = "RELAY_METADATA_API_TENANT_RATE", default_value = "256M", value_parser = parse_size)]
+    pub tenant_rate: u64,
+    /// Body bytes one tenant may have in flight.
+    #[arg(long, env = "RELAY_METADATA_API_TENANT_INFLIGHT", default_value = "128M", value_parser = parse_size)]
+    pub tenant_inflight: u64,
     /// Open client connections in all; lowered to fit under the open-files limit (which is
     /// raised to the host's hard limit at start).
     #[arg(long, env = "RELAY_METADATA_API_MAX_CONNECTIONS", default_value_t = ConnLimits::default().max_connections)]
@@ -221,6 +229,8 @@ impl ServeArgs {
             global_rate,
             stream_inflight,
             global_inflight,
+            tenant_rate,
+            tenant_inflight,
             max_connections: _,
             max_connections_per_peer: _,
             head_timeout,
@@ -246,6 +256,8 @@ impl ServeArgs {
             global_rate: *global_rate,
             stream_inflight: *stream_inflight,
             global_inflight: *global_inflight,
+            tenant_rate: *tenant_rate,
+            tenant_inflight: *tenant_inflight,
             body_min_rate: (*body_min_rate).max(1),
             body_grace: *head_timeout,
         };

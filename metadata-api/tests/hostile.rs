@@ -66,9 +66,10 @@ async fn measure(server: &Server, tag: &str) -> Latency {
     }
 }
 
-/// Prints the case's row and checks the writer kept its p99 within twice the quiet one (plus
-/// 25 ms: a loopback round trip here is ~1 ms, and one scheduler hiccup on a shared 2-core
-/// machine is worth more than that).
+/// Prints the case's row and checks the writer kept its p99 within twice the quiet one, or
+/// within 50 ms of it: the quiet p99 is ~10 ms here, and on a 2-core machine whose other core
+/// runs the attack, one scheduler hiccup is worth more than that. What the limits prevent shows
+/// as seconds (the issue's writer timed out after 5 s).
 fn report(case: &str, quiet: &Latency, hostile: &Latency) {
     println!(
         "| {case} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.0} / {:.0} ops/s |",
@@ -79,7 +80,7 @@ fn report(case: &str, quiet: &Latency, hostile: &Latency) {
         quiet.ops_per_s,
         hostile.ops_per_s,
     );
-    let allowed = (quiet.p99 * 2).max(quiet.p99 + Duration::from_millis(25));
+    let allowed = (quiet.p99 * 2).max(quiet.p99 + Duration::from_millis(50));
     assert!(
         hostile.p99 <= allowed,
         "{case}: the writer's p99 went from {:?} to {:?}",
@@ -364,10 +365,25 @@ async fn a_writer_ignoring_retry_after_is_refused_without_its_body_being_read() 
         .parse()
         .unwrap();
     assert!(wait >= 1);
-    // Back early (past the 250 ms the server grants requests that were already on their way),
-    // with a head that declares a megabyte and no body at all: the answer comes without the
-    // server waiting for the body.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Back at once, again and again: the first 8 are let through as possibly on their way (and
+    // refused by the budget), then the rest are refused for coming back early.
+    let mut reasons = Vec::new();
+    for _ in 0..10 {
+        let r = api.patch(&id, "bytes 4096-8191/*", chunk.clone()).await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        let body: serde_json::Value = r.json().await.unwrap();
+        reasons.push(body["message"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        reasons[..8].iter().all(|m| m.contains("stream_rate")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[8..].iter().all(|m| m.contains("retry_after")),
+        "{reasons:?}"
+    );
+    // Once more, with a head that declares a megabyte and no body at all: the answer comes
+    // without the server waiting for the body.
     let mut c = TcpStream::connect(addr(&server)).await.unwrap();
     let head = format!(
         "PATCH /logs/{id}/data HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\
@@ -402,4 +418,70 @@ async fn a_writer_ignoring_retry_after_is_refused_without_its_body_being_read() 
     // After the time it was given, the writer is served.
     tokio::time::sleep(Duration::from_secs(wait)).await;
     api.put_at(&id, 4096, &chunk).await;
+}
+
+#[tokio::test]
+async fn a_tenant_at_ten_times_its_budget_leaves_the_others_theirs() {
+    // 1 MiB/s per tenant, 3 MiB/s for the service: the loud tenant offers ten times its share
+    // over ten streams, which without a tenant budget would take the whole service's.
+    let server = Server::start(&[
+        "--tenant-rate",
+        "1M",
+        "--stream-rate",
+        "1M",
+        "--global-rate",
+        "3M",
+    ]);
+    let quiet = measure(&server, "quiet").await;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let loud = server.client(&server.token("workflows/loud/runs/r1/steps/s1", Scope::Write));
+    let piece = bytes(9, 64 << 10);
+    let writers = (0..10).map(|i| {
+        let (loud, piece, stop) = (loud.clone(), piece.clone(), &stop);
+        async move {
+            let id = loud.stream(&format!("loud-{i}")).await;
+            let (mut offset, mut refused) = (0u64, 0u32);
+            let start = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let end = offset + piece.len() as u64 - 1;
+                let r = loud
+                    .patch(&id, &format!("bytes {offset}-{end}/*"), piece.clone())
+                    .await;
+                match r.status() {
+                    StatusCode::ACCEPTED => offset = end + 1,
+                    StatusCode::TOO_MANY_REQUESTS => {
+                        refused += 1;
+                        // Ten times its share: back far sooner than it is told.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    other => panic!("loud writer got {other}"),
+                }
+            }
+            (offset, refused, start.elapsed())
+        }
+    });
+    let writer = async {
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let l = measure(&server, "loud").await;
+        // Three seconds of the loud tenant at least, for its rate to show.
+        tokio::time::sleep(Duration::from_secs(3).saturating_sub(start.elapsed())).await;
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        l
+    };
+    let (under, loud) = tokio::join!(writer, futures::future::join_all(writers));
+    report("a tenant at 10x its budget", &quiet, &under);
+    let stored: u64 = loud.iter().map(|l| l.0).sum();
+    let refused: u32 = loud.iter().map(|l| l.1).sum();
+    let secs = loud.iter().map(|l| l.2).max().unwrap().as_secs_f64();
+    println!(
+        "loud tenant: {:.2} MiB/s stored over {secs:.1} s, {refused} requests refused",
+        stored as f64 / secs / f64::from(1 << 20)
+    );
+    // Its own budget (1 MiB/s, plus the one second's burst each bucket starts with).
+    assert!(
+        (stored as f64) < (secs + 2.0) * f64::from(1 << 20),
+        "the loud tenant stored {stored} bytes in {secs} s"
+    );
+    assert!(refused > 0);
 }
