@@ -180,12 +180,39 @@ pub enum TokenError {
     Context(#[from] ContextError),
 }
 
-/// The server secret and the two keys derived from it: one signs tokens, one derives stream ids.
+/// The keys of the service: the token keys (the first signs new tokens, every one verifies,
+/// each named in its tokens by a key id) and the key stream ids are derived with.
+///
+/// Both come from the server secret (`--key-file`) unless token keys of their own are given
+/// (`--token-key-file`, see [`Keys::with_token_secrets`]): those can be rotated, while the
+/// stream-id key never changes, as the ids it made must keep naming their streams.
 #[derive(Clone)]
 pub struct Keys {
-    jwt_encoding: EncodingKey,
-    jwt_decoding: DecodingKey,
+    /// Never empty; the first signs.
+    token_keys: Vec<TokenKey>,
     stream_id: [u8; 32],
+}
+
+/// One token key and its id (`kid` in the token's header): a hash of the key, so it names the
+/// key without revealing anything of it.
+#[derive(Clone)]
+struct TokenKey {
+    kid: String,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl TokenKey {
+    fn from_secret(secret: &[u8]) -> Self {
+        use sha2::Digest as _;
+        let jwt = derive(secret, b"relay metadata-api token key v1");
+        let kid = hex::encode(&Sha256::digest(jwt)[..8]);
+        Self {
+            kid,
+            encoding: EncodingKey::from_secret(&jwt),
+            decoding: DecodingKey::from_secret(&jwt),
+        }
+    }
 }
 
 impl fmt::Debug for Keys {
@@ -202,62 +229,53 @@ fn derive(secret: &[u8], label: &[u8]) -> [u8; 32] {
 
 impl Keys {
     pub fn from_secret(secret: &[u8]) -> Self {
-        let jwt = derive(secret, b"relay metadata-api token key v1");
         Self {
-            jwt_encoding: EncodingKey::from_secret(&jwt),
-            jwt_decoding: DecodingKey::from_secret(&jwt),
+            token_keys: vec![TokenKey::from_secret(secret)],
             stream_id: derive(secret, b"relay metadata-api stream id key v1"),
+        }
+    }
+
+    /// Token keys of their own, for rotation: new tokens are signed with the first of
+    /// `secrets`, tokens signed with any of them are accepted, and stream ids stay as they were.
+    /// The server secret's own token key is accepted only if its secret is listed too (which is
+    /// how a rotation away from it starts). An empty list changes nothing.
+    pub fn with_token_secrets(mut self, secrets: &[Vec<u8>]) -> Self {
+        if !secrets.is_empty() {
+            self.token_keys = secrets.iter().map(|s| TokenKey::from_secret(s)).collect();
+        }
+        self
+    }
+
+    /// [`Keys::with_token_secrets`] with secrets from files, each created when missing as
+    /// [`Keys::load_or_create`] creates the server's.
+    pub fn with_token_key_files(self, paths: &[PathBuf]) -> Result<Self, KeyError> {
+        let secrets = paths
+            .iter()
+            .map(|p| load_or_create_secret(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.with_token_secrets(&secrets))
+    }
+
+    /// The id of the key new tokens are signed with.
+    pub fn signing_kid(&self) -> &str {
+        &self.signer().kid
+    }
+
+    fn signer(&self) -> &TokenKey {
+        // Never empty: every constructor sets one key at least.
+        &self.token_keys[0]
+    }
+
+    fn header(&self) -> Header {
+        Header {
+            kid: Some(self.signer().kid.clone()),
+            ..Header::new(Algorithm::HS256)
         }
     }
 
     /// Loads the secret from `path`, creating it (mode 0600, 32 random bytes as hex) when missing.
     pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let secret = hex::decode(text.trim()).map_err(|_| KeyError::Invalid {
-                    path: path.to_owned(),
-                })?;
-                if secret.len() < 32 {
-                    return Err(KeyError::Invalid {
-                        path: path.to_owned(),
-                    });
-                }
-                Ok(Self::from_secret(&secret))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let create = |source| KeyError::Create {
-                    path: path.to_owned(),
-                    source,
-                };
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(create)?;
-                }
-                let secret: [u8; 32] = rand::random();
-                // create_new: two processes racing to create the key must not both win.
-                match std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                {
-                    Ok(mut f) => {
-                        f.write_all(format!("{}\n", hex::encode(secret)).as_bytes())
-                            .and_then(|()| f.sync_all())
-                            .map_err(create)?;
-                        Ok(Self::from_secret(&secret))
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        Self::load_or_create(path)
-                    }
-                    Err(e) => Err(create(e)),
-                }
-            }
-            Err(source) => Err(KeyError::Read {
-                path: path.to_owned(),
-                source,
-            }),
-        }
+        load_or_create_secret(path).map(|secret| Self::from_secret(&secret))
     }
 
     /// Mints a token for `context` with `scope`, valid for `ttl`.
@@ -277,13 +295,13 @@ impl Keys {
             iat: now,
             exp: now + ttl.as_secs().max(1),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.jwt_encoding)
+        jsonwebtoken::encode(&self.header(), &claims, &self.signer().encoding)
             .map_err(TokenError::Sign)
     }
 
     /// Signs arbitrary claims (tests use it for expired or odd tokens).
     pub fn sign(&self, claims: &Claims) -> Result<String, TokenError> {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.jwt_encoding)
+        jsonwebtoken::encode(&self.header(), claims, &self.signer().encoding)
             .map_err(TokenError::Sign)
     }
 
@@ -297,7 +315,13 @@ impl Keys {
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
         validation.leeway = 5;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.jwt_decoding, &validation).ok()?;
+        // The key its id names; a token without one (signed before key ids) is tried with each.
+        let kid = jsonwebtoken::decode_header(token).ok()?.kid;
+        let data = self
+            .token_keys
+            .iter()
+            .filter(|k| kid.as_ref().is_none_or(|kid| *kid == k.kid))
+            .find_map(|k| jsonwebtoken::decode::<Claims>(token, &k.decoding, &validation).ok())?;
         let Claims { sub, scope, .. } = data.claims;
         if scope == Scope::Write && !sub.is_stream_context() {
             return None;
@@ -318,6 +342,56 @@ impl Keys {
             mac.update(part.as_bytes());
         }
         hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// The secret in `path`, created (mode 0600, 32 random bytes as hex) when missing.
+fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, KeyError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let secret = hex::decode(text.trim()).map_err(|_| KeyError::Invalid {
+                path: path.to_owned(),
+            })?;
+            if secret.len() < 32 {
+                return Err(KeyError::Invalid {
+                    path: path.to_owned(),
+                });
+            }
+            Ok(secret.to_vec())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let create = |source| KeyError::Create {
+                path: path.to_owned(),
+                source,
+            };
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(create)?;
+            }
+            let secret: [u8; 32] = rand::random();
+            // create_new: two processes racing to create the key must not both win.
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(mut f) => {
+                    f.write_all(format!("{}\n", hex::encode(secret)).as_bytes())
+                        .and_then(|()| f.sync_all())
+                        .map_err(create)?;
+                    Ok(secret.to_vec())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    load_or_create_secret(path)
+                }
+                Err(e) => Err(create(e)),
+            }
+        }
+        Err(source) => Err(KeyError::Read {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -401,9 +475,53 @@ mod tests {
             iat: 1,
             exp: 2,
         };
-        let t =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.jwt_encoding).unwrap();
+        let t = k.sign(&claims).unwrap();
         assert!(k.verify(&t).is_none());
+    }
+
+    #[test]
+    fn token_keys_rotate_without_touching_stream_ids() {
+        let old = keys();
+        let c = Context::stream("workflows/w/triggers/t").unwrap();
+        let id = old.stream_id(&c, "stdout", "entrypoint");
+        let ttl = Duration::from_secs(60);
+        let old_token = old.mint(c.as_str(), Scope::Write, ttl).unwrap();
+        // Rotation: a new key signs, the old one (the server secret's) still verifies.
+        let both = keys().with_token_secrets(&[vec![9; 32], vec![7; 32]]);
+        assert_eq!(both.stream_id(&c, "stdout", "entrypoint"), id);
+        assert!(both.verify(&old_token).is_some());
+        let new_token = both.mint(c.as_str(), Scope::Write, ttl).unwrap();
+        assert_ne!(both.signing_kid(), old.signing_kid());
+        assert_eq!(
+            jsonwebtoken::decode_header(&new_token)
+                .unwrap()
+                .kid
+                .as_deref(),
+            Some(both.signing_kid())
+        );
+        assert!(old.verify(&new_token).is_none());
+        // After the grace period the old key goes: its tokens with it, not the streams.
+        let new = keys().with_token_secrets(&[vec![9; 32]]);
+        assert!(new.verify(&old_token).is_none());
+        assert!(new.verify(&new_token).is_some());
+        assert_eq!(new.stream_id(&c, "stdout", "entrypoint"), id);
+        // A token without a key id (minted before them) is still checked against each key.
+        let claims = Claims {
+            sub: c.clone(),
+            scope: Scope::Write,
+            aud: AUDIENCE.into(),
+            iss: ISSUER.into(),
+            iat: now_secs(),
+            exp: now_secs() + 60,
+        };
+        let legacy = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &TokenKey::from_secret(&[7; 32]).encoding,
+        )
+        .unwrap();
+        assert!(both.verify(&legacy).is_some());
+        assert!(new.verify(&legacy).is_none());
     }
 
     #[test]

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the HTTP service.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a bearer token for a context.
     Token {
         #[arg(
@@ -28,6 +28,13 @@ enum Command {
             default_value = "data/metadata-api.key"
         )]
         key_file: PathBuf,
+        /// Token keys, as `serve` takes them: the token is signed with the first.
+        #[arg(
+            long = "token-key-file",
+            env = "RELAY_METADATA_API_TOKEN_KEY_FILES",
+            value_delimiter = ','
+        )]
+        token_key_files: Vec<PathBuf>,
         /// `workflows/{w}/triggers/{t}`, `workflows/{w}/runs/{r}/steps/{s}`, or a prefix for `read`.
         #[arg(long)]
         context: String,
@@ -170,10 +177,12 @@ fn main() -> ExitCode {
         Command::CaptureReport(args) => capture_report(&args),
         Command::Token {
             key_file,
+            token_key_files,
             context,
             scope,
             ttl,
         } => match Keys::load_or_create(&key_file)
+            .and_then(|k| k.with_token_key_files(&token_key_files))
             .map_err(anyhow::Error::from)
             .and_then(|k| k.mint(&context, scope, ttl).map_err(anyhow::Error::from))
         {

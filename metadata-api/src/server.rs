@@ -65,6 +65,17 @@ pub struct ServeArgs {
         default_value = "data/metadata-api.key"
     )]
     pub key_file: PathBuf,
+    /// Token keys of their own (repeat the flag, or comma-separate the variable): new tokens are
+    /// signed with the first, tokens of any are accepted, and stream ids stay derived from
+    /// `--key-file`. To rotate: put a new file first and keep the old one (the `--key-file`
+    /// itself when no token keys were set) after it until tokens it signed have expired, then
+    /// drop it. Files are created (32 random bytes as hex) when missing.
+    #[arg(
+        long = "token-key-file",
+        env = "RELAY_METADATA_API_TOKEN_KEY_FILES",
+        value_delimiter = ','
+    )]
+    pub token_key_files: Vec<PathBuf>,
     /// Largest request body on the wire (bytes; K/M/G suffixes are binary).
     #[arg(long, env = "RELAY_METADATA_API_MAX_BODY", default_value = "16M", value_parser = parse_size)]
     pub max_body: u64,
@@ -223,6 +234,7 @@ impl ServeArgs {
             storage,
             auth,
             key_file,
+            token_key_files,
             max_body,
             max_decoded,
             stream_rate,
@@ -245,7 +257,7 @@ impl ServeArgs {
         };
         #[cfg(not(feature = "kubernetes"))]
         let AuthMode::Hmac = auth;
-        let keys = Keys::load_or_create(key_file)?;
+        let keys = Keys::load_or_create(key_file)?.with_token_key_files(token_key_files)?;
         let metrics = Arc::new(Metrics::new());
         let (os, prefix) = open_storage(storage.as_deref())?;
         let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);

@@ -823,3 +823,58 @@ async fn metrics_listen_moves_the_metrics_off_the_api_port() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The token key is rotated as the README says, on the real binary: tokens of the old key work
+/// through the grace period and stop after it; streams keep their ids and bytes throughout.
+#[tokio::test]
+async fn token_keys_rotate_without_losing_any_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let storage = format!("file://{}", dir.join("streams").display());
+    let key = dir.join("key").display().to_string();
+    let new_key = dir.join("token-2.key").display().to_string();
+    let mint = |files: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_metadata-api"));
+        cmd.args(["token", "--key-file", &key]);
+        for f in files {
+            cmd.args(["--token-key-file", f]);
+        }
+        let out = cmd
+            .args(["--context", CTX, "--scope", "write"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+
+    // Before: the server secret signs.
+    let before = Server::start_on(dir, &storage, &[]);
+    let old = mint(&[]);
+    let api = before.client(&old);
+    let id = api.stream("stdout").await;
+    api.put_at(&id, 0, b"before\n").await;
+    drop(before);
+
+    // The rotation starts: a new key signs, the old one still verifies.
+    let both = ["--token-key-file", &new_key, "--token-key-file", &key];
+    let during = Server::start_on(dir, &storage, &both);
+    during.client(&old).put_at(&id, 7, b"during\n").await;
+    let new = mint(&[&new_key, &key]);
+    assert_ne!(new, old);
+    let api = during.client(&new);
+    assert_eq!(api.stream("stdout").await, id);
+    api.put_at(&id, 14, b"after\n").await;
+    drop(during);
+
+    // The grace period is over: the old key's tokens are refused, the streams are all there.
+    let after = Server::start_on(dir, &storage, &["--token-key-file", &new_key]);
+    let r = after
+        .client(&old)
+        .req(Method::GET, &format!("/logs/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let api = after.client(&mint(&[&new_key]));
+    assert_eq!(api.data(&id).await, b"before\nduring\nafter\n");
+}
