@@ -340,12 +340,7 @@ async fn per_workflow_totals_are_exported() {
     w.put_at(&e, 0, &[b'x'; 1000]).await;
     c.put_at(&b, 0, &[b'x'; 400]).await;
     c.mark(&b, "bytes 400-999/*").await;
-    let metrics = reqwest::get(format!("{}/metrics", s.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     for line in [
         "relay_metadata_api_stored_bytes_total{workflow=\"w1\",source=\"entrypoint\"} 1000",
         "relay_metadata_api_stored_bytes_total{workflow=\"w1\",source=\"ebpf\"} 400",

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{CTX, Server, bytes, eventually, free_addr};
+use common::{CTX, Server, bytes, eventually, free_addr, sum_metric};
 use metadata_api::{
     auth::Scope,
     client::{Client, ShipConfig, ShipReport, Shipper, StreamSpec, Token},
@@ -132,17 +132,8 @@ async fn throttling_is_retried_without_loss_or_duplicates() {
     .await;
     verify(&server, &token, &report, &data).await;
     assert_eq!(report.stored, data.len() as u64, "{report:?}");
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let throttled: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("relay_metadata_api_throttled_requests_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let metrics = server.metrics().await;
+    let throttled = sum_metric(&metrics, "relay_metadata_api_throttled_requests_total");
     assert!(throttled > 0.0, "the test must meet 429s:\n{metrics}");
     // Never back before its Retry-After: the server would refuse that too (reason retry_after).
     assert!(

@@ -126,19 +126,6 @@ fn open_files(server: &Server) -> usize {
         .count()
 }
 
-async fn metric(server: &Server, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn a_connection_flood_from_one_peer_leaves_other_tenants_served() {
     let server = Server::start(&LIMITS);
@@ -202,7 +189,10 @@ async fn a_connection_flood_from_one_peer_leaves_other_tenants_served() {
     // 256 at a time) and a few of the writer's and the store's; not one per connection tried.
     assert!(most_files < 450, "{most_files} open files");
     assert!(
-        metric(&server, "relay_metadata_api_connections_refused_total").await as usize >= refused
+        server
+            .metric("relay_metadata_api_connections_refused_total")
+            .await as usize
+            >= refused
     );
     // Once the flood is over, partial heads are admitted again and closed at their deadline
     // (2 s), unanswered.
@@ -408,11 +398,9 @@ async fn a_writer_ignoring_retry_after_is_refused_without_its_body_being_read() 
     assert!(start.elapsed() < Duration::from_millis(500));
     assert_eq!(api.status(&id).await["length"], 4096);
     assert!(
-        metric(
-            &server,
-            "relay_metadata_api_throttled_requests_total{reason=\"retry_after\"}"
-        )
-        .await
+        server
+            .metric("relay_metadata_api_throttled_requests_total{reason=\"retry_after\"}")
+            .await
             >= 1.0
     );
     // After the time it was given, the writer is served.
