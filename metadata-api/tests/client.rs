@@ -111,6 +111,51 @@ async fn round_trip_is_byte_exact() {
     );
 }
 
+/// The server's connection limits (`conn.rs`) as a writer meets them: three connections for
+/// its address, against the shipper's eight requests in flight. Those over the limit are
+/// answered `429` + `Retry-After` at once; the shipper retries them and stores every byte.
+#[tokio::test]
+async fn a_connection_limit_is_retried_without_loss() {
+    let server = Server::start(&["--max-connections-per-peer", "3"]);
+    let token = server.token(CTX, Scope::Write);
+    let data = bytes(4, 512 << 10);
+    let report = ship(
+        ShipConfig {
+            batch_bytes: 16 << 10,
+            max_in_flight: 8,
+            ..quick()
+        },
+        client(&server.url, &token),
+        "stdout",
+        &data,
+        4096,
+        Duration::from_secs(60),
+    )
+    .await;
+    // The test reads from the same address: first the shipper's connections must be gone,
+    // which the server sees a moment after the shipper returns.
+    eventually(
+        Duration::from_secs(10),
+        "the shipper's connections to close",
+        || async {
+            let r = reqwest::get(format!("{}/metrics", server.url)).await.ok()?;
+            if !r.status().is_success() {
+                return None;
+            }
+            let text = r.text().await.ok()?;
+            (sum_metric(&text, "relay_metadata_api_connections_open ") <= 1.0).then_some(())
+        },
+    )
+    .await;
+    verify(&server, &token, &report, &data).await;
+    assert_eq!(report.stored, data.len() as u64, "{report:?}");
+    let refused = server
+        .metric("relay_metadata_api_connections_refused_total")
+        .await;
+    assert!(refused > 0.0, "the test must meet the connection limit");
+    println!("{refused} connections refused, every byte stored");
+}
+
 #[tokio::test]
 async fn throttling_is_retried_without_loss_or_duplicates() {
     // 1 MiB/s for the stream: most batches meet a 429 and wait for Retry-After.
