@@ -253,10 +253,9 @@ impl Budget {
     /// whole seconds rounded up).
     fn told(&self, stream: &str, t: Throttled) -> Throttled {
         let wire = Duration::from_secs(t.retry_after.as_secs_f64().ceil() as u64);
-        // A refusal for coming back early does not push the end further out.
-        if t.budget != Exhausted::RetryAfter
-            && let Some(s) = self.streams().get_mut(stream)
-        {
+        // Only budget refusals come here: one for coming back early (`check_retry_after`)
+        // keeps the end already given.
+        if let Some(s) = self.streams().get_mut(stream) {
             let now = Instant::now();
             s.told = Some(match s.told {
                 // Within a running one: later, but no new allowance.
