@@ -277,8 +277,8 @@ async fn slow_heads_and_slow_bodies_are_cut_at_their_deadlines() {
     );
     // Nothing of it was stored.
     assert_eq!(api.status(&id).await["length"], 0);
-    // A slow upload that keeps to the minimum rate goes through: 256 KiB in 20 KiB pieces
-    // every 100 ms (~200 KiB/s, 1.3 s in all, past the 2 s head deadline's share of nothing).
+    // A slow upload that keeps above the minimum rate goes through: 256 KiB in 20 KiB pieces
+    // every 100 ms (~200 KiB/s, 1.3 s in all; its deadline is 2 s + 256 KiB at 64 KiB/s = 6 s).
     let data = bytes(3, 256 << 10);
     let mut c = TcpStream::connect(addr(&server)).await.unwrap();
     let head = format!(
