@@ -252,7 +252,7 @@ impl Budget {
     /// Notes that `stream` was told to retry after `t.retry_after` (as the response says it,
     /// whole seconds rounded up).
     fn told(&self, stream: &str, t: Throttled) -> Throttled {
-        let wire = Duration::from_secs(t.retry_after.as_secs_f64().ceil() as u64);
+        let wire = Duration::from_secs(crate::error::retry_after_secs(t.retry_after));
         // Only budget refusals come here: one for coming back early (`check_retry_after`)
         // keeps the end already given.
         if let Some(s) = self.streams().get_mut(stream) {

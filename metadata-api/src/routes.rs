@@ -232,6 +232,14 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
 }
 
+/// The body size a request's `Content-Length` declares, if it declares one.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Reads a body of at most `limit` bytes, which must arrive within the deadline its declared
 /// size allows (`Content-Length`, else `limit`): a client trickling a body holds its connection
 /// only that long.
@@ -241,12 +249,7 @@ async fn read_body(
     body: Body,
     limit: usize,
 ) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|n| n.min(limit as u64))
-        .unwrap_or(limit as u64);
+    let declared = content_length(headers).map_or(limit as u64, |n| n.min(limit as u64));
     let deadline = s.budget.limits().body_deadline(Some(declared));
     let Ok(read) = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await else {
         s.metrics.body_timeouts.inc();
@@ -469,10 +472,7 @@ async fn write_data(
         None => None,
     };
     let limits = *s.budget.limits();
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = content_length(&headers);
     if declared.is_some_and(|n| n > limits.max_body as u64) {
         s.metrics
             .rejected("too_large", declared.unwrap_or_default());
