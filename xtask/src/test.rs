@@ -75,17 +75,40 @@ echo "test namespace: no tracefs, debugfs or BPF filesystem mounted"
 exec "$@"
 "#;
 
-/// Runs nextest with `filter` arguments, the way CI does: the static entrypoint and the release
-/// metadata-api built first, and tests that need a test bed failing rather than skipping. `env`
-/// passes further binaries built for the selected tests.
+/// Builds the metadata-api and collector binaries in the dev profile, the one the test binaries
+/// are built in, and returns their paths. Release builds of both cost a cold CI run ten minutes of
+/// its sixty (two more optimised copies of every dependency) for tests that measure no speed: the
+/// benchmarks build their own release binaries.
+fn dev_bins(path: &std::ffi::OsStr) -> anyhow::Result<(PathBuf, PathBuf)> {
+    sh(Command::new("cargo")
+        .current_dir(util::root())
+        .env("PATH", path)
+        // The collector's build script builds the kernel side with the cached bpf-linker.
+        .env_remove("AYA_BUILD_SKIP")
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "metadata-api",
+            "-p",
+            "collector",
+            "--bins",
+        ]))?;
+    let debug = util::target_dir().join("debug");
+    Ok((debug.join("metadata-api"), debug.join("collector")))
+}
+
+/// Runs nextest with `filter` arguments, the way CI does: the static entrypoint and the
+/// metadata-api and collector binaries built first, and tests that need a test bed failing rather
+/// than skipping. `env` passes further paths for the selected tests.
 fn nextest(path: &std::ffi::OsStr, filter: &[&str], env: &[(&str, PathBuf)]) -> anyhow::Result<()> {
     if !has("cargo-nextest", "--version") {
         sh(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))?;
     }
     // The container tests run the static entrypoint, as tenant containers do.
     let entrypoint = crate::dist::build_entrypoint().context("building the static entrypoint")?;
-    // Tests of other crates start the server binary: built here, not from inside a test.
-    let api = util::build_metadata_api().context("building metadata-api")?;
+    // Tests of other crates start these binaries: built here, not from inside a test.
+    let (api, collector) = dev_bins(path).context("building metadata-api and the collector")?;
     // In a mount namespace of their own without tracefs, debugfs or a BPF filesystem, as on a
     // brand-new machine or inside the collector's DaemonSet container: whatever needs one must
     // set it up itself (the collector's restart tests mount their own BPF filesystems), and a
@@ -101,6 +124,7 @@ fn nextest(path: &std::ffi::OsStr, filter: &[&str], env: &[(&str, PathBuf)]) -> 
         .args(filter)
         .env("RELAY_ENTRYPOINT_STATIC", &entrypoint)
         .env("RELAY_METADATA_API_BIN", &api)
+        .env("RELAY_COLLECTOR_BIN", &collector)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RELAY_REQUIRE_EMULATORS", "1")
         .env(testbed::REQUIRE_ENV, "1"))
@@ -147,8 +171,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             target: None,
         })?;
     }
-    // The demo's test (xtask/tests/demo.rs) runs the release collector, as the demo does.
-    let collector = util::build_collector().context("building the collector")?;
     // The images testbed/tests/images.rs runs on containerd and collector/tests/deployed.rs
     // installs on the test bed's node (all four, dev profile, musl).
     let images = crate::images::Args::for_tests();
@@ -156,9 +178,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     nextest(
         &path,
         &["--workspace", "--exclude", "collector-ebpf"],
-        &[
-            ("RELAY_COLLECTOR_BIN", collector),
-            ("RELAY_IMAGES_DIR", crate::images::out_dir(&images)),
-        ],
+        &[("RELAY_IMAGES_DIR", crate::images::out_dir(&images))],
     )
 }
