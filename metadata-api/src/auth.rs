@@ -152,6 +152,10 @@ pub struct Principal {
     /// For collectors of the `kubernetes` auth mode: the node they run on. They may touch only
     /// contexts of pods on that node. `None`: no node restriction (HMAC tokens).
     pub node: Option<String>,
+    /// For pods of the `kubernetes` auth mode: the namespace the pod runs in, recorded with the
+    /// streams it creates. `None` for HMAC tokens and collectors (whose streams take the
+    /// namespace of the pod the collector captured).
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -330,6 +334,7 @@ impl Keys {
             context: sub,
             scope,
             node: None,
+            namespace: None,
         })
     }
 

@@ -171,7 +171,7 @@ pub enum StartError {
 /// What a reviewed token is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Identity {
-    Pod(Context),
+    Pod { context: Context, namespace: String },
     Collector { node: String },
 }
 
@@ -241,6 +241,7 @@ fn token_exp(token: &str) -> Option<u64> {
 #[derive(Debug, Clone)]
 struct Placement {
     node: String,
+    namespace: String,
     gone_at: Option<Instant>,
 }
 
@@ -267,8 +268,15 @@ impl NodeIndex {
         }
     }
 
-    /// A pod was added or changed.
-    fn apply(&mut self, uid: &str, context: Option<String>, node: Option<String>, now: Instant) {
+    /// A pod (of `namespace`) was added or changed.
+    fn apply(
+        &mut self,
+        uid: &str,
+        namespace: &str,
+        context: Option<String>,
+        node: Option<String>,
+        now: Instant,
+    ) {
         if let Some(seen) = &mut self.relisting {
             seen.push(uid.to_owned());
         }
@@ -285,6 +293,7 @@ impl NodeIndex {
             uid.to_owned(),
             Placement {
                 node,
+                namespace: namespace.to_owned(),
                 gone_at: None,
             },
         );
@@ -358,14 +367,17 @@ impl NodeIndex {
         }
     }
 
-    /// Whether a pod of `context` is on `node`, or was until less than the grace period ago.
-    fn runs(&self, node: &str, context: &str, now: Instant) -> bool {
-        self.by_context.get(context).is_some_and(|pods| {
-            pods.values().any(|p| {
-                p.node == node
-                    && p.gone_at
-                        .is_none_or(|at| now.duration_since(at) < self.grace)
-            })
+    /// The namespace of a pod of `context` that is on `node`, or was until less than the grace
+    /// period ago; `None` if there is none.
+    fn runs(&self, node: &str, context: &str, now: Instant) -> Option<&str> {
+        self.by_context.get(context).and_then(|pods| {
+            pods.values()
+                .find(|p| {
+                    p.node == node
+                        && p.gone_at
+                            .is_none_or(|at| now.duration_since(at) < self.grace)
+                })
+                .map(|p| p.namespace.as_str())
         })
     }
 }
@@ -433,15 +445,17 @@ impl KubeAuth {
             None => self.review_cached(token, key).await?,
         };
         Ok(match identity {
-            Identity::Pod(context) => Principal {
+            Identity::Pod { context, namespace } => Principal {
                 context,
                 scope: Scope::Write,
                 node: None,
+                namespace: Some(namespace),
             },
             Identity::Collector { node } => Principal {
                 context: Context::prefix("workflows").map_err(|_| AuthError::Unavailable)?,
                 scope: Scope::Collector,
                 node: Some(node),
+                namespace: None,
             },
         })
     }
@@ -524,7 +538,10 @@ impl KubeAuth {
                     "the pod has no log context: it needs the relay.sh workflow labels of a Tekton step or Knative trigger pod",
                 )
             })?;
-        Ok(Identity::Pod(context))
+        Ok(Identity::Pod {
+            context,
+            namespace: sa.namespace,
+        })
     }
 
     /// The ServiceAccount, pod name and pod UID of an authenticated review.
@@ -564,11 +581,14 @@ impl KubeAuth {
     }
 
     /// Whether a pod of `context` runs on `node`, or was deleted less than the grace period ago.
-    pub fn node_runs(&self, node: &str, context: &Context) -> bool {
+    /// The namespace of a pod of `context` on `node` (see [`NodeIndex::runs`]), `None` if no
+    /// pod of it runs there.
+    pub fn node_runs(&self, node: &str, context: &Context) -> Option<String> {
         self.index
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .runs(node, context.as_str(), Instant::now())
+            .map(str::to_owned)
     }
 }
 
@@ -595,7 +615,8 @@ async fn watch_pods(client: Client, index: Arc<Mutex<NodeIndex>>, ready: watch::
                 if let Some(uid) = pod.metadata.uid.as_deref() {
                     let context = pod.metadata.labels.as_ref().and_then(context_for_labels);
                     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-                    index.apply(uid, context, node, now);
+                    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+                    index.apply(uid, namespace, context, node, now);
                 }
             }
             watcher::Event::Delete(pod) => {
@@ -675,10 +696,19 @@ mod tests {
         let ctx = Context::stream("workflows/w/triggers/t").unwrap();
         cache.insert(
             key,
-            Ok(Identity::Pod(ctx.clone())),
+            Ok(Identity::Pod {
+                context: ctx.clone(),
+                namespace: "tenant".into(),
+            }),
             now + Duration::from_secs(60),
         );
-        assert_eq!(cache.get(&key, now), Some(Ok(Identity::Pod(ctx))));
+        assert_eq!(
+            cache.get(&key, now),
+            Some(Ok(Identity::Pod {
+                context: ctx,
+                namespace: "tenant".into()
+            }))
+        );
         assert_eq!(cache.get(&key, now + Duration::from_secs(60)), None);
         // The expired entry is gone, not just hidden.
         assert_eq!(cache.get(&key, now), None);
@@ -708,37 +738,47 @@ mod tests {
         let t0 = Instant::now();
         let mut ix = NodeIndex::new(grace);
         let ctx = "workflows/w/runs/r/steps/s";
-        ix.apply("u1", Some(ctx.into()), Some("n1".into()), t0);
-        ix.apply("u2", Some("workflows/w/triggers/t".into()), None, t0);
-        assert!(ix.runs("n1", ctx, t0));
-        assert!(!ix.runs("n2", ctx, t0));
+        ix.apply("u1", "ns", Some(ctx.into()), Some("n1".into()), t0);
+        ix.apply("u2", "ns", Some("workflows/w/triggers/t".into()), None, t0);
+        assert_eq!(ix.runs("n1", ctx, t0), Some("ns"));
+        assert!(ix.runs("n2", ctx, t0).is_none());
         // Unscheduled pods are on no node.
-        assert!(!ix.runs("n1", "workflows/w/triggers/t", t0));
+        assert!(ix.runs("n1", "workflows/w/triggers/t", t0).is_none());
         ix.delete("u1", t0 + Duration::from_secs(10));
-        assert!(ix.runs("n1", ctx, t0 + Duration::from_secs(10) + grace / 2));
+        assert_eq!(
+            ix.runs("n1", ctx, t0 + Duration::from_secs(10) + grace / 2),
+            Some("ns")
+        );
         ix.prune(t0 + Duration::from_secs(11) + grace);
-        assert!(!ix.runs("n1", ctx, t0 + Duration::from_secs(11) + grace));
+        assert!(
+            ix.runs("n1", ctx, t0 + Duration::from_secs(11) + grace)
+                .is_none()
+        );
         assert!(ix.by_context.is_empty() && ix.context_of.is_empty());
 
         // A relist that misses a pod counts it as deleted then.
-        ix.apply("u3", Some(ctx.into()), Some("n1".into()), t0);
+        ix.apply("u3", "ns", Some(ctx.into()), Some("n1".into()), t0);
         ix.relist_start();
-        ix.apply("u4", Some(ctx.into()), Some("n2".into()), t0);
+        ix.apply("u4", "ns", Some(ctx.into()), Some("n2".into()), t0);
         let t1 = t0 + Duration::from_secs(100);
         ix.relist_done(t1);
-        assert!(ix.runs("n1", ctx, t1 + grace - Duration::from_secs(1)));
+        assert_eq!(
+            ix.runs("n1", ctx, t1 + grace - Duration::from_secs(1)),
+            Some("ns")
+        );
         ix.prune(t1 + grace);
-        assert!(!ix.runs("n1", ctx, t1 + grace));
-        assert!(ix.runs("n2", ctx, t1 + grace));
+        assert!(ix.runs("n1", ctx, t1 + grace).is_none());
+        assert_eq!(ix.runs("n2", ctx, t1 + grace), Some("ns"));
 
         // Relabelled pods move to their new context.
         ix.apply(
             "u4",
+            "other",
             Some("workflows/x/triggers/t".into()),
             Some("n2".into()),
             t1,
         );
-        assert!(!ix.runs("n2", ctx, t1));
-        assert!(ix.runs("n2", "workflows/x/triggers/t", t1));
+        assert!(ix.runs("n2", ctx, t1).is_none());
+        assert_eq!(ix.runs("n2", "workflows/x/triggers/t", t1), Some("other"));
     }
 }

@@ -1,5 +1,6 @@
-//! Ingest budgets: bytes per second and bytes in flight, per stream, per tenant (a workflow) and
-//! for the whole service. The tenant's sits between the two: one tenant writing at many times
+//! Ingest budgets: bytes per second and bytes in flight, per stream, per tenant and for the whole
+//! service. A tenant is a stream's namespace where the API knows it (`--auth kubernetes`), its
+//! workflow otherwise (see [`crate::store::StreamMeta::tenant`]). The tenant's sits between the two: one tenant writing at many times
 //! its share over many streams meets its own budget long before the service's, which the other
 //! tenants then still have.
 
@@ -114,13 +115,19 @@ impl Bucket {
     /// Takes `n` tokens; capacity is one second of `rate`. A request larger than the capacity
     /// passes when the bucket is full, leaving it in debt.
     fn take(&mut self, n: u64, rate: u64, now: Instant) -> Result<(), Duration> {
+        self.peek(n, rate, now)?;
+        self.tokens -= n as f64;
+        Ok(())
+    }
+
+    /// Whether `n` tokens could be taken now, without taking them: the wait until they can.
+    fn peek(&mut self, n: u64, rate: u64, now: Instant) -> Result<(), Duration> {
         let cap = rate as f64;
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * cap).min(cap);
         self.at = now;
         let need = (n as f64).min(cap);
         if self.tokens >= need {
-            self.tokens -= n as f64;
             Ok(())
         } else {
             Err(Duration::from_secs_f64((need - self.tokens) / cap.max(1.0)))
@@ -340,6 +347,45 @@ impl Budget {
         })
     }
 
+    /// Refuses, before its body is read, a request that brings at least `bytes` of log data
+    /// (its declared length; 1 for a compressed body) while the stream's, its tenant's or the
+    /// service's rate has no room for them: a writer over its rate is answered without the
+    /// server reading, decoding and dropping what it sent. [`Budget::charge`] still charges
+    /// what the body turns out to hold.
+    pub fn precheck(&self, stream: &str, tenant: &str, bytes: u64) -> Result<(), Throttled> {
+        self.precheck_inner(stream, tenant, bytes)
+            .map_err(|t| self.told(stream, t))
+    }
+
+    fn precheck_inner(&self, stream: &str, tenant: &str, bytes: u64) -> Result<(), Throttled> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let l = self.limits;
+        let now = Instant::now();
+        if let Some(b) = self
+            .streams()
+            .get_mut(stream)
+            .and_then(|s| s.bucket.as_mut())
+        {
+            b.peek(bytes, l.stream_rate, now)
+                .map_err(|w| retry(Exhausted::StreamRate, w))?;
+        }
+        if let Some(b) = self
+            .tenants()
+            .get_mut(tenant)
+            .and_then(|t| t.bucket.as_mut())
+        {
+            b.peek(bytes, l.tenant_rate, now)
+                .map_err(|w| retry(Exhausted::TenantRate, w))?;
+        }
+        self.global
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .peek(bytes, l.global_rate, now)
+            .map_err(|w| retry(Exhausted::GlobalRate, w))
+    }
+
     /// Charges `bytes` of log data to the stream's, its tenant's and the global rate.
     pub fn charge(&self, stream: &str, tenant: &str, bytes: u64) -> Result<(), Throttled> {
         self.charge_inner(stream, tenant, bytes)
@@ -437,6 +483,28 @@ mod tests {
         }
         // The service has room left, and another tenant gets it.
         budget.charge("b0", "quiet", 100).unwrap();
+    }
+
+    #[test]
+    fn a_precheck_refuses_what_the_rate_has_no_room_for_and_takes_nothing() {
+        let budget = Budget::new(Limits {
+            stream_rate: 100,
+            ..Limits::default()
+        });
+        // A stream never charged has a full second of rate.
+        budget.precheck("s", "w", 100).unwrap();
+        budget.precheck("s", "w", 100).unwrap();
+        budget.charge("s", "w", 60).unwrap();
+        budget.precheck("s", "w", 40).unwrap();
+        let t = budget.precheck("s", "w", 50).unwrap_err();
+        assert_eq!(t.budget, Exhausted::StreamRate);
+        // Refused before the body, it still tells the writer when to come back.
+        for _ in 0..ON_THEIR_WAY {
+            assert!(budget.check_retry_after("s").is_ok());
+        }
+        assert!(budget.check_retry_after("s").is_err());
+        // An empty body brings no data: never refused for rate.
+        budget.precheck("s", "w", 0).unwrap();
     }
 
     #[test]

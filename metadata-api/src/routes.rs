@@ -181,18 +181,25 @@ async fn principal(s: &AppState, headers: &HeaderMap) -> Result<Principal, ApiEr
 }
 
 /// Whether `p`'s node restriction (kubernetes collectors) lets it touch `context`.
-#[cfg(feature = "kubernetes")]
 fn node_allows(s: &AppState, p: &Principal, context: &Context) -> bool {
+    node_namespace(s, p, context).is_some()
+}
+
+/// What `p`'s node restriction says of `context`: `Some(None)` without one (no namespace known),
+/// `Some(Some(ns))` when a pod of the context in namespace `ns` runs on the collector's node,
+/// `None` when none does.
+#[cfg(feature = "kubernetes")]
+fn node_namespace(s: &AppState, p: &Principal, context: &Context) -> Option<Option<String>> {
     match (&p.node, &s.kube) {
-        (None, _) => true,
-        (Some(node), Some(kube)) => kube.node_runs(node, context),
-        (Some(_), None) => false,
+        (None, _) => Some(None),
+        (Some(node), Some(kube)) => kube.node_runs(node, context).map(Some),
+        (Some(_), None) => None,
     }
 }
 
 #[cfg(not(feature = "kubernetes"))]
-fn node_allows(_: &AppState, p: &Principal, _: &Context) -> bool {
-    p.node.is_none()
+fn node_namespace(_: &AppState, p: &Principal, _: &Context) -> Option<Option<String>> {
+    p.node.is_none().then_some(None)
 }
 
 fn valid_id(id: &str) -> bool {
@@ -314,7 +321,7 @@ async fn create_stream(
             ));
         }
     }
-    let (context, source) = match p.scope {
+    let (context, source, namespace) = match p.scope {
         Scope::Read => return Err(ApiError::Forbidden("read tokens cannot create streams")),
         Scope::Write => {
             if req
@@ -327,7 +334,7 @@ async fn create_stream(
                 ));
             }
             match req.source.unwrap_or(Source::Entrypoint) {
-                Source::Entrypoint => (p.context.clone(), Source::Entrypoint),
+                Source::Entrypoint => (p.context.clone(), Source::Entrypoint, p.namespace.clone()),
                 Source::Ebpf => {
                     return Err(ApiError::Forbidden(
                         "only collector tokens create ebpf streams",
@@ -346,13 +353,13 @@ async fn create_stream(
                     "context is outside this collector's scope",
                 ));
             }
-            if !node_allows(&s, &p, &ctx) {
+            let Some(namespace) = node_namespace(&s, &p, &ctx) else {
                 return Err(ApiError::Forbidden(
                     "no pod of this context runs on the collector's node",
                 ));
-            }
+            };
             match req.source.unwrap_or(Source::Ebpf) {
-                Source::Ebpf => (ctx, Source::Ebpf),
+                Source::Ebpf => (ctx, Source::Ebpf, namespace),
                 Source::Entrypoint => {
                     return Err(ApiError::Forbidden(
                         "collector tokens create only ebpf streams",
@@ -371,6 +378,7 @@ async fn create_stream(
                 name: req.name,
                 source,
                 entrypoint_absent: req.entrypoint_absent,
+                namespace,
             },
         )
         .await?;
@@ -499,9 +507,20 @@ async fn write_data(
     s.budget
         .check_retry_after(&stream.id)
         .map_err(|t| throttled(&s, t, wire))?;
+    // Over its rate: refused before the body is read. At least the declared length arrives
+    // unless compressed; a compressed body brings at least a byte.
+    let at_least = match declared {
+        Some(0) => 0,
+        Some(n) if !gzip => n,
+        _ => 1,
+    };
+    let tenant = stream.meta.tenant();
+    s.budget
+        .precheck(&stream.id, &tenant, at_least)
+        .map_err(|t| throttled(&s, t, wire))?;
     let _permit = s
         .budget
-        .admit(&stream.id, stream.meta.context.workflow(), wire)
+        .admit(&stream.id, &tenant, wire)
         .map_err(|t| throttled(&s, t, wire))?;
     let raw = read_body(&s, &headers, body, limits.max_body).await?;
     let data: Bytes = if gzip {
@@ -547,7 +566,7 @@ async fn write_data(
     };
     if n > 0 {
         s.budget
-            .charge(&stream.id, stream.meta.context.workflow(), n)
+            .charge(&stream.id, &tenant, n)
             .map_err(|t| throttled(&s, t, n))?;
     }
     let t = Instant::now();

@@ -94,9 +94,9 @@ pub struct ServeArgs {
     /// Body bytes the service may have in flight.
     #[arg(long, env = "RELAY_METADATA_API_GLOBAL_INFLIGHT", default_value = "512M", value_parser = parse_size)]
     pub global_inflight: u64,
-    /// Bytes per second one tenant (a workflow) may append over all its streams: a quarter of
-    /// the service's by default, so that one tenant at many times its share leaves the others
-    /// theirs.
+    /// Bytes per second one tenant (its namespace under `--auth kubernetes`, else its workflow)
+    /// may append over all its streams: a quarter of the service's by default, so that one tenant
+    /// at many times its share leaves the others theirs.
     #[arg(long, env = "RELAY_METADATA_API_TENANT_RATE", default_value = "256M", value_parser = parse_size)]
     pub tenant_rate: u64,
     /// Body bytes one tenant may have in flight.

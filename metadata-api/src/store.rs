@@ -56,6 +56,21 @@ pub struct StreamMeta {
     /// stream of the same name (it is not wrapped, or is a Tekton hermetic step).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entrypoint_absent: Option<String>,
+    /// The Kubernetes namespace of the pod whose output the stream holds, when the API knows it
+    /// (`--auth kubernetes`: from the pod's token, or from the pod index for a collector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+impl StreamMeta {
+    /// The tenant whose budget the stream's writes count against: its namespace where known,
+    /// else its workflow. Prefixed, so a namespace and a workflow of the same name stay apart.
+    pub fn tenant(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("namespace/{ns}"),
+            None => format!("workflow/{}", self.context.workflow()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +148,9 @@ pub struct Status {
     /// See [`StreamMeta::entrypoint_absent`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entrypoint_absent: Option<String>,
+    /// See [`StreamMeta::namespace`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// Receive time of the earliest-received stored part, ms since the Unix epoch.
     pub first_received_ms: Option<u64>,
     /// Receive time of the latest-received stored part, ms since the Unix epoch.
@@ -284,6 +302,7 @@ impl Stream {
             final_length: st.final_len,
             writer_died_at: st.writer_died_at,
             entrypoint_absent: self.meta.entrypoint_absent.clone(),
+            namespace: self.meta.namespace.clone(),
             first_received_ms: st.received.map(|r| r.0),
             last_received_ms: st.received.map(|r| r.1),
         }
@@ -1099,12 +1118,22 @@ mod tests {
         )
     }
 
+    #[test]
+    fn the_tenant_is_the_namespace_where_known_else_the_workflow() {
+        let mut m = meta();
+        assert_eq!(m.tenant(), format!("workflow/{}", m.context.workflow()));
+        m.namespace = Some(m.context.workflow().to_owned());
+        // The same name as a namespace is another tenant.
+        assert_eq!(m.tenant(), format!("namespace/{}", m.context.workflow()));
+    }
+
     fn meta() -> StreamMeta {
         StreamMeta {
             context: Context::stream("workflows/w/triggers/t").unwrap(),
             name: "stdout".into(),
             source: Source::Entrypoint,
             entrypoint_absent: None,
+            namespace: None,
         }
     }
 

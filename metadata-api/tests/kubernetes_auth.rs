@@ -86,6 +86,8 @@ async fn pod_tokens_write_only_their_own_context() {
     assert_eq!(body["context"], STEP_CTX);
     let id = body["id"].as_str().unwrap().to_owned();
     step.put_at(&id, 0, b"hello\n").await;
+    // The stream records the namespace its pod runs in: the tenant its budget is charged to.
+    assert_eq!(step.status(&id).await["namespace"], TENANT);
     // Latency: a fresh token's first request (TokenReview and pod read), the same token cached,
     // and an HMAC token of the same context for comparison.
     let get_status = |api: common::Api, id: String| async move {
@@ -273,6 +275,8 @@ async fn collector_tokens_write_only_for_pods_on_their_node() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     collector.put_at(&id, 0, b"captured\n").await;
+    // Not the collector's namespace: that of the pod whose output it captured.
+    assert_eq!(collector.status(&id).await["namespace"], TENANT);
     // step-b is on another node (and has been listed: step-a, created later, was seen).
     let (status, body) = create_stream(&collector, ebpf(ctx_b, "stdout")).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");

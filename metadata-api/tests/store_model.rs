@@ -323,6 +323,7 @@ async fn run(os: Arc<dyn ObjectStore>, prefix: Path, ops: Vec<Op>) {
         name: "stdout".to_owned(),
         source: Source::Entrypoint,
         entrypoint_absent: None,
+        namespace: None,
     };
     let id = "0".repeat(64);
     let mut store = Store::new(os.clone(), prefix.clone(), metrics.clone());

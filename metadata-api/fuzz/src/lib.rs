@@ -79,6 +79,7 @@ impl Harness {
             name: NAME.to_owned(),
             source: Source::Entrypoint,
             entrypoint_absent: None,
+            namespace: None,
         };
         let stream = self
             .rt
