@@ -134,6 +134,12 @@ impl Bucket {
         }
     }
 
+    /// Whether the bucket has refilled by `now`: then it is no different from a new one.
+    fn full(&self, rate: u64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens + elapsed * rate as f64 >= rate as f64
+    }
+
     fn refund(&mut self, n: u64, rate: u64) {
         self.tokens = (self.tokens + n as f64).min(rate as f64);
     }
@@ -146,6 +152,16 @@ struct StreamBudget {
     /// While a `Retry-After` given runs: its end, and how many more requests are let through
     /// to the budget as "already on their way" (see [`ON_THEIR_WAY`]).
     told: Option<Told>,
+}
+
+impl StreamBudget {
+    /// Nothing in flight, no `Retry-After` running and a full bucket: the entry says nothing a
+    /// new one would not, so it can go.
+    fn at_rest(&self, rate: u64, now: Instant) -> bool {
+        self.inflight == 0
+            && self.told.is_none_or(|t| t.until <= now)
+            && self.bucket.as_ref().is_none_or(|b| b.full(rate, now))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -167,14 +183,60 @@ struct TenantBudget {
     inflight: u64,
 }
 
+impl TenantBudget {
+    fn at_rest(&self, rate: u64, now: Instant) -> bool {
+        self.inflight == 0 && self.bucket.as_ref().is_none_or(|b| b.full(rate, now))
+    }
+}
+
+/// A map of budget entries that forgets those at rest once it has doubled since it last did:
+/// memory follows the streams and tenants writing now, not every one ever seen, at an amortised
+/// constant cost per request.
+#[derive(Debug)]
+struct Entries<T> {
+    map: HashMap<String, T>,
+    prune_at: usize,
+}
+
+/// Entries kept before the first pruning.
+const PRUNE_FROM: usize = 1024;
+
+impl<T: Default> Entries<T> {
+    fn new() -> Self {
+        Self {
+            map: HashMap::new(),
+            prune_at: PRUNE_FROM,
+        }
+    }
+
+    /// The entry of `key`, created when missing; before creating one, forgets the entries
+    /// `at_rest` says may go if the map has grown past its pruning point.
+    fn entry(&mut self, key: &str, at_rest: impl Fn(&T) -> bool) -> &mut T {
+        if !self.map.contains_key(key) && self.map.len() >= self.prune_at {
+            self.map.retain(|_, v| !at_rest(v));
+            self.prune_at = (2 * self.map.len()).max(PRUNE_FROM);
+        }
+        self.map.entry(key.to_owned()).or_default()
+    }
+
+    fn get_mut(&mut self, key: &str) -> Option<&mut T> {
+        self.map.get_mut(key)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
 /// Shared budget state.
 #[derive(Debug)]
 pub struct Budget {
     limits: Limits,
     global: Mutex<Bucket>,
     global_inflight: AtomicU64,
-    streams: Mutex<HashMap<String, StreamBudget>>,
-    tenants: Mutex<HashMap<String, TenantBudget>>,
+    streams: Mutex<Entries<StreamBudget>>,
+    tenants: Mutex<Entries<TenantBudget>>,
 }
 
 /// Holds bytes in flight until dropped.
@@ -201,10 +263,6 @@ impl Drop for Permit {
     }
 }
 
-/// Entries kept per map before idle ones are forgotten, so that memory follows the streams and
-/// tenants writing now, not every one ever seen.
-const MAX_ENTRIES: usize = 100_000;
-
 fn retry(budget: Exhausted, wait: Duration) -> Throttled {
     Throttled {
         budget,
@@ -218,8 +276,8 @@ impl Budget {
             limits,
             global: Mutex::new(Bucket::new(limits.global_rate, Instant::now())),
             global_inflight: AtomicU64::new(0),
-            streams: Mutex::default(),
-            tenants: Mutex::default(),
+            streams: Mutex::new(Entries::new()),
+            tenants: Mutex::new(Entries::new()),
         })
     }
 
@@ -227,11 +285,11 @@ impl Budget {
         &self.limits
     }
 
-    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, StreamBudget>> {
+    fn streams(&self) -> std::sync::MutexGuard<'_, Entries<StreamBudget>> {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn tenants(&self) -> std::sync::MutexGuard<'_, HashMap<String, TenantBudget>> {
+    fn tenants(&self) -> std::sync::MutexGuard<'_, Entries<TenantBudget>> {
         self.tenants.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -307,11 +365,9 @@ impl Budget {
             self.global_inflight.fetch_sub(bytes, Ordering::AcqRel);
         };
         {
+            let now = Instant::now();
             let mut tenants = self.tenants();
-            if tenants.len() > MAX_ENTRIES {
-                tenants.retain(|_, t| t.inflight > 0);
-            }
-            let t = tenants.entry(tenant.to_owned()).or_default();
+            let t = tenants.entry(tenant, |t| t.at_rest(l.tenant_rate, now));
             if t.inflight > 0 && t.inflight + bytes > l.tenant_inflight {
                 drop(tenants);
                 undo_global();
@@ -324,14 +380,9 @@ impl Budget {
                 t.inflight = t.inflight.saturating_sub(bytes);
             }
         };
+        let now = Instant::now();
         let mut streams = self.streams();
-        if streams.len() > MAX_ENTRIES {
-            // Forget idle streams rather than grow without bound (a `Retry-After` still running
-            // is kept: forgetting it would let its writer in early).
-            let now = Instant::now();
-            streams.retain(|_, s| s.inflight > 0 || s.told.is_some_and(|t| t.until > now));
-        }
-        let s = streams.entry(stream.to_owned()).or_default();
+        let s = streams.entry(stream, |s| s.at_rest(l.stream_rate, now));
         if s.inflight > 0 && s.inflight + bytes > l.stream_inflight {
             drop(streams);
             undo_tenant();
@@ -396,7 +447,7 @@ impl Budget {
         let l = self.limits;
         let now = Instant::now();
         let mut streams = self.streams();
-        let s = streams.entry(stream.to_owned()).or_default();
+        let s = streams.entry(stream, |s| s.at_rest(l.stream_rate, now));
         let bucket = s
             .bucket
             .get_or_insert_with(|| Bucket::new(l.stream_rate, now));
@@ -404,7 +455,7 @@ impl Budget {
             .take(bytes, l.stream_rate, now)
             .map_err(|w| retry(Exhausted::StreamRate, w))?;
         let mut tenants = self.tenants();
-        let t = tenants.entry(tenant.to_owned()).or_default();
+        let t = tenants.entry(tenant, |t| t.at_rest(l.tenant_rate, now));
         let tenant_bucket = t
             .bucket
             .get_or_insert_with(|| Bucket::new(l.tenant_rate, now));
@@ -505,6 +556,37 @@ mod tests {
         assert!(budget.check_retry_after("s").is_err());
         // An empty body brings no data: never refused for rate.
         budget.precheck("s", "w", 0).unwrap();
+    }
+
+    #[test]
+    fn entries_at_rest_are_forgotten_and_the_others_kept() {
+        let budget = Budget::new(Limits {
+            stream_rate: 1000,
+            ..Limits::default()
+        });
+        // One stream told to come back later, one with bytes in flight.
+        budget.charge("told", "w", 1000).unwrap();
+        budget.charge("told", "w", 1000).unwrap_err();
+        let permit = budget.admit("busy", "w", 10).unwrap();
+        // Ten thousand streams written once, each at rest a millisecond later.
+        for i in 0..10_000 {
+            budget.charge(&format!("s{i}"), "w", 1).unwrap();
+            std::thread::sleep(Duration::from_micros(if i % 1000 == 0 { 2000 } else { 0 }));
+        }
+        let kept = budget.streams().len();
+        assert!(kept <= 2 * PRUNE_FROM + 2, "{kept} entries kept");
+        for _ in 0..ON_THEIR_WAY {
+            budget.check_retry_after("told").unwrap();
+        }
+        assert_eq!(
+            budget.check_retry_after("told").unwrap_err().budget,
+            Exhausted::RetryAfter
+        );
+        assert_eq!(
+            budget.streams().get_mut("busy").map(|s| s.inflight),
+            Some(10)
+        );
+        drop(permit);
     }
 
     #[test]

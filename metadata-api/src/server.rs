@@ -119,6 +119,11 @@ pub struct ServeArgs {
     /// undeclared).
     #[arg(long, env = "RELAY_METADATA_API_BODY_MIN_RATE", default_value = "64K", value_parser = parse_size)]
     pub body_min_rate: u64,
+    /// Streams kept in memory beyond those being written or read now: the least recently used
+    /// are evicted past it (and loaded again from storage when next touched), so memory follows
+    /// the streams in use, not every stream ever seen.
+    #[arg(long, env = "RELAY_METADATA_API_STREAM_CACHE", default_value_t = crate::store::STREAM_CACHE)]
+    pub stream_cache: usize,
     /// Settings of `--auth kubernetes`.
     #[cfg(feature = "kubernetes")]
     #[command(flatten)]
@@ -247,6 +252,7 @@ impl ServeArgs {
             max_connections_per_peer: _,
             head_timeout,
             body_min_rate,
+            stream_cache,
             #[cfg(feature = "kubernetes")]
             kubernetes,
         } = self;
@@ -274,7 +280,9 @@ impl ServeArgs {
             body_grace: *head_timeout,
         };
         Ok(Arc::new(AppState {
-            store: Arc::new(Store::new(os, prefix, metrics.clone())),
+            store: Arc::new(
+                Store::new(os, prefix, metrics.clone()).cache_capacity((*stream_cache).max(1)),
+            ),
             keys,
             budget: Budget::new(limits),
             metrics,

@@ -26,7 +26,7 @@
 //! of it: they cannot contradict bytes.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, btree_map::Entry},
+    collections::{BTreeMap, HashSet, btree_map::Entry},
     fmt,
     sync::{Arc, Mutex},
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -258,6 +258,16 @@ fn key_of(span: Span) -> (u64, u64) {
     (span.start, span.end)
 }
 
+fn stream_cache(capacity: usize) -> StreamCache {
+    StreamCache::with(
+        capacity,
+        capacity as u64,
+        quick_cache::UnitWeighter,
+        quick_cache::DefaultHashBuilder::default(),
+        InUse,
+    )
+}
+
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     // A panic while holding the lock cannot leave State half-updated in a way that matters more
     // than losing the process; keep serving.
@@ -461,11 +471,41 @@ struct Listing {
     complete_from: Option<u64>,
 }
 
+/// Streams kept in memory by default (see [`Store::cache_capacity`]).
+pub const STREAM_CACHE: usize = 10_000;
+
+/// Keeps a cached stream while anyone but the cache holds it: a request writing to it, a
+/// follower waiting on it. Evicting it then would let a second copy be loaded beside it, and
+/// writes to one would not wake the followers of the other.
+#[derive(Debug, Clone, Copy, Default)]
+struct InUse;
+
+impl quick_cache::Lifecycle<String, Arc<Stream>> for InUse {
+    type RequestState = ();
+
+    fn is_pinned(&self, _: &String, stream: &Arc<Stream>) -> bool {
+        Arc::strong_count(stream) > 1
+    }
+
+    fn on_evict(&self, _: &mut (), _: String, _: Arc<Stream>) {}
+}
+
+type StreamCache = quick_cache::sync::Cache<
+    String,
+    Arc<Stream>,
+    quick_cache::UnitWeighter,
+    quick_cache::DefaultHashBuilder,
+    InUse,
+>;
+
 /// The stream store.
 pub struct Store {
     os: Arc<dyn ObjectStore>,
     prefix: Path,
-    streams: Mutex<HashMap<String, Arc<Stream>>>,
+    /// What the store knows of streams touched lately, at most [`Store::cache_capacity`] of
+    /// them beyond those in use: memory follows the streams being written and read, not every
+    /// stream ever seen. An evicted stream is loaded again from storage when next touched.
+    streams: StreamCache,
     metrics: Arc<Metrics>,
 }
 
@@ -483,9 +523,15 @@ impl Store {
         Self {
             os,
             prefix,
-            streams: Mutex::default(),
+            streams: stream_cache(STREAM_CACHE),
             metrics,
         }
+    }
+
+    /// Keeps at most `capacity` streams cached beyond those in use.
+    pub fn cache_capacity(mut self, capacity: usize) -> Self {
+        self.streams = stream_cache(capacity);
+        self
     }
 
     fn key(&self, id: &str, rest: &str) -> Path {
@@ -543,22 +589,30 @@ impl Store {
         Ok(out)
     }
 
-    fn cached(&self, id: &str) -> Option<Arc<Stream>> {
-        self.streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+    /// The cached stream `id`, or the one `load` makes (`None`: there is none), cached. Callers
+    /// asking for the same stream meanwhile wait for this load rather than make their own.
+    async fn cached_or(
+        &self,
+        id: &str,
+        load: impl Future<Output = Result<Option<Stream>, StoreError>>,
+    ) -> Result<Option<Arc<Stream>>, StoreError> {
+        let guard = match self.streams.get_value_or_guard_async(id).await {
+            Ok(stream) => return Ok(Some(stream)),
+            Err(guard) => guard,
+        };
+        let Some(stream) = load.await? else {
+            return Ok(None);
+        };
+        let stream = Arc::new(stream);
+        // Only fails when the entry was filled meanwhile, which the guard rules out.
+        let _ = guard.insert(Arc::clone(&stream));
+        self.metrics.streams_open.set(self.streams.len() as i64);
+        Ok(Some(stream))
     }
 
-    fn cache(&self, stream: Stream) -> Arc<Stream> {
-        let mut map = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        let s = map
-            .entry(stream.id.clone())
-            .or_insert_with(|| Arc::new(stream))
-            .clone();
-        self.metrics.streams_open.set(map.len() as i64);
-        s
+    /// Streams in memory now.
+    pub fn cached_streams(&self) -> usize {
+        self.streams.len()
     }
 
     async fn timed<T>(
@@ -574,48 +628,51 @@ impl Store {
 
     /// Creates the stream if it does not exist (idempotent) and returns it with its current state.
     pub async fn create(&self, id: String, meta: StreamMeta) -> Result<Arc<Stream>, StoreError> {
-        if let Some(s) = self.cached(&id) {
-            return Ok(s);
-        }
-        let key = self.key(&id, "meta.json");
-        let body = serde_json::to_vec(&meta).map_err(|_| StoreError::Corrupt { id: id.clone() })?;
-        let opts = PutOptions::from(PutMode::Create);
-        let index = self.index_key(&meta);
-        let (made, indexed) = futures::join!(
-            self.timed("put", self.os.put_opts(&key, body.into(), opts)),
-            self.timed(
-                "put",
-                self.os
-                    .put_opts(&index, PutPayload::new(), PutOptions::from(PutMode::Create))
-            )
-        );
-        for r in [made, indexed] {
-            match r {
-                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
-                Err(e) => return Err(e.into()),
+        let load = async {
+            let key = self.key(&id, "meta.json");
+            let body =
+                serde_json::to_vec(&meta).map_err(|_| StoreError::Corrupt { id: id.clone() })?;
+            let opts = PutOptions::from(PutMode::Create);
+            let index = self.index_key(&meta);
+            let (made, indexed) = futures::join!(
+                self.timed("put", self.os.put_opts(&key, body.into(), opts)),
+                self.timed(
+                    "put",
+                    self.os
+                        .put_opts(&index, PutPayload::new(), PutOptions::from(PutMode::Create))
+                )
+            );
+            for r in [made, indexed] {
+                match r {
+                    Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-        }
-        let stream = Stream::new(id, meta);
-        stream.absorb(self.list(&stream.id, false).await?);
-        Ok(self.cache(stream))
+            let stream = Stream::new(id.clone(), meta.clone());
+            stream.absorb(self.list(&stream.id, false).await?);
+            Ok(Some(stream))
+        };
+        self.cached_or(&id, load)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt { id: id.clone() })
     }
 
     /// Finds a stream by id, loading it from storage when it is not cached.
     pub async fn open(&self, id: &str) -> Result<Option<Arc<Stream>>, StoreError> {
-        if let Some(s) = self.cached(id) {
-            return Ok(Some(s));
-        }
-        let key = self.key(id, "meta.json");
-        let meta = match self.timed("get", self.os.get(&key)).await {
-            Ok(r) => r.bytes().await?,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let load = async {
+            let key = self.key(id, "meta.json");
+            let meta = match self.timed("get", self.os.get(&key)).await {
+                Ok(r) => r.bytes().await?,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let meta: StreamMeta = serde_json::from_slice(&meta)
+                .map_err(|_| StoreError::Corrupt { id: id.to_owned() })?;
+            let stream = Stream::new(id.to_owned(), meta);
+            stream.absorb(self.list(id, false).await?);
+            Ok(Some(stream))
         };
-        let meta: StreamMeta =
-            serde_json::from_slice(&meta).map_err(|_| StoreError::Corrupt { id: id.to_owned() })?;
-        let stream = Stream::new(id.to_owned(), meta);
-        stream.absorb(self.list(id, false).await?);
-        Ok(Some(self.cache(stream)))
+        self.cached_or(id, load).await
     }
 
     /// Re-reads the stream's objects, picking up what other replicas stored.
@@ -1116,6 +1173,35 @@ mod tests {
             Path::from("t"),
             Arc::new(Metrics::new()),
         )
+    }
+
+    #[tokio::test]
+    async fn the_cache_keeps_what_is_in_use_and_forgets_the_rest() {
+        let store = store().cache_capacity(50);
+        let held = store.create("held".into(), meta()).await.unwrap();
+        held_write(&store, &held).await;
+        for i in 0..1000 {
+            store.create(format!("s{i}"), meta()).await.unwrap();
+        }
+        // Bounded by the capacity (quick_cache may keep a few more while it settles).
+        assert!(store.cached_streams() <= 60, "{}", store.cached_streams());
+        // The stream held all along is the one the store still hands out: a write through the
+        // store reaches whoever follows the held copy.
+        let again = store.open("held").await.unwrap().unwrap();
+        assert!(Arc::ptr_eq(&held, &again));
+        // An evicted one is loaded again from storage, whole.
+        drop((held, again));
+        let s0 = store.open("s0").await.unwrap().unwrap();
+        assert_eq!(s0.status().length, 0);
+        let reloaded = store.open("held").await.unwrap().unwrap();
+        assert_eq!(reloaded.status().length, 5);
+    }
+
+    async fn held_write(store: &Store, s: &Stream) {
+        store
+            .write(s, Some(0), Bytes::from_static(b"hello"), None)
+            .await
+            .unwrap();
     }
 
     #[test]
