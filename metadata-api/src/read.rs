@@ -113,7 +113,7 @@ pub struct Lane {
 #[derive(Debug)]
 enum Planned {
     Data {
-        source: Source,
+        stream: Arc<Stream>,
         span: Span,
         part: crate::store::Part,
     },
@@ -186,7 +186,7 @@ fn take_data(stream: &Arc<Stream>, span: Span, out: &mut Vec<Planned>) -> u64 {
         match p {
             Piece::Data { span: s, part } => {
                 out.push(Planned::Data {
-                    source: stream.meta.source,
+                    stream: Arc::clone(stream),
                     span: s,
                     part,
                 });
@@ -210,7 +210,7 @@ fn plan_with_fallback(
     for piece in pieces {
         match piece {
             Piece::Data { span, part } => out.push(Planned::Data {
-                source: first.meta.source,
+                stream: Arc::clone(first),
                 span,
                 part,
             }),
@@ -280,11 +280,11 @@ where
                 let Some((i, q)) = next else { break };
                 let name = lanes[*i].name.clone();
                 match q.pop_front() {
-                    Some(Planned::Data { source, span, part }) => {
-                        let data = store.read_piece(span, &part).await?;
+                    Some(Planned::Data { stream, span, part }) => {
+                        let data = store.read_piece(&stream, span, &part).await?;
                         yield Record::Data {
                             stream: name,
-                            source,
+                            source: stream.meta.source,
                             offset: span.start,
                             received_ms: part.received_ms,
                             data,

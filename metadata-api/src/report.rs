@@ -444,13 +444,13 @@ fn layout(stream: &Stream, status: &Status) -> Vec<Planned> {
 
 type Segs<'a> = Pin<Box<dyn FutStream<Item = Result<Seg, StoreError>> + Send + 'a>>;
 
-fn segments<'a>(store: &'a Store, planned: Vec<Planned>) -> Segs<'a> {
+fn segments<'a>(store: &'a Store, stream: &'a Stream, planned: Vec<Planned>) -> Segs<'a> {
     Box::pin(
         futures::stream::iter(planned)
             .map(move |p| async move {
                 match p {
                     Planned::Data { span, part } => {
-                        store.read_piece(span, &part).await.map(Seg::Data)
+                        store.read_piece(stream, span, &part).await.map(Seg::Data)
                     }
                     Planned::Missing(seg) => Ok(seg),
                 }
@@ -480,7 +480,9 @@ async fn hash_and_compare(
     let mut segs: [Option<Segs<'_>>; 2] = [None, None];
     for (i, s) in streams.iter().enumerate() {
         match s {
-            Some((stream, status)) => segs[i] = Some(segments(store, layout(stream, status))),
+            Some((stream, status)) => {
+                segs[i] = Some(segments(store, stream, layout(stream, status)))
+            }
             None => finder.end(i),
         }
     }

@@ -29,7 +29,7 @@ use std::{
     collections::{BTreeMap, HashSet, btree_map::Entry},
     fmt,
     sync::{Arc, Mutex},
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -107,6 +107,17 @@ const MAX_OBJECT_LEN: u64 = 4 << 20;
 /// How many objects of one long write are put at once.
 const PUT_CONCURRENCY: usize = 4;
 
+/// Segment size: a stream's stored bytes are merged into objects covering
+/// `[k * SEGMENT, (k + 1) * SEGMENT)` (the last one ending at the final length). At most
+/// [`MAX_OBJECT_LEN`], so the check after each write still finds every object overlapping it; at
+/// that size a stream's object count is its bytes over 4 MiB, and a read of it a GET per 4 MiB.
+pub const SEGMENT: u64 = MAX_OBJECT_LEN;
+
+/// How old a part another replica stored must be before it is merged into a segment: by then the
+/// write that stored it has answered, so a part that lost a conflict has been withdrawn and is
+/// never copied into a segment.
+const SETTLED_AFTER: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Default)]
 struct State {
     /// Keyed by (start, end); identical parts from several replicas may overlap.
@@ -122,6 +133,12 @@ struct State {
     inflight: Vec<Span>,
     /// Earliest and latest receive time of the known parts (ms since the epoch).
     received: Option<(u64, u64)>,
+    /// Segments below this offset are merged (as far as this process knows).
+    segmented_to: u64,
+    /// A compaction of the stream is running in this process.
+    compacting: bool,
+    /// Parts too fresh to merge were met: no compaction is asked for before this.
+    compact_after: Option<Instant>,
 }
 
 /// A snapshot of what a stream holds.
@@ -207,6 +224,24 @@ pub enum Written {
     Stored,
     /// Every byte was already stored, identical.
     Unchanged,
+}
+
+/// What one compaction did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    /// Segments stored.
+    pub segments: usize,
+    /// Objects removed because segments cover them.
+    pub removed: usize,
+}
+
+/// Marks a stream's compaction as running until dropped (also when its future is dropped).
+struct CompactionRunning<'a>(&'a Stream);
+
+impl Drop for CompactionRunning<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).compacting = false;
+    }
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -507,6 +542,8 @@ pub struct Store {
     /// stream ever seen. An evicted stream is loaded again from storage when next touched.
     streams: StreamCache,
     metrics: Arc<Metrics>,
+    segment: u64,
+    settled_after: Duration,
 }
 
 impl fmt::Debug for Store {
@@ -525,7 +562,23 @@ impl Store {
             prefix,
             streams: stream_cache(STREAM_CACHE),
             metrics,
+            segment: SEGMENT,
+            settled_after: SETTLED_AFTER,
         }
+    }
+
+    /// Merges parts into segments of `bytes` (at most 4 MiB, see [`SEGMENT`]); tests use small
+    /// ones.
+    pub fn segment_size(mut self, bytes: u64) -> Self {
+        self.segment = bytes.clamp(1, MAX_OBJECT_LEN);
+        self
+    }
+
+    /// Merges parts of other replicas once they are `age` old (see [`SETTLED_AFTER`]); a single
+    /// writer's tests use zero.
+    pub fn settled_after(mut self, age: Duration) -> Self {
+        self.settled_after = age;
+        self
     }
 
     /// Keeps at most `capacity` streams cached beyond those in use.
@@ -739,12 +792,65 @@ impl Store {
         Ok(metas.into_iter().filter_map(part_of).collect())
     }
 
-    /// Reads `span` (inside `part`) of a stored part.
-    pub async fn read_piece(&self, span: Span, part: &Part) -> Result<Bytes, StoreError> {
+    /// Reads `span` (inside `part`) of `stream`. A part removed since it was planned (merged into
+    /// a segment, here or by another replica) is read from the objects that hold its bytes now,
+    /// and the stream forgets it.
+    pub async fn read_piece(
+        &self,
+        stream: &Stream,
+        span: Span,
+        part: &Part,
+    ) -> Result<Bytes, StoreError> {
+        match self.get_piece(span, part).await {
+            Err(StoreError::Storage(object_store::Error::NotFound { .. })) => {
+                self.read_moved(stream, span, part).await
+            }
+            r => r,
+        }
+    }
+
+    /// Reads `span` (inside `part`) of the object of a stored part.
+    async fn get_piece(&self, span: Span, part: &Part) -> Result<Bytes, StoreError> {
         let range = (span.start - part.span.start)..(span.end - part.span.start);
         Ok(self
             .timed("get", self.os.get_range(&part.key, range))
             .await?)
+    }
+
+    /// [`Store::read_piece`] of a part that is gone: the objects that can hold its bytes are
+    /// listed (a segment is no longer than [`MAX_OBJECT_LEN`], so from that far before) and read.
+    async fn read_moved(
+        &self,
+        stream: &Stream,
+        span: Span,
+        part: &Part,
+    ) -> Result<Bytes, StoreError> {
+        let listed = self
+            .list_parts_from(&stream.id, span.start.saturating_sub(MAX_OBJECT_LEN))
+            .await?;
+        let mut out = BytesMut::with_capacity(span.len() as usize);
+        let mut at = span.start;
+        while at < span.end {
+            let holder = listed
+                .iter()
+                .filter(|p| p.key != part.key && p.span.start <= at && at < p.span.end)
+                .max_by_key(|p| p.span.end);
+            let Some(holder) = holder else {
+                return Err(StoreError::Storage(object_store::Error::NotFound {
+                    path: part.key.to_string(),
+                    source: "removed, and no stored object holds its bytes".into(),
+                }));
+            };
+            let end = holder.span.end.min(span.end);
+            out.extend_from_slice(&self.get_piece(Span::new(at, end), holder).await?);
+            at = end;
+        }
+        stream.absorb(Listing {
+            parts: listed,
+            ..Listing::default()
+        });
+        stream.forget(&[key_of(part.span)]);
+        Ok(out.freeze())
     }
 
     /// Checks `data` (bytes at `start`) against the stored parts in `parts` that overlap it.
@@ -762,7 +868,7 @@ impl Store {
                 continue;
             }
             let ov = Span::new(p.span.start.max(mine.start), p.span.end.min(mine.end));
-            let theirs = match self.read_piece(ov, p).await {
+            let theirs = match self.get_piece(ov, p).await {
                 Ok(b) => b,
                 // Removed since the listing: its writer lost a race and never acknowledged it.
                 Err(StoreError::Storage(object_store::Error::NotFound { .. })) => {
@@ -1012,6 +1118,187 @@ impl Store {
         }
     }
 
+    /// The segment holding offsets from `k * segment`: cut at the final length, empty past it.
+    fn cell(&self, k: u64, final_len: Option<u64>) -> Span {
+        let start = k.saturating_mul(self.segment);
+        let end = start.saturating_add(self.segment);
+        Span::new(start, final_len.map_or(end, |n| end.min(n).max(start)))
+    }
+
+    /// Whether an object of `span` is a segment: it covers one cell exactly.
+    fn is_segment(&self, span: Span, final_len: Option<u64>) -> bool {
+        span.start.is_multiple_of(self.segment)
+            && span == self.cell(span.start / self.segment, final_len)
+    }
+
+    /// Whether the stream has bytes to merge that no compaction of this process is merging:
+    /// a whole segment stored (or dropped) past what is merged, or the last bytes of a complete
+    /// stream.
+    /// Cheap: callers ask after every write.
+    pub fn wants_compaction(&self, stream: &Stream) -> bool {
+        let st = lock(&stream.state);
+        if st.compacting || st.compact_after.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        let cell = self.cell(st.segmented_to.div_ceil(self.segment), st.final_len);
+        !cell.is_empty() && st.stored.union(&st.dropped).contains(cell)
+    }
+
+    /// Merges the stream's stored bytes into segments (see [`SEGMENT`]), cell by cell from the
+    /// first not merged yet, up to the first cell with bytes still pending: one conditional put
+    /// of the segment, then the removal of every object it and its neighbours cover. A cell with
+    /// a dropped range keeps its parts.
+    ///
+    /// Safe beside writers and readers on any replica, and at every crash point: a segment holds
+    /// bytes that were stored and acknowledged (parts of other replicas only once
+    /// [`SETTLED_AFTER`] old, so never one that loses a conflict), objects are removed only once
+    /// segments that cover them are stored, and a reader that planned a removed object reads its
+    /// bytes again from the segment ([`Store::read_piece`]). A segment is no longer than any part
+    /// may be, so the check after each write still finds it.
+    pub async fn compact(&self, stream: &Stream) -> Result<Compacted, StoreError> {
+        self.compact_limited(stream, usize::MAX).await
+    }
+
+    /// [`Store::compact`], stopping after `mutations` storage writes and removals as a process
+    /// killed there would: the crash points of the model test.
+    #[doc(hidden)]
+    pub async fn compact_limited(
+        &self,
+        stream: &Stream,
+        mutations: usize,
+    ) -> Result<Compacted, StoreError> {
+        {
+            let mut st = lock(&stream.state);
+            if st.compacting {
+                return Ok(Compacted::default());
+            }
+            st.compacting = true;
+        }
+        let _running = CompactionRunning(stream);
+        let mut left = mutations;
+        let mut out = Compacted::default();
+        loop {
+            let (cell, objects, final_len) = {
+                let st = lock(&stream.state);
+                let cell = self.cell(st.segmented_to.div_ceil(self.segment), st.final_len);
+                if cell.is_empty()
+                    || !st.stored.union(&st.dropped).contains(cell)
+                    || st.inflight.iter().any(|s| s.overlaps(&cell))
+                {
+                    break;
+                }
+                if !st.stored.contains(cell) {
+                    // Bytes of it were lost (dropped): its parts stay as they are, and the
+                    // cells after it are merged all the same.
+                    drop(st);
+                    lock(&stream.state).segmented_to = cell.end;
+                    continue;
+                }
+                let from = (cell.start.saturating_sub(st.longest), 0);
+                let objects: Vec<Part> = st
+                    .parts
+                    .range(from..(cell.end, 0))
+                    .map(|(_, p)| p)
+                    .filter(|p| p.span.overlaps(&cell))
+                    .cloned()
+                    .collect();
+                (cell, objects, st.final_len)
+            };
+            if !objects.iter().any(|p| p.span == cell) {
+                let settled = now_ms().saturating_sub(self.settled_after.as_millis() as u64);
+                if objects.iter().any(|p| !p.local && p.received_ms > settled) {
+                    lock(&stream.state).compact_after = Some(Instant::now() + self.settled_after);
+                    break;
+                }
+                let data = self.read_all(stream, cell).await?;
+                if data.len() as u64 != cell.len() {
+                    // Bytes went missing under the read (another replica's removals): next time.
+                    break;
+                }
+                if left == 0 {
+                    return Ok(out);
+                }
+                left -= 1;
+                let written = self.put_part(&stream.id, cell, data).await?;
+                let received_ms = objects.iter().map(|p| p.received_ms).max().unwrap_or(0);
+                lock(&stream.state)
+                    .parts
+                    .entry(key_of(cell))
+                    .or_insert_with(|| Part {
+                        span: cell,
+                        key: self.key(&stream.id, &format!("parts/{}", span_name(cell))),
+                        received_ms,
+                        local: true,
+                    });
+                if written == Written::Stored {
+                    out.segments += 1;
+                }
+            }
+            // Every object of the cell that segments cover (a part reaching into the next cell
+            // goes with that cell's segment).
+            let removable: Vec<Part> = {
+                let st = lock(&stream.state);
+                let mut segments = RangeSet::new();
+                for p in st.parts.values() {
+                    if self.is_segment(p.span, final_len) {
+                        segments.insert(p.span);
+                    }
+                }
+                objects
+                    .into_iter()
+                    .filter(|p| !self.is_segment(p.span, final_len) && segments.contains(p.span))
+                    .collect()
+            };
+            let removing: Vec<Part> = removable.into_iter().take(left).collect();
+            left -= removing.len();
+            let paths: Vec<Result<Path, object_store::Error>> =
+                removing.iter().map(|p| Ok(p.key.clone())).collect();
+            let t = Instant::now();
+            let removed: Vec<Result<Path, object_store::Error>> = self
+                .os
+                .delete_stream(futures::stream::iter(paths).boxed())
+                .collect()
+                .await;
+            self.metrics.storage_latency("delete", t.elapsed(), true);
+            // One answer per path, perhaps in another order (S3 deletes in batches); a path not
+            // found is gone as surely as a deleted one, and names itself in the error in a
+            // backend's own way, so only the paths confirmed deleted count when others failed.
+            let mut deleted: HashSet<String> = HashSet::new();
+            let mut failed = None;
+            for r in removed {
+                match r {
+                    Ok(path) => {
+                        deleted.insert(path.to_string());
+                    }
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => failed = Some(e),
+                }
+            }
+            let gone: Vec<(u64, u64)> = removing
+                .iter()
+                .filter(|p| failed.is_none() || deleted.contains(p.key.as_ref()))
+                .map(|p| key_of(p.span))
+                .collect();
+            out.removed += gone.len();
+            let next = {
+                let mut st = lock(&stream.state);
+                st.remove_parts(&gone);
+                let all_gone = gone.len() == removing.len();
+                if all_gone && left > 0 {
+                    st.segmented_to = cell.end;
+                }
+                all_gone && left > 0
+            };
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            if !next {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes the objects a failed write created; best effort, as a part left behind is still
     /// found and compared by the next writer of its range.
     async fn withdraw(&self, id: &str, created: &[Span]) {
@@ -1151,7 +1438,9 @@ impl Store {
         let (pieces, _) = stream.plan(span);
         let mut out = BytesMut::new();
         let mut fetched = futures::stream::iter(pieces.into_iter().filter_map(|p| match p {
-            Piece::Data { span, part } => Some(async move { self.read_piece(span, &part).await }),
+            Piece::Data { span, part } => {
+                Some(async move { self.read_piece(stream, span, &part).await })
+            }
             Piece::Dropped(_) => None,
         }))
         .buffered(8);

@@ -13,7 +13,9 @@
 //! - a final length declared with a write is declared after the bytes are stored (so it may be
 //!   refused while they stay);
 //! - a final length must not be below anything stored or dropped, and never changes;
-//! - readers get stored bytes, skip dropped ones where nothing is stored, and stop at a gap.
+//! - readers get stored bytes, skip dropped ones where nothing is stored, and stop at a gap;
+//! - merging parts into segments, whole or killed at any point, changes none of this; a whole
+//!   merge leaves one object per merged cell.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -65,7 +67,13 @@ enum Op {
     Final { total: u64 },
     /// A new store over the same storage.
     Restart,
+    /// Merging into segments of [`SEGMENT`] bytes; with `crash_after`, stopped after that many
+    /// storage writes and removals and the process restarted, as a kill there would.
+    Compact { crash_after: Option<u8> },
 }
+
+/// Segment size in the model's small offsets: a few cells, parts straddling their edges.
+const SEGMENT: u64 = 8;
 
 fn op() -> impl Strategy<Value = Op> {
     let total = prop_oneof![
@@ -84,6 +92,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..DOMAIN, 0..10u64).prop_map(|(start, len)| Op::Drop { start, len }),
         1 => (0..DOMAIN + 16).prop_map(|total| Op::Final { total }),
         1 => Just(Op::Restart),
+        2 => proptest::option::weighted(0.5, 0..4u8)
+            .prop_map(|crash_after| Op::Compact { crash_after }),
     ]
 }
 
@@ -316,6 +326,71 @@ async fn check(store: &Store, stream: &Stream, model: &Model, step: &str) {
     }
 }
 
+/// A store as the model test runs it: small segments, and its own parts (a single writer) merged
+/// at once.
+fn store(os: &Arc<dyn ObjectStore>, prefix: &Path, metrics: &Arc<Metrics>) -> Store {
+    Store::new(os.clone(), prefix.clone(), metrics.clone())
+        .segment_size(SEGMENT)
+        .settled_after(std::time::Duration::ZERO)
+}
+
+/// The spans of the stream's part objects.
+async fn objects(os: &Arc<dyn ObjectStore>, prefix: &Path, id: &str) -> Vec<Span> {
+    use futures::TryStreamExt as _;
+    let dir = prefix.clone().join("streams").join(id).join("parts");
+    let metas: Vec<object_store::ObjectMeta> = os.list(Some(&dir)).try_collect().await.unwrap();
+    metas
+        .iter()
+        .filter_map(|m| {
+            let name = m.location.filename()?;
+            let (a, b) = name.split_once('-')?;
+            Some(Span::new(
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// After a whole merge: every cell the model holds wholly (none of it dropped or pending) is one
+/// object, and no other object lies inside it.
+async fn check_merged(
+    os: &Arc<dyn ObjectStore>,
+    prefix: &Path,
+    id: &str,
+    model: &Model,
+    step: &str,
+) {
+    let objects = objects(os, prefix, id).await;
+    let mut k = 0;
+    loop {
+        let start = k * SEGMENT;
+        let end = model
+            .final_len
+            .map_or(start + SEGMENT, |n| (start + SEGMENT).min(n));
+        if end <= start || end as usize > SIZE {
+            break;
+        }
+        let cell = Span::new(start, end);
+        let pending = (start..end).any(|i| !model.covered(i as usize));
+        if pending {
+            break;
+        }
+        if (start..end).all(|i| model.stored(i)) {
+            let inside: Vec<&Span> = objects
+                .iter()
+                .filter(|o| cell.start <= o.start && o.end <= cell.end)
+                .collect();
+            assert_eq!(
+                inside,
+                [&cell],
+                "{step}: objects inside merged cell {cell:?}"
+            );
+        }
+        k += 1;
+    }
+}
+
 async fn run(os: Arc<dyn ObjectStore>, prefix: Path, ops: Vec<Op>) {
     let metrics = Arc::new(Metrics::new());
     let meta = StreamMeta {
@@ -326,7 +401,7 @@ async fn run(os: Arc<dyn ObjectStore>, prefix: Path, ops: Vec<Op>) {
         namespace: None,
     };
     let id = "0".repeat(64);
-    let mut store = Store::new(os.clone(), prefix.clone(), metrics.clone());
+    let mut store = store(&os, &prefix, &metrics);
     let mut stream = store
         .create(id.clone(), meta.clone())
         .await
@@ -370,8 +445,26 @@ async fn run(os: Arc<dyn ObjectStore>, prefix: Path, ops: Vec<Op>) {
                 let got = store.declare_final(&stream, total).await.map_err(refused);
                 assert_eq!(got, want, "{step}");
             }
+            Op::Compact { crash_after } => {
+                let limit = crash_after.map_or(usize::MAX, usize::from);
+                store
+                    .compact_limited(&stream, limit)
+                    .await
+                    .expect("compaction");
+                if crash_after.is_some() {
+                    // Killed there: what it left in storage is all a new process finds.
+                    store = self::store(&os, &prefix, &metrics);
+                    stream = store
+                        .open(&id)
+                        .await
+                        .expect("open")
+                        .expect("the stream is stored");
+                } else {
+                    check_merged(&os, &prefix, &id, &model, &step).await;
+                }
+            }
             Op::Restart => {
-                store = Store::new(os.clone(), prefix.clone(), metrics.clone());
+                store = self::store(&os, &prefix, &metrics);
                 stream = store
                     .open(&id)
                     .await
