@@ -59,6 +59,9 @@ pub struct Metrics {
     /// Log bytes accepted (decompressed) and stored.
     pub bytes_accepted: Counter,
     pub bytes_stored: Counter,
+    /// Segments stored by compaction, and the objects they made redundant and removed.
+    pub segments_stored: Counter,
+    pub objects_merged: Counter,
     /// Log bytes refused, by reason (throttled, too_large, conflict, ...).
     pub bytes_rejected: Family<ReasonLabels, Counter>,
     pub bytes_dropped: Counter,
@@ -106,6 +109,18 @@ impl Metrics {
             "log_bytes_stored",
             "New log bytes written to storage",
             bytes_stored.clone(),
+        );
+        let segments_stored = Counter::default();
+        registry.register(
+            "segments_stored",
+            "Segments stored by compaction",
+            segments_stored.clone(),
+        );
+        let objects_merged = Counter::default();
+        registry.register(
+            "objects_merged",
+            "Objects removed because a segment holds their bytes",
+            objects_merged.clone(),
         );
         let bytes_rejected = Family::<ReasonLabels, Counter>::default();
         registry.register(
@@ -182,6 +197,8 @@ impl Metrics {
             requests,
             bytes_accepted,
             bytes_stored,
+            segments_stored,
+            objects_merged,
             bytes_rejected,
             bytes_dropped,
             throttled,

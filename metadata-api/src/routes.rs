@@ -560,6 +560,7 @@ async fn write_data(
                     StoreError::FinalLength { .. } => ApiError::RangeNotSatisfiable(e.to_string()),
                     e => e.into(),
                 })?;
+            compact_when_due(&s.store, &stream);
             return Ok(written(&stream));
         }
         None => (None, None),
@@ -587,7 +588,32 @@ async fn write_data(
         e => e.into(),
     })?;
     tracing::debug!(stream = %stream.id, bytes = n, elapsed_ms = t.elapsed().as_millis() as u64, "Stored part.");
+    compact_when_due(&s.store, &stream);
     Ok(written(&stream))
+}
+
+/// Merges the stream's parts into segments in the background once a segment's worth of bytes is
+/// stored (or the stream is complete): its object count then follows its bytes, not its writes.
+fn compact_when_due(store: &Arc<Store>, stream: &Arc<Stream>) {
+    if !store.wants_compaction(stream) {
+        return;
+    }
+    let (store, stream) = (Arc::clone(store), Arc::clone(stream));
+    tokio::spawn(async move {
+        match store.compact(&stream).await {
+            Ok(c) => tracing::debug!(
+                stream = %stream.id,
+                segments = c.segments,
+                removed = c.removed,
+                "Merged parts into segments."
+            ),
+            Err(e) => tracing::warn!(
+                stream = %stream.id,
+                error = %e,
+                "Cannot merge parts into segments; tried again after the next write."
+            ),
+        }
+    });
 }
 
 fn written(stream: &Stream) -> (StatusCode, Json<WriteResponse>) {
@@ -639,6 +665,7 @@ async fn add_markers(
     if let Some(t) = total {
         s.store.declare_final(&stream, t).await?;
     }
+    compact_when_due(&s.store, &stream);
     Ok(written(&stream))
 }
 
@@ -745,7 +772,9 @@ fn settle_when_quiet(store: Arc<Store>, sibling: Arc<Stream>, total: u64) {
             }
             tokio::time::sleep(Duration::from_millis(quiet_until - now)).await;
         }
-        match store.settle(&sibling, total).await {
+        let settled = store.settle(&sibling, total).await;
+        compact_when_due(&store, &sibling);
+        match settled {
             Ok(Some(at)) => tracing::info!(
                 stream = %sibling.id,
                 writer_died_at = at,

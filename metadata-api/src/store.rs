@@ -1232,6 +1232,7 @@ impl Store {
                     });
                 if written == Written::Stored {
                     out.segments += 1;
+                    self.metrics.segments_stored.inc();
                 }
             }
             // Every object of the cell that segments cover (a part reaching into the next cell
@@ -1280,6 +1281,7 @@ impl Store {
                 .map(|p| key_of(p.span))
                 .collect();
             out.removed += gone.len();
+            self.metrics.objects_merged.inc_by(gone.len() as u64);
             let next = {
                 let mut st = lock(&stream.state);
                 st.remove_parts(&gone);
