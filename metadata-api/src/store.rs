@@ -4,7 +4,8 @@
 //! - `streams/{id}/meta.json`: context, name and source (written once, `PutMode::Create`);
 //! - `streams/{id}/parts/{start:016x}-{end:016x}`: one object per accepted part (several
 //!   consecutive ones when it is longer than `MAX_OBJECT_LEN`), keyed by its byte range, so any
-//!   replica can accept any part without a lock;
+//!   replica can accept any part without a lock; later merged into segments of [`SEGMENT`] bytes
+//!   under the same naming (see [`Store::compact`]);
 //! - `streams/{id}/dropped/{start:016x}-{end:016x}`: an empty object per `dropped` marker;
 //! - `streams/{id}/final`: the declared final length (written once);
 //! - `streams/{id}/writer-died/{offset:016x}`: an empty object when the stream was settled after
