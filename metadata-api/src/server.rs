@@ -219,6 +219,16 @@ fn retry_config() -> RetryConfig {
     }
 }
 
+/// The directory of a `file://` storage URL (or of the default), where [`open_storage`] puts a
+/// local file system store.
+pub fn local_dir(url: Option<&str>) -> Option<PathBuf> {
+    let dir = match url {
+        None => "data/streams",
+        Some(url) => url.strip_prefix("file://")?,
+    };
+    std::fs::canonicalize(dir).ok()
+}
+
 fn open_dir(url: &str, dir: &str) -> Result<(Arc<dyn ObjectStore>, Path), ConfigError> {
     let bad = |reason: String| ConfigError::Storage {
         url: url.to_owned(),
@@ -279,10 +289,13 @@ impl ServeArgs {
             body_min_rate: (*body_min_rate).max(1),
             body_grace: *head_timeout,
         };
+        let mut store =
+            Store::new(os, prefix, metrics.clone()).cache_capacity((*stream_cache).max(1));
+        if let Some(dir) = local_dir(storage.as_deref()) {
+            store = store.local_dir(dir);
+        }
         Ok(Arc::new(AppState {
-            store: Arc::new(
-                Store::new(os, prefix, metrics.clone()).cache_capacity((*stream_cache).max(1)),
-            ),
+            store: Arc::new(store),
             keys,
             budget: Budget::new(limits),
             metrics,

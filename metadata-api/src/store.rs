@@ -27,7 +27,7 @@
 //! of it: they cannot contradict bytes.
 
 use std::{
-    collections::{BTreeMap, HashSet, btree_map::Entry},
+    collections::{BTreeMap, HashMap, HashSet, btree_map::Entry},
     fmt,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -290,6 +290,63 @@ fn part_of(m: object_store::ObjectMeta) -> Option<Part> {
     })
 }
 
+/// The parts in the local directory `fs_dir` (object key `dir`) that start at or after `from`:
+/// every name is read, and the metadata (for the receive time) of those not in `known`.
+async fn list_local_parts_from(
+    fs_dir: std::path::PathBuf,
+    dir: Path,
+    from: u64,
+    known: HashMap<(u64, u64), u64>,
+) -> Result<Vec<Part>, StoreError> {
+    let io = |e: std::io::Error| {
+        StoreError::Storage(object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(e),
+        })
+    };
+    let listed = tokio::task::spawn_blocking(move || {
+        let entries = match std::fs::read_dir(&fs_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut parts = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            // Staging files of a put in progress are not part names.
+            let Some(span) = name.to_str().and_then(parse_span_name) else {
+                continue;
+            };
+            if span.start < from {
+                continue;
+            }
+            let received_ms = match known.get(&key_of(span)) {
+                Some(&ms) => ms,
+                None => match entry.metadata() {
+                    Ok(m) => m
+                        .modified()?
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                    // Removed since the directory was read (merged into a segment).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                },
+            };
+            parts.push(Part {
+                span,
+                key: dir.clone().join(span_name(span)),
+                received_ms,
+                local: false,
+            });
+        }
+        Ok(parts)
+    })
+    .await
+    .map_err(|e| io(std::io::Error::other(e)))?;
+    listed.map_err(io)
+}
+
 fn key_of(span: Span) -> (u64, u64) {
     (span.start, span.end)
 }
@@ -545,6 +602,8 @@ pub struct Store {
     metrics: Arc<Metrics>,
     segment: u64,
     settled_after: Duration,
+    /// The directory of a local file system store (see [`Store::local_dir`]).
+    local_dir: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for Store {
@@ -565,7 +624,17 @@ impl Store {
             metrics,
             segment: SEGMENT,
             settled_after: SETTLED_AFTER,
+            local_dir: None,
         }
+    }
+
+    /// Says that the store is the local file system rooted at `dir`, so that the check after
+    /// each write lists a stream's parts by reading the names in its directory and the metadata of
+    /// the few it needs: `object_store`'s local listing reads the metadata of every file (several
+    /// `statx` each), which made a write's cost grow with the parts of its stream.
+    pub fn local_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.local_dir = Some(dir);
+        self
     }
 
     /// Merges parts into segments of `bytes` (at most 4 MiB, see [`SEGMENT`]); tests use small
@@ -778,8 +847,22 @@ impl Store {
     /// list after a key (S3's `start-after`, GCS's `startOffset`) return only those; the local
     /// file system still reads the whole directory but skips the metadata of earlier keys. The
     /// listing is consumed to its end: `object_store` does not promise any order.
-    async fn list_parts_from(&self, id: &str, from: u64) -> Result<Vec<Part>, StoreError> {
+    async fn list_parts_from(&self, stream: &Stream, from: u64) -> Result<Vec<Part>, StoreError> {
+        let id = &stream.id;
         let dir = self.key(id, "parts");
+        if let Some(root) = &self.local_dir {
+            // The receive times of the parts known already: only new ones need their metadata.
+            let known: HashMap<(u64, u64), u64> = lock(&stream.state)
+                .parts
+                .range((from, 0)..)
+                .map(|(k, p)| (*k, p.received_ms))
+                .collect();
+            let t = Instant::now();
+            let parts = list_local_parts_from(root.join(dir.as_ref()), dir, from, known).await;
+            self.metrics
+                .storage_latency("list", t.elapsed(), parts.is_ok());
+            return parts;
+        }
         // Every key of a part starting at `from` or later sorts after this one: `{from:016x}` is a
         // strict prefix of those starting at `from`, and a greater number for the later ones.
         let offset = dir.clone().join(format!("{from:016x}"));
@@ -827,7 +910,7 @@ impl Store {
         part: &Part,
     ) -> Result<Bytes, StoreError> {
         let listed = self
-            .list_parts_from(&stream.id, span.start.saturating_sub(MAX_OBJECT_LEN))
+            .list_parts_from(stream, span.start.saturating_sub(MAX_OBJECT_LEN))
             .await?;
         let mut out = BytesMut::with_capacity(span.len() as usize);
         let mut at = span.start;
@@ -1004,7 +1087,7 @@ impl Store {
         // snapshot: list the parts that can reach it again and compare with those we did not know.
         let reach = MAX_OBJECT_LEN.max(lock(&stream.state).longest);
         let from = span.start.saturating_sub(reach);
-        let listed = match self.list_parts_from(&stream.id, from).await {
+        let listed = match self.list_parts_from(stream, from).await {
             Ok(listed) => listed,
             Err(e) => {
                 self.withdraw(&stream.id, &created).await;

@@ -25,7 +25,7 @@ use metadata_api::{
     auth::Context,
     metrics::Metrics,
     range::Span,
-    server::open_storage,
+    server::{local_dir, open_storage},
     store::{Piece, Source, Store, StoreError, Stream, StreamMeta, Written},
 };
 use object_store::{ObjectStore, memory::InMemory, path::Path};
@@ -327,11 +327,20 @@ async fn check(store: &Store, stream: &Stream, model: &Model, step: &str) {
 }
 
 /// A store as the model test runs it: small segments, and its own parts (a single writer) merged
-/// at once.
-fn store(os: &Arc<dyn ObjectStore>, prefix: &Path, metrics: &Arc<Metrics>) -> Store {
-    Store::new(os.clone(), prefix.clone(), metrics.clone())
+/// at once; on the local file system, listed the way the server lists it there.
+fn store(
+    os: &Arc<dyn ObjectStore>,
+    prefix: &Path,
+    metrics: &Arc<Metrics>,
+    dir: Option<&std::path::Path>,
+) -> Store {
+    let store = Store::new(os.clone(), prefix.clone(), metrics.clone())
         .segment_size(SEGMENT)
-        .settled_after(std::time::Duration::ZERO)
+        .settled_after(std::time::Duration::ZERO);
+    match dir {
+        Some(dir) => store.local_dir(dir.to_owned()),
+        None => store,
+    }
 }
 
 /// The spans of the stream's part objects.
@@ -391,7 +400,7 @@ async fn check_merged(
     }
 }
 
-async fn run(os: Arc<dyn ObjectStore>, prefix: Path, ops: Vec<Op>) {
+async fn run(os: Arc<dyn ObjectStore>, prefix: Path, dir: Option<&std::path::Path>, ops: Vec<Op>) {
     let metrics = Arc::new(Metrics::new());
     let meta = StreamMeta {
         context: Context::stream("workflows/w/runs/r/steps/s").expect("context"),
@@ -401,7 +410,7 @@ async fn run(os: Arc<dyn ObjectStore>, prefix: Path, ops: Vec<Op>) {
         namespace: None,
     };
     let id = "0".repeat(64);
-    let mut store = store(&os, &prefix, &metrics);
+    let mut store = store(&os, &prefix, &metrics, dir);
     let mut stream = store
         .create(id.clone(), meta.clone())
         .await
@@ -453,7 +462,7 @@ async fn run(os: Arc<dyn ObjectStore>, prefix: Path, ops: Vec<Op>) {
                     .expect("compaction");
                 if crash_after.is_some() {
                     // Killed there: what it left in storage is all a new process finds.
-                    store = self::store(&os, &prefix, &metrics);
+                    store = self::store(&os, &prefix, &metrics, dir);
                     stream = store
                         .open(&id)
                         .await
@@ -464,7 +473,7 @@ async fn run(os: Arc<dyn ObjectStore>, prefix: Path, ops: Vec<Op>) {
                 }
             }
             Op::Restart => {
-                store = self::store(&os, &prefix, &metrics);
+                store = self::store(&os, &prefix, &metrics, dir);
                 stream = store
                     .open(&id)
                     .await
@@ -476,7 +485,7 @@ async fn run(os: Arc<dyn ObjectStore>, prefix: Path, ops: Vec<Op>) {
         check(&store, &stream, &model, &step).await;
     }
     // Creating the stream again (a restarted writer does) finds the same state.
-    let again = Store::new(os, prefix, metrics);
+    let again = self::store(&os, &prefix, &metrics, dir);
     let reopened = again.create(id, meta).await.expect("create again");
     check(&again, &reopened, &model, "created again").await;
 }
@@ -494,7 +503,7 @@ proptest! {
 
     #[test]
     fn in_memory_store_follows_the_model(ops in proptest::collection::vec(op(), 1..40)) {
-        block_on(run(Arc::new(InMemory::new()), Path::from("t"), ops));
+        block_on(run(Arc::new(InMemory::new()), Path::from("t"), None, ops));
     }
 }
 
@@ -507,6 +516,7 @@ proptest! {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("file://{}", dir.path().join("streams").display());
         let (os, prefix) = open_storage(Some(&url)).expect("file storage");
-        block_on(run(os, prefix, ops));
+        let dir = local_dir(Some(&url)).expect("a local directory");
+        block_on(run(os, prefix, Some(&dir), ops));
     }
 }
