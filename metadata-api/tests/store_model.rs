@@ -400,6 +400,24 @@ async fn check_merged(
     }
 }
 
+/// A new store over the same storage (a restarted process, or another replica) and the stream
+/// `id` as it finds it.
+async fn restart(
+    os: &Arc<dyn ObjectStore>,
+    prefix: &Path,
+    metrics: &Arc<Metrics>,
+    dir: Option<&std::path::Path>,
+    id: &str,
+) -> (Store, Arc<Stream>) {
+    let store = store(os, prefix, metrics, dir);
+    let stream = store
+        .open(id)
+        .await
+        .expect("open")
+        .expect("the stream is stored");
+    (store, stream)
+}
+
 async fn run(os: Arc<dyn ObjectStore>, prefix: Path, dir: Option<&std::path::Path>, ops: Vec<Op>) {
     let metrics = Arc::new(Metrics::new());
     let meta = StreamMeta {
@@ -462,23 +480,13 @@ async fn run(os: Arc<dyn ObjectStore>, prefix: Path, dir: Option<&std::path::Pat
                     .expect("compaction");
                 if crash_after.is_some() {
                     // Killed there: what it left in storage is all a new process finds.
-                    store = self::store(&os, &prefix, &metrics, dir);
-                    stream = store
-                        .open(&id)
-                        .await
-                        .expect("open")
-                        .expect("the stream is stored");
+                    (store, stream) = restart(&os, &prefix, &metrics, dir, &id).await;
                 } else {
                     check_merged(&os, &prefix, &id, &model, &step).await;
                 }
             }
             Op::Restart => {
-                store = self::store(&os, &prefix, &metrics, dir);
-                stream = store
-                    .open(&id)
-                    .await
-                    .expect("open")
-                    .expect("the stream is stored");
+                (store, stream) = restart(&os, &prefix, &metrics, dir, &id).await;
                 assert_eq!(stream.meta, meta, "{step}: metadata");
             }
         }
