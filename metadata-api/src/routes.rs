@@ -610,7 +610,7 @@ fn compact_when_due(store: &Arc<Store>, stream: &Arc<Stream>) {
             Err(e) => tracing::warn!(
                 stream = %stream.id,
                 error = %e,
-                "Cannot merge parts into segments; tried again after the next write."
+                "Cannot merge parts into segments; tried again after a write 30 s on."
             ),
         }
     });

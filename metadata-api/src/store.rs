@@ -119,6 +119,9 @@ pub const SEGMENT: u64 = MAX_OBJECT_LEN;
 /// never copied into a segment.
 const SETTLED_AFTER: Duration = Duration::from_secs(60);
 
+/// How long after a failed compaction a stream's next one may start.
+const COMPACT_RETRY: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Default)]
 struct State {
     /// Keyed by (start, end); identical parts from several replicas may overlap.
@@ -1259,6 +1262,20 @@ impl Store {
             st.compacting = true;
         }
         let _running = CompactionRunning(stream);
+        let result = self.compact_cells(stream, mutations).await;
+        if result.is_err() {
+            // A storage that keeps failing (a bucket policy without deletes, say) must not cost
+            // a merge's reads on every write.
+            lock(&stream.state).compact_after = Some(Instant::now() + COMPACT_RETRY);
+        }
+        result
+    }
+
+    async fn compact_cells(
+        &self,
+        stream: &Stream,
+        mutations: usize,
+    ) -> Result<Compacted, StoreError> {
         let mut left = mutations;
         let mut out = Compacted::default();
         loop {
