@@ -1227,8 +1227,18 @@ impl Store {
         if st.compacting || st.compact_after.is_some_and(|t| Instant::now() < t) {
             return false;
         }
+        self.next_cell(&st).is_some()
+    }
+
+    /// The first cell not merged yet, when nothing of it is pending: every byte stored or
+    /// dropped. Most writes end before that cell does, which is answered without building the
+    /// union of the two.
+    fn next_cell(&self, st: &State) -> Option<Span> {
         let cell = self.cell(st.segmented_to.div_ceil(self.segment), st.final_len);
-        !cell.is_empty() && st.stored.union(&st.dropped).contains(cell)
+        if cell.is_empty() || st.stored.max_end().max(st.dropped.max_end()) < cell.end {
+            return None;
+        }
+        (st.stored.contains(cell) || st.stored.union(&st.dropped).contains(cell)).then_some(cell)
     }
 
     /// Merges the stream's stored bytes into segments (see [`SEGMENT`]), cell by cell from the
@@ -1281,11 +1291,10 @@ impl Store {
         loop {
             let (cell, objects, final_len) = {
                 let st = lock(&stream.state);
-                let cell = self.cell(st.segmented_to.div_ceil(self.segment), st.final_len);
-                if cell.is_empty()
-                    || !st.stored.union(&st.dropped).contains(cell)
-                    || st.inflight.iter().any(|s| s.overlaps(&cell))
-                {
+                let Some(cell) = self.next_cell(&st) else {
+                    break;
+                };
+                if st.inflight.iter().any(|s| s.overlaps(&cell)) {
                     break;
                 }
                 if !st.stored.contains(cell) {
