@@ -124,6 +124,16 @@ pub struct ServeArgs {
     /// the streams in use, not every stream ever seen.
     #[arg(long, env = "RELAY_METADATA_API_STREAM_CACHE", default_value_t = crate::store::STREAM_CACHE)]
     pub stream_cache: usize,
+    /// This process's name among the writers of a stream: unique among the replicas sharing the
+    /// storage, and best kept across restarts (the pod's name). A write is checked against the
+    /// other replicas' parts with one more request only while another replica writes the same
+    /// stream. Random when unset: a restart then looks like another replica for a few minutes.
+    #[arg(long, env = "RELAY_METADATA_API_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// How long a listing of a stream's writers that showed this replica alone vouches for its
+    /// writes; the first write a replica shares with another waits a quarter longer than this.
+    #[arg(long, env = "RELAY_METADATA_API_WRITER_WINDOW", default_value = "6s", value_parser = humantime::parse_duration)]
+    pub writer_window: Duration,
     /// Settings of `--auth kubernetes`.
     #[cfg(feature = "kubernetes")]
     #[command(flatten)]
@@ -263,6 +273,8 @@ impl ServeArgs {
             head_timeout,
             body_min_rate,
             stream_cache,
+            replica_id,
+            writer_window,
             #[cfg(feature = "kubernetes")]
             kubernetes,
         } = self;
@@ -289,8 +301,12 @@ impl ServeArgs {
             body_min_rate: (*body_min_rate).max(1),
             body_grace: *head_timeout,
         };
-        let mut store =
-            Store::new(os, prefix, metrics.clone()).cache_capacity((*stream_cache).max(1));
+        let mut store = Store::new(os, prefix, metrics.clone())
+            .cache_capacity((*stream_cache).max(1))
+            .writer_window(*writer_window);
+        if let Some(name) = replica_id {
+            store = store.replica(name);
+        }
         if let Some(dir) = local_dir(storage.as_deref()) {
             store = store.local_dir(dir);
         }

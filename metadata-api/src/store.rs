@@ -10,21 +10,40 @@
 //! - `streams/{id}/final`: the declared final length (written once);
 //! - `streams/{id}/writer-died/{offset:016x}`: an empty object when the stream was settled after
 //!   its writer died (see [`Store::settle`]), at the offset where its bytes first went missing;
+//! - `streams/{id}/writers/{epoch:016x}-{replica}`: an empty object per process writing the stream
+//!   in a two-minute epoch, the latest one kept (see below);
 //! - `index/{context}/{source}/{hex(name)}`: an empty object per stream, so a context's streams
 //!   can be listed (the capture report); written with the stream's `meta.json`, never on appends.
 //!
 //! Receive times need no object of their own: a part's is its object's last-modified time.
 //!
 //! The in-memory state of a stream is a cache rebuilt from a listing. Every write is a conditional
-//! put (`PutMode::Create`), and after it the parts near the written range are listed again: a part
-//! another replica stored over the same bytes is compared, and when the bytes differ the later
-//! writer removes its own part and answers 409. A 202 is therefore only given for bytes that no
-//! other stored part contradicts.
+//! put (`PutMode::Create`); a 202 is only given for bytes that no other stored part contradicts.
+//! Within one process, overlapping writes wait for each other and are compared with the cached
+//! parts. Across replicas, a write costs one request more only when another replica writes the
+//! same stream:
+//! - Before its first write in an epoch, a process registers under `writers/`, and from time to
+//!   time it lists the registrations near the current epoch. A listing that shows it alone vouches
+//!   for the writes completed within [`WRITER_WINDOW`] of its start: they are acknowledged with no
+//!   further request.
+//! - When others are registered, the parts near the written range are listed after the write: a
+//!   part another replica stored over the same bytes is compared, and when the bytes differ the
+//!   later writer removes its own part and answers 409. The first such listing of a process that
+//!   newly registered waits until a quarter more than the window has passed since: a replica that
+//!   listed the writers just before the registration, saw itself alone, and acknowledged a write
+//!   it completed within its window, has that part stored by then, so the listing finds it.
+//! - Of any two conflicting writes, then, one is listed after the other was stored: if both
+//!   writers saw themselves alone, each registered before it listed, so the later listing would
+//!   have shown the earlier writer. The argument needs no synchronized clocks: the waits are
+//!   measured on each process's own monotonic clock, and the epochs only need to agree within
+//!   [`WRITER_EPOCHS_SEEN`] epochs.
+//! - A process that saw others and later sees itself alone lists the whole stream once before it
+//!   trusts its cache again: the others' parts may lie anywhere.
 //!
-//! That listing must stay cheap however many parts a stream has. Part keys sort by start offset, so
-//! it starts at the key `MAX_OBJECT_LEN` before the write: no part object is longer, so no part
-//! starting earlier can reach the written range. The `final` object and the markers are not part
-//! of it: they cannot contradict bytes.
+//! The listing after a shared write must stay cheap however many parts a stream has. Part keys
+//! sort by start offset, so it starts at the key `MAX_OBJECT_LEN` before the write: no part object
+//! is longer, so no part starting earlier can reach the written range. The `final` object and the
+//! markers are not part of it: they cannot contradict bytes.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, btree_map::Entry},
@@ -122,6 +141,20 @@ const SETTLED_AFTER: Duration = Duration::from_secs(60);
 /// How long after a failed compaction a stream's next one may start.
 const COMPACT_RETRY: Duration = Duration::from_secs(30);
 
+/// A writer registers under `writers/` once per epoch of this length (wall clock) in which it
+/// writes a stream (see [`Store::write`]).
+const WRITER_EPOCH_SECS: u64 = 120;
+
+/// A registration counts for this many epochs either side of its own: replicas' clocks may differ
+/// by up to this much, and a replica that stopped writing a stream is forgotten this long after.
+const WRITER_EPOCHS_SEEN: u64 = 2;
+
+/// How long a listing of a stream's writers vouches for the writes completed after it (see the
+/// module's notes): a process writing a stream lists its writers about this often. A quarter more
+/// than this is what the first write a process shares with another may wait, kept below the
+/// shippers' 10-s request timeout. Tests use less.
+pub const WRITER_WINDOW: Duration = Duration::from_secs(6);
+
 #[derive(Debug, Default)]
 struct State {
     /// Keyed by (start, end); identical parts from several replicas may overlap.
@@ -143,6 +176,32 @@ struct State {
     compacting: bool,
     /// Parts too fresh to merge were met: no compaction is asked for before this.
     compact_after: Option<Instant>,
+    /// What this process knows of the stream's other writers.
+    writers: Writers,
+}
+
+/// A process's view of who writes a stream (see [`Store::write`]).
+#[derive(Debug, Default)]
+struct Writers {
+    /// The last epoch this process registered in, and since when it has been registered without
+    /// a break (the completion of the registration that began the run).
+    registered: Option<(u64, Instant)>,
+    /// When the latest listing of the writers began, and whether it showed this process alone.
+    listed: Option<(Instant, bool)>,
+    /// Another writer was seen since the stream's parts were last listed whole: the cached parts
+    /// may lack theirs.
+    others_seen: bool,
+}
+
+/// How a write's bytes are checked against other replicas' parts once stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// No other replica writes the stream: nothing to check.
+    Alone,
+    /// Others write it: list the parts near the write once `wait_until` has passed.
+    Shared { wait_until: Instant },
+    /// Others wrote it and are gone: list near the write and then the whole stream once.
+    Rejoined { listed_at: Instant },
 }
 
 /// A snapshot of what a stream holds.
@@ -252,6 +311,11 @@ pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The writer epoch now (see [`WRITER_EPOCH_SECS`]).
+fn writer_epoch() -> u64 {
+    now_ms() / 1000 / WRITER_EPOCH_SECS
 }
 
 fn span_name(span: Span) -> String {
@@ -607,6 +671,9 @@ pub struct Store {
     settled_after: Duration,
     /// The directory of a local file system store (see [`Store::local_dir`]).
     local_dir: Option<std::path::PathBuf>,
+    /// This process's name among the stream's writers (see [`Store::replica`]).
+    replica: String,
+    writer_window: Duration,
 }
 
 impl fmt::Debug for Store {
@@ -628,7 +695,36 @@ impl Store {
             segment: SEGMENT,
             settled_after: SETTLED_AFTER,
             local_dir: None,
+            replica: format!("{:016x}", rand::random::<u64>()),
+            writer_window: WRITER_WINDOW,
         }
+    }
+
+    /// Names this process among the writers of the streams it writes: unique among the processes
+    /// sharing the storage, stable across restarts where it can be (a pod's name). A restarted
+    /// process with a new name waits for its old one to be forgotten before it writes alone.
+    /// Characters outside `[A-Za-z0-9._-]` are replaced. Random by default.
+    pub fn replica(mut self, name: &str) -> Self {
+        let name: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if !name.is_empty() {
+            self.replica = name;
+        }
+        self
+    }
+
+    /// See [`WRITER_WINDOW`]; a shared write's first check waits a quarter longer than this.
+    pub fn writer_window(mut self, window: Duration) -> Self {
+        self.writer_window = window;
+        self
     }
 
     /// Says that the store is the local file system rooted at `dir`, so that the check after
@@ -1060,6 +1156,8 @@ impl Store {
         if fully && gone.is_empty() {
             return Ok(Written::Unchanged);
         }
+        self.register_writer(stream).await?;
+        self.before_put(stream).await?;
         let objects: Vec<Span> = objects(span).collect();
         // The futures are made before they are streamed: a closure inside the stream's type
         // would make the handler's future lose `Send`.
@@ -1075,6 +1173,7 @@ impl Store {
             .buffered(PUT_CONCURRENCY)
             .collect()
             .await;
+        let stored_at = Instant::now();
         let created: Vec<Span> = objects
             .iter()
             .zip(&puts)
@@ -1086,52 +1185,79 @@ impl Store {
             self.withdraw(&stream.id, &created).await;
             return Err(e);
         }
-        // Another replica may have stored different bytes over part of this range since our
-        // snapshot: list the parts that can reach it again and compare with those we did not know.
-        let reach = MAX_OBJECT_LEN.max(lock(&stream.state).longest);
-        let from = span.start.saturating_sub(reach);
-        let listed = match self.list_parts_from(stream, from).await {
-            Ok(listed) => listed,
+        let check = match self.check_for(stream, stored_at).await {
+            Ok(check) => check,
             Err(e) => {
                 self.withdraw(&stream.id, &created).await;
                 return Err(e);
             }
         };
-        let known: HashSet<(u64, u64)> = overlapping
-            .iter()
-            .map(|p| key_of(p.span))
-            .filter(|k| !gone.contains(k))
-            .chain(objects.iter().copied().map(key_of))
-            .collect();
-        let unknown: Vec<Part> = listed
-            .iter()
-            .filter(|p| p.span.overlaps(&span) && !known.contains(&key_of(p.span)))
-            .cloned()
-            .collect();
-        match self.compare(&unknown, span.start, &data).await {
-            Ok(gone) => {
-                stream.absorb(Listing {
-                    parts: listed
-                        .into_iter()
-                        .filter(|p| !gone.contains(&key_of(p.span)))
-                        .collect(),
-                    complete_from: Some(from),
-                    ..Listing::default()
-                });
+        if check != Check::Alone {
+            if let Check::Shared { wait_until } = check {
+                tokio::time::sleep_until(wait_until.into()).await;
             }
-            Err(e) => {
-                // Ours lost the race (or could not be checked): remove it so readers never see
-                // two versions.
-                self.withdraw(&stream.id, &created).await;
-                let created: HashSet<(u64, u64)> = created.into_iter().map(key_of).collect();
-                stream.absorb(Listing {
-                    parts: listed
-                        .into_iter()
-                        .filter(|p| !created.contains(&key_of(p.span)))
-                        .collect(),
-                    ..Listing::default()
-                });
-                return Err(e);
+            // Another replica may have stored different bytes over part of this range since our
+            // snapshot: list the parts that can reach it again and compare with those we did not know.
+            let reach = MAX_OBJECT_LEN.max(lock(&stream.state).longest);
+            let from = span.start.saturating_sub(reach);
+            let listed = match self.list_parts_from(stream, from).await {
+                Ok(listed) => listed,
+                Err(e) => {
+                    self.withdraw(&stream.id, &created).await;
+                    return Err(e);
+                }
+            };
+            let known: HashSet<(u64, u64)> = overlapping
+                .iter()
+                .map(|p| key_of(p.span))
+                .filter(|k| !gone.contains(k))
+                .chain(objects.iter().copied().map(key_of))
+                .collect();
+            let unknown: Vec<Part> = listed
+                .iter()
+                .filter(|p| p.span.overlaps(&span) && !known.contains(&key_of(p.span)))
+                .cloned()
+                .collect();
+            match self.compare(&unknown, span.start, &data).await {
+                Ok(gone) => {
+                    stream.absorb(Listing {
+                        parts: listed
+                            .into_iter()
+                            .filter(|p| !gone.contains(&key_of(p.span)))
+                            .collect(),
+                        complete_from: Some(from),
+                        ..Listing::default()
+                    });
+                }
+                Err(e) => {
+                    // Ours lost the race (or could not be checked): remove it so readers never see
+                    // two versions.
+                    self.withdraw(&stream.id, &created).await;
+                    let created: HashSet<(u64, u64)> = created.into_iter().map(key_of).collect();
+                    stream.absorb(Listing {
+                        parts: listed
+                            .into_iter()
+                            .filter(|p| !created.contains(&key_of(p.span)))
+                            .collect(),
+                        ..Listing::default()
+                    });
+                    return Err(e);
+                }
+            }
+            if let Check::Rejoined { listed_at } = check {
+                // The others' parts anywhere in the stream, before its cache is trusted alone.
+                // This write is checked already: a failure only leaves the next one to retry.
+                match self.refresh(stream).await {
+                    Ok(_) => {
+                        let mut st = lock(&stream.state);
+                        if st.writers.listed == Some((listed_at, true)) {
+                            st.writers.others_seen = false;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(stream = %stream.id, error = %e, "Relisting the stream failed.");
+                    }
+                }
             }
         }
         let now = now_ms();
@@ -1162,6 +1288,121 @@ impl Store {
             Written::Unchanged
         } else {
             Written::Stored
+        })
+    }
+
+    /// Registers this process as a writer of `stream` in the current epoch, unless it is already.
+    async fn register_writer(&self, stream: &Stream) -> Result<(), StoreError> {
+        let epoch = writer_epoch();
+        let last = lock(&stream.state).writers.registered.map(|(e, _)| e);
+        if last == Some(epoch) {
+            return Ok(());
+        }
+        let key = self.writer_key(&stream.id, epoch);
+        let create = PutOptions::from(PutMode::Create);
+        match self
+            .timed("put", self.os.put_opts(&key, PutPayload::new(), create))
+            .await
+        {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let done = Instant::now();
+        {
+            let mut st = lock(&stream.state);
+            let w = &mut st.writers;
+            let (latest, since) = match w.registered {
+                // The previous registration is still seen by every other writer: no break.
+                Some((e, since)) if e + 1 >= epoch => (e.max(epoch), since),
+                _ => (epoch, done),
+            };
+            w.registered = Some((latest, since));
+        }
+        // The new registration covers the old one: a stream written for a year keeps one.
+        if let Some(prev) = last.filter(|&e| e < epoch) {
+            let old = self.writer_key(&stream.id, prev);
+            if let Err(e) = self.timed("delete", self.os.delete(&old)).await {
+                tracing::debug!(stream = %stream.id, error = %e, "An old writer registration stays.");
+            }
+        }
+        Ok(())
+    }
+
+    fn writer_key(&self, id: &str, epoch: u64) -> Path {
+        self.key(id, &format!("writers/{epoch:016x}-{}", self.replica))
+    }
+
+    /// Lists the writers registered in the epochs around now: whether this process is the only
+    /// one, and when the listing began. A name it cannot read counts as another writer.
+    async fn list_writers(&self, stream: &Stream) -> Result<(bool, Instant), StoreError> {
+        let epoch = writer_epoch();
+        let dir = self.key(&stream.id, "writers");
+        // Every key of the epochs seen sorts after this one (the epoch is a strict prefix).
+        let first = epoch.saturating_sub(WRITER_EPOCHS_SEEN);
+        let from = dir.clone().join(format!("{first:016x}"));
+        let started = Instant::now();
+        let metas: Vec<object_store::ObjectMeta> = self
+            .timed(
+                "list",
+                self.os.list_with_offset(Some(&dir), &from).try_collect(),
+            )
+            .await?;
+        let alone = metas.iter().all(|m| {
+            let Some((e, who)) = m.location.filename().and_then(|n| n.split_once('-')) else {
+                return false;
+            };
+            match u64::from_str_radix(e, 16) {
+                Ok(e) => who == self.replica || e > epoch + WRITER_EPOCHS_SEEN,
+                Err(_) => false,
+            }
+        });
+        let mut st = lock(&stream.state);
+        let w = &mut st.writers;
+        if w.listed.is_none_or(|(t, _)| t <= started) {
+            w.listed = Some((started, alone));
+        }
+        w.others_seen |= !alone;
+        Ok((alone, started))
+    }
+
+    /// Before a write's objects are stored: lists the writers unless a listing within the window
+    /// did, and when others write the stream, waits until this process's run of registrations is
+    /// a quarter more than the window old (see the module's notes). Waiting here rather than
+    /// between the store and the check after it means that a request given up meanwhile leaves
+    /// nothing stored unchecked.
+    async fn before_put(&self, stream: &Stream) -> Result<(), StoreError> {
+        let (listed, since) = {
+            let st = lock(&stream.state);
+            (st.writers.listed, st.writers.registered.map(|(_, s)| s))
+        };
+        let alone = match listed {
+            Some((t, alone)) if Instant::now() < t + self.writer_window => alone,
+            _ => self.list_writers(stream).await?.0,
+        };
+        if let (false, Some(since)) = (alone, since) {
+            tokio::time::sleep_until((since + self.writer_window * 5 / 4).into()).await;
+        }
+        Ok(())
+    }
+
+    /// How a write whose objects were all stored by `stored_at` is checked against the parts of
+    /// other replicas (see the module's notes).
+    async fn check_for(&self, stream: &Stream, stored_at: Instant) -> Result<Check, StoreError> {
+        let (listed, others_seen, since) = {
+            let st = lock(&stream.state);
+            let w = &st.writers;
+            (w.listed, w.others_seen, w.registered.map(|(_, s)| s))
+        };
+        let (alone, listed_at) = match listed {
+            Some((t, alone)) if stored_at < t + self.writer_window => (alone, t),
+            _ => self.list_writers(stream).await?,
+        };
+        Ok(match (alone, others_seen) {
+            (true, false) => Check::Alone,
+            (true, true) => Check::Rejoined { listed_at },
+            (false, _) => Check::Shared {
+                wait_until: since.unwrap_or(listed_at) + self.writer_window * 5 / 4,
+            },
         })
     }
 
@@ -1731,7 +1972,8 @@ mod tests {
             data
         );
         // A fresh process reads the same objects back and knows the re-send.
-        let fresh = Store::new(os.clone(), Path::from("t"), Arc::new(Metrics::new()));
+        let fresh = Store::new(os.clone(), Path::from("t"), Arc::new(Metrics::new()))
+            .writer_window(Duration::from_millis(1));
         let st2 = fresh.open("a").await.unwrap().unwrap();
         assert_eq!(
             fresh
@@ -1753,6 +1995,7 @@ mod tests {
         // A part another replica stored inside the second object, unknown to this one: the check
         // after the puts finds it and every object of the write is removed again.
         let st3 = fresh.create("b".into(), meta()).await.unwrap();
+        register_other(&os, "b").await;
         let theirs = Span::new(MAX_OBJECT_LEN + 5, MAX_OBJECT_LEN + 9);
         let key = Path::from(format!("t/streams/b/parts/{}", span_name(theirs)));
         os.put(&key, Bytes::from_static(b"zzzz").into())
@@ -1786,9 +2029,10 @@ mod tests {
             }
         };
         put_raw(Span::new(0, max + 100), 1).await;
-        let b = Store::new(os.clone(), Path::from("t"), m);
+        let b = Store::new(os.clone(), Path::from("t"), m).writer_window(Duration::from_millis(1));
         let sb = b.create("x".into(), meta()).await.unwrap();
         // Stored by another replica after b listed the stream: b does not know it.
+        register_other(&os, "x").await;
         let long = Span::new(max + 200, 2 * max + 300);
         put_raw(long, 3).await;
         let at = 2 * max + 250;
@@ -1805,6 +2049,13 @@ mod tests {
                 .unwrap(),
             Written::Unchanged
         );
+    }
+
+    /// Registers a writer of stream `id` other than any store, as another replica does before
+    /// its parts (see [`Store::write`]).
+    async fn register_other(os: &Arc<dyn ObjectStore>, id: &str) {
+        let key = format!("t/streams/{id}/writers/{:016x}-other", writer_epoch());
+        os.put(&Path::from(key), PutPayload::new()).await.unwrap();
     }
 
     #[tokio::test]
@@ -1840,8 +2091,9 @@ mod tests {
     async fn two_stores_on_one_backend_do_not_diverge() {
         let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let m = Arc::new(Metrics::new());
-        let a = Store::new(os.clone(), Path::from("t"), m.clone());
-        let b = Store::new(os, Path::from("t"), m);
+        let window = Duration::from_millis(50);
+        let a = Store::new(os.clone(), Path::from("t"), m.clone()).writer_window(window);
+        let b = Store::new(os, Path::from("t"), m).writer_window(window);
         let sa = a.create("x".into(), meta()).await.unwrap();
         let sb = b.create("x".into(), meta()).await.unwrap();
         a.write(&sa, Some(0), Bytes::from_static(b"0123456789"), None)
@@ -1860,6 +2112,118 @@ mod tests {
         assert_eq!(
             a.read_all(&sa, Span::new(0, 15)).await.unwrap(),
             &b"0123456789abcde"[..]
+        );
+    }
+    /// Storage calls of kind `op` the metrics counted.
+    fn calls(m: &Metrics, op: &str) -> u64 {
+        let needle = format!("op=\"{op}\"");
+        m.render()
+            .lines()
+            .filter(|l| {
+                l.starts_with("relay_metadata_api_storage_seconds_count") && l.contains(&needle)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_lone_writer_pays_one_request_per_part() {
+        let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let m = Arc::new(Metrics::new());
+        let s = Store::new(os, Path::from("t"), m.clone());
+        let st = s.create("x".into(), meta()).await.unwrap();
+        let (puts, lists) = (calls(&m, "put"), calls(&m, "list"));
+        let n = 200u64;
+        for i in 0..n {
+            s.write(&st, Some(i * 10), pattern(1, 10).slice(..), None)
+                .await
+                .unwrap();
+        }
+        let (puts, lists) = (calls(&m, "put") - puts, calls(&m, "list") - lists);
+        // The parts, one registration, and one listing of the writers.
+        assert_eq!((puts, lists), (n + 1, 1));
+        assert_eq!(
+            s.read_all(&st, Span::new(0, n * 10)).await.unwrap().len() as u64,
+            n * 10
+        );
+    }
+
+    /// Replicas over one storage (one slow to store, one slow to list, one quick) write
+    /// conflicting bytes over overlapping ranges of fresh streams in pairs, the second starting at
+    /// staggered times, so that one replica registers at every moment of the other's write,
+    /// including one that a check of the writers before it vouches for. At most one write is acknowledged, and what it acknowledged is
+    /// what any replica reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_replicas_never_both_acknowledge_conflicting_bytes() {
+        use object_store::throttle::{ThrottleConfig, ThrottledStore};
+        let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let lag = Duration::from_millis(15);
+        let slow_put: Arc<dyn ObjectStore> = Arc::new(ThrottledStore::new(
+            Arc::clone(&mem),
+            ThrottleConfig {
+                wait_put_per_call: lag,
+                ..ThrottleConfig::default()
+            },
+        ));
+        let slow_list: Arc<dyn ObjectStore> = Arc::new(ThrottledStore::new(
+            Arc::clone(&mem),
+            ThrottleConfig {
+                wait_list_per_call: lag,
+                ..ThrottleConfig::default()
+            },
+        ));
+        // Longer than a slow write's two storage calls, so that a check before them vouches for it.
+        let window = Duration::from_millis(60);
+        let store = |os: &Arc<dyn ObjectStore>| {
+            Store::new(os.clone(), Path::from("t"), Arc::new(Metrics::new())).writer_window(window)
+        };
+        let (p, l, q) = (store(&slow_put), store(&slow_list), store(&mem));
+        let pairs = [(&p, &q), (&q, &p), (&p, &l), (&l, &p)];
+        let rounds = 4 * 16;
+        let mut acknowledged = 0;
+        for round in 0..rounds {
+            let id = format!("r{round}");
+            let (first, second) = pairs[round as usize % pairs.len()];
+            let s1 = first.create(id.clone(), meta()).await.unwrap();
+            let s2 = second.create(id.clone(), meta()).await.unwrap();
+            // The first replica has written the stream alone just before: its next write is
+            // vouched for by that check, and costs no listing.
+            first
+                .write(&s1, Some(100), Bytes::from_static(b"z"), None)
+                .await
+                .unwrap();
+            let delay = Duration::from_millis(5 * (round / 4));
+            let ours = Bytes::from(vec![b'a'; 10]);
+            let theirs = Bytes::from(vec![b'b'; 10]);
+            let (r1, r2) = tokio::join!(first.write(&s1, Some(0), ours.clone(), None), async {
+                tokio::time::sleep(delay).await;
+                second.write(&s2, Some(5), theirs.clone(), None).await
+            });
+            assert!(
+                !(r1.is_ok() && r2.is_ok()),
+                "round {round}: both conflicting writes were acknowledged"
+            );
+            for r in [&r1, &r2] {
+                assert!(
+                    matches!(r, Ok(Written::Stored) | Err(StoreError::Conflict { .. })),
+                    "round {round}: {r:?}"
+                );
+            }
+            let fresh = store(&mem);
+            let st = fresh.open(&id).await.unwrap().unwrap();
+            if r1.is_ok() {
+                acknowledged += 1;
+                assert_eq!(fresh.read_all(&st, Span::new(0, 10)).await.unwrap(), ours);
+            }
+            if r2.is_ok() {
+                acknowledged += 1;
+                assert_eq!(fresh.read_all(&st, Span::new(5, 15)).await.unwrap(), theirs);
+            }
+        }
+        // Not a test that refuses everything.
+        assert!(
+            acknowledged >= rounds / 2,
+            "{acknowledged} of {rounds} rounds acknowledged a write"
         );
     }
 }

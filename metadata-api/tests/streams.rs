@@ -119,7 +119,9 @@ async fn trigger_follow_streams_until_the_reader_leaves() {
 async fn kill_9_loses_no_acknowledged_byte() {
     let tmp = tempfile::tempdir().unwrap();
     let storage = format!("file://{}", tmp.path().join("streams").display());
-    let mut s = Server::start_on(tmp.path(), &storage, &[]);
+    // As deployed: a restarted container keeps its pod's name among the stream's writers.
+    let replica = ["--replica-id", "metadata-api-0"];
+    let mut s = Server::start_on(tmp.path(), &storage, &replica);
     let token = s.token(CTX, Scope::Write);
     let w = s.client(&token);
     let id = w.stream("stdout").await;
@@ -159,7 +161,7 @@ async fn kill_9_loses_no_acknowledged_byte() {
     s.kill();
     let acked = writer.await.unwrap();
     assert!(!acked.is_empty());
-    let s2 = Server::start_on(tmp.path(), &storage, &[]);
+    let s2 = Server::start_on(tmp.path(), &storage, &replica);
     let w2 = s2.client(&token);
     // Same id after restart, and the stream continues.
     assert_eq!(w2.stream("stdout").await, id);
@@ -190,8 +192,11 @@ async fn kill_9_loses_no_acknowledged_byte() {
 async fn two_replicas_on_shared_storage_do_not_corrupt_a_stream() {
     let tmp = tempfile::tempdir().unwrap();
     let storage = format!("file://{}", tmp.path().join("streams").display());
-    let a = Server::start_on(tmp.path(), &storage, &[]);
-    let b = Server::start_on(tmp.path(), &storage, &[]);
+    // A short writer window: each replica's first write it shares with the other waits a
+    // quarter longer than it.
+    let window = ["--writer-window", "300ms"];
+    let a = Server::start_on(tmp.path(), &storage, &window);
+    let b = Server::start_on(tmp.path(), &storage, &window);
     let token = a.token(CTX, Scope::Write);
     let (wa, wb) = (a.client(&token), b.client(&token));
     let id = wa.stream("stdout").await;
