@@ -266,6 +266,7 @@ where
                 plans.push((i, planned.into()));
             }
             // Merge lanes by receive time, each lane kept in offset order.
+            let mut replan = false;
             loop {
                 let next = plans
                     .iter_mut()
@@ -282,6 +283,13 @@ where
                 match q.pop_front() {
                     Some(Planned::Data { stream, span, part }) => {
                         let data = store.read_piece(&stream, span, &part).await?;
+                        if !stream.holds(&part) {
+                            // Merged into a segment since planned, and so are the parts after it,
+                            // likely: plan the rest of the lane again, from the segments.
+                            q.clear();
+                            lanes[*i].offset = span.end;
+                            replan = true;
+                        }
                         yield Record::Data {
                             stream: name,
                             source: stream.meta.source,
@@ -295,6 +303,9 @@ where
                     }
                     None => {}
                 }
+            }
+            if replan {
+                continue;
             }
             let any = lanes.iter().any(|l| l.streams().next().is_some());
             let done = match follow {
@@ -320,5 +331,79 @@ where
                 lanes = reopen(lanes).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::{StreamExt, pin_mut};
+    use object_store::{ObjectStore, memory::InMemory, path::Path};
+
+    use super::*;
+    use crate::{auth::Context, metrics::Metrics, store::StreamMeta};
+
+    fn gets(m: &Metrics) -> u64 {
+        m.render()
+            .lines()
+            .filter(|l| {
+                l.starts_with("relay_metadata_api_storage_seconds_count")
+                    && l.contains("op=\"get\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_read_whose_parts_are_merged_midway_plans_again_from_the_segment() {
+        let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let m = Arc::new(Metrics::new());
+        let store = Arc::new(
+            Store::new(os, Path::from("t"), m.clone())
+                .segment_size(1000)
+                .settled_after(Duration::ZERO),
+        );
+        let meta = StreamMeta {
+            context: Context::stream("workflows/w/runs/r/steps/s").unwrap(),
+            name: "stdout".into(),
+            source: Source::Entrypoint,
+            entrypoint_absent: None,
+            namespace: None,
+        };
+        let stream = store.create("x".into(), meta).await.unwrap();
+        let mut want = Vec::new();
+        for i in 0..100u64 {
+            let part: Vec<u8> = (0..10).map(|j| (i * 10 + j) as u8).collect();
+            want.extend_from_slice(&part);
+            store
+                .write(&stream, Some(i * 10), part.into(), None)
+                .await
+                .unwrap();
+        }
+        let lane = Lane {
+            name: "stdout".into(),
+            primary: Some(Arc::clone(&stream)),
+            fallback: None,
+            offset: 0,
+            end: None,
+        };
+        let records = records(Arc::clone(&store), vec![lane], Follow::No, |l| async { l });
+        pin_mut!(records);
+        let mut got = Vec::new();
+        let Some(Ok(Record::Data { data, .. })) = records.next().await else {
+            panic!("no first record")
+        };
+        got.extend_from_slice(&data);
+        // The other 99 parts are planned; now they are merged away.
+        assert_eq!(store.compact(&stream).await.unwrap().segments, 1);
+        let before = gets(&m);
+        while let Some(r) = records.next().await {
+            if let Record::Data { data, .. } = r.unwrap() {
+                got.extend_from_slice(&data);
+            }
+        }
+        assert_eq!(got, want);
+        // The next planned part is missing and read from the segment; the rest is planned again
+        // and read from the segment at once (not two requests for each of the 98 others).
+        assert_eq!(gets(&m) - before, 3);
     }
 }

@@ -525,6 +525,12 @@ impl Stream {
         (out, at)
     }
 
+    /// Whether `part` is still one of the stream's objects as far as this process knows: false
+    /// once it was merged into a segment, so a plan that holds it is better made again.
+    pub fn holds(&self, part: &Part) -> bool {
+        lock(&self.state).parts.contains_key(&key_of(part.span))
+    }
+
     /// Whether the stream is complete and `offset` is at its end.
     pub fn finished_at(&self, offset: u64) -> bool {
         let st = lock(&self.state);
@@ -1000,14 +1006,35 @@ impl Store {
             .await?)
     }
 
-    /// [`Store::read_piece`] of a part that is gone: the objects that can hold its bytes are
-    /// listed (a segment is no longer than [`MAX_OBJECT_LEN`], so from that far before) and read.
+    /// [`Store::read_piece`] of a part that is gone: read from a known object that holds all of
+    /// `span` now (the segment it was merged into, when this process merged it or learnt of it);
+    /// else the objects that can hold its bytes are listed (a segment is no longer than
+    /// [`MAX_OBJECT_LEN`], so from that far before) and read.
     async fn read_moved(
         &self,
         stream: &Stream,
         span: Span,
         part: &Part,
     ) -> Result<Bytes, StoreError> {
+        let holder = {
+            let st = lock(&stream.state);
+            let from = span.start.saturating_sub(MAX_OBJECT_LEN.max(st.longest));
+            st.parts
+                .range((from, 0)..=(span.start, u64::MAX))
+                .map(|(_, p)| p)
+                .find(|p| p.key != part.key && p.span.start <= span.start && span.end <= p.span.end)
+                .cloned()
+        };
+        if let Some(holder) = holder {
+            match self.get_piece(span, &holder).await {
+                Ok(b) => {
+                    stream.forget(&[key_of(part.span)]);
+                    return Ok(b);
+                }
+                Err(StoreError::Storage(object_store::Error::NotFound { .. })) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let listed = self
             .list_parts_from(stream, span.start.saturating_sub(MAX_OBJECT_LEN))
             .await?;
@@ -2225,5 +2252,37 @@ mod tests {
             acknowledged >= rounds / 2,
             "{acknowledged} of {rounds} rounds acknowledged a write"
         );
+    }
+    #[tokio::test]
+    async fn reads_planned_before_a_merge_read_the_segment_without_listing() {
+        let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let m = Arc::new(Metrics::new());
+        let s = Store::new(os, Path::from("t"), m.clone())
+            .segment_size(1000)
+            .settled_after(Duration::ZERO);
+        let st = s.create("x".into(), meta()).await.unwrap();
+        for i in 0..100u64 {
+            s.write(&st, Some(i * 10), pattern(i as u8, 10), None)
+                .await
+                .unwrap();
+        }
+        let (planned, _) = st.plan(Span::new(0, 1000));
+        assert_eq!(planned.len(), 100);
+        assert_eq!(s.compact(&st).await.unwrap().segments, 1);
+        let (lists, gets) = (calls(&m, "list"), calls(&m, "get"));
+        for p in planned {
+            let Piece::Data { span, part } = p else {
+                panic!("{p:?}")
+            };
+            let i = span.start / 10;
+            assert_eq!(
+                s.read_piece(&st, span, &part).await.unwrap(),
+                pattern(i as u8, 10)
+            );
+            assert!(!st.holds(&part), "{part:?} is merged");
+        }
+        // Each piece is tried where it was, then read from the segment this process merged.
+        assert_eq!(calls(&m, "list") - lists, 0);
+        assert_eq!(calls(&m, "get") - gets, 200);
     }
 }
