@@ -28,6 +28,8 @@ pub mod read;
 #[cfg(feature = "server")]
 pub mod report;
 #[cfg(feature = "server")]
+pub mod retention;
+#[cfg(feature = "server")]
 pub mod routes;
 #[cfg(feature = "server")]
 pub mod server;

@@ -232,6 +232,14 @@ fn main() -> ExitCode {
                     }
                     None => None,
                 };
+                if let Some(retention) = args.retention() {
+                    tracing::info!(age = ?retention.age, every = ?retention.every, "Retention on.");
+                    tokio::spawn(metadata_api::retention::run(
+                        state.store.clone(),
+                        state.keys.clone(),
+                        retention,
+                    ));
+                }
                 let limits = args.conn_limits(open_files);
                 tracing::info!(
                     max_connections = limits.max_connections,

@@ -134,6 +134,13 @@ pub struct ServeArgs {
     /// writes; the first write a replica shares with another waits a quarter longer than this.
     #[arg(long, env = "RELAY_METADATA_API_WRITER_WINDOW", default_value = "6s", value_parser = humantime::parse_duration)]
     pub writer_window: Duration,
+    /// Delete a workflow run's or trigger's streams once nothing of them has been stored for
+    /// this long (`30d`, `12h`; index entries included). Unset: streams are kept until deleted.
+    #[arg(long, env = "RELAY_METADATA_API_RETENTION", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+    /// How often retention is enforced (by one replica: they take turns through the storage).
+    #[arg(long, env = "RELAY_METADATA_API_RETENTION_EVERY", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub retention_every: Duration,
     /// Settings of `--auth kubernetes`.
     #[cfg(feature = "kubernetes")]
     #[command(flatten)]
@@ -275,6 +282,8 @@ impl ServeArgs {
             stream_cache,
             replica_id,
             writer_window,
+            retention: _,
+            retention_every: _,
             #[cfg(feature = "kubernetes")]
             kubernetes,
         } = self;
@@ -319,6 +328,14 @@ impl ServeArgs {
             #[cfg(feature = "kubernetes")]
             kube,
         }))
+    }
+
+    /// The retention settings, when `--retention` is given.
+    pub fn retention(&self) -> Option<crate::retention::Retention> {
+        self.retention.map(|age| crate::retention::Retention {
+            age,
+            every: self.retention_every.max(Duration::from_secs(1)),
+        })
     }
 
     /// The connection limits, fitted under `open_files` (see [`conn::raise_open_files`]).

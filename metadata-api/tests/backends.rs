@@ -112,6 +112,83 @@ async fn file_backend() {
     life_cycle(&Server::start(&[])).await;
 }
 
+/// Retention settings short enough for a test: contexts idle for 3 s go, checked every second.
+const RETENTION: [&str; 4] = ["--retention", "3s", "--retention-every", "1s"];
+
+/// A step that stopped writing is deleted whole by retention, index entry included; a trigger
+/// that keeps writing beside it keeps all of its bytes.
+async fn retention_cycle(s: &Server) {
+    let step = s.client(&s.token(CTX, Scope::Write));
+    let out = step.stream("stdout").await;
+    let err = step.stream("stderr").await;
+    step.put_at(&out, 0, b"built\n").await;
+    step.put_at(&err, 0, b"warning\n").await;
+    let trigger = s.client(&s.token("workflows/w1/triggers/t1", Scope::Write));
+    let hook = trigger.stream("stdout").await;
+    let mut written = Vec::new();
+    let start = Instant::now();
+    let gone = |id: String| {
+        let step = step.clone();
+        async move {
+            step.req(reqwest::Method::GET, &format!("/logs/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == reqwest::StatusCode::NOT_FOUND
+        }
+    };
+    loop {
+        let line = format!("request {}\n", written.len() / 12);
+        let line = format!("{line:>12}");
+        trigger
+            .put_at(&hook, written.len() as u64, line.as_bytes())
+            .await;
+        written.extend_from_slice(line.as_bytes());
+        if gone(out.clone()).await && gone(err.clone()).await {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "the idle step was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // S3 keeps modification times to the second (truncated): 3 s of age may be 2 s of time.
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "deleted too early"
+    );
+    assert_eq!(trigger.data(&hook).await, written);
+    // The capture report no longer finds the step's streams through the index.
+    let r: serde_json::Value = s
+        .client(&s.token("workflows/w1", Scope::Read))
+        .req(
+            reqwest::Method::GET,
+            "/api/workflows/w1/runs/r1/steps/s1/logs/capture-report",
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["streams"], serde_json::json!([]), "{r:#}");
+}
+
+#[tokio::test]
+async fn file_backend_retention() {
+    retention_cycle(&Server::start(&RETENTION)).await;
+}
+
+#[tokio::test]
+async fn s3_backend_retention_on_moto() {
+    let Some((_moto, _tmp, s)) = on_moto_with("retained", &RETENTION).await else {
+        return;
+    };
+    retention_cycle(&s).await;
+}
+
 #[tokio::test]
 async fn s3_backend_on_moto() {
     let Some((_moto, _tmp, s)) = on_moto("tenant-logs").await else {
@@ -123,6 +200,14 @@ async fn s3_backend_on_moto() {
 /// The moto S3 emulator with a bucket, and a server storing under `prefix` in it (`None` when
 /// the emulator is not installed). The directory holds the server's key: keep it with the server.
 async fn on_moto(prefix: &str) -> Option<(Emulator, tempfile::TempDir, Server)> {
+    on_moto_with(prefix, &[]).await
+}
+
+/// [`on_moto`] with extra server arguments.
+async fn on_moto_with(
+    prefix: &str,
+    extra: &[&str],
+) -> Option<(Emulator, tempfile::TempDir, Server)> {
     let port = free_port();
     let moto = emulator("moto_server", &["-p", &port.to_string()], port)?;
     let endpoint = format!("http://127.0.0.1:{port}");
@@ -136,7 +221,7 @@ async fn on_moto(prefix: &str) -> Option<(Emulator, tempfile::TempDir, Server)> 
     let s = Server::start_with_env(
         tmp.path(),
         &format!("s3://relay-logs/{prefix}"),
-        &[],
+        extra,
         &env(&[
             ("AWS_ENDPOINT", endpoint.as_str()),
             ("AWS_ALLOW_HTTP", "true"),
