@@ -138,6 +138,10 @@ pub const SEGMENT: u64 = MAX_OBJECT_LEN;
 /// never copied into a segment.
 const SETTLED_AFTER: Duration = Duration::from_secs(60);
 
+/// A cell held by at most this many objects is left as it is (see [`Store::merge_above`]): with
+/// 4 MiB segments, when its parts average 1 MiB or more.
+const MERGE_ABOVE: usize = 4;
+
 /// How long after a failed compaction a stream's next one may start.
 const COMPACT_RETRY: Duration = Duration::from_secs(30);
 
@@ -698,6 +702,7 @@ pub struct Store {
     /// This process's name among the stream's writers (see [`Store::replica`]).
     replica: String,
     writer_window: Duration,
+    merge_above: usize,
 }
 
 impl fmt::Debug for Store {
@@ -721,7 +726,15 @@ impl Store {
             local_dir: None,
             replica: format!("{:016x}", rand::random::<u64>()),
             writer_window: WRITER_WINDOW,
+            merge_above: MERGE_ABOVE,
         }
+    }
+
+    /// Merges a cell only when more than `objects` objects hold its bytes (see [`MERGE_ABOVE`]);
+    /// tests that check every cell merged use zero.
+    pub fn merge_above(mut self, objects: usize) -> Self {
+        self.merge_above = objects;
+        self
     }
 
     /// Names this process among the writers of the streams it writes: unique among the processes
@@ -1745,6 +1758,12 @@ impl Store {
                     .collect();
                 (cell, objects, st.final_len)
             };
+            if objects.len() <= self.merge_above {
+                // Few objects, large ones: merging would copy every byte again (on a file system
+                // it doubled the CPU a GB of 1 MiB parts costs) to save no more than a few.
+                lock(&stream.state).segmented_to = cell.end;
+                continue;
+            }
             if !objects.iter().any(|p| p.span == cell) {
                 let settled = now_ms().saturating_sub(self.settled_after.as_millis() as u64);
                 if objects.iter().any(|p| !p.local && p.received_ms > settled) {
@@ -2447,5 +2466,32 @@ mod tests {
         // Each piece is tried where it was, then read from the segment this process merged.
         assert_eq!(calls(&m, "list") - lists, 0);
         assert_eq!(calls(&m, "get") - gets, 200);
+    }
+    #[tokio::test]
+    async fn cells_of_few_large_objects_are_left_as_they_are() {
+        let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let s = Store::new(os.clone(), Path::from("t"), Arc::new(Metrics::new()))
+            .segment_size(100)
+            .settled_after(Duration::ZERO);
+        let st = s.create("x".into(), meta()).await.unwrap();
+        // Cell 0 in four parts, cell 1 in five.
+        for (start, len) in [(0, 25), (25, 25), (50, 25), (75, 25)]
+            .into_iter()
+            .chain((0..5).map(|i| (100 + i * 20, 20)))
+        {
+            s.write(&st, Some(start), pattern(start as u8, len), None)
+                .await
+                .unwrap();
+        }
+        s.declare_final(&st, 200).await.unwrap();
+        let done = s.compact(&st).await.unwrap();
+        assert_eq!((done.segments, done.removed), (1, 5));
+        let keys = part_keys(&os).await;
+        assert_eq!(keys.len(), 5, "{keys:?}");
+        assert!(
+            keys[4].ends_with(&span_name(Span::new(100, 200))),
+            "{keys:?}"
+        );
+        assert_eq!(s.read_all(&st, Span::new(0, 200)).await.unwrap().len(), 200);
     }
 }

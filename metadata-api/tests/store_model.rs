@@ -337,6 +337,7 @@ fn store(
     let store = Store::new(os.clone(), prefix.clone(), metrics.clone())
         .segment_size(SEGMENT)
         .settled_after(std::time::Duration::ZERO)
+        .merge_above(0)
         // A restarted store sees the one before it as another writer of the stream for a while:
         // a short window keeps its first check's wait short.
         .writer_window(std::time::Duration::from_millis(5));
