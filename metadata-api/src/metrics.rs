@@ -260,6 +260,19 @@ impl Metrics {
             .inc_by(bytes);
     }
 
+    /// Storage calls of kind `op` made so far, both outcomes (tests count requests with it).
+    #[cfg(test)]
+    pub(crate) fn storage_calls(&self, op: &str) -> u64 {
+        let label = format!("op=\"{op}\"");
+        self.render()
+            .lines()
+            .filter(|l| {
+                l.starts_with("relay_metadata_api_storage_seconds_count") && l.contains(&label)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -342,17 +342,6 @@ mod tests {
     use super::*;
     use crate::{auth::Context, metrics::Metrics, store::StreamMeta};
 
-    fn gets(m: &Metrics) -> u64 {
-        m.render()
-            .lines()
-            .filter(|l| {
-                l.starts_with("relay_metadata_api_storage_seconds_count")
-                    && l.contains("op=\"get\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    }
-
     #[tokio::test]
     async fn a_read_whose_parts_are_merged_midway_plans_again_from_the_segment() {
         let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
@@ -395,7 +384,7 @@ mod tests {
         got.extend_from_slice(&data);
         // The other 99 parts are planned; now they are merged away.
         assert_eq!(store.compact(&stream).await.unwrap().segments, 1);
-        let before = gets(&m);
+        let before = m.storage_calls("get");
         while let Some(r) = records.next().await {
             if let Record::Data { data, .. } = r.unwrap() {
                 got.extend_from_slice(&data);
@@ -404,6 +393,6 @@ mod tests {
         assert_eq!(got, want);
         // The next planned part is missing and read from the segment; the rest is planned again
         // and read from the segment at once (not two requests for each of the 98 others).
-        assert_eq!(gets(&m) - before, 3);
+        assert_eq!(m.storage_calls("get") - before, 3);
     }
 }

@@ -2323,32 +2323,23 @@ mod tests {
             &b"0123456789abcde"[..]
         );
     }
-    /// Storage calls of kind `op` the metrics counted.
-    fn calls(m: &Metrics, op: &str) -> u64 {
-        let needle = format!("op=\"{op}\"");
-        m.render()
-            .lines()
-            .filter(|l| {
-                l.starts_with("relay_metadata_api_storage_seconds_count") && l.contains(&needle)
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    }
-
     #[tokio::test]
     async fn a_lone_writer_pays_one_request_per_part() {
         let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let m = Arc::new(Metrics::new());
         let s = Store::new(os, Path::from("t"), m.clone());
         let st = s.create("x".into(), meta()).await.unwrap();
-        let (puts, lists) = (calls(&m, "put"), calls(&m, "list"));
+        let (puts, lists) = (m.storage_calls("put"), m.storage_calls("list"));
         let n = 200u64;
         for i in 0..n {
             s.write(&st, Some(i * 10), pattern(1, 10).slice(..), None)
                 .await
                 .unwrap();
         }
-        let (puts, lists) = (calls(&m, "put") - puts, calls(&m, "list") - lists);
+        let (puts, lists) = (
+            m.storage_calls("put") - puts,
+            m.storage_calls("list") - lists,
+        );
         // The parts, one registration, and one listing of the writers.
         assert_eq!((puts, lists), (n + 1, 1));
         assert_eq!(
@@ -2451,7 +2442,7 @@ mod tests {
         let (planned, _) = st.plan(Span::new(0, 1000));
         assert_eq!(planned.len(), 100);
         assert_eq!(s.compact(&st).await.unwrap().segments, 1);
-        let (lists, gets) = (calls(&m, "list"), calls(&m, "get"));
+        let (lists, gets) = (m.storage_calls("list"), m.storage_calls("get"));
         for p in planned {
             let Piece::Data { span, part } = p else {
                 panic!("{p:?}")
@@ -2464,8 +2455,8 @@ mod tests {
             assert!(!st.holds(&part), "{part:?} is merged");
         }
         // Each piece is tried where it was, then read from the segment this process merged.
-        assert_eq!(calls(&m, "list") - lists, 0);
-        assert_eq!(calls(&m, "get") - gets, 200);
+        assert_eq!(m.storage_calls("list") - lists, 0);
+        assert_eq!(m.storage_calls("get") - gets, 200);
     }
     #[tokio::test]
     async fn cells_of_few_large_objects_are_left_as_they_are() {

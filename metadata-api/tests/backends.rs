@@ -85,17 +85,9 @@ async fn life_cycle(s: &Server) {
     // a process that did not create them.
     let app = w.stream("app.stdout").await;
     w.put_at(&app, 0, b"hi\n").await;
-    let r: serde_json::Value = w2
-        .req(
-            reqwest::Method::GET,
-            "/api/workflows/w1/runs/r1/steps/s1/logs/capture-report",
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = w2
+        .json("/api/workflows/w1/runs/r1/steps/s1/logs/capture-report")
+        .await;
     let names: Vec<&str> = r["streams"]
         .as_array()
         .unwrap()
@@ -161,18 +153,10 @@ async fn retention_cycle(s: &Server) {
     );
     assert_eq!(trigger.data(&hook).await, written);
     // The capture report no longer finds the step's streams through the index.
-    let r: serde_json::Value = s
+    let r = s
         .client(&s.token("workflows/w1", Scope::Read))
-        .req(
-            reqwest::Method::GET,
-            "/api/workflows/w1/runs/r1/steps/s1/logs/capture-report",
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json("/api/workflows/w1/runs/r1/steps/s1/logs/capture-report")
+        .await;
     assert_eq!(r["streams"], serde_json::json!([]), "{r:#}");
 }
 

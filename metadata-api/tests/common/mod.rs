@@ -239,6 +239,11 @@ impl Api {
             .unwrap()
     }
 
+    /// GETs `path` and returns the body as JSON.
+    pub async fn json(&self, path: &str) -> Value {
+        serde_json::from_str(&self.text(path).await).unwrap()
+    }
+
     pub async fn finish(&self, id: &str, total: u64) {
         let r = self
             .patch(id, &format!("bytes */{total}"), Vec::new())
