@@ -2,7 +2,11 @@
 
 use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use metadata_api::{client::ShipConfig, size::parse_size};
+use metadata_api::{
+    client::ShipConfig,
+    coding::{self, Coding},
+    size::parse_size,
+};
 
 /// Captures what tenant containers write to their stdout and stderr, in the kernel, and ships it
 /// to the metadata API as `ebpf` streams.
@@ -85,11 +89,19 @@ pub struct Args {
     /// Append requests in flight per stream.
     #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub max_in_flight: u16,
-    /// gzip level for request bodies (0 = uncompressed). Off by default: on a node the CPU of
-    /// compressing every tenant's output costs more than the in-cluster traffic it saves (zlib
-    /// level 1 alone is ~4.5 core-s/GB here), as in Fluent Bit's and Vector's HTTP outputs.
-    #[arg(long, env = "RELAY_GZIP_LEVEL", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=9))]
-    pub gzip_level: u32,
+    /// Compression of request bodies: gzip, zstd or none [default: none]. Off by default: on a
+    /// node the CPU of compressing every tenant's output costs more than the in-cluster traffic it
+    /// saves (zlib level 1 alone is ~4.5 core-s/GB here), as in Fluent Bit's and Vector's HTTP
+    /// outputs; zstd 1 costs less than that (see the README's compression table).
+    #[arg(long, env = "RELAY_COMPRESSION", value_parser = Coding::parse_flag)]
+    pub compression: Option<Coding>,
+    /// Compression level: gzip 1-9, zstd 1-19 (a higher one means the highest) [default: 1].
+    #[arg(long, env = "RELAY_COMPRESSION_LEVEL", value_parser = clap::value_parser!(u32).range(1..=19))]
+    pub compression_level: Option<u32>,
+    /// gzip level for request bodies (0 = uncompressed): the older spelling of `--compression
+    /// gzip --compression-level N`, which win over it.
+    #[arg(long, env = "RELAY_GZIP_LEVEL", value_parser = clap::value_parser!(u32).range(0..=9))]
+    pub gzip_level: Option<u32>,
     /// Longest a single request to the API may take.
     #[arg(long, env = "RELAY_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
@@ -110,6 +122,12 @@ impl Args {
     /// The shipper settings these arguments describe.
     pub fn ship_config(&self) -> ShipConfig {
         let buffer_limit = usize::try_from(self.buffer_limit).unwrap_or(usize::MAX);
+        let (compression, compression_level) = coding::from_flags(
+            self.compression,
+            self.compression_level,
+            self.gzip_level,
+            Coding::Identity,
+        );
         ShipConfig {
             batch_bytes: usize::try_from(self.batch_bytes)
                 .unwrap_or(usize::MAX)
@@ -117,7 +135,8 @@ impl Args {
             batch_interval: self.batch_interval,
             buffer_limit,
             max_in_flight: usize::from(self.max_in_flight),
-            gzip_level: self.gzip_level,
+            compression,
+            compression_level,
             ..ShipConfig::default()
         }
     }
@@ -161,5 +180,23 @@ mod tests {
         assert!("/sys/fs/cgroup/a".parse::<CgroupArg>().is_err());
         assert!("=ctx".parse::<CgroupArg>().is_err());
         assert!("/dir=".parse::<CgroupArg>().is_err());
+    }
+
+    #[test]
+    fn compression_is_off_unless_asked_for_by_either_flag() {
+        use clap::Parser;
+        let coding = |args: &[&str]| {
+            let argv = [&["collector", "--url", "http://127.0.0.1:1"], args].concat();
+            let c = Args::try_parse_from(argv).unwrap().ship_config();
+            (c.compression, c.compression_level)
+        };
+        assert_eq!(coding(&[]), (Coding::Identity, 0));
+        // What the operator passes to the collector DaemonSet today.
+        assert_eq!(coding(&["--gzip-level", "1"]), (Coding::Gzip, 1));
+        assert_eq!(coding(&["--compression", "zstd"]), (Coding::Zstd, 1));
+        assert_eq!(
+            coding(&["--compression", "zstd", "--compression-level", "3"]),
+            (Coding::Zstd, 3)
+        );
     }
 }

@@ -2,7 +2,11 @@
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
-use metadata_api::{client::ShipConfig, size::parse_size};
+use metadata_api::{
+    client::ShipConfig,
+    coding::{self, Coding},
+    size::parse_size,
+};
 
 /// Runs CMD and ships its stdout and stderr to the metadata API.
 ///
@@ -42,9 +46,16 @@ pub struct Args {
     /// Append requests in flight per stream.
     #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub max_in_flight: u16,
-    /// gzip level for request bodies (0 = uncompressed).
-    #[arg(long, env = "RELAY_GZIP_LEVEL", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=9))]
-    pub gzip_level: u32,
+    /// Compression of request bodies: gzip, zstd or none [default: gzip].
+    #[arg(long, env = "RELAY_COMPRESSION", value_parser = Coding::parse_flag)]
+    pub compression: Option<Coding>,
+    /// Compression level: gzip 1-9, zstd 1-19 (a higher one means the highest) [default: 1].
+    #[arg(long, env = "RELAY_COMPRESSION_LEVEL", value_parser = clap::value_parser!(u32).range(1..=19))]
+    pub compression_level: Option<u32>,
+    /// gzip level for request bodies (0 = uncompressed): the older spelling of `--compression
+    /// gzip --compression-level N`, which win over it.
+    #[arg(long, env = "RELAY_GZIP_LEVEL", value_parser = clap::value_parser!(u32).range(0..=9))]
+    pub gzip_level: Option<u32>,
     /// Time allowed after the command exits to ship what is left and declare the final lengths.
     #[arg(long, env = "RELAY_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
     pub grace_period: Duration,
@@ -64,6 +75,8 @@ impl Args {
             batch_interval,
             buffer_limit,
             max_in_flight,
+            compression,
+            compression_level,
             gzip_level,
             url: _,
             token_file: _,
@@ -74,6 +87,8 @@ impl Args {
             command: _,
         } = self;
         let buffer_limit = usize::try_from(*buffer_limit).unwrap_or(usize::MAX);
+        let (compression, compression_level) =
+            coding::from_flags(*compression, *compression_level, *gzip_level, Coding::Gzip);
         ShipConfig {
             batch_bytes: usize::try_from(*batch_bytes)
                 .unwrap_or(usize::MAX)
@@ -81,7 +96,8 @@ impl Args {
             batch_interval: *batch_interval,
             buffer_limit,
             max_in_flight: usize::from(*max_in_flight),
-            gzip_level: *gzip_level,
+            compression,
+            compression_level,
             ..ShipConfig::default()
         }
     }
@@ -109,7 +125,7 @@ mod tests {
             "echo --url",
         ]);
         assert_eq!(a.command, ["sh", "-c", "echo --url"]);
-        assert_eq!(a.gzip_level, 0);
+        assert_eq!(a.ship_config().compression, Coding::Identity);
         let a = parse(&["entrypoint", "/bin/ls", "-l", "--url", "x"]);
         assert_eq!(a.command, ["/bin/ls", "-l", "--url", "x"]);
         assert_eq!(a.url, None);
@@ -132,6 +148,34 @@ mod tests {
         assert_eq!(c.batch_interval, Duration::from_millis(50));
         assert_eq!(c.buffer_limit, 1 << 20);
         assert!(Args::try_parse_from(["entrypoint", "--gzip-level", "10", "true"]).is_err());
+    }
+
+    #[test]
+    fn compression_defaults_to_gzip_1_and_takes_zstd_or_the_older_gzip_level() {
+        let coding = |args: &[&str]| {
+            let c = parse(&[&["entrypoint"], args, &["true"]].concat()).ship_config();
+            (c.compression, c.compression_level)
+        };
+        assert_eq!(coding(&[]), (Coding::Gzip, 1));
+        assert_eq!(coding(&["--compression", "zstd"]), (Coding::Zstd, 1));
+        assert_eq!(
+            coding(&["--compression", "ZSTD", "--compression-level", "3"]),
+            (Coding::Zstd, 3)
+        );
+        assert_eq!(coding(&["--compression", "none"]), (Coding::Identity, 0));
+        assert_eq!(coding(&["--gzip-level", "6"]), (Coding::Gzip, 6));
+        assert_eq!(
+            coding(&["--gzip-level", "6", "--compression", "zstd"]),
+            (Coding::Zstd, 1)
+        );
+        for bad in [
+            &["--compression", "br"][..],
+            &["--compression-level", "0"],
+            &["--compression-level", "20"],
+        ] {
+            let args = [&["entrypoint"], bad, &["true"]].concat();
+            assert!(Args::try_parse_from(args).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod auth;
 #[cfg(feature = "client")]
 pub mod client;
+pub mod coding;
 #[cfg(feature = "server")]
 pub mod conn;
 #[cfg(feature = "server")]

@@ -18,7 +18,7 @@ use std::{
 pub struct Limits {
     /// Largest request body on the wire.
     pub max_body: usize,
-    /// Largest body after `Content-Encoding: gzip` is decoded.
+    /// Largest body after `Content-Encoding: gzip` or `zstd` is decoded.
     pub max_decoded: usize,
     /// Bytes per second one stream may append.
     pub stream_rate: u64,

@@ -79,7 +79,7 @@ pub struct ServeArgs {
     /// Largest request body on the wire (bytes; K/M/G suffixes are binary).
     #[arg(long, env = "RELAY_METADATA_API_MAX_BODY", default_value = "16M", value_parser = parse_size)]
     pub max_body: u64,
-    /// Largest body after gzip decoding.
+    /// Largest body after gzip or zstd decoding.
     #[arg(long, env = "RELAY_METADATA_API_MAX_DECODED", default_value = "64M", value_parser = parse_size)]
     pub max_decoded: u64,
     /// Bytes per second one stream may append.

@@ -411,6 +411,106 @@ async fn gzip_bodies_and_size_limits() {
     );
 }
 
+/// zstd as the client sends it (`client::compress_into`), and as other writers might: several
+/// frames, a streamed frame without its size, an upper-case token; bombs, over-wide windows and
+/// broken bodies are refused and nothing of them is stored.
+#[tokio::test]
+async fn zstd_bodies_and_size_limits() {
+    use metadata_api::{client::compress_into, coding::Coding};
+    let s = Server::start(&["--max-body", "64K", "--max-decoded", "1M"]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let id = w.stream("stdout").await;
+    let lines: Vec<u8> = (0..4000)
+        .flat_map(|i| format!("{i:05} Compiling crate{} v0.1.{i}\n", i % 13).into_bytes())
+        .collect();
+    let body = compress_into(Coding::Zstd, &lines, 3, Vec::new()).unwrap();
+    assert!(body.len() < lines.len() / 4, "{} bytes", body.len());
+    let mut end = 0;
+    let mut send = async |coding: &str, body: Vec<u8>, n: usize| {
+        let r = w
+            .patch_encoded(&id, &format!("bytes {end}-{}/*", end + n - 1), coding, body)
+            .await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED, "{coding}");
+        end += n;
+    };
+    send("zstd", body, lines.len()).await;
+    // Two frames in one body, the second streamed (no content size in its header).
+    let (a, b) = lines.split_at(30_000);
+    let mut two = zstd::bulk::compress(a, 1).unwrap();
+    two.extend(zstd::stream::encode_all(b, 1).unwrap());
+    send(" ZSTD ", two, lines.len()).await;
+    let want = [&lines[..], &lines[..]].concat();
+    assert_eq!(w.data(&id).await, want);
+    let end = want.len();
+    let refused = async |body: Vec<u8>, n: usize| {
+        w.patch_encoded(&id, &format!("bytes {end}-{}/*", end + n - 1), "zstd", body)
+            .await
+    };
+    // A zstd bomb: 32 MiB of zeros in a few KiB, no size in its header.
+    let bomb = zstd::stream::encode_all(&vec![0u8; 32 << 20][..], 19).unwrap();
+    assert!(bomb.len() < 4 << 10, "{}", bomb.len());
+    let r = refused(bomb, 32 << 20).await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error_code(r).await, "too_large");
+    // One that says so in its header: refused the same way.
+    let announced = zstd::bulk::compress(&vec![0u8; 2 << 20], 1).unwrap();
+    let r = refused(announced, 2 << 20).await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // A 16 MiB window (`zstd --long=24`) the decoder would have to allocate, whatever the body.
+    let mut e = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+    e.window_log(24).unwrap();
+    e.write_all(&lines).unwrap();
+    let r = refused(e.finish().unwrap(), lines.len()).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "bad_request", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid zstd body"),
+        "{v}"
+    );
+    // Truncated, corrupt (the checksum the client writes catches it), bogus, gzip sent as zstd.
+    let good = compress_into(Coding::Zstd, &lines, 1, Vec::new()).unwrap();
+    let mut corrupt = good.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0x55;
+    for body in [
+        good[..good.len() - 6].to_vec(),
+        corrupt,
+        b"not zstd at all".to_vec(),
+        gzip(&lines),
+    ] {
+        let r = refused(body, lines.len()).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid zstd body"),
+            "{v}"
+        );
+    }
+    // Unknown codings are refused naming the ones that are not.
+    let r = w
+        .patch_encoded(&id, &format!("bytes {end}-{end}/*"), "br", "a")
+        .await;
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("gzip, zstd or identity"),
+        "{v}"
+    );
+    // Nothing of the refused requests was stored.
+    assert_eq!(w.status(&id).await["end"], end as u64);
+    assert_eq!(w.data(&id).await, want);
+}
+
 #[tokio::test]
 async fn markers_are_validated_skipped_and_reported() {
     let s = Server::start(&[]);

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::Server;
-use metadata_api::routes::ROUTES;
+use metadata_api::{coding::Coding, routes::ROUTES};
 use reqwest::{Method, StatusCode};
 
 #[tokio::test]
@@ -51,5 +51,31 @@ async fn openapi_document_matches_the_real_routes() {
         } else {
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
         }
+    }
+}
+
+#[test]
+fn documented_content_encodings_are_the_ones_the_server_decodes() {
+    let doc: serde_json::Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
+    let param = &doc["components"]["parameters"]["ContentEncoding"];
+    assert_eq!(param["name"], "Content-Encoding");
+    let listed: Vec<&str> = param["schema"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let decoded: Vec<&str> = Coding::ALL.iter().map(|c| c.as_str()).collect();
+    assert_eq!(listed, decoded);
+    for method in ["post", "patch"] {
+        let params = doc["paths"]["/logs/{id}/data"][method]["parameters"]
+            .as_array()
+            .unwrap();
+        assert!(
+            params
+                .iter()
+                .any(|p| p["$ref"] == "#/components/parameters/ContentEncoding"),
+            "{method}"
+        );
     }
 }

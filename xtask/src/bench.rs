@@ -3,8 +3,9 @@
 //! Realistic log lines are generated once, in memory. For every cell of the matrix (connections x
 //! part size x encoding) a fresh `metadata-api serve` on a fresh local directory receives the data:
 //! each connection is a thread with its own HTTP client (one keep-alive TCP connection), its own
-//! token and stream, sending its share in sequential PATCHes and then the final length. Gzip parts
-//! are compressed before the clock starts: the client's compression is not the server's cost.
+//! token and stream, sending its share in sequential PATCHes and then the final length. Gzip and
+//! zstd parts are compressed before the clock starts: the client's compression is not the server's
+//! cost.
 //!
 //! Reported per cell: wall-clock throughput, the server's CPU time (user + system, from
 //! `/proc/<pid>/stat`) per GiB, throughput per server core, and how that compares with `cat`
@@ -125,7 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .flat_map(|&conns| parts.iter().map(move |&part| (conns, part)))
         .flat_map(|(conns, part)| {
-            [Encoding::Plain, Encoding::Gzip].map(|encoding| Cell {
+            [Encoding::Plain, Encoding::Gzip, Encoding::Zstd].map(|encoding| Cell {
                 conns,
                 part,
                 encoding,
@@ -155,11 +156,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether parts travel as they are or gzip-compressed.
+/// Whether parts travel as they are, gzip-compressed (level 6) or zstd-compressed (level 1, one
+/// frame with its size and a checksum, as the shipping client sends them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Encoding {
     Plain,
     Gzip,
+    Zstd,
 }
 
 impl Encoding {
@@ -167,6 +170,7 @@ impl Encoding {
         match self {
             Self::Plain => "plain",
             Self::Gzip => "gzip",
+            Self::Zstd => "zstd",
         }
     }
 }
@@ -378,6 +382,11 @@ fn encode(offset: usize, chunk: &[u8], encoding: Encoding) -> anyhow::Result<Par
             gz.write_all(chunk)?;
             gz.finish()?
         }
+        Encoding::Zstd => {
+            let mut zc = zstd::bulk::Compressor::new(1)?;
+            zc.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+            zc.compress(chunk)?
+        }
     };
     Ok(Part { range, body })
 }
@@ -385,7 +394,7 @@ fn encode(offset: usize, chunk: &[u8], encoding: Encoding) -> anyhow::Result<Par
 /// Sends the parts in order on the upload's connection, then declares the final length.
 fn send(url: &str, upload: &Upload, parts: Vec<Part>, encoding: Encoding) -> anyhow::Result<()> {
     let data_url = format!("{url}/logs/{}/data", upload.id);
-    let patch = |range: &str, body: Vec<u8>, gzip: bool| -> anyhow::Result<()> {
+    let patch = |range: &str, body: Vec<u8>, encoding: Encoding| -> anyhow::Result<()> {
         let mut req = upload
             .client
             .patch(&data_url)
@@ -393,8 +402,8 @@ fn send(url: &str, upload: &Upload, parts: Vec<Part>, encoding: Encoding) -> any
             .header("content-type", "application/octet-stream")
             .header("content-range", range)
             .body(body);
-        if gzip {
-            req = req.header("content-encoding", "gzip");
+        if encoding != Encoding::Plain {
+            req = req.header("content-encoding", encoding.as_str());
         }
         let resp = req.send().with_context(|| format!("PATCH {range}"))?;
         let status = resp.status();
@@ -407,9 +416,13 @@ fn send(url: &str, upload: &Upload, parts: Vec<Part>, encoding: Encoding) -> any
         Ok(())
     };
     for Part { range, body } in parts {
-        patch(&range, body, encoding == Encoding::Gzip)?;
+        patch(&range, body, encoding)?;
     }
-    patch(&format!("bytes */{}", upload.len), Vec::new(), false)
+    patch(
+        &format!("bytes */{}", upload.len),
+        Vec::new(),
+        Encoding::Plain,
+    )
 }
 
 /// Checks that the service stored every byte sent, and the stream is complete.
@@ -527,9 +540,10 @@ fn print_report(total: usize, cat: f64, cells: &[Cell], rows: &[Measured]) {
         } else {
             f64::INFINITY
         };
-        if encoding == Encoding::Gzip {
+        if encoding != Encoding::Plain {
             let ratio = total as f64 / m.wire.max(1) as f64;
-            let _ = write!(ratios, " {conns}x{}: {ratio:.1}x;", size(part));
+            let enc = encoding.as_str();
+            let _ = write!(ratios, " {enc} {conns}x{}: {ratio:.1}x;", size(part));
         }
         let enc = encoding.as_str();
         println!(
@@ -549,7 +563,7 @@ fn print_report(total: usize, cat: f64, cells: &[Cell], rows: &[Measured]) {
     );
     if !ratios.is_empty() {
         println!(
-            "gzip ratio on the wire (conns x part: uncompressed / body bytes):{}",
+            "ratio on the wire (conns x part: uncompressed / body bytes):{}",
             ratios.trim_end_matches(';')
         );
     }

@@ -3,10 +3,10 @@
 //! A generator child (`xtask gen-output`) writes log lines to stdout in fixed-size writes and
 //! reports its own wall and CPU time. It runs two ways: piped into `cat > /dev/null` (the
 //! baseline: what any pipe reader costs), and under the static entrypoint shipping to a local
-//! release metadata-api (gzip on). Reported: the child's wall time and its overhead, the CPU of
-//! the reader side (cat, or entrypoint + API) per GB, the wrapper's peak RSS, and how many bytes
-//! were stored or dropped. The startup cost is `entrypoint -- true` against `true`. Timings are
-//! printed, never asserted.
+//! release metadata-api (gzip level 1, the entrypoint's default, unless the workload says zstd or
+//! none). Reported: the child's wall time and its overhead, the CPU of the reader side (cat, or
+//! entrypoint + API) per GB, the wrapper's peak RSS, and how many bytes were stored or dropped.
+//! The startup cost is `entrypoint -- true` against `true`. Timings are printed, never asserted.
 
 use std::{
     io::Write as _,
@@ -117,8 +117,8 @@ pub(crate) struct Workload {
     pub write_size: usize,
     /// Writing pace in MB/s; 0 writes as fast as possible.
     pub rate_mb: u64,
-    /// The entrypoint's gzip level (0: uncompressed).
-    pub gzip_level: u32,
+    /// The entrypoint's `--compression` (`none`: uncompressed), at level 1.
+    pub compression: &'static str,
     /// Secret values the entrypoint is told to redact (`RELAY_REDACT_ENV`); they do not occur
     /// in the text, so this is the cost of looking for them.
     pub secrets: usize,
@@ -126,40 +126,54 @@ pub(crate) struct Workload {
 
 /// As fast as possible (what the child pays; the wrapper drops what it cannot ship), then paced
 /// at a rate a log pipeline should carry without loss (what shipping costs per GB).
-const WORKLOADS: [Workload; 5] = [
+const WORKLOADS: [Workload; 7] = [
     Workload {
         name: "64 KiB writes",
         write_size: 64 << 10,
         rate_mb: 0,
-        gzip_level: 1,
+        compression: "gzip",
         secrets: 0,
     },
     Workload {
         name: "100-byte writes",
         write_size: 100,
         rate_mb: 0,
-        gzip_level: 1,
+        compression: "gzip",
         secrets: 0,
     },
     Workload {
         name: "64 KiB writes at 50 MB/s",
         write_size: 64 << 10,
         rate_mb: 50,
-        gzip_level: 1,
+        compression: "gzip",
         secrets: 0,
     },
     Workload {
         name: "100-byte writes at 50 MB/s",
         write_size: 100,
         rate_mb: 50,
-        gzip_level: 1,
+        compression: "gzip",
+        secrets: 0,
+    },
+    Workload {
+        name: "64 KiB writes at 50 MB/s, zstd",
+        write_size: 64 << 10,
+        rate_mb: 50,
+        compression: "zstd",
+        secrets: 0,
+    },
+    Workload {
+        name: "100-byte writes at 50 MB/s, zstd",
+        write_size: 100,
+        rate_mb: 50,
+        compression: "zstd",
         secrets: 0,
     },
     Workload {
         name: "100-byte writes at 50 MB/s, gzip off",
         write_size: 100,
         rate_mb: 50,
-        gzip_level: 0,
+        compression: "none",
         secrets: 0,
     },
 ];
@@ -299,7 +313,7 @@ fn start_api(env: &Env, dir: &Path) -> anyhow::Result<(util::Server, PathBuf)> {
 pub(crate) fn wrapped(env: &Env, bytes: u64, w: &Workload, dir: &Path) -> anyhow::Result<Measured> {
     let run_dir = dir.join(format!(
         "run-{}-{}-{}-{}",
-        w.write_size, w.rate_mb, w.gzip_level, w.secrets
+        w.write_size, w.rate_mb, w.compression, w.secrets
     ));
     std::fs::create_dir_all(&run_dir)?;
     let (server, token_file) = start_api(env, &run_dir)?;
@@ -320,7 +334,8 @@ pub(crate) fn wrapped(env: &Env, bytes: u64, w: &Workload, dir: &Path) -> anyhow
         }
     }
     let mut child = cmd
-        .env("RELAY_GZIP_LEVEL", w.gzip_level.to_string())
+        .env("RELAY_COMPRESSION", w.compression)
+        .env("RELAY_COMPRESSION_LEVEL", "1")
         .env("RELAY_METADATA_API_URL", &server.url)
         .env("RELAY_METADATA_API_TOKEN_FILE", &token_file)
         .arg("--")
@@ -401,7 +416,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let size = std::fs::metadata(&env.entrypoint)?.len();
     println!();
     println!(
-        "entrypoint: {} MiB per workload (512 MiB when paced), static binary {:.2} MiB, gzip level 1 unless said",
+        "entrypoint: {} MiB per workload (512 MiB when paced), static binary {:.2} MiB, gzip level 1 unless said (zstd also level 1)",
         bytes / MIB,
         size as f64 / MIB as f64
     );

@@ -51,7 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 name,
                 write_size: 64 << 10,
                 rate_mb,
-                gzip_level: 1,
+                compression: "gzip",
                 secrets,
             };
             eprintln!("bench: {name}, {secrets} values, through the entrypoint");

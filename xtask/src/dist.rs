@@ -56,7 +56,8 @@ pub fn is_static(path: &Path) -> anyhow::Result<bool> {
 /// Builds the static entrypoint (profile `dist`) and returns its path.
 pub fn build_entrypoint() -> anyhow::Result<PathBuf> {
     ensure_target()?;
-    run(Command::new("cargo").current_dir(root()).args([
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root()).args([
         "build",
         "--quiet",
         "--profile",
@@ -65,7 +66,13 @@ pub fn build_entrypoint() -> anyhow::Result<PathBuf> {
         MUSL,
         "-p",
         "entrypoint",
-    ]))?;
+    ]);
+    // libzstd (C, for `--compression zstd`) is compiled for musl with musl's gcc wrapper, as the
+    // images' binaries are: without it cc-rs would fall back to the host's gcc and glibc headers.
+    if std::env::var_os("CC_x86_64_unknown_linux_musl").is_none() {
+        cmd.env("CC_x86_64_unknown_linux_musl", crate::images::musl_gcc()?);
+    }
+    run(&mut cmd)?;
     // Where cargo put it: CARGO_TARGET_DIR when set (a worktree sharing a target directory).
     let bin = target_dir().join(MUSL).join("dist/entrypoint");
     if !is_static(&bin)? {

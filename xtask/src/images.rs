@@ -369,7 +369,7 @@ fn ensure_musl_target() -> anyhow::Result<()> {
 }
 
 /// `musl-gcc`, installed from Debian's `musl-tools` when missing.
-fn musl_gcc() -> anyhow::Result<&'static str> {
+pub(crate) fn musl_gcc() -> anyhow::Result<&'static str> {
     let answers = || {
         Command::new("musl-gcc")
             .arg("--version")

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use ship::{ShipConfig, ShipReport, Shipper};
 
-use crate::{range::Span, source::Source};
+use crate::{coding::Coding, range::Span, source::Source};
 
 /// Largest error body kept for a diagnostic.
 const MAX_ERROR_BODY: usize = 512;
@@ -225,7 +225,8 @@ pub struct Payload {
     pub body: Bytes,
     /// Bytes after decoding (the length the `Content-Range` names).
     pub len: u64,
-    pub gzip: bool,
+    /// How `body` is encoded (its `Content-Encoding`).
+    pub coding: Coding,
 }
 
 impl Payload {
@@ -234,30 +235,84 @@ impl Payload {
         Self {
             len: body.len() as u64,
             body,
-            gzip: false,
+            coding: Coding::Identity,
         }
     }
 
-    /// Bytes gzip-compressed at `level` (1 fastest .. 9 smallest).
-    pub fn gzip(data: &[u8], level: u32) -> Self {
-        match gzip_into(data, level, Vec::with_capacity(data.len() / 4 + 64)) {
-            Ok(body) => Self {
+    /// Bytes compressed with `coding` at `level` (see [`compress_into`]); sent as they are when
+    /// that fails.
+    pub fn compressed(data: &[u8], coding: Coding, level: u32) -> Self {
+        match compress_into(coding, data, level, Vec::new()) {
+            Ok(body) if coding != Coding::Identity => Self {
                 body: body.into(),
                 len: data.len() as u64,
-                gzip: true,
+                coding,
             },
+            Ok(body) => Self::plain(body.into()),
             Err(_) => Self::plain(Bytes::copy_from_slice(data)),
         }
     }
 }
 
-/// gzip-compresses `data` at `level` into `out` (emptied first, its capacity reused).
-pub fn gzip_into(data: &[u8], level: u32, mut out: Vec<u8>) -> std::io::Result<Vec<u8>> {
+/// Compresses `data` with `coding` at `level` into `out` (emptied first, its capacity reused):
+/// gzip 1 fastest .. 9 smallest, zstd 1 .. 19; a level above a coding's highest means the highest
+/// and 0 means its [`Coding::default_level`]. `identity` copies.
+///
+/// zstd writes one frame with the content size in its header (the server sizes its buffer from
+/// it) and a checksum (as gzip's CRC, so a body damaged on the way is refused, not stored). Its
+/// output may not outgrow `data`: a batch that does not shrink fails, and is better sent plain.
+pub fn compress_into(
+    coding: Coding,
+    data: &[u8],
+    level: u32,
+    mut out: Vec<u8>,
+) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
     out.clear();
-    let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::new(level.min(9)));
-    enc.write_all(data)?;
-    enc.finish()
+    let level = match level {
+        0 => coding.default_level(),
+        l => l.min(coding.max_level()),
+    };
+    match coding {
+        Coding::Identity => {
+            out.extend_from_slice(data);
+            Ok(out)
+        }
+        Coding::Gzip => {
+            let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::new(level));
+            enc.write_all(data)?;
+            enc.finish()
+        }
+        Coding::Zstd => {
+            // Room for what came in and no more: zstd writes into the capacity, and a pooled
+            // buffer is already that large, so nothing is reallocated.
+            out.reserve(data.len());
+            let level = i32::try_from(level).unwrap_or(1);
+            ZSTD.with_borrow_mut(|slot| {
+                let mut zc = match slot.take() {
+                    Some((l, zc)) if l == level => zc,
+                    _ => {
+                        let mut zc = zstd::bulk::Compressor::new(level)?;
+                        zc.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+                        zc
+                    }
+                };
+                // A failed job leaves the context ready for the next one (zstd resets it).
+                let done = zc.compress_to_buffer(data, &mut out);
+                *slot = Some((level, zc));
+                done
+            })?;
+            Ok(out)
+        }
+    }
+}
+
+thread_local! {
+    /// One zstd context per thread and level, kept: the shipper compresses on the blocking pool,
+    /// whose threads live on, and a fresh context allocates and clears its tables for every batch
+    /// (+10% CPU at 64 KiB batches, +35% at 8 KiB, more under musl's allocator).
+    static ZSTD: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// One connection pool to one metadata API.
@@ -401,8 +456,8 @@ impl Client {
             ),
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
         ];
-        if payload.gzip {
-            headers.push((header::CONTENT_ENCODING, "gzip".to_owned()));
+        if payload.coding != Coding::Identity {
+            headers.push((header::CONTENT_ENCODING, payload.coding.as_str().to_owned()));
         }
         self.call_json(
             Method::PATCH,
@@ -502,18 +557,68 @@ mod tests {
         }
     }
 
+    fn log_text(lines: usize) -> Vec<u8> {
+        (0..lines)
+            .flat_map(|i| {
+                format!(
+                    "2024-05-01T12:00:{:02}.{i:06}Z INFO building /src/crate{}/lib.rs\n",
+                    i % 60,
+                    i % 17
+                )
+                .into_bytes()
+            })
+            .collect()
+    }
+
     #[test]
     fn gzip_payload_round_trips() {
         use std::io::Read;
-        let data: Vec<u8> = (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect();
-        let p = Payload::gzip(&data, 1);
-        assert!(p.gzip);
+        let data = log_text(10_000);
+        let p = Payload::compressed(&data, Coding::Gzip, 1);
+        assert_eq!(p.coding, Coding::Gzip);
         assert_eq!(p.len, data.len() as u64);
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&p.body[..])
             .read_to_end(&mut out)
             .expect("valid gzip");
         assert_eq!(out, data);
+    }
+
+    #[test]
+    fn zstd_payload_round_trips_with_its_size_and_a_checksum() {
+        let data = log_text(10_000);
+        for level in [0, 1, 3, 19, 100] {
+            let p = Payload::compressed(&data, Coding::Zstd, level);
+            assert_eq!(p.coding, Coding::Zstd, "level {level}");
+            assert_eq!(p.len, data.len() as u64);
+            assert!(p.body.len() < data.len() / 4, "{} bytes", p.body.len());
+            let size = zstd::zstd_safe::get_frame_content_size(&p.body);
+            assert_eq!(size.ok(), Some(Some(data.len() as u64)));
+            let out = zstd::stream::decode_all(&p.body[..]).expect("valid zstd");
+            assert_eq!(out, data);
+            // The frame ends in a checksum: a flipped bit in the content is caught.
+            let mut bad = p.body.to_vec();
+            let n = bad.len();
+            bad[n - 2] ^= 1;
+            assert!(zstd::stream::decode_all(&bad[..]).is_err());
+        }
+    }
+
+    #[test]
+    fn compressing_reuses_the_buffer_and_incompressible_bytes_go_plain() {
+        let data = log_text(20_000);
+        let buf = Vec::with_capacity(data.len());
+        let ptr = buf.as_ptr();
+        let out = compress_into(Coding::Zstd, &data, 1, buf).expect("compresses");
+        assert_eq!(out.as_ptr(), ptr, "the pooled buffer was reallocated");
+        let noise: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let p = Payload::compressed(&noise, Coding::Zstd, 1);
+        assert!(p.coding == Coding::Identity || p.body.len() <= noise.len());
+        assert_eq!(p.len, noise.len() as u64);
+        let p = Payload::compressed(&data, Coding::Identity, 1);
+        assert_eq!((p.coding, &p.body[..]), (Coding::Identity, &data[..]));
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! Producers (a pipe reader thread, the collector's ring buffer reader) hand bytes to a
 //! [`Shipper`] and never wait: bytes go into a bounded buffer, and when it is full they are dropped
 //! and their exact range is remembered. [`Shipper::run`] opens the stream, ships batches with
-//! `PATCH` at their offsets (several in flight, gzip, retries with backoff and `Retry-After`),
-//! reports dropped ranges with markers, and after [`Shipper::close`] declares the final length.
+//! `PATCH` at their offsets (several in flight, gzip or zstd, retries with backoff and
+//! `Retry-After`), reports dropped ranges with markers, and after [`Shipper::close`] declares the
+//! final length.
 //! Every byte handed over ends up stored, reported as dropped, or listed in
 //! [`ShipReport::unreported`] (the API could not be told before the deadline).
 
@@ -23,8 +24,11 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Client, ClientError, Created, Payload, StreamSpec, gzip_into};
-use crate::range::{RangeSet, Span};
+use super::{Client, ClientError, Created, Payload, StreamSpec, compress_into};
+use crate::{
+    coding::Coding,
+    range::{RangeSet, Span},
+};
 
 /// Most generations tried when earlier ones of a stream are already complete.
 const MAX_GENERATIONS: u32 = 1000;
@@ -42,8 +46,10 @@ pub struct ShipConfig {
     pub buffer_limit: usize,
     /// Append requests in flight at once.
     pub max_in_flight: usize,
-    /// gzip level for request bodies; 0 sends them uncompressed.
-    pub gzip_level: u32,
+    /// `Content-Encoding` of request bodies ([`Coding::Identity`]: uncompressed)...
+    pub compression: Coding,
+    /// ...at this level (see [`compress_into`]; 0: the coding's default).
+    pub compression_level: u32,
     /// First retry delay; it doubles up to `backoff_max` (with jitter).
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -56,7 +62,8 @@ impl Default for ShipConfig {
             batch_interval: Duration::from_millis(200),
             buffer_limit: 8 << 20,
             max_in_flight: 4,
-            gzip_level: 1,
+            compression: Coding::Gzip,
+            compression_level: 1,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
         }
@@ -587,21 +594,26 @@ impl Run {
                 let pool = self.shipper.shared.pool.clone();
                 let pause = Arc::clone(&self.pause);
                 self.spawn(Job::Data(span), async move {
-                    let payload = if cfg.gzip_level > 0 {
-                        let (level, raw) = (cfg.gzip_level, data.clone());
+                    let payload = if cfg.compression == Coding::Identity {
+                        Payload::plain(data)
+                    } else {
+                        let (coding, level) = (cfg.compression, cfg.compression_level);
+                        let raw = data.clone();
                         let out = pool.get(data.len());
-                        let packed =
-                            tokio::task::spawn_blocking(move || gzip_into(&raw, level, out)).await;
+                        // Milliseconds of CPU per batch: off the runtime's threads.
+                        let packed = tokio::task::spawn_blocking(move || {
+                            compress_into(coding, &raw, level, out)
+                        })
+                        .await;
                         match packed {
                             Ok(Ok(body)) => Payload {
                                 body: pool.share(body),
                                 len: data.len() as u64,
-                                gzip: true,
+                                coding,
                             },
+                            // Incompressible (zstd), or the task failed: the bytes still go.
                             _ => Payload::plain(data),
                         }
-                    } else {
-                        Payload::plain(data)
                     };
                     Done::Unit(
                         retry_paused(&cfg, Some(&pause), || {
