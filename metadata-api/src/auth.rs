@@ -28,6 +28,9 @@ pub enum Scope {
     Read,
     /// Create and append `ebpf` streams in any context named in the request.
     Collector,
+    /// Delete every stream under the token's context prefix (a workflow, a run, a trigger); read
+    /// and write nothing.
+    Delete,
 }
 
 /// A log context: `workflows/{w}/triggers/{t}` or `workflows/{w}/runs/{r}/steps/{s}`, or for read
@@ -289,6 +292,7 @@ impl Keys {
             Scope::Write => Context::stream(context)?,
             // A collector's context names its node's scope; it writes in contexts it is given.
             Scope::Collector => Context::prefix(context)?,
+            Scope::Delete => Context::prefix(context)?,
         };
         let now = now_secs();
         let claims = Claims {

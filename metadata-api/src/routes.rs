@@ -13,7 +13,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{delete, get, post},
 };
 use bytes::{Buf, Bytes};
 use futures::TryStreamExt;
@@ -43,6 +43,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("patch", "/logs/{id}/data"),
     ("post", "/logs/{id}/markers"),
     ("post", "/logs/{id}/settle"),
+    ("delete", "/api/workflows/{workflow}"),
+    ("delete", "/api/workflows/{workflow}/runs/{run}"),
+    ("delete", "/api/workflows/{workflow}/triggers/{trigger}"),
     ("get", "/api/workflows/{workflow}/triggers/{trigger}/logs"),
     (
         "get",
@@ -96,6 +99,12 @@ pub fn app(state: Arc<AppState>) -> Router {
         )
         .route("/logs/{id}/markers", post(add_markers))
         .route("/logs/{id}/settle", post(settle_writer_gone))
+        .route("/api/workflows/{workflow}", delete(delete_workflow))
+        .route("/api/workflows/{workflow}/runs/{run}", delete(delete_run))
+        .route(
+            "/api/workflows/{workflow}/triggers/{trigger}",
+            delete(delete_trigger),
+        )
         .route(
             "/api/workflows/{workflow}/triggers/{trigger}/logs",
             get(trigger_logs),
@@ -218,6 +227,7 @@ fn may_read(s: &AppState, p: &Principal, m: &StreamMeta) -> bool {
                 && p.context.covers(&m.context)
                 && node_allows(s, p, &m.context)
         }
+        Scope::Delete => false,
     }
 }
 
@@ -324,6 +334,7 @@ async fn create_stream(
     }
     let (context, source, namespace) = match p.scope {
         Scope::Read => return Err(ApiError::Forbidden("read tokens cannot create streams")),
+        Scope::Delete => return Err(ApiError::Forbidden("delete tokens cannot create streams")),
         Scope::Write => {
             if req
                 .context
@@ -1049,12 +1060,65 @@ async fn readable_context(
     let allowed = match p.scope {
         Scope::Read => p.context.covers(&context),
         Scope::Write => p.context == context,
-        Scope::Collector => false,
+        Scope::Collector | Scope::Delete => false,
     };
     if !allowed {
         return Err(ApiError::NotFound);
     }
     Ok(context)
+}
+
+/// Deletes every stream of `context` (a workflow, a run or a trigger) with a delete token that
+/// covers it: each stream's objects, then its index entry. Idempotent, and a deletion cut short
+/// (a crash, a storage error) is finished by asking again. A writer still writing there starts
+/// its streams over.
+async fn delete_context(
+    s: Arc<AppState>,
+    context: String,
+    headers: HeaderMap,
+) -> Result<Json<crate::store::Deleted>, ApiError> {
+    let p = principal(&s, &headers).await?;
+    let context = Context::prefix(&context).map_err(|e| ApiError::bad(e.to_string()))?;
+    if p.scope != Scope::Delete || !p.context.covers(&context) {
+        return Err(ApiError::Forbidden(
+            "deleting needs a delete token of this context or one above it",
+        ));
+    }
+    let entries = s.store.indexed(Some(&context)).await?;
+    let id_of =
+        |c: &Context, name: &str, source: Source| s.keys.stream_id(c, name, source.as_str());
+    let deleted = s.store.delete_indexed(&entries, &id_of).await?;
+    tracing::info!(%context, streams = deleted.streams, objects = deleted.objects, "Deleted a context.");
+    Ok(Json(deleted))
+}
+
+async fn delete_workflow(
+    State(s): S,
+    Path(workflow): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<crate::store::Deleted>, ApiError> {
+    delete_context(s, format!("workflows/{workflow}"), headers).await
+}
+
+async fn delete_run(
+    State(s): S,
+    Path((workflow, run)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<crate::store::Deleted>, ApiError> {
+    delete_context(s, format!("workflows/{workflow}/runs/{run}"), headers).await
+}
+
+async fn delete_trigger(
+    State(s): S,
+    Path((workflow, trigger)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<crate::store::Deleted>, ApiError> {
+    delete_context(
+        s,
+        format!("workflows/{workflow}/triggers/{trigger}"),
+        headers,
+    )
+    .await
 }
 
 /// Names always looked for besides the context's index: streams created before the index existed.

@@ -160,6 +160,113 @@ async fn retention_cycle(s: &Server) {
     assert_eq!(r["streams"], serde_json::json!([]), "{r:#}");
 }
 
+/// `DELETE` of a run: only a delete token of the run or above it may; every stream of the run goes,
+/// index entries included, and nothing else; asking again deletes nothing and succeeds.
+async fn delete_cycle(s: &Server) {
+    let mut ids = Vec::new();
+    for ctx in [
+        "workflows/w1/runs/r1/steps/build",
+        "workflows/w1/runs/r1/steps/test",
+        "workflows/w1/runs/r2/steps/build",
+        "workflows/w1-b/runs/r1/steps/build",
+        "workflows/w1/triggers/t1",
+    ] {
+        let w = s.client(&s.token(ctx, Scope::Write));
+        for name in ["stdout", "stderr"] {
+            let id = w.stream(name).await;
+            let line = format!("{ctx} {name}\n");
+            w.put_at(&id, 0, line.as_bytes()).await;
+            ids.push((ctx, w.clone(), id, line));
+        }
+    }
+    let delete = |token: Option<String>, path: &'static str| {
+        let api = match &token {
+            Some(t) => s.client(t),
+            None => s.client(""),
+        };
+        async move {
+            let r = api.req(reqwest::Method::DELETE, path).send().await.unwrap();
+            let status = r.status();
+            (status, r.text().await.unwrap())
+        }
+    };
+    let run = "/api/workflows/w1/runs/r1";
+    for (token, why) in [
+        (None, "no token"),
+        (Some(s.token("workflows/w1", Scope::Read)), "a read token"),
+        (
+            Some(s.token("workflows/w1/runs/r1/steps/build", Scope::Write)),
+            "a write token",
+        ),
+        (
+            Some(s.token("workflows", Scope::Collector)),
+            "a collector token",
+        ),
+        (
+            Some(s.token("workflows/w1/runs/r2", Scope::Delete)),
+            "another run's",
+        ),
+        (
+            Some(s.token("workflows/w1-b", Scope::Delete)),
+            "a workflow sharing a prefix",
+        ),
+    ] {
+        let (status, body) = delete(token, run).await;
+        assert!(
+            matches!(status.as_u16(), 401 | 403),
+            "{why}: {status} {body}"
+        );
+    }
+    // Refused: everything is still there.
+    for (_, w, id, line) in &ids {
+        assert_eq!(w.data(id).await, line.as_bytes());
+    }
+    let token = Some(s.token("workflows/w1", Scope::Delete));
+    let (status, body) = delete(token.clone(), run).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    let done: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(done["streams"], 4, "{done}");
+    for (ctx, w, id, _) in &ids {
+        let status = w
+            .req(reqwest::Method::GET, &format!("/logs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        let gone = ctx.starts_with("workflows/w1/runs/r1/");
+        assert_eq!(
+            status == reqwest::StatusCode::NOT_FOUND,
+            gone,
+            "{ctx} {id}: {status}"
+        );
+    }
+    let r = s
+        .client(&s.token("workflows/w1", Scope::Read))
+        .json("/api/workflows/w1/runs/r1/steps/build/logs/capture-report")
+        .await;
+    assert_eq!(r["streams"], serde_json::json!([]), "{r:#}");
+    let (status, body) = delete(token, run).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    let again: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (again["streams"].as_u64(), again["objects"].as_u64()),
+        (Some(0), Some(0))
+    );
+}
+
+#[tokio::test]
+async fn file_backend_delete() {
+    delete_cycle(&Server::start(&[])).await;
+}
+
+#[tokio::test]
+async fn s3_backend_delete_on_moto() {
+    let Some((_moto, _tmp, s)) = on_moto("deleted").await else {
+        return;
+    };
+    delete_cycle(&s).await;
+}
+
 #[tokio::test]
 async fn file_backend_retention() {
     retention_cycle(&Server::start(&RETENTION)).await;
