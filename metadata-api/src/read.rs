@@ -356,23 +356,40 @@ mod tests {
     use super::*;
     use crate::{auth::Context, metrics::Metrics, store::StreamMeta};
 
-    #[tokio::test]
-    async fn a_read_whose_parts_are_merged_midway_plans_again_from_the_segment() {
+    /// A store on memory with small segments, and its metrics.
+    fn store() -> (Arc<Store>, Arc<Metrics>) {
         let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let m = Arc::new(Metrics::new());
-        let store = Arc::new(
-            Store::new(os, Path::from("t"), m.clone())
-                .segment_size(1000)
-                .settled_after(Duration::ZERO),
-        );
+        let store = Store::new(os, Path::from("t"), m.clone())
+            .segment_size(1000)
+            .settled_after(Duration::ZERO);
+        (Arc::new(store), m)
+    }
+
+    /// An entrypoint `stdout` stream of `context` and a lane reading it from the start.
+    async fn stdout(store: &Store, context: &str) -> (Arc<Stream>, Lane) {
         let meta = StreamMeta {
-            context: Context::stream("workflows/w/runs/r/steps/s").unwrap(),
+            context: Context::stream(context).unwrap(),
             name: "stdout".into(),
             source: Source::Entrypoint,
             entrypoint_absent: None,
             namespace: None,
         };
         let stream = store.create("x".into(), meta).await.unwrap();
+        let lane = Lane {
+            name: "stdout".into(),
+            primary: Some(Arc::clone(&stream)),
+            fallback: None,
+            offset: 0,
+            end: None,
+        };
+        (stream, lane)
+    }
+
+    #[tokio::test]
+    async fn a_read_whose_parts_are_merged_midway_plans_again_from_the_segment() {
+        let (store, m) = store();
+        let (stream, lane) = stdout(&store, "workflows/w/runs/r/steps/s").await;
         let mut want = Vec::new();
         for i in 0..100u64 {
             let part: Vec<u8> = (0..10).map(|j| (i * 10 + j) as u8).collect();
@@ -382,13 +399,6 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let lane = Lane {
-            name: "stdout".into(),
-            primary: Some(Arc::clone(&stream)),
-            fallback: None,
-            offset: 0,
-            end: None,
-        };
         let records = records(Arc::clone(&store), vec![lane], Follow::No, |l| async { l });
         pin_mut!(records);
         let mut got = Vec::new();
@@ -409,26 +419,11 @@ mod tests {
         // and read from the segment at once (not two requests for each of the 98 others).
         assert_eq!(m.storage_calls("get") - before, 3);
     }
+
     #[tokio::test(start_paused = true)]
     async fn a_quiet_follower_lists_storage_less_and_less_often() {
-        let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let m = Arc::new(Metrics::new());
-        let store = Arc::new(Store::new(os, Path::from("t"), m.clone()));
-        let meta = StreamMeta {
-            context: Context::stream("workflows/w/triggers/t").unwrap(),
-            name: "stdout".into(),
-            source: Source::Entrypoint,
-            entrypoint_absent: None,
-            namespace: None,
-        };
-        let stream = store.create("x".into(), meta).await.unwrap();
-        let lane = Lane {
-            name: "stdout".into(),
-            primary: Some(Arc::clone(&stream)),
-            fallback: None,
-            offset: 0,
-            end: None,
-        };
+        let (store, m) = store();
+        let (stream, lane) = stdout(&store, "workflows/w/triggers/t").await;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let follower = tokio::spawn({
             let store = Arc::clone(&store);
