@@ -1514,12 +1514,13 @@ impl Store {
         {
             let mut st = lock(&stream.state);
             let w = &mut st.writers;
-            let (latest, since) = match w.registered {
-                // The previous registration is still seen by every other writer: no break.
-                Some((e, since)) if e + 1 >= epoch => (e.max(epoch), since),
-                _ => (epoch, done),
+            let since = match w.registered {
+                // The previous registration is of the epoch before (or after, when the clock
+                // was set back a little): every other writer still sees one of the two.
+                Some((e, since)) if e.abs_diff(epoch) <= 1 => since,
+                _ => done,
             };
-            w.registered = Some((latest, since));
+            w.registered = Some((epoch, since));
         }
         // The new registration covers the old one: a stream written for a year keeps one.
         if let Some(prev) = last.filter(|&e| e < epoch) {
