@@ -147,6 +147,82 @@ async fn round_trip_is_byte_exact_in_every_coding() {
     }
 }
 
+/// An API older than zstd, as a front of the real server that answers `415` to a zstd body (the
+/// answer an API without the coding gives) and passes everything else on.
+async fn front_without_zstd(server: &Server) -> (String, tokio::task::JoinHandle<()>) {
+    use axum::{body::Body, extract::Request, http::StatusCode, response::Response};
+    let upstream = server.url.clone();
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let (upstream, http) = (upstream.clone(), http.clone());
+        async move {
+            let zstd = req
+                .headers()
+                .get("content-encoding")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"zstd"));
+            if zstd {
+                return Response::builder()
+                    .status(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+                    .header("content-type", "application/json")
+                    .body(Body::from(
+                        r#"{"error":"unsupported_media_type","message":"Content-Encoding must be gzip or identity"}"#,
+                    ))
+                    .unwrap();
+            }
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let mut forward = http.request(parts.method, format!("{upstream}{}", parts.uri));
+            for (k, v) in &parts.headers {
+                if k != "host" {
+                    forward = forward.header(k, v);
+                }
+            }
+            let answer = forward.body(body).send().await.unwrap();
+            let mut out = Response::builder().status(answer.status().as_u16());
+            for (k, v) in answer.headers() {
+                out = out.header(k, v);
+            }
+            out.body(Body::from(answer.bytes().await.unwrap())).unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (url, task)
+}
+
+/// A shipper told to use zstd, in front of an API that does not take it: every byte is stored
+/// all the same, sent uncompressed once the API has said so.
+#[tokio::test]
+async fn a_coding_the_api_refuses_falls_back_to_plain_without_loss() {
+    let server = Server::start(&[]);
+    let token = server.token(CTX, Scope::Write);
+    let (url, front) = front_without_zstd(&server).await;
+    let data: Vec<u8> = (0..40_000)
+        .flat_map(|i| format!("{i:06} GET /api/items/{} 200\n", i % 97).into_bytes())
+        .collect();
+    let cfg = ShipConfig {
+        compression: Coding::Zstd,
+        compression_level: 1,
+        ..quick()
+    };
+    let report = ship(
+        cfg,
+        client(&url, &token),
+        "stdout",
+        &data,
+        5000,
+        Duration::from_secs(20),
+    )
+    .await;
+    verify(&server, &token, &report, &data).await;
+    assert_eq!(report.stored, data.len() as u64, "{report:?}");
+    assert_eq!(report.dropped, 0, "{report:?}");
+    front.abort();
+}
+
 /// The server's connection limits (`conn.rs`) as a writer meets them: three connections for
 /// its address, against the shipper's eight requests in flight. Those over the limit are
 /// answered `429` + `Retry-After` at once; the shipper retries them and stores every byte.

@@ -210,6 +210,9 @@ struct Shared {
     wake: Notify,
     cfg: ShipConfig,
     pool: Arc<Pool>,
+    /// The API refused the configured coding (`415`, an API older than it): the bytes go
+    /// uncompressed from then on.
+    coding_refused: std::sync::atomic::AtomicBool,
 }
 
 /// The producer's handle on one shipped stream. Cheap to clone; [`Shipper::write`] never blocks
@@ -231,6 +234,7 @@ impl Shipper {
                     keep: cfg.buffer_limit / cfg.batch_bytes.max(1) + 2 * cfg.max_in_flight + 2,
                 }),
                 cfg,
+                coding_refused: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -593,9 +597,13 @@ impl Run {
                 let cfg = cfg.clone();
                 let pool = self.shipper.shared.pool.clone();
                 let pause = Arc::clone(&self.pause);
+                let shared = Arc::clone(&self.shipper.shared);
                 self.spawn(Job::Data(span), async move {
-                    let payload = if cfg.compression == Coding::Identity {
-                        Payload::plain(data)
+                    let refused = &shared.coding_refused;
+                    let payload = if cfg.compression == Coding::Identity
+                        || refused.load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        Payload::plain(data.clone())
                     } else {
                         let (coding, level) = (cfg.compression, cfg.compression_level);
                         let raw = data.clone();
@@ -612,16 +620,27 @@ impl Run {
                                 coding,
                             },
                             // Incompressible (zstd), or the task failed: the bytes still go.
-                            _ => Payload::plain(data),
+                            _ => Payload::plain(data.clone()),
                         }
                     };
-                    Done::Unit(
-                        retry_paused(&cfg, Some(&pause), || {
-                            client.append(&id, base + start, &payload)
+                    let mut sent = retry_paused(&cfg, Some(&pause), || {
+                        client.append(&id, base + start, &payload)
+                    })
+                    .await;
+                    if payload.coding != Coding::Identity
+                        && sent.as_ref().err().and_then(ClientError::status) == Some(415)
+                    {
+                        // An API older than the coding: every API takes the bytes as they are.
+                        if !refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            tracing::warn!(coding = %payload.coding, "The metadata API refuses this coding: sending uncompressed.");
+                        }
+                        let plain = Payload::plain(data);
+                        sent = retry_paused(&cfg, Some(&pause), || {
+                            client.append(&id, base + start, &plain)
                         })
-                        .await
-                        .map(drop),
-                    )
+                        .await;
+                    }
+                    Done::Unit(sent.map(drop))
                 });
             }
         }
