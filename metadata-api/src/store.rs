@@ -822,26 +822,13 @@ impl Store {
         &self,
         context: &Context,
     ) -> Result<Vec<(Source, String)>, StoreError> {
-        let dir = self.index_dir(context);
-        let depth = dir.parts().count();
-        let t = Instant::now();
-        let metas: Vec<object_store::ObjectMeta> = self.os.list(Some(&dir)).try_collect().await?;
-        self.metrics.storage_latency("list", t.elapsed(), true);
-        let mut out: Vec<(Source, String)> = metas
-            .iter()
-            .filter_map(|m| {
-                let segs: Vec<_> = m.location.parts().skip(depth).collect();
-                let [source, name] = segs.as_slice() else {
-                    return None;
-                };
-                let source = match source.as_ref() {
-                    "entrypoint" => Source::Entrypoint,
-                    "ebpf" => Source::Ebpf,
-                    _ => return None,
-                };
-                let name = String::from_utf8(hex::decode(name.as_ref()).ok()?).ok()?;
-                Some((source, name))
-            })
+        // The context's own streams only: a context is never a prefix of another stream's.
+        let mut out: Vec<(Source, String)> = self
+            .indexed(Some(context))
+            .await?
+            .into_iter()
+            .filter(|e| e.context == *context)
+            .map(|e| (e.source, e.name))
             .collect();
         out.sort_by(|a, b| (&a.1, a.0.as_str()).cmp(&(&b.1, b.0.as_str())));
         out.dedup();
