@@ -15,6 +15,7 @@ pub mod coding;
 pub mod conn;
 #[cfg(feature = "server")]
 pub mod error;
+pub mod headers;
 #[cfg(feature = "kubernetes")]
 pub mod kube_auth;
 #[cfg(feature = "server")]
@@ -38,6 +39,8 @@ pub mod size;
 pub mod source;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+pub mod times;
 
 #[cfg(feature = "server")]
 pub use routes::{AppState, app};

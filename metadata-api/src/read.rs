@@ -29,6 +29,8 @@ pub enum Record {
         source: Source,
         offset: u64,
         received_ms: u64,
+        /// When the first byte was written (see [`crate::store::Part::written_ms`]).
+        written_ms: u64,
         data: Bytes,
     },
     Dropped {
@@ -51,6 +53,8 @@ struct JsonRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     received_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    written_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data_base64: Option<String>,
@@ -66,6 +70,7 @@ impl Record {
                 source,
                 offset,
                 received_ms,
+                written_ms,
                 data,
             } => {
                 let text = std::str::from_utf8(data).ok();
@@ -76,6 +81,7 @@ impl Record {
                     offset: *offset,
                     length: Some(data.len() as u64),
                     received_ms: Some(*received_ms),
+                    written_ms: Some(*written_ms),
                     data: text,
                     data_base64: text
                         .is_none()
@@ -93,6 +99,7 @@ impl Record {
                 offset: span.start,
                 length: Some(span.len()),
                 received_ms: None,
+                written_ms: None,
                 data: None,
                 data_base64: None,
             },
@@ -272,7 +279,7 @@ where
                 lane.offset = reached;
                 plans.push((i, planned.into()));
             }
-            // Merge lanes by receive time, each lane kept in offset order.
+            // Merge lanes by write time, each lane kept in offset order.
             let mut replan = false;
             loop {
                 let next = plans
@@ -280,7 +287,7 @@ where
                     .filter(|(_, q)| !q.is_empty())
                     .min_by_key(|(i, q)| {
                         let t = match q.front() {
-                            Some(Planned::Data { part, .. }) => part.received_ms,
+                            Some(Planned::Data { part, .. }) => part.written_ms,
                             _ => 0,
                         };
                         (t, *i)
@@ -289,6 +296,7 @@ where
                 let name = lanes[*i].name.clone();
                 match q.pop_front() {
                     Some(Planned::Data { stream, span, part }) => {
+                        let times = store.times(&stream, &part).await?;
                         let data = store.read_piece(&stream, span, &part).await?;
                         if !stream.holds(&part) {
                             // Merged into a segment since planned, and so are the parts after it,
@@ -297,13 +305,20 @@ where
                             lanes[*i].offset = span.end;
                             replan = true;
                         }
-                        yield Record::Data {
-                            stream: name,
-                            source: stream.meta.source,
-                            offset: span.start,
-                            received_ms: part.received_ms,
-                            data,
-                        };
+                        // A segment's bytes come in the runs its writers wrote, each with its time,
+                        // as they came before the merge.
+                        for (run, written_ms) in times.runs(span) {
+                            let at = ((run.start - span.start) as usize).min(data.len());
+                            let end = (at + run.len() as usize).min(data.len());
+                            yield Record::Data {
+                                stream: name.clone(),
+                                source: stream.meta.source,
+                                offset: run.start,
+                                received_ms: part.received_ms,
+                                written_ms,
+                                data: data.slice(at..end),
+                            };
+                        }
                     }
                     Some(Planned::Dropped { source, span }) => {
                         yield Record::Dropped { stream: name, source, span };

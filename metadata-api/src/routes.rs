@@ -542,6 +542,32 @@ async fn decode_body(coding: Coding, body: Bytes, max: usize) -> Result<Bytes, A
     Ok(out.into())
 }
 
+/// The write time a writer gives a part (`x-relay-written`: ms since the Unix epoch of its first
+/// byte). A time later than the receive time by more than [`WRITTEN_AHEAD`] is a writer's clock
+/// gone wrong: the receive time stands in for it rather than the bytes being refused, as a
+/// refusal would cost them. A header that is not a number is a writer's bug: refused.
+fn written_at(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(crate::headers::WRITTEN) else {
+        return Ok(None);
+    };
+    let ms: u64 = v
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            ApiError::bad("x-relay-written must be the milliseconds since the Unix epoch")
+        })?;
+    let now = crate::store::now_ms();
+    Ok(Some(if ms > now + WRITTEN_AHEAD.as_millis() as u64 {
+        now
+    } else {
+        ms
+    }))
+}
+
+/// How far ahead of the API's clock a writer's may run before its times are not believed.
+const WRITTEN_AHEAD: Duration = Duration::from_secs(300);
+
 async fn write_data(
     State(s): S,
     Path(id): Path<String>,
@@ -586,6 +612,7 @@ async fn write_data(
         }
         None => None,
     };
+    let written_ms = written_at(&headers)?;
     let limits = *s.budget.limits();
     let declared = content_length(&headers);
     if declared.is_some_and(|n| n > limits.max_body as u64) {
@@ -678,7 +705,10 @@ async fn write_data(
             .map_err(|t| throttled(&s, t, n))?;
     }
     let t = Instant::now();
-    let result = s.store.write(&stream, start, data, total).await;
+    let result = s
+        .store
+        .write_timed(&stream, start, data, total, written_ms)
+        .await;
     match &result {
         Ok(_) => {
             s.metrics.bytes_accepted.inc_by(n);

@@ -2,10 +2,13 @@
 //!
 //! Layout under the configured prefix, one directory-like prefix per stream:
 //! - `streams/{id}/meta.json`: context, name and source (written once, `PutMode::Create`);
-//! - `streams/{id}/parts/{start:016x}-{end:016x}`: one object per accepted part (several
+//! - `streams/{id}/parts/{start:016x}-{end:016x}[.{ms}]`: one object per accepted part (several
 //!   consecutive ones when it is longer than `MAX_OBJECT_LEN`), keyed by its byte range, so any
-//!   replica can accept any part without a lock; later merged into segments of [`SEGMENT`] bytes
+//!   replica can accept any part without a lock, and by the time its first byte was written when
+//!   the writer gave one (see [`part_name`]); later merged into segments of [`SEGMENT`] bytes
 //!   under the same naming (see [`Store::compact`]);
+//! - `streams/{id}/times/{start:016x}-{end:016x}`: the time index of a segment (see
+//!   [`crate::times`]);
 //! - `streams/{id}/dropped/{start:016x}-{end:016x}`: an empty object per `dropped` marker;
 //! - `streams/{id}/final`: the declared final length (written once);
 //! - `streams/{id}/writer-died/{offset:016x}`: an empty object when the stream was settled after
@@ -15,7 +18,8 @@
 //! - `index/{context}/{source}/{hex(name)}`: an empty object per stream, so a context's streams
 //!   can be listed (the capture report); written with the stream's `meta.json`, never on appends.
 //!
-//! Receive times need no object of their own: a part's is its object's last-modified time.
+//! Times need no object per part: a part's receive time is its object's last-modified time, and
+//! its write time is in its name.
 //!
 //! The in-memory state of a stream is a cache rebuilt from a listing. Every write is a conditional
 //! put (`PutMode::Create`); a 202 is only given for bytes that no other stored part contradicts.
@@ -62,6 +66,7 @@ use crate::{
     auth::Context,
     metrics::Metrics,
     range::{RangeSet, Span},
+    times::TimeIndex,
 };
 
 pub use crate::source::Source;
@@ -114,6 +119,10 @@ pub struct Part {
     pub key: Path,
     /// Receive time, milliseconds since the Unix epoch.
     pub received_ms: u64,
+    /// When its first byte was written (read from the container's pipe, or seen by the kernel),
+    /// as its writer said; the receive time when it did not. For a segment, the time of its first
+    /// byte: [`Store::times`] has the rest.
+    pub written_ms: u64,
     /// Written by this process (as opposed to learnt from a listing).
     local: bool,
 }
@@ -182,6 +191,8 @@ struct State {
     compact_after: Option<Instant>,
     /// What this process knows of the stream's other writers.
     writers: Writers,
+    /// The spans of the segments that have a time index (see [`crate::times`]).
+    indexed: HashSet<(u64, u64)>,
 }
 
 /// A process's view of who writes a stream (see [`Store::write`]).
@@ -326,6 +337,28 @@ fn span_name(span: Span) -> String {
     format!("{:016x}-{:016x}", span.start, span.end)
 }
 
+/// The name of a part object: its span, and the time its first byte was written when the writer
+/// said (`{start:016x}-{end:016x}.{ms}`). The time is part of the name so that a listing, which
+/// every reader makes anyway, yields it with no request per part; a writer's retries send the same
+/// time, so they still meet their earlier attempt under the same name.
+fn part_name(span: Span, written_ms: Option<u64>) -> String {
+    match written_ms {
+        Some(ms) => format!("{}.{ms}", span_name(span)),
+        None => span_name(span),
+    }
+}
+
+/// A part object's span and write time (see [`part_name`]).
+fn parse_part_name(name: &str) -> Option<(Span, Option<u64>)> {
+    match name.split_once('.') {
+        Some((span, ms)) if !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit()) => {
+            Some((parse_span_name(span)?, Some(ms.parse().ok()?)))
+        }
+        Some(_) => None,
+        None => Some((parse_span_name(name)?, None)),
+    }
+}
+
 fn parse_span_name(name: &str) -> Option<Span> {
     let (a, b) = name.split_once('-')?;
     if a.len() != 16 || b.len() != 16 {
@@ -352,10 +385,12 @@ fn part_of(m: object_store::ObjectMeta) -> Option<Part> {
     if segs.next()?.as_ref() != "parts" {
         return None;
     }
-    let span = parse_span_name(name.as_ref())?;
+    let (span, written_ms) = parse_part_name(name.as_ref())?;
+    let received_ms = m.last_modified.timestamp_millis().max(0) as u64;
     Some(Part {
         span,
-        received_ms: m.last_modified.timestamp_millis().max(0) as u64,
+        received_ms,
+        written_ms: written_ms.unwrap_or(received_ms),
         key: m.location,
         local: false,
     })
@@ -386,7 +421,7 @@ async fn list_local_parts_from(
             let entry = entry?;
             let name = entry.file_name();
             // Staging files of a put in progress are not part names.
-            let Some(span) = name.to_str().and_then(parse_span_name) else {
+            let Some((span, written_ms)) = name.to_str().and_then(parse_part_name) else {
                 continue;
             };
             if span.start < from {
@@ -406,8 +441,9 @@ async fn list_local_parts_from(
             };
             parts.push(Part {
                 span,
-                key: dir.clone().join(span_name(span)),
+                key: dir.clone().join(part_name(span, written_ms)),
                 received_ms,
+                written_ms: written_ms.unwrap_or(received_ms),
                 local: false,
             });
         }
@@ -416,6 +452,22 @@ async fn list_local_parts_from(
     .await
     .map_err(|e| io(std::io::Error::other(e)))?;
     listed.map_err(io)
+}
+
+/// The time index of a segment made of `pieces`, when any of them has a time its writer gave.
+fn segment_times(cell: Span, pieces: &[Piece]) -> Option<TimeIndex> {
+    let data = || {
+        pieces.iter().filter_map(|p| match p {
+            Piece::Data { span, part } => Some((span, part)),
+            Piece::Dropped(_) => None,
+        })
+    };
+    data().any(|(_, p)| p.has_written_time()).then(|| {
+        TimeIndex::new(
+            cell,
+            data().map(|(span, part)| (span.start, part.written_ms)),
+        )
+    })
 }
 
 fn key_of(span: Span) -> (u64, u64) {
@@ -436,6 +488,13 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     // A panic while holding the lock cannot leave State half-updated in a way that matters more
     // than losing the process; keep serving.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Part {
+    /// Whether its writer said when its first byte was written (the name carries the time).
+    pub fn has_written_time(&self) -> bool {
+        self.key.filename().is_some_and(|n| n.contains('.'))
+    }
 }
 
 impl Stream {
@@ -486,6 +545,10 @@ impl Stream {
     /// order, stopping at the first pending gap. Returns the pieces and the offset reached.
     pub fn plan(&self, span: Span) -> (Vec<Piece>, u64) {
         let st = lock(&self.state);
+        self.plan_locked(&st, span)
+    }
+
+    fn plan_locked(&self, st: &State, span: Span) -> (Vec<Piece>, u64) {
         let mut at = span.start;
         let mut out = Vec::new();
         while at < span.end {
@@ -579,6 +642,7 @@ impl Stream {
                 changed = true;
             }
         }
+        st.indexed.extend(listing.indexed.into_iter().map(key_of));
         if st.final_len.is_none() && listing.final_len.is_some() {
             st.final_len = listing.final_len;
             changed = true;
@@ -637,6 +701,8 @@ struct Listing {
     dropped: Vec<Span>,
     final_len: Option<u64>,
     writer_died_at: Option<u64>,
+    /// Segments with a time index.
+    indexed: Vec<Span>,
     /// The listing holds every part that starts at or after this offset.
     complete_from: Option<u64>,
 }
@@ -1091,6 +1157,7 @@ impl Store {
             match (parent.as_ref().map(|p| p.as_ref()), name.as_ref()) {
                 (Some("parts"), _) => out.parts.extend(part_of(m)),
                 (Some("dropped"), n) => out.dropped.extend(parse_span_name(n)),
+                (Some("times"), n) => out.indexed.extend(parse_span_name(n)),
                 (Some("writer-died"), n) => {
                     out.writer_died_at = out
                         .writer_died_at
@@ -1269,6 +1336,20 @@ impl Store {
         data: Bytes,
         total: Option<u64>,
     ) -> Result<Written, StoreError> {
+        self.write_timed(stream, start, data, total, None).await
+    }
+
+    /// [`Store::write`] of bytes whose first one was written at `written_ms` (ms since the Unix
+    /// epoch), as their writer says: the time goes into the names of the part's objects (see
+    /// [`part_name`]). `None`: the receive time stands in for it, and the names carry none.
+    pub async fn write_timed(
+        &self,
+        stream: &Stream,
+        start: Option<u64>,
+        data: Bytes,
+        total: Option<u64>,
+        written_ms: Option<u64>,
+    ) -> Result<Written, StoreError> {
         let len = data.len() as u64;
         // Reserve the range against concurrent writers in this process, then see what overlaps.
         let (reservation, overlapping) = loop {
@@ -1321,7 +1402,9 @@ impl Store {
             let _ = rx.changed().await;
         };
         let span = reservation.span;
-        let result = self.write_reserved(stream, span, data, overlapping).await;
+        let result = self
+            .write_reserved(stream, span, data, overlapping, written_ms)
+            .await;
         drop(reservation);
         let written = result?;
         if let Some(t) = total {
@@ -1336,6 +1419,7 @@ impl Store {
         span: Span,
         data: Bytes,
         (overlapping, fully): (Vec<Part>, bool),
+        written_ms: Option<u64>,
     ) -> Result<Written, StoreError> {
         if span.is_empty() {
             return Ok(Written::Unchanged);
@@ -1356,7 +1440,7 @@ impl Store {
             .map(|&o| {
                 let bytes =
                     data.slice((o.start - span.start) as usize..(o.end - span.start) as usize);
-                self.put_part(&stream.id, o, bytes)
+                self.put_part(&stream.id, o, written_ms, bytes)
             })
             .collect();
         let puts: Vec<Result<Written, StoreError>> = futures::stream::iter(puts)
@@ -1364,21 +1448,34 @@ impl Store {
             .collect()
             .await;
         let stored_at = Instant::now();
-        let created: Vec<Span> = objects
+        let mine: HashMap<(u64, u64), Path> = objects
+            .iter()
+            .map(|&o| (key_of(o), self.part_key(&stream.id, o, written_ms)))
+            .collect();
+        // Objects of this write whose bytes another writer stored first under another name.
+        let mut twins: HashMap<(u64, u64), Part> = HashMap::new();
+        let mut created: Vec<Span> = objects
             .iter()
             .zip(&puts)
             .filter(|(_, r)| matches!(r, Ok(Written::Stored)))
             .map(|(o, _)| *o)
             .collect();
         // A write that is not acknowledged leaves none of its objects behind unchecked.
+        let withdraw = |created: &[Span]| {
+            let keys: Vec<Path> = created
+                .iter()
+                .map(|&o| self.part_key(&stream.id, o, written_ms))
+                .collect();
+            async move { self.withdraw(&stream.id, &keys).await }
+        };
         if let Some(e) = puts.into_iter().find_map(Result::err) {
-            self.withdraw(&stream.id, &created).await;
+            withdraw(&created).await;
             return Err(e);
         }
         let check = match self.check_for(stream, stored_at).await {
             Ok(check) => check,
             Err(e) => {
-                self.withdraw(&stream.id, &created).await;
+                withdraw(&created).await;
                 return Err(e);
             }
         };
@@ -1393,27 +1490,53 @@ impl Store {
             let listed = match self.list_parts_from(stream, from).await {
                 Ok(listed) => listed,
                 Err(e) => {
-                    self.withdraw(&stream.id, &created).await;
+                    withdraw(&created).await;
                     return Err(e);
                 }
             };
-            let known: HashSet<(u64, u64)> = overlapping
+            // Known by name, not by span: another writer's part of the same span under another
+            // write time is another object, and its bytes must be compared all the same.
+            let known: HashSet<&Path> = overlapping
                 .iter()
-                .map(|p| key_of(p.span))
-                .filter(|k| !gone.contains(k))
-                .chain(objects.iter().copied().map(key_of))
+                .filter(|p| !gone.contains(&key_of(p.span)))
+                .map(|p| &p.key)
+                .chain(mine.values())
                 .collect();
             let unknown: Vec<Part> = listed
                 .iter()
-                .filter(|p| p.span.overlaps(&span) && !known.contains(&key_of(p.span)))
+                .filter(|p| p.span.overlaps(&span) && !known.contains(&p.key))
                 .cloned()
                 .collect();
             match self.compare(&unknown, span.start, &data).await {
                 Ok(gone) => {
+                    // The same bytes under two names (two writers' times): the name that sorts
+                    // first stays, and the other's writer removes its own once it sees it. One
+                    // that does not see the other keeps its own, so never both go.
+                    let mut dominated: HashSet<Path> = HashSet::new();
+                    for p in listed.iter().filter(|p| !gone.contains(&key_of(p.span))) {
+                        match mine.get(&key_of(p.span)) {
+                            Some(k) if p.key != *k && p.key.as_ref() < k.as_ref() => {
+                                twins.insert(key_of(p.span), p.clone());
+                            }
+                            Some(k) if p.key != *k => {
+                                dominated.insert(p.key.clone());
+                            }
+                            _ => {}
+                        }
+                    }
+                    let yielded: Vec<Span> = created
+                        .iter()
+                        .copied()
+                        .filter(|o| twins.contains_key(&key_of(*o)))
+                        .collect();
+                    withdraw(&yielded).await;
+                    created.retain(|o| !twins.contains_key(&key_of(*o)));
                     stream.absorb(Listing {
                         parts: listed
                             .into_iter()
-                            .filter(|p| !gone.contains(&key_of(p.span)))
+                            .filter(|p| {
+                                !gone.contains(&key_of(p.span)) && !dominated.contains(&p.key)
+                            })
                             .collect(),
                         complete_from: Some(from),
                         ..Listing::default()
@@ -1422,7 +1545,7 @@ impl Store {
                 Err(e) => {
                     // Ours lost the race (or could not be checked): remove it so readers never see
                     // two versions.
-                    self.withdraw(&stream.id, &created).await;
+                    withdraw(&created).await;
                     let created: HashSet<(u64, u64)> = created.into_iter().map(key_of).collect();
                     stream.absorb(Listing {
                         parts: listed
@@ -1454,15 +1577,28 @@ impl Store {
         {
             let mut st = lock(&stream.state);
             for o in objects {
-                st.parts
-                    .entry(key_of(o))
-                    .and_modify(|p| p.local = true)
-                    .or_insert_with(|| Part {
+                let part = match twins.remove(&key_of(o)) {
+                    Some(twin) => twin,
+                    None => Part {
                         span: o,
-                        key: self.key(&stream.id, &format!("parts/{}", span_name(o))),
+                        key: mine
+                            .get(&key_of(o))
+                            .cloned()
+                            .unwrap_or_else(|| self.part_key(&stream.id, o, written_ms)),
                         received_ms: now,
+                        written_ms: written_ms.unwrap_or(now),
                         local: true,
-                    });
+                    },
+                };
+                match st.parts.entry(key_of(o)) {
+                    Entry::Occupied(mut e) if e.get().key == part.key => e.get_mut().local = true,
+                    Entry::Occupied(mut e) => {
+                        e.insert(part);
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(part);
+                    }
+                }
                 st.stored.insert(o);
                 st.longest = st.longest.max(o.len());
             }
@@ -1599,8 +1735,14 @@ impl Store {
 
     /// Stores one object of a part with a conditional create: `Unchanged` when the same bytes
     /// were stored under its key before (a retry, or another replica), a conflict when others were.
-    async fn put_part(&self, id: &str, span: Span, data: Bytes) -> Result<Written, StoreError> {
-        let key = self.key(id, &format!("parts/{}", span_name(span)));
+    async fn put_part(
+        &self,
+        id: &str,
+        span: Span,
+        written_ms: Option<u64>,
+        data: Bytes,
+    ) -> Result<Written, StoreError> {
+        let key = self.part_key(id, span, written_ms);
         let put = |data: Bytes| {
             self.timed(
                 "put",
@@ -1758,24 +1900,41 @@ impl Store {
                     lock(&stream.state).compact_after = Some(Instant::now() + self.settled_after);
                     break;
                 }
+                let (pieces, _) = stream.plan(cell);
+                let times = segment_times(cell, &pieces);
                 let data = self.read_all(stream, cell).await?;
                 if data.len() as u64 != cell.len() {
                     // Bytes went missing under the read (another replica's removals): next time.
                     break;
                 }
+                // The segment's name carries the time of its first byte, and the times of the
+                // rest go in its index, stored first: a segment is never without its index
+                // (rewritten whole by a compaction that crashed in between).
+                let first_ms = times.as_ref().and_then(|t| t.entries.first()).map(|e| e.1);
+                if let Some(times) = &times {
+                    if left == 0 {
+                        return Ok(out);
+                    }
+                    left -= 1;
+                    let key = self.key(&stream.id, &format!("times/{}", span_name(cell)));
+                    let put = self.os.put(&key, PutPayload::from(times.encode()));
+                    self.timed("put", put).await?;
+                    lock(&stream.state).indexed.insert(key_of(cell));
+                }
                 if left == 0 {
                     return Ok(out);
                 }
                 left -= 1;
-                let written = self.put_part(&stream.id, cell, data).await?;
+                let written = self.put_part(&stream.id, cell, first_ms, data).await?;
                 let received_ms = objects.iter().map(|p| p.received_ms).max().unwrap_or(0);
                 lock(&stream.state)
                     .parts
                     .entry(key_of(cell))
                     .or_insert_with(|| Part {
                         span: cell,
-                        key: self.key(&stream.id, &format!("parts/{}", span_name(cell))),
+                        key: self.part_key(&stream.id, cell, first_ms),
                         received_ms,
+                        written_ms: first_ms.unwrap_or(received_ms),
                         local: true,
                     });
                 if written == Written::Stored {
@@ -1851,13 +2010,17 @@ impl Store {
 
     /// Removes the objects a failed write created; best effort, as a part left behind is still
     /// found and compared by the next writer of its range.
-    async fn withdraw(&self, id: &str, created: &[Span]) {
-        for &o in created {
-            let key = self.key(id, &format!("parts/{}", span_name(o)));
-            if let Err(e) = self.timed("delete", self.os.delete(&key)).await {
-                tracing::warn!(stream = id, part = %o, error = %e, "Cannot remove a part of a failed write.");
+    async fn withdraw(&self, id: &str, keys: &[Path]) {
+        for key in keys {
+            if let Err(e) = self.timed("delete", self.os.delete(key)).await {
+                tracing::warn!(stream = id, part = %key, error = %e, "Cannot remove a part of a failed write.");
             }
         }
+    }
+
+    /// The key of the object of a part.
+    fn part_key(&self, id: &str, span: Span, written_ms: Option<u64>) -> Path {
+        self.key(id, &format!("parts/{}", part_name(span, written_ms)))
     }
 
     /// Declares the final length of the stream.
@@ -1981,6 +2144,100 @@ impl Store {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The write times of the bytes of `part`: from its index when it is a segment that has one
+    /// (one small GET; the stream's listing says which have), else its own time for all of it.
+    pub async fn times(&self, stream: &Stream, part: &Part) -> Result<TimeIndex, StoreError> {
+        let single = TimeIndex::single(part.span, part.written_ms);
+        if !lock(&stream.state).indexed.contains(&key_of(part.span)) {
+            return Ok(single);
+        }
+        let key = self.key(&stream.id, &format!("times/{}", span_name(part.span)));
+        match self.timed("get", self.os.get(&key)).await {
+            Ok(r) => Ok(TimeIndex::decode(part.span, &r.bytes().await?).unwrap_or(single)),
+            Err(object_store::Error::NotFound { .. }) => Ok(single),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The first offset of the stream's stored bytes written at or after `ms` (ms since the Unix
+    /// epoch), or its readable end when none were: where a read `since` a time starts. Write
+    /// times rise with the offset on one stream (one writer reads one pipe in order), so the
+    /// objects are searched by the time of their first byte, which their names carry, and only the
+    /// index of the one found is read.
+    pub async fn offset_since(&self, stream: &Stream, ms: u64) -> Result<u64, StoreError> {
+        let (objects, length) = {
+            let st = lock(&stream.state);
+            let covered = st.stored.union(&st.dropped);
+            let length = covered.prefix_end();
+            let (pieces, _) = stream.plan_locked(&st, Span::new(0, length));
+            let objects: Vec<Part> = pieces
+                .into_iter()
+                .filter_map(|p| match p {
+                    Piece::Data { part, .. } => Some(part),
+                    Piece::Dropped(_) => None,
+                })
+                .collect();
+            (objects, length)
+        };
+        // The last object whose first byte is older than `ms` may hold the first newer one.
+        let i = objects.partition_point(|p| p.written_ms < ms);
+        if i > 0 {
+            let candidate = &objects[i - 1];
+            let index = self.times(stream, candidate).await?;
+            if let Some(at) = index.first_written_since(ms) {
+                return Ok(at.max(candidate.span.start));
+            }
+        }
+        Ok(objects.get(i).map_or(length, |p| p.span.start))
+    }
+
+    /// Where the last `lines` lines of the stream's readable bytes begin: the objects are read
+    /// backwards from the end, one at a time, until they hold that many line ends, so the cost is
+    /// the tail's size, not the stream's. A final line without its newline counts as a line.
+    pub async fn offset_of_last_lines(
+        &self,
+        stream: &Stream,
+        lines: u64,
+    ) -> Result<u64, StoreError> {
+        let (pieces, _) = {
+            let st = lock(&stream.state);
+            let length = st.stored.union(&st.dropped).prefix_end();
+            stream.plan_locked(&st, Span::new(0, length))
+        };
+        let Some(end) = pieces.last().map(|p| match p {
+            Piece::Data { span, .. } | Piece::Dropped(span) => span.end,
+        }) else {
+            return Ok(0);
+        };
+        if lines == 0 {
+            return Ok(end);
+        }
+        // Newlines to find: one per line, and one more for the line before the first, except
+        // that a last line without its newline has none.
+        let mut wanted = lines;
+        let mut last_byte_seen = false;
+        for piece in pieces.iter().rev() {
+            let Piece::Data { span, part } = piece else {
+                continue;
+            };
+            let data = self.read_piece(stream, *span, part).await?;
+            let mut tail = data.as_ref();
+            if !last_byte_seen {
+                last_byte_seen = true;
+                if span.end == end && tail.last() == Some(&b'\n') {
+                    tail = &tail[..tail.len() - 1];
+                }
+            }
+            for i in memchr::memrchr_iter(b'\n', tail) {
+                wanted -= 1;
+                if wanted == 0 {
+                    return Ok(span.start + i as u64 + 1);
+                }
+            }
+        }
+        Ok(0)
     }
 
     /// Reads `span` of the stream into memory (for tests and small reads).
@@ -2383,10 +2640,18 @@ mod tests {
             let delay = Duration::from_millis(5 * (round / 4));
             let ours = Bytes::from(vec![b'a'; 10]);
             let theirs = Bytes::from(vec![b'b'; 10]);
-            let (r1, r2) = tokio::join!(first.write(&s1, Some(0), ours.clone(), None), async {
-                tokio::time::sleep(delay).await;
-                second.write(&s2, Some(5), theirs.clone(), None).await
-            });
+            // Every other round over the same span, under other write times: two names, which
+            // a conditional create does not tell apart.
+            let at = if round % 2 == 0 { 5 } else { 0 };
+            let (r1, r2) = tokio::join!(
+                first.write_timed(&s1, Some(0), ours.clone(), None, Some(1)),
+                async {
+                    tokio::time::sleep(delay).await;
+                    second
+                        .write_timed(&s2, Some(at), theirs.clone(), None, Some(2))
+                        .await
+                }
+            );
             assert!(
                 !(r1.is_ok() && r2.is_ok()),
                 "round {round}: both conflicting writes were acknowledged"
@@ -2405,7 +2670,8 @@ mod tests {
             }
             if r2.is_ok() {
                 acknowledged += 1;
-                assert_eq!(fresh.read_all(&st, Span::new(5, 15)).await.unwrap(), theirs);
+                let span = Span::new(at, at + 10);
+                assert_eq!(fresh.read_all(&st, span).await.unwrap(), theirs);
             }
         }
         // Not a test that refuses everything.
@@ -2472,5 +2738,145 @@ mod tests {
             "{keys:?}"
         );
         assert_eq!(s.read_all(&st, Span::new(0, 200)).await.unwrap().len(), 200);
+    }
+
+    fn timed_pattern(i: u64) -> (u64, Bytes, u64) {
+        (i * 10, pattern(i as u8, 10), 1_000 + i / 3 * 7)
+    }
+
+    #[tokio::test]
+    async fn write_times_outlive_the_merge_and_reach_a_fresh_replica() {
+        let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let s = Store::new(os.clone(), Path::from("t"), Arc::new(Metrics::new()))
+            .segment_size(1000)
+            .settled_after(Duration::ZERO);
+        let st = s.create("x".into(), meta()).await.unwrap();
+        for i in 0..100 {
+            let (at, data, ms) = timed_pattern(i);
+            s.write_timed(&st, Some(at), data, None, Some(ms))
+                .await
+                .unwrap();
+        }
+        let keys = part_keys(&os).await;
+        assert!(
+            keys[3].ends_with(".1007"),
+            "the name carries the time: {keys:?}"
+        );
+        let before: Vec<(u64, u64)> = st
+            .plan(Span::new(0, 1000))
+            .0
+            .iter()
+            .map(|p| match p {
+                Piece::Data { span, part } => (span.start, part.written_ms),
+                Piece::Dropped(_) => panic!("{p:?}"),
+            })
+            .collect();
+        assert_eq!(s.compact(&st).await.unwrap().segments, 1);
+        let keys = part_keys(&os).await;
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(keys[0].ends_with(&format!("{}.1000", span_name(Span::new(0, 1000)))));
+
+        let m = Arc::new(Metrics::new());
+        let fresh = Store::new(os.clone(), Path::from("t"), m.clone());
+        let st = fresh.open("x").await.unwrap().unwrap();
+        let (pieces, _) = st.plan(Span::new(0, 1000));
+        let [Piece::Data { part, .. }] = pieces.as_slice() else {
+            panic!("{pieces:?}")
+        };
+        assert_eq!(part.written_ms, 1000);
+        let index = fresh.times(&st, part).await.unwrap();
+        // One entry per run of equal times: the parts' own, as before the merge.
+        let mut runs = before.clone();
+        runs.dedup_by_key(|e| e.1);
+        assert_eq!(index.entries, runs);
+        for &(offset, ms) in &before {
+            assert_eq!(index.at(offset), ms);
+        }
+        // A read from a time: the index of the one segment holding it.
+        let gets = m.storage_calls("get");
+        assert_eq!(fresh.offset_since(&st, 1007).await.unwrap(), 30);
+        assert_eq!(fresh.offset_since(&st, 1008).await.unwrap(), 60);
+        assert_eq!(fresh.offset_since(&st, 0).await.unwrap(), 0);
+        assert_eq!(fresh.offset_since(&st, 99_999).await.unwrap(), 1000);
+        assert_eq!(m.storage_calls("get") - gets, 3);
+
+        // A segment whose index is gone (a crash before it, from an older version) still has
+        // the time of its first byte.
+        os.delete(&Path::from(
+            "t/streams/x/times/0000000000000000-00000000000003e8",
+        ))
+        .await
+        .unwrap();
+        let index = fresh.times(&st, part).await.unwrap();
+        assert_eq!(index.entries, vec![(0, 1000)]);
+    }
+
+    #[tokio::test]
+    async fn the_last_lines_are_found_reading_only_the_tail() {
+        let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let m = Arc::new(Metrics::new());
+        let s = Store::new(os.clone(), Path::from("t"), m.clone())
+            .segment_size(1000)
+            .settled_after(Duration::ZERO);
+        let st = s.create("x".into(), meta()).await.unwrap();
+        // 2,000 lines of 10 bytes, in parts of 20 lines, merged into 20 segments.
+        let lines: Vec<u8> = (0..2000u32)
+            .flat_map(|i| format!("line {i:04}\n").into_bytes())
+            .collect();
+        for chunk in lines.chunks(200) {
+            s.write(&st, None, Bytes::copy_from_slice(chunk), None)
+                .await
+                .unwrap();
+        }
+        s.compact(&st).await.unwrap();
+        assert_eq!(part_keys(&os).await.len(), 20);
+        let gets = m.storage_calls("get");
+        assert_eq!(s.offset_of_last_lines(&st, 3).await.unwrap(), 19_970);
+        assert_eq!(m.storage_calls("get") - gets, 1, "one segment read");
+        assert_eq!(s.offset_of_last_lines(&st, 150).await.unwrap(), 18_500);
+        assert_eq!(s.offset_of_last_lines(&st, 0).await.unwrap(), 20_000);
+        assert_eq!(s.offset_of_last_lines(&st, 5_000).await.unwrap(), 0);
+        // A last line still without its newline is a line.
+        s.write(&st, None, Bytes::from_static(b"partial"), None)
+            .await
+            .unwrap();
+        assert_eq!(s.offset_of_last_lines(&st, 1).await.unwrap(), 20_000);
+        assert_eq!(s.offset_of_last_lines(&st, 2).await.unwrap(), 19_990);
+    }
+
+    #[tokio::test]
+    async fn the_same_bytes_under_two_times_are_kept_once() {
+        let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let store = || {
+            Store::new(os.clone(), Path::from("t"), Arc::new(Metrics::new()))
+                .writer_window(Duration::from_millis(20))
+        };
+        let (a, b) = (store(), store());
+        let sa = a.create("x".into(), meta()).await.unwrap();
+        let data = Bytes::from_static(b"0123456789");
+        a.write_timed(&sa, Some(0), data.clone(), None, Some(1))
+            .await
+            .unwrap();
+        let sb = b.open("x").await.unwrap().unwrap();
+        // The second writer does not know the first's part (another replica's, stored after
+        // it listed): it finds it when it checks, and withdraws its own copy.
+        sb.forget(&[(0, 10)]);
+        b.write_timed(&sb, Some(0), data.clone(), None, Some(2))
+            .await
+            .unwrap();
+        let keys = part_keys(&os).await;
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(keys[0].ends_with(".1"), "{keys:?}");
+        assert_eq!(b.read_all(&sb, Span::new(0, 10)).await.unwrap(), data);
+        // Other bytes under another time are a conflict.
+        let c = store();
+        let sc = c.open("x").await.unwrap().unwrap();
+        sc.forget(&[(0, 10)]);
+        let other = Bytes::from_static(b"9876543210");
+        assert!(matches!(
+            c.write_timed(&sc, Some(0), other, None, Some(3)).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        assert_eq!(part_keys(&os).await, keys);
     }
 }

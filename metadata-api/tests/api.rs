@@ -978,3 +978,71 @@ async fn token_keys_rotate_without_losing_any_stream() {
     let api = after.client(&mint(&[&new_key]));
     assert_eq!(api.data(&id).await, b"before\nduring\nafter\n");
 }
+
+/// The NDJSON records of stream `id`.
+async fn records(rd: &Api, id: &str) -> Vec<Value> {
+    rd.req(Method::GET, &format!("/logs/{id}/data"))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn write_times_are_the_writers_and_reads_return_them() {
+    let s = Server::start(&[]);
+    let w = s.client(&s.token(CTX, Scope::Write));
+    let rd = s.client(&s.token(CTX, Scope::Read));
+    let id = w.stream("stdout").await;
+    let patch = |range: &'static str, written: &'static str, body: &'static [u8]| {
+        w.req(Method::PATCH, &format!("/logs/{id}/data"))
+            .header("content-type", "application/octet-stream")
+            .header("content-range", range)
+            .header("x-relay-written", written)
+            .body(body)
+            .send()
+    };
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // Shipped late (an API that was down): the time the bytes were written, not received.
+    let r = patch("bytes 0-5/*", "1700000000123", b"early\n")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // A writer's clock far ahead is not believed: the receive time stands in.
+    let ahead = (before + 3_600_000).to_string();
+    let r = w
+        .req(Method::PATCH, &format!("/logs/{id}/data"))
+        .header("content-type", "application/octet-stream")
+        .header("content-range", "bytes 6-11/*")
+        .header("x-relay-written", ahead)
+        .body(&b"ahead\n"[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // Not a time: refused, nothing stored.
+    let r = patch("bytes 12-16/*", "soon", b"bad!\n").await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(r).await, "bad_request");
+    assert_eq!(w.status(&id).await["length"], 12);
+    // Without the header: the receive time.
+    w.put_at(&id, 12, b"none\n").await;
+
+    let recs = records(&rd, &id).await;
+    assert_eq!(recs.len(), 3, "{recs:?}");
+    assert_eq!(recs[0]["written_ms"], 1_700_000_000_123u64);
+    assert!(recs[0]["received_ms"].as_u64().unwrap() >= before);
+    for r in &recs[1..] {
+        let written = r["written_ms"].as_u64().unwrap();
+        assert!(written >= before && written <= r["received_ms"].as_u64().unwrap());
+    }
+}

@@ -340,17 +340,53 @@ async fn api_down_then_up_ships_what_was_buffered() {
         let (s, c) = (shipper.clone(), client(&url, &token));
         tokio::spawn(async move { s.run(c, StreamSpec::named("stdout")).await })
     };
+    let wrote_at = unix_ms();
     for c in data.chunks(10_000) {
         assert_eq!(shipper.write(c), c.len(), "1 MiB fits the 8 MiB buffer");
     }
     // Let the shipper fail against the closed port before the server appears.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!run.is_finished());
+    let up_at = unix_ms();
     let server = Server::start_full(tmp.path(), &storage, &addr, &[], &[]);
     shipper.close(Instant::now() + Duration::from_secs(20));
     let report = run.await.unwrap();
     verify(&server, &token, &report, &data).await;
     assert_eq!(report.stored, data.len() as u64, "{report:?}");
+    // The bytes keep the time they were written, not the time the API came up and took them.
+    let reader = server.client(&server.token(CTX, Scope::Read));
+    let id = report.id.clone().unwrap();
+    let text = reader
+        .req(reqwest::Method::GET, &format!("/logs/{id}/data"))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut records = 0;
+    for line in text.lines() {
+        let r: Value = serde_json::from_str(line).unwrap();
+        let (written, received) = (r["written_ms"].as_u64(), r["received_ms"].as_u64());
+        let (Some(written), Some(received)) = (written, received) else {
+            panic!("{r}")
+        };
+        assert!(
+            (wrote_at..up_at).contains(&written),
+            "{written} {wrote_at}..{up_at}"
+        );
+        assert!(received >= up_at, "{received} {up_at}");
+        records += 1;
+    }
+    assert!(records > 0);
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 #[tokio::test]

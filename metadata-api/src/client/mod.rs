@@ -442,12 +442,14 @@ impl Client {
             .await
     }
 
-    /// `PATCH /logs/{id}/data`: stores `payload` at `start`.
+    /// `PATCH /logs/{id}/data`: stores `payload` at `start`; `written_ms`, when its first byte was
+    /// written (see [`crate::headers::WRITTEN`]).
     pub async fn append(
         &self,
         id: &str,
         start: u64,
         payload: &Payload,
+        written_ms: Option<u64>,
     ) -> Result<Ack, ClientError> {
         let mut headers = vec![
             (
@@ -458,6 +460,12 @@ impl Client {
         ];
         if payload.coding != Coding::Identity {
             headers.push((header::CONTENT_ENCODING, payload.coding.as_str().to_owned()));
+        }
+        if let Some(ms) = written_ms {
+            headers.push((
+                header::HeaderName::from_static(crate::headers::WRITTEN),
+                ms.to_string(),
+            ));
         }
         self.call_json(
             Method::PATCH,

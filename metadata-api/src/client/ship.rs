@@ -106,12 +106,21 @@ impl ShipReport {
     }
 }
 
+/// Now, in milliseconds since the Unix epoch (0 for a clock before it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A contiguous run of queued bytes starting at `start` (offsets relative to the writer's base),
 /// at most one batch long: each segment is shipped as one batch.
 #[derive(Debug)]
 struct Seg {
     start: u64,
     data: Vec<u8>,
+    /// When its first byte was handed over (ms since the Unix epoch): the part's write time.
+    written_ms: u64,
 }
 
 /// Batch-sized buffers kept for reuse. A fresh large allocation costs page faults and zeroing
@@ -286,6 +295,7 @@ impl Shipper {
                         buf.segs.push_back(Seg {
                             start: at,
                             data: self.shared.pool.get(block),
+                            written_ms: unix_ms(),
                         });
                         match buf.segs.back_mut() {
                             Some(s) => s,
@@ -402,7 +412,7 @@ impl Shipper {
     }
 
     /// Takes the next batch when one is due.
-    fn take_batch(&self, now: Instant) -> Option<(u64, Bytes)> {
+    fn take_batch(&self, now: Instant) -> Option<(u64, Bytes, u64)> {
         let cfg = &self.shared.cfg;
         let mut b = self.buf();
         let due = b.closed
@@ -412,10 +422,14 @@ impl Shipper {
         if !due {
             return None;
         }
-        let Seg { start, data } = b.segs.pop_front()?;
+        let Seg {
+            start,
+            data,
+            written_ms,
+        } = b.segs.pop_front()?;
         b.queued -= data.len();
         b.oldest = (b.queued > 0).then_some(now);
-        Some((start, self.shared.pool.share(data)))
+        Some((start, self.shared.pool.share(data), written_ms))
     }
 
     /// Ships the stream until it is closed and finished (or its deadline passed). Run it once,
@@ -589,7 +603,7 @@ impl Run {
         }
         if !self.given_up {
             while self.count(|j| matches!(j, Job::Data(_))) < cfg.max_in_flight {
-                let Some((start, data)) = self.shipper.take_batch(now) else {
+                let Some((start, data, written_ms)) = self.shipper.take_batch(now) else {
                     break;
                 };
                 let span = Span::new(start, start + data.len() as u64);
@@ -624,7 +638,7 @@ impl Run {
                         }
                     };
                     let mut sent = retry_paused(&cfg, Some(&pause), || {
-                        client.append(&id, base + start, &payload)
+                        client.append(&id, base + start, &payload, Some(written_ms))
                     })
                     .await;
                     if payload.coding != Coding::Identity
@@ -636,7 +650,7 @@ impl Run {
                         }
                         let plain = Payload::plain(data);
                         sent = retry_paused(&cfg, Some(&pause), || {
-                            client.append(&id, base + start, &plain)
+                            client.append(&id, base + start, &plain, Some(written_ms))
                         })
                         .await;
                     }
@@ -958,8 +972,8 @@ mod tests {
         assert_eq!(lost, vec![Span::new(10, 14)]);
         // Ship 8 bytes: held drops to 2, below half the limit, so bytes are taken again.
         let now = Instant::now();
-        let (a, b1) = s.take_batch(now).expect("due: a full batch");
-        let (b, b2) = s.take_batch(now).expect("due: a full batch");
+        let (a, b1, _) = s.take_batch(now).expect("due: a full batch");
+        let (b, b2, _) = s.take_batch(now).expect("due: a full batch");
         assert_eq!((a, &b1[..], b, &b2[..]), (0, &b"0123"[..], 4, &b"4567"[..]));
         s.buf().held -= 8;
         assert_eq!(s.write(b"ef"), 2);
@@ -981,17 +995,17 @@ mod tests {
         assert!(s.take_batch(now).is_none(), "not full, not old");
         let later = now + Duration::from_secs(1);
         assert_eq!(
-            s.take_batch(later).map(|(o, b)| (o, b.to_vec())),
+            s.take_batch(later).map(|(o, b, _)| (o, b.to_vec())),
             Some((0, b"ab".to_vec()))
         );
         s.write(b"c");
         s.skip(5);
         s.write(b"d");
-        let got = s.take_batch(now).map(|(o, b)| (o, b.to_vec()));
+        let got = s.take_batch(now).map(|(o, b, _)| (o, b.to_vec()));
         assert_eq!(got, Some((2, b"c".to_vec())), "a gap ends the segment");
         assert!(s.take_batch(now).is_none());
         s.close(std::time::Instant::now() + Duration::from_secs(1));
-        let got = s.take_batch(now).map(|(o, b)| (o, b.to_vec()));
+        let got = s.take_batch(now).map(|(o, b, _)| (o, b.to_vec()));
         assert_eq!(got, Some((8, b"d".to_vec())), "closing flushes");
         assert_eq!(s.write(b"late"), 0);
         assert_eq!(s.buf().late, 4);
