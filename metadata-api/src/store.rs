@@ -2577,7 +2577,7 @@ mod tests {
         let (puts, lists) = (m.storage_calls("put"), m.storage_calls("list"));
         let n = 200u64;
         for i in 0..n {
-            s.write(&st, Some(i * 10), pattern(1, 10).slice(..), None)
+            s.write_timed(&st, Some(i * 10), pattern(1, 10), None, Some(1_000 + i))
                 .await
                 .unwrap();
         }

@@ -120,6 +120,9 @@ struct Model {
     bytes: Vec<Option<u8>>,
     dropped: Vec<bool>,
     final_len: Option<u64>,
+    /// The write times of the accepted writes that covered each offset: a read may give any of
+    /// them (the objects of several writes may hold the same bytes), and no other.
+    times: Vec<std::collections::BTreeSet<u64>>,
 }
 
 /// The runs of offsets below `SIZE` where `f` holds.
@@ -140,6 +143,7 @@ impl Model {
             bytes: vec![None; SIZE],
             dropped: vec![false; SIZE],
             final_len: None,
+            times: vec![std::collections::BTreeSet::new(); SIZE],
         }
     }
 
@@ -324,6 +328,24 @@ async fn check(store: &Store, stream: &Stream, model: &Model, step: &str) {
             assert_eq!(read, bytes, "{step}: bytes of {span:?}");
         }
     }
+    // Write times survive merges and crashes: each offset's is one its writes gave (or a
+    // receive time, for writes that gave none: those are of this century, the model's are not).
+    let (pieces, _) = stream.plan(Span::new(0, end));
+    for p in pieces {
+        let Piece::Data { span, part } = p else {
+            continue;
+        };
+        let index = store.times(stream, &part).await.expect("times");
+        for (run, ms) in index.runs(span) {
+            for i in run.start..run.end {
+                assert!(
+                    ms >= 1_000_000_000_000 || model.times[i as usize].contains(&ms),
+                    "{step}: offset {i} written at {ms}, not one of {:?}",
+                    model.times[i as usize]
+                );
+            }
+        }
+    }
 }
 
 /// A store as the model test runs it: small segments, and its own parts (a single writer) merged
@@ -355,8 +377,10 @@ async fn objects(os: &Arc<dyn ObjectStore>, prefix: &Path, id: &str) -> Vec<Span
     metas
         .iter()
         .filter_map(|m| {
+            // `{start}-{end}`, and `.{ms}` when its writer gave a write time.
             let name = m.location.filename()?;
-            let (a, b) = name.split_once('-')?;
+            let span = name.split_once('.').map_or(name, |(span, _)| span);
+            let (a, b) = span.split_once('-')?;
             Some(Span::new(
                 u64::from_str_radix(a, 16).ok()?,
                 u64::from_str_radix(b, 16).ok()?,
@@ -459,8 +483,19 @@ async fn run(os: Arc<dyn ObjectStore>, prefix: Path, dir: Option<&std::path::Pat
                     Total::Is(t) => Some(t),
                 };
                 let want = model.write(at, &data, total);
+                // Every other write says when it was written; the others take the receive time.
+                let written_ms = (n % 2 == 0).then_some(1_000 + n as u64);
+                // A write refused only for its final length has stored its bytes.
+                let held = (start..start + len)
+                    .zip(&data)
+                    .all(|(i, b)| model.bytes[i as usize] == Some(*b));
+                if let (true, Some(ms)) = (want.is_ok() || held, written_ms) {
+                    for i in start..start + len {
+                        model.times[i as usize].insert(ms);
+                    }
+                }
                 let got = store
-                    .write(&stream, at, Bytes::from(data), total)
+                    .write_timed(&stream, at, Bytes::from(data), total, written_ms)
                     .await
                     .map_err(refused);
                 assert_eq!(got, want, "{step}");
