@@ -1,4 +1,4 @@
-//! `cargo xtask bench-operator`: what the pod injection webhook adds to creating a pod, and how
+//! `cargo bench -p bench --bench operator`: what the pod injection webhook adds to creating a pod, and how
 //! fast the operator reconciles tenants.
 //!
 //! On the test bed's API server (1.20, with kube-controller-manager) and a local registry, the
@@ -25,8 +25,8 @@ use serde_json::{Value, json};
 use testbed::kube::{KubeApi, KubeOptions, Rest};
 use testbed::registry::{Format, Image, Registry};
 
-use crate::bench::{clock_ticks, server_cpu};
-use crate::util;
+use crate::cpu::{clock_ticks, server_cpu};
+use crate::process;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -95,7 +95,7 @@ impl Operator {
 }
 
 fn build_operator() -> anyhow::Result<std::path::PathBuf> {
-    util::run(Command::new("cargo").current_dir(util::root()).args([
+    process::run(Command::new("cargo").current_dir(process::root()).args([
         "build",
         "--release",
         "--quiet",
@@ -104,7 +104,7 @@ fn build_operator() -> anyhow::Result<std::path::PathBuf> {
         "--bin",
         "operator",
     ]))?;
-    Ok(util::root().join("target/release/operator"))
+    Ok(process::root().join("target/release/operator"))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -170,7 +170,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let image = format!("{}/app:1", registry.host());
     let rest = kube.rest()?;
 
-    let crd = serde_json::to_value(<operator::crd::Tenant as kube::CustomResourceExt>::crd())?;
+    let crd = serde_json::to_value(<::operator::crd::Tenant as kube::CustomResourceExt>::crd())?;
     let webhook_port = free_port()?;
     rest.install_relay(&crd, &[TENANT_NS, PLAIN_NS], webhook_port)?;
     let listen = format!("127.0.0.1:{}", free_port()?);
@@ -201,10 +201,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
 
     // One tenant whose tools are ready.
-    let tools = operator::controller::tools_for(
+    let tools = ::operator::controller::tools_for(
         "bench",
         "relay/tools:1",
-        &operator::crd::default_volume_claim_template(),
+        &::operator::crd::default_volume_claim_template(),
     )?;
     rest.post(
         &format!("/apis/relay.sh/v1beta1/namespaces/{TENANT_NS}/tenants"),
@@ -306,10 +306,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let jobs: Vec<String> = names
         .iter()
         .map(|n| {
-            operator::controller::tools_for(
+            ::operator::controller::tools_for(
                 n,
                 "relay/tools:1",
-                &operator::crd::default_volume_claim_template(),
+                &::operator::crd::default_volume_claim_template(),
             )
             .map(|t| t.name)
         })

@@ -1,7 +1,7 @@
-//! `cargo xtask bench-peers`: our two capture paths against the conventional one, on the same
+//! `cargo bench -p bench --bench peers`: our two capture paths against the conventional one, on the same
 //! workload (root).
 //!
-//! The workload (`xtask peer-writer`) writes 512-byte lines to its stdout, one write(2) each,
+//! The workload (`workload peer-writer`) writes 512-byte lines to its stdout, one write(2) each,
 //! paced (10 MB/s) or as fast as it can. Every line carries its sequence number and the time it
 //! was written (`SEQ UNIX_NS filler...`), the filler being a function of the sequence number, so
 //! a reader can check every stored line and tell how late it arrived. It always runs as a CRI
@@ -31,8 +31,8 @@
 //! whose log is rotated the same way.
 
 use std::{
+    fmt::Write as _,
     io::Read as _,
-    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -40,16 +40,12 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use nix::{
-    errno::Errno,
-    sys::{
-        resource::{UsageWho, getrusage},
-        signal::{Signal, kill},
-    },
+    sys::signal::{Signal, kill},
     unistd::Pid,
 };
 use reqwest::blocking::Client;
@@ -57,17 +53,14 @@ use serde_json::{Value, json};
 use testbed::cri::{Container, ContainerSpec, Cri, Pod, PodSpec};
 
 use crate::{
-    bench::{TempDir, clock_ticks, generate, server_cpu},
-    dist, util,
+    cpu::{clock_ticks, load_average, server_cpu},
+    lines::{HEADER, filler, filler_source, parse_digits, unix_ns},
+    process::{self, Collector, Server, TempDir},
 };
 
 const MB: f64 = 1e6;
 const GB: f64 = 1e9;
 const MIB: u64 = 1 << 20;
-/// The sequence number and timestamp at the start of each line: `SSSSSSSSSS TTTTTTTTTTTTTTTTTTT `.
-const HEADER: usize = 31;
-/// Distinct log text the filler is cut from.
-const FILLER_SPAN: usize = 64 << 10;
 /// Paces to retry a lossy as-fast-as-possible run at, MB/s, in order.
 const RETRY_PACES: [u64; 4] = [200, 100, 50, 20];
 /// A paced retry writes at most this many seconds' worth.
@@ -115,128 +108,6 @@ pub struct Args {
     /// Smoke run: 40 MB per run.
     #[arg(long)]
     pub quick: bool,
-}
-
-/// `xtask peer-writer`: the workload.
-#[derive(Debug, clap::Args)]
-pub struct WriterArgs {
-    /// Bytes to write (whole lines: rounded down).
-    #[arg(long)]
-    pub bytes: u64,
-    /// Bytes per line, newline included; one write(2) each.
-    #[arg(long, default_value_t = 512)]
-    pub line_bytes: usize,
-    /// Pace in MB/s (0: as fast as possible).
-    #[arg(long, default_value_t = 0)]
-    pub rate_mb: u64,
-    /// File that receives "BYTES LINES WALL_S USER_S SYS_S START_UNIX_NS".
-    #[arg(long)]
-    pub report: PathBuf,
-}
-
-/// The log text lines are filled from: [`generate`]'s lines, newlines made spaces.
-fn filler_source() -> anyhow::Result<Vec<u8>> {
-    let mut text = generate(FILLER_SPAN)?;
-    for b in &mut text {
-        if *b == b'\n' {
-            *b = b' ';
-        }
-    }
-    Ok(text)
-}
-
-/// The filler of line `seq`, `len` bytes of `source`.
-fn filler(source: &[u8], seq: u64, len: usize) -> &[u8] {
-    let span = (source.len() - len) as u64;
-    let at = (seq.wrapping_mul(7919) % span) as usize;
-    &source[at..at + len]
-}
-
-fn put_digits(dst: &mut [u8], mut v: u64) {
-    for b in dst.iter_mut().rev() {
-        *b = b'0' + (v % 10) as u8;
-        v /= 10;
-    }
-}
-
-fn parse_digits(src: &[u8]) -> Option<u64> {
-    src.iter().try_fold(0u64, |n, &b| {
-        b.is_ascii_digit()
-            .then(|| n.wrapping_mul(10).wrapping_add(u64::from(b - b'0')))
-    })
-}
-
-fn unix_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-/// Writes `bytes` of lines to fd 1, one write(2) per line, at the pace.
-pub fn writer(args: WriterArgs) -> anyhow::Result<()> {
-    let WriterArgs {
-        bytes,
-        line_bytes,
-        rate_mb,
-        report,
-    } = args;
-    ensure!(
-        (HEADER + 2..FILLER_SPAN / 2).contains(&line_bytes),
-        "--line-bytes must be between {} and {}",
-        HEADER + 2,
-        FILLER_SPAN / 2
-    );
-    let source = filler_source()?;
-    let lines = bytes / line_bytes as u64;
-    let stdout = std::io::stdout();
-    let out = stdout.as_fd();
-    let mut line = vec![b' '; line_bytes];
-    line[line_bytes - 1] = b'\n';
-    let started = unix_ns();
-    let start = Instant::now();
-    for seq in 0..lines {
-        put_digits(&mut line[..10], seq);
-        put_digits(&mut line[11..30], unix_ns());
-        line[HEADER..line_bytes - 1].copy_from_slice(filler(&source, seq, line_bytes - 1 - HEADER));
-        write_all(out, &line)?;
-        if rate_mb > 0 {
-            let due = Duration::from_secs_f64(
-                ((seq + 1) * line_bytes as u64) as f64 / (rate_mb as f64 * MB),
-            );
-            if let Some(ahead) = due.checked_sub(start.elapsed())
-                && ahead > Duration::from_millis(1)
-            {
-                std::thread::sleep(ahead);
-            }
-        }
-    }
-    let wall = start.elapsed().as_secs_f64();
-    let usage = getrusage(UsageWho::RUSAGE_SELF)?;
-    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    std::fs::write(
-        &report,
-        format!(
-            "{} {lines} {wall} {} {} {started}\n",
-            lines * line_bytes as u64,
-            secs(usage.user_time()),
-            secs(usage.system_time())
-        ),
-    )
-    .with_context(|| format!("cannot write {}", report.display()))?;
-    Ok(())
-}
-
-/// write(2) until all of `buf` is written.
-fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> anyhow::Result<()> {
-    while !buf.is_empty() {
-        match nix::unistd::write(fd, buf) {
-            Ok(0) => bail!("stdout took no bytes"),
-            Ok(n) => buf = &buf[n..],
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(e).context("write to stdout"),
-        }
-    }
-    Ok(())
 }
 
 /// The writer's report of its run.
@@ -501,7 +372,7 @@ struct RunResult {
 struct Bench<'c> {
     cri: &'c Cri,
     http: Client,
-    api: util::Server,
+    api: Server,
     api_key: PathBuf,
     api_bin: PathBuf,
     entrypoint: PathBuf,
@@ -530,13 +401,13 @@ struct Rotation {
 struct BenchPod<'c> {
     pod: Pod<'c>,
     cgroup: PathBuf,
-    collector: Option<(util::Collector, String)>,
+    collector: Option<(Collector, String)>,
 }
 
 impl<'c> Bench<'c> {
     fn pod(&self, name: &str, collector: bool) -> anyhow::Result<BenchPod<'c>> {
         let pod = self.cri.run_pod(&PodSpec::new(name))?;
-        let root = util::cgroup2_root().context("no cgroup v2 mount")?;
+        let root = process::cgroup2_root().context("no cgroup v2 mount")?;
         let cgroup = root.join(pod.spec().cgroup_parent.trim_start_matches('/'));
         ensure!(
             cgroup.join("cpu.stat").exists(),
@@ -544,10 +415,10 @@ impl<'c> Bench<'c> {
             cgroup.display()
         );
         let collector = if collector {
-            let token = util::token(&self.api_bin, &self.api_key, "workflows", "collector")?;
+            let token = process::token(&self.api_bin, &self.api_key, "workflows", "collector")?;
             let token_file = self.dir.join("collector-token");
             std::fs::write(&token_file, &token)?;
-            let c = util::Collector::start(
+            let c = Collector::start(
                 &self.collector_bin,
                 &self.api.url,
                 &token_file,
@@ -572,7 +443,7 @@ impl<'c> Bench<'c> {
             "/hostlib/ld-linux-x86-64.so.2",
             "--library-path",
             "/hostlib",
-            "/bench/xtask",
+            "/bench/workload",
             "peer-writer",
         ]
         .into_iter()
@@ -635,7 +506,7 @@ impl<'c> Bench<'c> {
         let mut command = self.writer_command(spec.bytes, spec.rate_mb, &report);
         let token_name = format!("token-{n}");
         let ep_context = format!("{WORKFLOW}/runs/{n}/steps/entrypoint");
-        let ep_token = util::token(&self.api_bin, &self.api_key, &ep_context, "write")?;
+        let ep_token = process::token(&self.api_bin, &self.api_key, &ep_context, "write")?;
         match spec.wrap {
             Wrap::Plain => {
                 command = ["sh", "-c", "exec \"$@\" > /dev/null", "sh"]
@@ -656,7 +527,7 @@ impl<'c> Bench<'c> {
         }
         let container_spec = ContainerSpec::new(&name, command)
             .bind(&self.host_lib, "/hostlib", true)
-            .bind(self.dir.join("xtask"), "/bench/xtask", true)
+            .bind(self.dir.join("workload"), "/bench/workload", true)
             .bind(&self.entrypoint, "/bench/entrypoint", true)
             .bind(&self.out, "/bench/out", false)
             .env("RELAY_METADATA_API_URL", &self.api.url)
@@ -670,7 +541,7 @@ impl<'c> Bench<'c> {
 
         // The streams, created before anyone writes (creating is idempotent), and their followers.
         let conv_context = format!("{WORKFLOW}/runs/{n}/steps/conventional");
-        let conv_token = util::token(&self.api_bin, &self.api_key, &conv_context, "write")?;
+        let conv_token = process::token(&self.api_bin, &self.api_key, &conv_context, "write")?;
         let mut syslog = None;
         let mut conv = None;
         if spec.syslog_ng {
@@ -829,11 +700,12 @@ impl<'c> Bench<'c> {
         let entrypoint = deliver(ep, &ep_token)?;
         let collector = deliver(col, col_token.as_deref().unwrap_or(""))?;
         for (path, d) in [
-            ("conventional", &conventional),
-            ("entrypoint", &entrypoint),
-            ("collector", &collector),
+            (Path3::Conventional, &conventional),
+            (Path3::Entrypoint, &entrypoint),
+            (Path3::Collector, &collector),
         ] {
             if let Some(d) = d {
+                let path = path.short();
                 eprintln!(
                     "bench-peers: run {n}: {path}: wrote {} B, received {} B, stored {} B, dropped {} B, lost {} B, {} corrupt and {} out-of-order lines, {}",
                     written.bytes,
@@ -1097,7 +969,7 @@ impl SyslogNg {
     /// missing, nothing is installed) and unpacks them into `~/.cache/relay/debs/syslog-ng`,
     /// unless that is done and the binary answers.
     fn install() -> anyhow::Result<Self> {
-        let debs = util::cache_dir().join("debs");
+        let debs = process::cache_dir().join("debs");
         let root = debs.join("syslog-ng");
         let stamp = debs.join("syslog-ng.stamp");
         if stamp.exists()
@@ -1135,8 +1007,8 @@ impl SyslogNg {
             c
         };
         if fetch().output().map_or(true, |o| !o.status.success()) {
-            util::run(Command::new("apt-get").args(["update", "-qq"]))?;
-            util::run(&mut fetch())?;
+            process::run(Command::new("apt-get").args(["update", "-qq"]))?;
+            process::run(&mut fetch())?;
         }
         // Already installed here: apt downloads nothing; fetch the two packages themselves.
         let has = |name: &str| -> anyhow::Result<bool> {
@@ -1147,7 +1019,7 @@ impl SyslogNg {
             }))
         };
         if !has(SYSLOG_NG_PACKAGES[0])? {
-            util::run(
+            process::run(
                 Command::new("apt-get")
                     .current_dir(&download)
                     .args(["download", "-qq", "-o", "APT::Sandbox::User=root"])
@@ -1163,7 +1035,7 @@ impl SyslogNg {
         for entry in std::fs::read_dir(&download)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.ends_with(".deb") {
-                util::run(
+                process::run(
                     Command::new("dpkg-deb")
                         .arg("-x")
                         .arg(entry.path())
@@ -1352,6 +1224,15 @@ enum Path3 {
 impl Path3 {
     const ALL: [Self; 3] = [Self::Conventional, Self::Entrypoint, Self::Collector];
 
+    /// The path's name in the runs' progress lines.
+    fn short(self) -> &'static str {
+        match self {
+            Self::Conventional => "conventional",
+            Self::Entrypoint => "entrypoint",
+            Self::Collector => "collector",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Self::Conventional => "conventional (containerd CRI log + syslog-ng)",
@@ -1374,9 +1255,19 @@ impl MaxRuns {
     }
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// What a run leaves for its caller besides the printed report: the report itself, and per path
+/// (`conventional`, `entrypoint`, `collector`) the most bytes a follower received in one run.
+#[derive(Debug)]
+pub struct Outcome {
+    pub report: String,
+    pub received: Vec<(&'static str, u64)>,
+}
+
+/// Runs the benchmark with `workload` (the `workload` binary) as the containers' writer, prints
+/// the report and returns it.
+pub fn run(args: Args, workload: &Path) -> anyhow::Result<Outcome> {
     ensure!(
-        util::is_root(),
+        process::is_root(),
         "bench-peers needs root (containerd, cgroups, eBPF)"
     );
     if let Some(reason) = testbed::unavailable() {
@@ -1388,18 +1279,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rotate_total = args.rotate_total_mb.map_or(total, |m| m * 1_000_000);
     ensure!(args.rate_mb > 0, "--rate-mb must be positive");
     ensure!(args.rotate_files >= 2, "--rotate-files must be at least 2");
-    let release = util::target_dir().join("release");
+    let release = process::target_dir().join("release");
     let (api_bin, collector_bin, entrypoint) = if args.no_build {
         (
             release.join("metadata-api"),
             release.join("collector"),
-            util::target_dir().join("x86_64-unknown-linux-musl/dist/entrypoint"),
+            process::static_entrypoint(),
         )
     } else {
         (
-            util::bin_from_env("RELAY_METADATA_API_BIN", util::build_metadata_api)?,
-            util::bin_from_env("RELAY_COLLECTOR_BIN", util::build_collector)?,
-            util::bin_from_env("RELAY_ENTRYPOINT_STATIC", dist::build_entrypoint)?,
+            process::bin_from_env("RELAY_METADATA_API_BIN", process::build_metadata_api)?,
+            process::bin_from_env("RELAY_COLLECTOR_BIN", process::build_collector)?,
+            process::bin_from_env("RELAY_ENTRYPOINT_STATIC", process::build_entrypoint)?,
         )
     };
     let syslog_ng = SyslogNg::install()?;
@@ -1407,9 +1298,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = tmp.0.clone();
     let out = dir.join("out");
     std::fs::create_dir_all(&out)?;
-    // The writer runs from a copy: a rebuild of xtask meanwhile does not change it.
-    std::fs::copy(std::env::current_exe()?, dir.join("xtask"))?;
-    let (api, _, _) = util::bench_api(&api_bin, &dir, false, WORKFLOW, "read")?;
+    // The writer runs from a copy: a rebuild of the workload meanwhile does not change it.
+    std::fs::copy(workload, dir.join("workload"))
+        .with_context(|| format!("cannot copy {}", workload.display()))?;
+    let (api, _, _) = process::bench_api(&api_bin, &dir, false, WORKFLOW, "read")?;
     let cri = Cri::start()?;
     let reopen = Reopen::new(cri.address())?;
     let mut bench = Bench {
@@ -1526,8 +1418,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ep_rot,
         ep_rot_fast,
     };
-    report.print(&load_start, &load_end);
-    Ok(())
+    let text = report.render(&load_start, &load_end)?;
+    print!("{text}");
+    Ok(Outcome {
+        received: Path3::ALL
+            .map(|p| (p.short(), report.most_received(p)))
+            .to_vec(),
+        report: text,
+    })
 }
 
 /// As fast as possible; while a run loses bytes, paced at each of [`RETRY_PACES`] in turn.
@@ -1553,13 +1451,6 @@ fn max_runs<'c>(
         }
     }
     Ok(MaxRuns { runs })
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg").map_or_else(
-        |_| "unknown".to_owned(),
-        |s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
-    )
 }
 
 struct Report {
@@ -1635,24 +1526,46 @@ impl Report {
         }
     }
 
-    fn print(&self, load_start: &str, load_end: &str) {
-        let gb = |r: &RunResult| r.written.bytes as f64 / GB;
-        println!();
-        println!(
-            "## Runs ({}-byte lines, one write each; CPU in core-seconds over each run's window)",
-            self.line_bytes
-        );
-        println!();
-        println!(
-            "| run | path | written MB | writer MB/s | received MB | lost MB | corrupt/out-of-order lines | API dropped MB | end-to-end MB/s | p50 ms | p99 ms | shipping core-s | API core-s | rotations |"
-        );
-        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    /// Every run, in the order of the report's table.
+    fn runs(&self) -> Vec<&RunResult> {
         let mut all: Vec<&RunResult> = vec![&self.plain, &self.conv, &self.ep, &self.col];
         for m in &self.maxes {
             all.extend(m.runs.iter());
         }
         all.extend([&self.ep_rot, &self.ep_rot_fast, &self.rot, &self.rot_fast]);
-        for r in &all {
+        all
+    }
+
+    /// The most bytes a follower of `path`'s stream received in one run.
+    fn most_received(&self, path: Path3) -> u64 {
+        self.runs()
+            .into_iter()
+            .filter_map(|r| delivered_of(r, path))
+            .map(|d| d.followed.received)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The report's tables and notes, as printed.
+    fn render(&self, load_start: &str, load_end: &str) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        let gb = |r: &RunResult| r.written.bytes as f64 / GB;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "## Runs ({}-byte lines, one write each; CPU in core-seconds over each run's window)",
+            self.line_bytes
+        )?;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "| run | path | written MB | writer MB/s | received MB | lost MB | corrupt/out-of-order lines | API dropped MB | end-to-end MB/s | p50 ms | p99 ms | shipping core-s | API core-s | rotations |"
+        )?;
+        writeln!(
+            out,
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        )?;
+        for r in &self.runs() {
             let label = format!(
                 "{}{}{}",
                 if r.spec.rate_mb > 0 {
@@ -1674,7 +1587,8 @@ impl Report {
             for (p, d) in rows {
                 any = true;
                 let ship = self.shipping(p, r);
-                println!(
+                writeln!(
+                    out,
                     "| {label} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {}/{} | {:.1} | {} | {} | {} | {:.2} ({}) | {:.2} | {} |",
                     p.name(),
                     r.written.bytes as f64 / MB,
@@ -1691,42 +1605,46 @@ impl Report {
                     ship.parts,
                     r.cpu.api,
                     r.rotations,
-                );
+                )?;
                 if let Some(e) = &d.followed.error {
-                    println!("|  | follower: {e} | | | | | | | | | | | | |");
+                    writeln!(out, "|  | follower: {e} | | | | | | | | | | | | |")?;
                 }
             }
             if !any {
-                println!(
+                writeln!(
+                    out,
                     "| {label} | runtime baseline | {:.1} | {:.1} | - | - | - | - | - | - | - | shim {:.2}, containerd {:.2} | {:.2} | - |",
                     r.written.bytes as f64 / MB,
                     r.written.bytes as f64 / MB / r.written.wall,
                     r.cpu.shim,
                     r.cpu.containerd,
                     r.cpu.api
-                );
+                )?;
             }
         }
 
-        println!();
-        println!(
+        writeln!(out)?;
+        writeln!(
+            out,
             "## Against the conventional path ({} MB/s = paced runs; rotation: {} MiB x {} files, checked every {} ms)",
             self.rate,
             self.rotation.max_bytes / MIB,
             self.rotation.files,
             self.rotation.check.as_millis()
-        );
-        println!();
-        println!(
+        )?;
+        writeln!(out)?;
+        writeln!(
+            out,
             "| path | core-s/GB at {} MB/s | API core-s/GB | max lossless MB/s | p50 / p99 ms | lost under rotation at {} MB/s | lost under rotation, max pace | core-s/GB ratio | max MB/s ratio | p50 ratio |",
             self.rate, self.rate
-        );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        )?;
+        writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
         let base = self.summary(Path3::Conventional);
         for p in Path3::ALL {
             let s = self.summary(p);
             let r = self.paced(p);
-            println!(
+            writeln!(
+                out,
                 "| {} | {:.2} | {:.2} | {} | {} / {} | {} | {} | {} | {} | {} |",
                 p.name(),
                 s.cpu_per_gb,
@@ -1748,23 +1666,30 @@ impl Report {
                     (Some(a), Some(b)) => ratio(a, b),
                     _ => "-".to_owned(),
                 },
-            );
+            )?;
         }
         let tailer = self.conv.cpu.syslog_ng / gb(&self.conv);
-        println!();
-        println!(
+        writeln!(out)?;
+        writeln!(
+            out,
             "Of the conventional path's {:.2} core-s/GB, syslog-ng (the tailer and shipper alone) is {tailer:.2}: the rest is the runtime writing the CRI log, which in Kubernetes goes on for a container the collector captures (its stdout still goes to the shim), and stops for one the entrypoint wraps. Against syslog-ng alone: entrypoint {}, collector {}.",
             base.cpu_per_gb,
             ratio(self.summary(Path3::Entrypoint).cpu_per_gb, tailer),
             ratio(self.summary(Path3::Collector).cpu_per_gb, tailer),
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "Published, for reference: Fluent Bit ~{FLUENT_BIT_CPU_PER_GB} and Vector ~{VECTOR_CPU_PER_GB} core-s/GB at 10 MB/s; ~36-38 MB/s max single-pipeline throughput."
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "Shipping CPU: conventional = syslog-ng + the containerd shim's and containerd's CPU beyond a run writing to /dev/null in the container; entrypoint = the pod cgroup's CPU less the writer's own; collector = the collector's CPU + the writer's system time beyond the conventional run's writer. Ratios: path / conventional."
-        );
-        println!("load average at start: {load_start}; at end: {load_end}");
+        )?;
+        writeln!(
+            out,
+            "load average at start: {load_start}; at end: {load_end}"
+        )?;
+        Ok(out)
     }
 
     fn summary(&self, path: Path3) -> Summary {

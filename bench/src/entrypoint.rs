@@ -1,6 +1,6 @@
-//! `cargo xtask bench-entrypoint`: what the entrypoint costs a command, against a plain pipe.
+//! `cargo bench -p bench --bench entrypoint`: what the entrypoint costs a command, against a plain pipe.
 //!
-//! A generator child (`xtask gen-output`) writes log lines to stdout in fixed-size writes and
+//! A generator child (`workload gen-output`) writes log lines to stdout in fixed-size writes and
 //! reports its own wall and CPU time. It runs two ways: piped into `cat > /dev/null` (the
 //! baseline: what any pipe reader costs), and under the static entrypoint shipping to a local
 //! release metadata-api (gzip level 1, the entrypoint's default, unless the workload says zstd or
@@ -9,8 +9,6 @@
 //! The startup cost is `entrypoint -- true` against `true`. Timings are printed, never asserted.
 
 use std::{
-    io::Write as _,
-    os::fd::AsFd,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
@@ -21,16 +19,13 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use nix::sys::resource::{UsageWho, getrusage};
 
 use crate::{
-    bench::{TempDir, clock_ticks, generate, server_cpu},
-    dist, util,
+    cpu::{children_cpu, clock_ticks, server_cpu},
+    process::{self, Server, TempDir},
 };
 
 const MIB: u64 = 1 << 20;
-/// Bytes of distinct log text the generator cycles through.
-const PATTERN: usize = 8 << 20;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -40,76 +35,6 @@ pub struct Args {
     /// Smoke test: 128 MiB per workload and fewer startup runs.
     #[arg(long)]
     pub quick: bool,
-}
-
-/// `xtask gen-output`: the benchmark's child.
-#[derive(Debug, clap::Args)]
-pub struct GenArgs {
-    /// Bytes to write.
-    #[arg(long)]
-    pub bytes: u64,
-    /// Bytes per write.
-    #[arg(long)]
-    pub write_size: usize,
-    /// File that receives "WRITE_WALL_SECONDS TOTAL_CPU_SECONDS" when done.
-    #[arg(long)]
-    pub report: PathBuf,
-    /// Pace in MB/s (0: as fast as possible).
-    #[arg(long, default_value_t = 0)]
-    pub rate_mb: u64,
-}
-
-/// Writes `bytes` of log lines to stdout in `write_size` writes, timing only the writing.
-pub fn gen_output(args: GenArgs) -> anyhow::Result<()> {
-    let GenArgs {
-        bytes,
-        write_size,
-        report,
-        rate_mb,
-    } = args;
-    ensure!(write_size > 0, "--write-size must be positive");
-    let pattern = generate(PATTERN)?;
-    let mut out = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
-    let start = Instant::now();
-    let (mut written, mut at) = (0u64, 0usize);
-    while written < bytes {
-        let n = write_size
-            .min((bytes - written) as usize)
-            .min(pattern.len() - at);
-        out.write_all(&pattern[at..at + n])?;
-        written += n as u64;
-        at = (at + n) % pattern.len();
-        if rate_mb > 0 {
-            // Ahead of the pace: wait until the clock catches up.
-            let due = Duration::from_secs_f64(written as f64 / (rate_mb as f64 * 1e6));
-            if let Some(ahead) = due.checked_sub(start.elapsed())
-                && ahead > Duration::from_millis(1)
-            {
-                std::thread::sleep(ahead);
-            }
-        }
-    }
-    let wall = start.elapsed().as_secs_f64();
-    // All of this process's CPU (generating the text too): the caller subtracts it from the CPU
-    // of all its children to get the reader's.
-    let cpu = self_cpu()?;
-    std::fs::write(report, format!("{wall} {cpu}\n"))?;
-    Ok(())
-}
-
-fn secs(t: nix::sys::time::TimeVal) -> f64 {
-    t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6
-}
-
-fn self_cpu() -> anyhow::Result<f64> {
-    let u = getrusage(UsageWho::RUSAGE_SELF)?;
-    Ok(secs(u.user_time()) + secs(u.system_time()))
-}
-
-/// CPU seconds of all waited-for descendants so far.
-fn children_cpu() -> anyhow::Result<f64> {
-    let u = getrusage(UsageWho::RUSAGE_CHILDREN)?;
-    Ok(secs(u.user_time()) + secs(u.system_time()))
 }
 
 pub(crate) struct Workload {
@@ -199,9 +124,9 @@ fn read_report(path: &Path) -> anyhow::Result<(f64, f64)> {
     }
 }
 
-fn gen_command(xtask: &Path, bytes: u64, w: &Workload, report: &Path) -> Vec<String> {
+fn gen_command(workload: &Path, bytes: u64, w: &Workload, report: &Path) -> Vec<String> {
     vec![
-        xtask.display().to_string(),
+        workload.display().to_string(),
         "gen-output".into(),
         "--bytes".into(),
         bytes.to_string(),
@@ -214,13 +139,13 @@ fn gen_command(xtask: &Path, bytes: u64, w: &Workload, report: &Path) -> Vec<Str
     ]
 }
 
-fn baseline(xtask: &Path, bytes: u64, w: &Workload, dir: &Path) -> anyhow::Result<Measured> {
+fn baseline(workload: &Path, bytes: u64, w: &Workload, dir: &Path) -> anyhow::Result<Measured> {
     let report = dir.join("gen-report");
     let cpu0 = children_cpu()?;
     let mut cmd = Command::new("sh");
     cmd.args(["-c", r#""$@" | cat > /dev/null"#, "sh"])
-        .args(gen_command(xtask, bytes, w, &report));
-    util::run(&mut cmd)?;
+        .args(gen_command(workload, bytes, w, &report));
+    process::run(&mut cmd)?;
     let all = children_cpu()? - cpu0;
     let (wall, gen_cpu) = read_report(&report)?;
     Ok(Measured {
@@ -280,27 +205,28 @@ fn stream_totals(url: &str, token: &str, name: &str) -> anyhow::Result<(u64, u64
 }
 
 pub(crate) struct Env {
-    pub xtask: PathBuf,
+    /// The `workload` binary, whose `gen-output` is the child.
+    pub workload: PathBuf,
     pub entrypoint: PathBuf,
     pub api: PathBuf,
     pub tck: f64,
 }
 
 impl Env {
-    /// The static entrypoint and the release metadata-api, built.
-    pub fn build() -> anyhow::Result<Self> {
+    /// The static entrypoint and the release metadata-api, built; `workload` as the child.
+    pub fn build(workload: &Path) -> anyhow::Result<Self> {
         Ok(Self {
-            xtask: std::env::current_exe()?,
-            entrypoint: dist::build_entrypoint()?,
-            api: util::build_metadata_api()?,
+            workload: workload.to_owned(),
+            entrypoint: process::build_entrypoint()?,
+            api: process::build_metadata_api()?,
             tck: clock_ticks(),
         })
     }
 }
 
-fn start_api(env: &Env, dir: &Path) -> anyhow::Result<(util::Server, PathBuf)> {
+fn start_api(env: &Env, dir: &Path) -> anyhow::Result<(Server, PathBuf)> {
     // Niced: in a cluster the API runs on other nodes; here it should not take the child's CPU.
-    let (server, _, token_file) = util::bench_api(
+    let (server, _, token_file) = process::bench_api(
         &env.api,
         dir,
         true,
@@ -339,7 +265,7 @@ pub(crate) fn wrapped(env: &Env, bytes: u64, w: &Workload, dir: &Path) -> anyhow
         .env("RELAY_METADATA_API_URL", &server.url)
         .env("RELAY_METADATA_API_TOKEN_FILE", &token_file)
         .arg("--")
-        .args(gen_command(&env.xtask, bytes, w, &report))
+        .args(gen_command(&env.workload, bytes, w, &report))
         .stderr(Stdio::inherit())
         .spawn()?;
     let done = Arc::new(AtomicBool::new(false));
@@ -373,11 +299,12 @@ fn mean_wall(n: u32, mut cmd: impl FnMut() -> Command) -> anyhow::Result<Duratio
     Ok(start.elapsed() / n)
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// Runs the benchmark with `workload` (the `workload` binary) as the child.
+pub fn run(args: Args, workload: &Path) -> anyhow::Result<()> {
     let Args { total_mb, quick } = args;
     let bytes = total_mb.unwrap_or(if quick { 128 } else { 1024 }) * MIB;
     ensure!(bytes > 0, "--total-mb must be positive");
-    let env = Env::build()?;
+    let env = Env::build(workload)?;
     let dir = TempDir::create()?;
     let mut rows = Vec::new();
     for w in &WORKLOADS {
@@ -388,7 +315,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bytes
         };
         eprintln!("bench: {} to cat", w.name);
-        let base = baseline(&env.xtask, bytes, w, &dir.0)?;
+        let base = baseline(&env.workload, bytes, w, &dir.0)?;
         eprintln!("bench: {} through the entrypoint", w.name);
         let ours = wrapped(&env, bytes, w, &dir.0)?;
         rows.push((w, bytes, base, ours));

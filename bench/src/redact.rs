@@ -1,19 +1,18 @@
-//! `cargo xtask bench-redact`: what secret redaction costs per GB.
+//! `cargo bench -p bench --bench redact`: what secret redaction costs per GB.
 //!
 //! First the redactor alone (`cargo bench -p redact --bench throughput`, release): log text in
 //! 64 KiB reads and 100-byte chunks with 0, 10 and 100 values. Then the static entrypoint
-//! shipping to a local release metadata-api (as in `bench-entrypoint`) told to redact 0, 10 and
+//! shipping to a local release metadata-api (as in the entrypoint benchmark) told to redact 0, 10 and
 //! 100 values: paced at 50 MB/s, where every byte is stored, for the CPU per GB; and as fast as
 //! possible, for the rate the child can write at. Timings are printed, never asserted.
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use anyhow::Context;
 
 use crate::{
-    bench::TempDir,
-    bench_entrypoint::{Env, Workload, wrapped},
-    util,
+    entrypoint::{Env, Workload, wrapped},
+    process::{self, TempDir},
 };
 
 const MIB: u64 = 1 << 20;
@@ -28,18 +27,19 @@ pub struct Args {
     pub quick: bool,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// Runs the benchmark with `workload` (the `workload` binary) as the entrypoint's child.
+pub fn run(args: Args, workload: &Path) -> anyhow::Result<()> {
     let Args { total_mb, quick } = args;
     let bytes = total_mb.unwrap_or(if quick { 128 } else { 512 }) * MIB;
-    util::run(
+    process::run(
         Command::new("cargo")
-            .current_dir(util::root())
+            .current_dir(process::root())
             .env("REDACT_BENCH_MB", if quick { "64" } else { "512" })
             .args(["bench", "--quiet", "-p", "redact", "--bench", "throughput"]),
     )
     .context("the redactor benchmark")?;
 
-    let env = Env::build()?;
+    let env = Env::build(workload)?;
     let dir = TempDir::create()?;
     let mut rows = Vec::new();
     for (name, rate_mb) in [

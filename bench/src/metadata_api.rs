@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: ingest throughput of the metadata API against a plain file write.
+//! `cargo bench -p bench --bench metadata_api`: ingest throughput of the metadata API against a plain file write.
 //!
 //! Realistic log lines are generated once, in memory. For every cell of the matrix (connections x
 //! part size x encoding) a fresh `metadata-api serve` on a fresh local directory receives the data:
@@ -14,16 +14,19 @@
 use std::{
     fmt::Write as _,
     io::Write as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, anyhow, bail, ensure};
-use rand::{Rng, SeedableRng, rngs::StdRng};
 use reqwest::blocking::Client;
 
-use crate::util::{self, Server};
+use crate::{
+    cpu::{clock_ticks, server_cpu},
+    process::{self, Server, TempDir},
+    text::generate,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -106,14 +109,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         conns.into_iter().map(usize::from).collect()
     };
 
-    let bin = util::build_metadata_api()?;
+    let bin = process::build_metadata_api()?;
     let dir = TempDir::create()?;
     let key_file = dir.0.join("bench.key");
     let max_conns = conns.iter().copied().max().unwrap_or(1);
     let tokens = (1..=max_conns)
         .map(|i| {
             let context = format!("workflows/bench/runs/1/steps/s{i}");
-            util::token(&bin, &key_file, &context, "write")
+            process::token(&bin, &key_file, &context, "write")
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let tck = clock_ticks();
@@ -337,7 +340,7 @@ fn create(url: &str, token: &str, len: usize) -> anyhow::Result<Upload> {
 }
 
 /// Cuts a share into parts of `part` bytes, compressing them when the encoding asks for it (on
-/// every core: the xtask is usually a debug build, where compression is slow).
+/// every core: it happens before the clock starts, but should not keep the benchmark waiting).
 fn prepare(share: &[u8], part: usize, encoding: Encoding) -> anyhow::Result<Vec<Part>> {
     let chunks: Vec<(usize, &[u8])> = share
         .chunks(part)
@@ -453,40 +456,6 @@ fn verify(url: &str, upload: &Upload) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU seconds (user + system, all threads) the process has used so far.
-pub(crate) fn server_cpu(pid: u32, tck: f64) -> anyhow::Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    // The command name (field 2) is in parentheses and may hold spaces: count after it. The
-    // first field after it is field 3, so utime (14) and stime (15) are the 12th and 13th.
-    let (_, rest) = stat
-        .rsplit_once(')')
-        .with_context(|| format!("unexpected {path}: {stat:?}"))?;
-    let mut fields = rest.split_whitespace().skip(11);
-    let mut tick = || -> anyhow::Result<f64> {
-        let f = fields
-            .next()
-            .with_context(|| format!("{path} is too short"))?;
-        Ok(f.parse::<u64>()
-            .with_context(|| format!("bad CPU time {f:?} in {path}"))? as f64)
-    };
-    let (utime, stime) = (tick()?, tick()?);
-    Ok((utime + stime) / tck)
-}
-
-/// `getconf CLK_TCK`, or 100 (the usual value) when it cannot be had.
-pub(crate) fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|&t| t > 0.0)
-        .unwrap_or(100.0)
-}
-
 /// MiB/s of `cat SRC > DST` for the data, best of five (the source is in the page cache).
 fn cat_baseline(dir: &Path, data: &[u8]) -> anyhow::Result<f64> {
     let src = dir.join("cat-src.log");
@@ -582,186 +551,9 @@ fn size(bytes: usize) -> String {
     }
 }
 
-/// Words log messages are made of.
-const WORDS: &[&str] = &[
-    "request",
-    "handled",
-    "connection",
-    "opened",
-    "closed",
-    "retrying",
-    "upstream",
-    "timeout",
-    "cache",
-    "miss",
-    "hit",
-    "user",
-    "session",
-    "token",
-    "refreshed",
-    "job",
-    "queued",
-    "started",
-    "finished",
-    "failed",
-    "worker",
-    "shard",
-    "rebalanced",
-    "lease",
-    "acquired",
-    "released",
-    "flush",
-    "compaction",
-    "segment",
-    "checkpoint",
-    "written",
-    "snapshot",
-    "replica",
-    "leader",
-    "elected",
-    "heartbeat",
-    "missed",
-    "config",
-    "reloaded",
-    "watch",
-    "event",
-    "dropped",
-    "backpressure",
-    "buffer",
-    "full",
-    "download",
-    "upload",
-    "artifact",
-    "step",
-    "container",
-    "pulled",
-    "image",
-    "layer",
-    "exit",
-    "code",
-    "signal",
-    "received",
-    "graceful",
-    "shutdown",
-    "healthy",
-    "unhealthy",
-    "probe",
-    "latency",
-    "p99",
-];
-/// Components that log.
-const COMPONENTS: &[&str] = &[
-    "api",
-    "scheduler",
-    "runner",
-    "storage",
-    "auth",
-    "cache",
-    "gateway",
-    "indexer",
-    "uploader",
-    "watcher",
-    "builder",
-    "db",
-];
-/// Keys of `key=value` fields.
-const KEYS: &[&str] = &[
-    "status",
-    "duration_ms",
-    "bytes",
-    "attempt",
-    "shard",
-    "user_id",
-    "retries",
-    "queue_len",
-];
-
-/// Generates `total` bytes of log lines (timestamp, level, component, words, fields) from a
-/// fixed seed: the same data on every run.
-pub(crate) fn generate(total: usize) -> anyhow::Result<Vec<u8>> {
-    let mut rng = StdRng::seed_from_u64(0x10c5_bec4);
-    let pick = |rng: &mut StdRng, list: &[&'static str]| list[rng.random_range(0..list.len())];
-    let mut out = Vec::with_capacity(total + 512);
-    let mut ms: u64 = 8 * 3_600_000;
-    while out.len() < total {
-        ms += rng.random_range(0..40);
-        let (h, m, s, milli) = (
-            ms / 3_600_000 % 24,
-            ms / 60_000 % 60,
-            ms / 1000 % 60,
-            ms % 1000,
-        );
-        let level = match rng.random_range(0..100) {
-            0..70 => "INFO",
-            70..85 => "DEBUG",
-            85..95 => "WARN",
-            _ => "ERROR",
-        };
-        let component = pick(&mut rng, COMPONENTS);
-        write!(
-            out,
-            "2025-06-01T{h:02}:{m:02}:{s:02}.{milli:03}Z {level:<5} [{component}] "
-        )?;
-        for i in 0..rng.random_range(6..16) {
-            let sep = if i == 0 { "" } else { " " };
-            write!(out, "{sep}{}", pick(&mut rng, WORDS))?;
-        }
-        for _ in 0..rng.random_range(1..5) {
-            let key = pick(&mut rng, KEYS);
-            write!(out, " {key}={}", rng.random_range(0..1000))?;
-        }
-        if rng.random_bool(0.25) {
-            write!(out, " trace_id={:016x}", rng.random::<u64>())?;
-        }
-        out.push(b'\n');
-    }
-    out.truncate(total);
-    Ok(out)
-}
-
-/// A directory under the system temp dir, removed with everything in it on drop.
-#[derive(Debug)]
-pub(crate) struct TempDir(pub(crate) PathBuf);
-
-impl TempDir {
-    pub(crate) fn create() -> anyhow::Result<Self> {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let path =
-            std::env::temp_dir().join(format!("relay-bench-{}-{nanos:x}", std::process::id()));
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn generated_data_is_log_lines_of_the_asked_size() {
-        let data = generate(MIB).unwrap();
-        assert_eq!(data.len(), MIB);
-        assert_eq!(
-            data,
-            generate(MIB).unwrap(),
-            "the seed makes it reproducible"
-        );
-        let lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
-        // The last line is cut at the size limit.
-        let whole = &lines[..lines.len() - 1];
-        let mean = whole.iter().map(|l| l.len() + 1).sum::<usize>() / whole.len();
-        assert!((100..=200).contains(&mean), "mean line length {mean}");
-        assert!(whole.iter().all(|l| l.starts_with(b"2025-06-01T")));
-    }
 
     #[test]
     fn parts_cover_the_share_with_inclusive_ranges() {

@@ -1,7 +1,7 @@
-//! `cargo xtask bench-collector`: what the eBPF collector costs the processes it watches, and how
+//! `cargo bench -p bench --bench collector`: what the eBPF collector costs the processes it watches, and how
 //! fast it captures and ships their output.
 //!
-//! A writer child (`xtask write-loop`) calls write(2) on its stdout, a pipe drained by a reader
+//! A writer child (`workload write-loop`) calls write(2) on its stdout, a pipe drained by a reader
 //! thread of this process, and reports the wall and CPU time of its write loop. It runs in a
 //! cgroup v2 directory this task creates under the host's cgroup2 mount:
 //!
@@ -21,7 +21,6 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _},
-    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -30,17 +29,13 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use nix::{
-    errno::Errno,
-    sys::{
-        resource::{UsageWho, getrusage},
-        signal::{Signal, kill},
-    },
+    sys::signal::{Signal, kill},
     unistd::Pid,
 };
 
 use crate::{
-    bench::{TempDir, clock_ticks, generate, server_cpu},
-    util,
+    cpu::{clock_ticks, load_average, server_cpu},
+    process::{self, Server, TempDir},
 };
 
 const KIB: u64 = 1 << 10;
@@ -91,103 +86,16 @@ pub struct Args {
     pub quick: bool,
 }
 
-/// `xtask write-loop`: the benchmark's writer.
-#[derive(Debug, clap::Args)]
-pub struct WriteLoopArgs {
-    /// Writes to make.
-    #[arg(long)]
-    pub count: u64,
-    /// Bytes per write.
-    #[arg(long)]
-    pub size: usize,
-    /// cgroup v2 directory to move this process into before writing.
-    #[arg(long)]
-    pub cgroup: Option<PathBuf>,
-    /// Pace in MB/s (0: as fast as possible).
-    #[arg(long, default_value_t = 0)]
-    pub rate_mb: u64,
-    /// File that receives "WALL_SECONDS CPU_SECONDS START_UNIX_SECONDS" of the write loop.
-    #[arg(long)]
-    pub report: PathBuf,
-}
-
-/// Writes `count` slices of `size` bytes of log text to stdout, one write(2) each (stdout is a
-/// pipe: a blocking pipe write completes whole), timing only the loop.
-pub fn write_loop(args: WriteLoopArgs) -> anyhow::Result<()> {
-    let WriteLoopArgs {
-        count,
-        size,
-        cgroup,
-        rate_mb,
-        report,
-    } = args;
-    ensure!(size > 0, "--size must be positive");
-    if let Some(dir) = &cgroup {
-        std::fs::write(
-            dir.join("cgroup.procs"),
-            format!("{}\n", std::process::id()),
-        )
-        .with_context(|| format!("cannot move into cgroup {}", dir.display()))?;
-    }
-    // Distinct log text, so what the collector compresses looks like a real program's output.
-    let span = (4 * size).max(64 << 10);
-    let pattern = generate(span + size)?;
-    // fd 1 itself, not a duplicate: the collector captures writes to fds 1 and 2 only.
-    let stdout = std::io::stdout();
-    let out = stdout.as_fd();
-    let started = unix_secs(SystemTime::now());
-    let cpu0 = own_cpu()?;
-    let start = Instant::now();
-    let mut at = 0;
-    for i in 1..=count {
-        write_all(out, &pattern[at..at + size])?;
-        at = (at + size) % span;
-        if rate_mb > 0 {
-            // Ahead of the pace: wait until the clock catches up.
-            let due = Duration::from_secs_f64((i * size as u64) as f64 / (rate_mb as f64 * 1e6));
-            if let Some(ahead) = due.checked_sub(start.elapsed())
-                && ahead > Duration::from_millis(1)
-            {
-                std::thread::sleep(ahead);
-            }
-        }
-    }
-    let wall = start.elapsed().as_secs_f64();
-    let cpu = own_cpu()? - cpu0;
-    std::fs::write(&report, format!("{wall} {cpu} {started}\n"))
-        .with_context(|| format!("cannot write {}", report.display()))?;
-    Ok(())
-}
-
-/// write(2) until all of `buf` is written (one call, to a blocking pipe).
-fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> anyhow::Result<()> {
-    while !buf.is_empty() {
-        match nix::unistd::write(fd, buf) {
-            Ok(0) => bail!("stdout took no bytes"),
-            Ok(n) => buf = &buf[n..],
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(e).context("write to stdout"),
-        }
-    }
-    Ok(())
-}
-
-/// Seconds since the UNIX epoch.
-fn unix_secs(t: SystemTime) -> f64 {
+/// Seconds since the UNIX epoch, as the writer reports when it started.
+pub fn unix_secs(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// CPU seconds (user + system) this process has used.
-fn own_cpu() -> anyhow::Result<f64> {
-    let u = getrusage(UsageWho::RUSAGE_SELF)?;
-    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    Ok(secs(u.user_time()) + secs(u.system_time()))
-}
-
 /// The binaries, the scratch directory and the HTTP client the runs share.
 struct Env {
-    xtask: PathBuf,
+    /// The `workload` binary, whose `write-loop` is the writer.
+    workload: PathBuf,
     collector: PathBuf,
     api: PathBuf,
     tck: f64,
@@ -196,7 +104,8 @@ struct Env {
     http: reqwest::blocking::Client,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// Runs the benchmark with `workload` (the `workload` binary) as the writer.
+pub fn run(args: Args, workload: &Path) -> anyhow::Result<()> {
     let Args {
         writes,
         rounds,
@@ -214,21 +123,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ensure!(rounds > 0, "--rounds must be positive");
     ensure!(total >= MIB, "--total-mb must be at least 1");
     ensure!(rate_mb.iter().all(|&r| r > 0), "--rate-mb must be positive");
-    let release = util::target_dir().join("release");
+    let release = process::target_dir().join("release");
     let (collector, api) = match (no_build, collector_override) {
         (true, over) => (
             over.unwrap_or_else(|| release.join("collector")),
             release.join("metadata-api"),
         ),
-        (false, Some(over)) => (over, util::build_metadata_api()?),
-        (false, None) => (util::build_collector()?, util::build_metadata_api()?),
+        (false, Some(over)) => (over, process::build_metadata_api()?),
+        (false, None) => (process::build_collector()?, process::build_metadata_api()?),
     };
     println!("bench: collector {}", collector.display());
-    let root = util::cgroup2_root()
+    let root = process::cgroup2_root()
         .context("no cgroup2 file system is mounted (the collector needs cgroup v2)")?;
     let tmp = TempDir::create()?;
     let env = Env {
-        xtask: std::env::current_exe()?,
+        workload: workload.to_owned(),
         collector,
         api,
         tck: clock_ticks(),
@@ -330,14 +239,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first three fields of /proc/loadavg.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg").map_or_else(
-        |_| "unknown".to_owned(),
-        |s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
-    )
-}
-
 /// Pids of processes named `collector` (not ours: none of ours runs yet when this is called).
 fn other_collectors() -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -393,13 +294,13 @@ impl Cgroups {
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
-        util::remove_cgroup(&self.base);
+        process::remove_cgroup(&self.base);
     }
 }
 
 /// A metadata API on local storage, and a collector token for it.
 struct Api {
-    server: util::Server,
+    server: Server,
     token: String,
     token_file: PathBuf,
 }
@@ -407,7 +308,7 @@ struct Api {
 impl Api {
     fn start(env: &Env) -> anyhow::Result<Self> {
         let (server, token, token_file) =
-            util::bench_api(&env.api, &env.dir, false, "workflows", "collector")?;
+            process::bench_api(&env.api, &env.dir, false, "workflows", "collector")?;
         Ok(Self {
             server,
             token,
@@ -651,12 +552,12 @@ impl Written {
     }
 }
 
-/// Runs `xtask write-loop` in `cgroup` with its stdout drained by a thread of this process, and
+/// Runs `workload write-loop` in `cgroup` with its stdout drained by a thread of this process, and
 /// checks every byte came through.
 fn run_writer(env: &Env, load: &Load, cgroup: &Path) -> anyhow::Result<Written> {
     let report = env.dir.join("write-report");
     let _ = std::fs::remove_file(&report);
-    let mut child = Command::new(&env.xtask)
+    let mut child = Command::new(&env.workload)
         .arg("write-loop")
         .args(["--count", &load.count.to_string()])
         .args(["--size", &load.size.to_string()])
