@@ -2,14 +2,13 @@
 //! the collector DaemonSet.
 #![forbid(unsafe_code)]
 
-pub mod collector;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod daemonset;
 pub mod lease;
 pub mod metrics;
 pub mod mutate;
 pub mod registry;
 pub mod tls;
 pub mod webhook;
-pub mod webhook_tls;

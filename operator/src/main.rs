@@ -18,15 +18,15 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use clap::Parser;
 use kube::runtime::events::{Recorder, Reporter};
-use operator::collector::{self, CollectorConfig};
 use operator::controller::{self, Context};
+use operator::daemonset::{self, CollectorConfig};
 use operator::lease::{Elector, LeaseConfig};
 use operator::metrics::ControllerMetrics;
 use operator::registry::{Platform, PodImageLookup, Registry, RegistryConfig};
+use operator::tls::{TlsUpkeep, tls_upkeep};
 use operator::webhook::{
     self, ApiSecretKeys, ImageLookup, NoImageLookup, Webhook, WebhookConfig, WebhookMetrics,
 };
-use operator::webhook_tls::{TlsUpkeep, tls_upkeep};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -341,7 +341,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             config.extra_args = args.collector_args.clone();
             config.extra_env = args.collector_env.clone();
             config.host_network = args.collector_host_network;
-            tokio::spawn(collector::run(
+            tokio::spawn(daemonset::run(
                 client.clone(),
                 config,
                 shutdown_signal(&stop_rx),

@@ -11,7 +11,7 @@ use common::{client, wait_for};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use operator::collector::{self, CollectorConfig};
+use operator::daemonset::{self, CollectorConfig};
 use serde_json::json;
 use testbed::kube::KubeApi;
 
@@ -43,7 +43,7 @@ async fn the_collector_daemonset_is_applied_restored_and_left_alone_when_unchang
     config.extra_args = vec!["--poll-interval".to_owned(), "5ms".to_owned()];
     config.resync = Duration::from_millis(300);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(collector::run(client.clone(), config, async move {
+    let task = tokio::spawn(daemonset::run(client.clone(), config, async move {
         let _ = stopped.await;
     }));
     let api = Api::<DaemonSet>::namespaced(client.clone(), "relay-system");

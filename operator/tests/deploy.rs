@@ -18,7 +18,7 @@ const MANIFESTS: &[&str] = &[
     "crd/tenant.yaml",
     "metadata-api.yaml",
     "collector.yaml",
-    // Not in the kustomization: the operator applies it (operator::collector).
+    // Not in the kustomization: the operator applies it (operator::daemonset).
     "collector/daemonset.yaml",
     "operator.yaml",
     "webhook.yaml",

@@ -24,13 +24,12 @@ use operator::crd::{Tenant, TenantSpec};
 use operator::mutate::{
     ENTRYPOINT_PATH, ENV_REDACT, INJECTED_ANNOTATION, TOKEN_VOLUME, TOOLS_MOUNT_PATH, TOOLS_VOLUME,
 };
-use operator::tls::{self, WebhookTls};
+use operator::tls::{self, TlsUpkeep, WebhookTls, tls_upkeep};
 use operator::webhook::{
     self, ApiSecretKeys, EVENT_REPORTER, MUTATE_PATH, NoImageLookup, Outcome,
     REASON_IMAGE_LOOKUP_FAILED, REASON_SECRET_KEYS_UNKNOWN, REASON_TOOLS_NOT_READY, Webhook,
     WebhookConfig, WebhookMetrics,
 };
-use operator::webhook_tls::{TlsUpkeep, tls_upkeep};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
@@ -929,9 +928,8 @@ async fn direct_reviews_and_certificate_renewal() {
     .await;
     // Four replicas making the material at once: one wins, all use its material.
     let loopback = [IpAddr::V4(Ipv4Addr::LOCALHOST)];
-    let racers = (0..4).map(|_| {
-        operator::webhook_tls::ensure_secret(&client, SYSTEM_NS, "race-tls", SERVICE, &loopback)
-    });
+    let racers =
+        (0..4).map(|_| tls::ensure_secret(&client, SYSTEM_NS, "race-tls", SERVICE, &loopback));
     let results = futures::future::join_all(racers).await;
     let winner = results[0].as_ref().expect("ensure_secret").clone();
     for result in &results {
@@ -954,10 +952,9 @@ async fn direct_reviews_and_certificate_renewal() {
         )
         .await
         .expect("store old material");
-    let renewed =
-        operator::webhook_tls::ensure_secret(&client, SYSTEM_NS, "race-tls", SERVICE, &loopback)
-            .await
-            .expect("ensure_secret");
+    let renewed = tls::ensure_secret(&client, SYSTEM_NS, "race-tls", SERVICE, &loopback)
+        .await
+        .expect("ensure_secret");
     assert_ne!(renewed.cert_pem, old.cert_pem);
     // The CA has nine years left: kept, so the caBundle stays valid through the renewal.
     assert_eq!(renewed.ca_cert_pem, old.ca_cert_pem);

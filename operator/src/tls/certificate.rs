@@ -1,8 +1,6 @@
-//! The webhook's TLS material: a self-signed CA and a serving certificate it signs, with the
-//! Secret layout that stores them and the check that says when to make new ones. Pure: no
-//! Kubernetes I/O.
+//! Issuing the webhook's certificates: a self-signed CA and a serving certificate it signs, their
+//! renewal, and the check that says when to make new ones. Pure: no Kubernetes I/O.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -13,6 +11,8 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 use x509_parser::extensions::GeneralName;
 
+use super::WebhookTls;
+
 /// Common name of the CA.
 pub const CA_COMMON_NAME: &str = "relay-operator-webhook-ca";
 /// Validity of the CA, in days (10 years).
@@ -21,24 +21,6 @@ pub const CA_VALIDITY_DAYS: i64 = 3650;
 pub const CERT_VALIDITY_DAYS: i64 = 365;
 /// A serving certificate expiring within this many days is renewed.
 pub const RENEW_BEFORE_DAYS: i64 = 30;
-
-/// Secret key of the CA certificate (PEM).
-pub const CA_CRT_KEY: &str = "ca.crt";
-/// Secret key of the CA private key (PEM).
-pub const CA_KEY_KEY: &str = "ca.key";
-/// Secret key of the serving certificate (PEM).
-pub const TLS_CRT_KEY: &str = "tls.crt";
-/// Secret key of the serving private key (PEM).
-pub const TLS_KEY_KEY: &str = "tls.key";
-
-/// The webhook's CA and serving certificate, all PEM.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WebhookTls {
-    pub ca_cert_pem: String,
-    pub ca_key_pem: String,
-    pub cert_pem: String,
-    pub key_pem: String,
-}
 
 /// Why TLS material could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -260,26 +242,6 @@ fn still_good(
     )
 }
 
-/// The Secret `stringData` holding `tls`.
-pub fn secret_data(tls: &WebhookTls) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (CA_CRT_KEY.to_owned(), tls.ca_cert_pem.clone()),
-        (CA_KEY_KEY.to_owned(), tls.ca_key_pem.clone()),
-        (TLS_CRT_KEY.to_owned(), tls.cert_pem.clone()),
-        (TLS_KEY_KEY.to_owned(), tls.key_pem.clone()),
-    ])
-}
-
-/// The material back from Secret data; `None` when any of the four keys is missing.
-pub fn from_secret_data(data: &BTreeMap<String, String>) -> Option<WebhookTls> {
-    Some(WebhookTls {
-        ca_cert_pem: data.get(CA_CRT_KEY)?.clone(),
-        ca_key_pem: data.get(CA_KEY_KEY)?.clone(),
-        cert_pem: data.get(TLS_CRT_KEY)?.clone(),
-        key_pem: data.get(TLS_KEY_KEY)?.clone(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,19 +455,5 @@ mod tests {
             .expect("valid for 127.0.0.1");
         let name = ServerName::from(other);
         assert!(leaf.verify_is_valid_for_subject_name(&name).is_err());
-    }
-
-    #[test]
-    fn secret_data_round_trip() {
-        let tls = generate("svc", "ns", SystemTime::now()).expect("generate");
-        let data = secret_data(&tls);
-        assert_eq!(
-            data.keys().map(String::as_str).collect::<Vec<_>>(),
-            ["ca.crt", "ca.key", "tls.crt", "tls.key"]
-        );
-        assert_eq!(from_secret_data(&data), Some(tls));
-        let mut partial = data.clone();
-        partial.remove("tls.key");
-        assert_eq!(from_secret_data(&partial), None);
     }
 }

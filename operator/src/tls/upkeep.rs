@@ -22,14 +22,14 @@ use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::watch;
 
+use super::material::{SECRET_TYPE, secret_bytes, stored};
+use super::serving::material_loads;
 use crate::tls::{self, TlsError, WebhookTls};
 
 /// How many times a contended Secret write is retried.
 const ATTEMPTS: usize = 5;
 /// Delay before a failed upkeep pass is tried again.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(10);
-/// Secret type of the stored material (`tls.crt` and `tls.key`, plus the CA).
-const SECRET_TYPE: &str = "kubernetes.io/tls";
 
 /// Where the material lives and what it must be valid for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,25 +93,7 @@ fn usable(
 ) -> Option<WebhookTls> {
     let material = stored(secret)?;
     let renew = tls::needs_renewal_with_ips(&material.cert_pem, service, namespace, ips, now);
-    (!renew && crate::webhook::material_loads(&material)).then_some(material)
-}
-
-/// The four PEM values of `secret`, if it has them all.
-fn stored(secret: &Secret) -> Option<WebhookTls> {
-    let data: BTreeMap<String, String> = secret
-        .data
-        .as_ref()?
-        .iter()
-        .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.0.clone()).ok()?)))
-        .collect();
-    tls::from_secret_data(&data)
-}
-
-fn secret_bytes(material: &WebhookTls) -> BTreeMap<String, ByteString> {
-    tls::secret_data(material)
-        .into_iter()
-        .map(|(k, v)| (k, ByteString(v.into_bytes())))
-        .collect()
+    (!renew && material_loads(&material)).then_some(material)
 }
 
 /// The webhook's TLS material from the Secret `secret_name` in `namespace`, made (and stored)
