@@ -170,7 +170,7 @@ fn measure(coding: Coding, level: u32, batches: &[&[u8]], batch: usize) -> Row {
     }
 }
 
-/// As the server decodes (`routes::decode_body`, minus its size accounting).
+/// As the server decodes (`decode_body` in `src/routes/decode.rs`, minus its size accounting).
 fn decode(coding: Coding, body: &[u8], out: &mut Vec<u8>) {
     match coding {
         Coding::Gzip => {

@@ -1,0 +1,87 @@
+//! `POST /logs`: creating a stream (idempotent: a stream's id follows from its context, name
+//! and source).
+
+use axum::{Json, body::Body, extract::State, http::HeaderMap};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    MAX_JSON, S,
+    access::{creation, may_explain_absence},
+    parse_json, read_body,
+};
+use crate::{
+    auth::{Context, Principal},
+    error::ApiError,
+    store::{Source, StreamMeta},
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    name: String,
+    source: Option<Source>,
+    context: Option<String>,
+    /// Collector tokens only: see [`StreamMeta::entrypoint_absent`].
+    entrypoint_absent: Option<String>,
+}
+
+/// Longest note a collector may leave on why a container has no entrypoint stream.
+const MAX_ABSENT_NOTE: usize = 256;
+
+#[derive(Debug, Serialize)]
+pub(super) struct CreateResponse {
+    id: String,
+    name: String,
+    source: Source,
+    context: Context,
+    length: u64,
+    end: u64,
+    complete: bool,
+}
+
+pub(super) async fn create_stream(
+    State(s): S,
+    p: Principal,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<CreateResponse>, ApiError> {
+    let req: CreateRequest = parse_json(&read_body(&s, &headers, body, MAX_JSON).await?)?;
+    if !crate::names::valid_stream_name(&req.name) {
+        return Err(ApiError::bad(
+            "name must be 1-64 characters of [A-Za-z0-9._-]",
+        ));
+    }
+    if let Some(note) = &req.entrypoint_absent {
+        may_explain_absence(&p)?;
+        if note.len() > MAX_ABSENT_NOTE || note.chars().any(char::is_control) {
+            return Err(ApiError::bad(
+                "entrypoint_absent must be at most 256 bytes without control characters",
+            ));
+        }
+    }
+    let (context, source, namespace) = creation(&s, &p, req.context.as_deref(), req.source)?;
+    let id = s.keys.stream_id(&context, &req.name, source.as_str());
+    let stream = s
+        .store
+        .create(
+            id,
+            StreamMeta {
+                context,
+                name: req.name,
+                source,
+                entrypoint_absent: req.entrypoint_absent,
+                namespace,
+            },
+        )
+        .await?;
+    let st = stream.status();
+    Ok(Json(CreateResponse {
+        id: st.id,
+        name: st.name,
+        source: st.source,
+        context: st.context,
+        length: st.length,
+        end: st.end,
+        complete: st.complete,
+    }))
+}

@@ -1,0 +1,311 @@
+//! Reads: a stream's status and bytes, and a step's or trigger's logs merged from both capture
+//! paths, once or followed.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    body::Body,
+    extract::{Path, Query, State, rejection::QueryRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use serde::Deserialize;
+
+use super::{
+    AppState, NDJSON, S,
+    access::{readable_context, visible},
+};
+use crate::{
+    auth::Principal,
+    error::ApiError,
+    metrics::Metrics,
+    range::{Span, parse_range_request},
+    read::{Follow, Lane, Record, records},
+    store::{Source, StoreError, Stream},
+};
+
+pub(super) async fn stream_status(
+    State(s): S,
+    Path(id): Path<String>,
+    p: Principal,
+) -> Result<Json<crate::store::Status>, ApiError> {
+    let stream = visible(&s, &p, &id).await?;
+    s.store.refresh(&stream).await?;
+    Ok(Json(stream.status()))
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct ReadQuery {
+    #[serde(default)]
+    follow: bool,
+    stream: Option<String>,
+    source: Option<Source>,
+}
+
+fn wants_ndjson(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().starts_with(NDJSON)))
+}
+
+struct FollowerGuard(Arc<Metrics>);
+
+impl Drop for FollowerGuard {
+    fn drop(&mut self) {
+        self.0.followers.dec();
+    }
+}
+
+/// Turns records into a response body: plain bytes, or NDJSON records.
+fn body_of(
+    s: &AppState,
+    recs: impl futures::Stream<Item = Result<Record, StoreError>> + Send + 'static,
+    ndjson: bool,
+    following: bool,
+) -> Body {
+    let guard = following.then(|| {
+        s.metrics.followers.inc();
+        FollowerGuard(s.metrics.clone())
+    });
+    let out = recs
+        .map_ok(move |r| {
+            let _keep = &guard;
+            if ndjson {
+                r.to_ndjson()
+            } else {
+                match r {
+                    Record::Data { data, .. } => data,
+                    Record::Dropped { .. } => Bytes::new(),
+                }
+            }
+        })
+        .try_filter(|b| futures::future::ready(!b.is_empty()))
+        .inspect_err(|e| tracing::warn!(error = %e, "Read failed mid-stream."));
+    Body::from_stream(out)
+}
+
+fn dropped_header(spans: &[Span]) -> HeaderValue {
+    let list: Vec<String> = spans.iter().map(ToString::to_string).collect();
+    HeaderValue::from_str(&list.join(",")).unwrap_or(HeaderValue::from_static(""))
+}
+
+pub(super) async fn read_stream(
+    State(s): S,
+    Path(id): Path<String>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+    p: Principal,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let stream = visible(&s, &p, &id).await?;
+    // Only once the caller may see the stream: a bad query does not get past a missing token.
+    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    s.store.refresh(&stream).await?;
+    let status = stream.status();
+    let (start, end) = match headers.get(header::RANGE) {
+        Some(v) => {
+            let (a, b) = parse_range_request(
+                v.to_str()
+                    .map_err(|_| ApiError::bad("Range is not ASCII"))?,
+            )?;
+            (a, b)
+        }
+        None => (0, None),
+    };
+    let ranged = headers.contains_key(header::RANGE);
+    if ranged && !q.follow && start >= status.length.max(1) && !(start == 0 && status.length == 0) {
+        let mut resp = ApiError::RangeNotSatisfiable(format!(
+            "range starts at {start}; {} bytes are readable",
+            status.length
+        ))
+        .into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes */{}", status.length))
+                .unwrap_or(HeaderValue::from_static("bytes */0")),
+        );
+        return Ok(resp);
+    }
+    // A plain read stops at what is readable now; a follower goes on to the end.
+    let stop = if q.follow {
+        end
+    } else {
+        Some(end.map_or(status.length, |e| e.min(status.length)))
+    };
+    let lane = Lane {
+        name: stream.meta.name.clone(),
+        primary: Some(stream.clone()),
+        fallback: None,
+        offset: start,
+        end: stop,
+    };
+    let follow = if q.follow {
+        Follow::UntilComplete
+    } else {
+        Follow::No
+    };
+    let ndjson = wants_ndjson(&headers);
+    let recs = records(s.store.clone(), vec![lane], follow, |l| async move { l });
+    let mut resp = Response::new(body_of(&s, recs, ndjson, q.follow));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if ndjson {
+            NDJSON
+        } else {
+            "application/octet-stream"
+        }),
+    );
+    h.insert("x-relay-length", HeaderValue::from(status.length));
+    h.insert(
+        "x-relay-complete",
+        HeaderValue::from_static(if status.complete { "true" } else { "false" }),
+    );
+    h.insert("x-relay-dropped", dropped_header(&status.dropped));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if ranged && !q.follow {
+        let last = stop.unwrap_or(status.length).max(start + 1) - 1;
+        let total = status
+            .final_length
+            .map_or("*".to_owned(), |n| n.to_string());
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{last}/{total}")) {
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
+    Ok(resp)
+}
+
+async fn context_logs(
+    s: Arc<AppState>,
+    context: String,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+    p: Principal,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let context = readable_context(&s, &p, &context)?;
+    // Checked after the caller, as for a stream's data.
+    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    let every_stream = q.stream.is_none();
+    let names: Vec<String> = match q.stream {
+        Some(name) if crate::names::valid_stream_name(&name) => vec![name],
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "stream must be a stream name such as stdout or <container>.stderr, not {other:?}"
+            )));
+        }
+        // Every stream of the context, from either path: `stdout` and `stderr` (single-process
+        // writers) first, then the per-container ones (`<container>.stdout`, generations `.N`)
+        // in name order, so a stream only the collector saw (a sidecar, a pod admitted before
+        // its tenant's tools were ready) is served from the ebpf path.
+        None => {
+            let mut names: Vec<String> = vec!["stdout".to_owned(), "stderr".to_owned()];
+            let listed = s.store.context_streams(&context).await?;
+            for (_, name) in listed {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            names
+        }
+    };
+    let (primary, fallback) = match q.source {
+        None => (Source::Entrypoint, Some(Source::Ebpf)),
+        Some(src) => (src, None),
+    };
+    let open = {
+        let s = s.clone();
+        let context = context.clone();
+        move |mut lanes: Vec<Lane>| {
+            let s = s.clone();
+            let context = context.clone();
+            async move {
+                // A follower of every stream also picks up the streams created since it began:
+                // a container that starts later, a restart's next generation. A listing that
+                // fails now is tried again at the next refresh.
+                if every_stream && let Ok(listed) = s.store.context_streams(&context).await {
+                    for (_, name) in listed {
+                        if !lanes.iter().any(|l| l.name == name) {
+                            lanes.push(Lane::new(name));
+                        }
+                    }
+                }
+                for lane in &mut lanes {
+                    if lane.primary.is_none() {
+                        let id = s.keys.stream_id(&context, &lane.name, primary.as_str());
+                        lane.primary = s.store.open(&id).await.ok().flatten();
+                    }
+                    if let (None, Some(fb)) = (&lane.fallback, fallback) {
+                        let id = s.keys.stream_id(&context, &lane.name, fb.as_str());
+                        lane.fallback = s.store.open(&id).await.ok().flatten();
+                    }
+                }
+                lanes
+            }
+        }
+    };
+    let lanes: Vec<Lane> = names.into_iter().map(Lane::new).collect();
+    let lanes = open(lanes).await;
+    let opened: Vec<Arc<Stream>> = lanes
+        .iter()
+        .flat_map(|l| l.primary.iter().chain(l.fallback.iter()))
+        .cloned()
+        .collect();
+    for st in opened {
+        s.store.refresh(&st).await?;
+    }
+    let follow = match (q.follow, context.is_trigger()) {
+        (false, _) => Follow::No,
+        (true, true) => Follow::Forever,
+        (true, false) => Follow::UntilComplete,
+    };
+    let ndjson = wants_ndjson(&headers);
+    let recs = records(s.store.clone(), lanes, follow, open);
+    let mut resp = Response::new(body_of(&s, recs, ndjson, q.follow));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if ndjson {
+            NDJSON
+        } else {
+            "text/plain; charset=utf-8"
+        }),
+    );
+    Ok(resp)
+}
+
+pub(super) async fn trigger_logs(
+    State(s): S,
+    Path((workflow, trigger)): Path<(String, String)>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+    p: Principal,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    context_logs(
+        s,
+        format!("workflows/{workflow}/triggers/{trigger}"),
+        query,
+        p,
+        headers,
+    )
+    .await
+}
+
+pub(super) async fn step_logs(
+    State(s): S,
+    Path((workflow, run, step)): Path<(String, String, String)>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+    p: Principal,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    context_logs(
+        s,
+        format!("workflows/{workflow}/runs/{run}/steps/{step}"),
+        query,
+        p,
+        headers,
+    )
+    .await
+}
