@@ -565,19 +565,7 @@ async fn markers_are_validated_skipped_and_reported() {
     assert_eq!(w.status(&id).await["complete"], true);
     // NDJSON shows where the gap is.
     let rd = s.client(&s.token("workflows/w1", Scope::Read));
-    let text = rd
-        .req(Method::GET, &format!("/logs/{id}/data"))
-        .header("accept", "application/x-ndjson")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let recs: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let recs = rd.ndjson(&format!("/logs/{id}/data")).await;
     assert_eq!(recs[0]["type"], "data");
     assert_eq!(recs[0]["data"], "abc");
     assert_eq!(recs[1]["type"], "dropped");
@@ -689,15 +677,7 @@ async fn consumer_api_merges_sources_and_streams() {
     assert_eq!(only, "line one\nline three\n");
     let ebpf_only = rd.text(&format!("{path}?stream=stdout&source=ebpf")).await;
     assert_eq!(ebpf_only, "line one\nline two!\nline three\n");
-    let nd = rd
-        .req(Method::GET, &format!("{path}?stream=stdout"))
-        .header("accept", "application/x-ndjson")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let nd = rd.ndjson_text(&format!("{path}?stream=stdout")).await;
     let recs: Vec<Value> = nd
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -718,15 +698,7 @@ async fn consumer_api_merges_sources_and_streams() {
     c.put_at(&side, 0, b"sidecar says hi\n").await;
     let by_name = rd.text(&format!("{path}?stream=sidecar.stdout")).await;
     assert_eq!(by_name, "sidecar says hi\n");
-    let nd_all = rd
-        .req(Method::GET, &path)
-        .header("accept", "application/x-ndjson")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let nd_all = rd.ndjson_text(&path).await;
     let streams: std::collections::BTreeSet<String> = nd_all
         .lines()
         .map(|l| {
@@ -979,21 +951,6 @@ async fn token_keys_rotate_without_losing_any_stream() {
     assert_eq!(api.data(&id).await, b"before\nduring\nafter\n");
 }
 
-/// The NDJSON records of stream `id`.
-async fn records(rd: &Api, id: &str) -> Vec<Value> {
-    rd.req(Method::GET, &format!("/logs/{id}/data"))
-        .header("accept", "application/x-ndjson")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn write_times_are_the_writers_and_reads_return_them() {
     let s = Server::start(&[]);
@@ -1037,7 +994,7 @@ async fn write_times_are_the_writers_and_reads_return_them() {
     // Without the header: the receive time.
     w.put_at(&id, 12, b"none\n").await;
 
-    let recs = records(&rd, &id).await;
+    let recs = rd.ndjson(&format!("/logs/{id}/data")).await;
     assert_eq!(recs.len(), 3, "{recs:?}");
     assert_eq!(recs[0]["written_ms"], 1_700_000_000_123u64);
     assert!(recs[0]["received_ms"].as_u64().unwrap() >= before);

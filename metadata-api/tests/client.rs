@@ -356,18 +356,8 @@ async fn api_down_then_up_ships_what_was_buffered() {
     // The bytes keep the time they were written, not the time the API came up and took them.
     let reader = server.client(&server.token(CTX, Scope::Read));
     let id = report.id.clone().unwrap();
-    let text = reader
-        .req(reqwest::Method::GET, &format!("/logs/{id}/data"))
-        .header("accept", "application/x-ndjson")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
     let mut records = 0;
-    for line in text.lines() {
-        let r: Value = serde_json::from_str(line).unwrap();
+    for r in reader.ndjson(&format!("/logs/{id}/data")).await {
         let (written, received) = (r["written_ms"].as_u64(), r["received_ms"].as_u64());
         let (Some(written), Some(received)) = (written, received) else {
             panic!("{r}")

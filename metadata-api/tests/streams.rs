@@ -234,15 +234,7 @@ async fn two_replicas_on_shared_storage_do_not_corrupt_a_stream() {
         assert_eq!(r.status(), StatusCode::ACCEPTED);
     }
     for w in [&wa, &wb] {
-        let text = w
-            .req(Method::GET, &format!("/logs/{id}/data"))
-            .header("accept", "application/x-ndjson")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = w.ndjson_text(&format!("/logs/{id}/data")).await;
         let mut image = vec![0u8; 4000];
         for line in text.lines() {
             let rec: serde_json::Value = serde_json::from_str(line).unwrap();

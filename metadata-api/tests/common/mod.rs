@@ -239,6 +239,27 @@ impl Api {
             .unwrap()
     }
 
+    /// GETs `path` as NDJSON and returns the body text.
+    pub async fn ndjson_text(&self, path: &str) -> String {
+        self.req(Method::GET, path)
+            .header("accept", "application/x-ndjson")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// GETs `path` as NDJSON and returns its records.
+    pub async fn ndjson(&self, path: &str) -> Vec<Value> {
+        self.ndjson_text(path)
+            .await
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     /// GETs `path` and returns the body as JSON.
     pub async fn json(&self, path: &str) -> Value {
         serde_json::from_str(&self.text(path).await).unwrap()
