@@ -44,7 +44,7 @@ use metadata_api::{
 use redact::{Redactor, Secrets};
 
 use crate::{
-    cgroups::{self, Role, Stdio},
+    attribution::cgroups::{self, Role, Stdio},
     ebpf::Maps,
     metrics::Metrics,
 };

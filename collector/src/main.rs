@@ -2,14 +2,10 @@
 //! eBPF and ships them to the metadata API as `ebpf` streams.
 
 mod args;
+mod attribution;
 mod btf;
 mod capture;
-mod cgroup_path;
-mod cgroups;
 mod ebpf;
-mod k8s;
-mod kubernetes;
-mod local;
 mod metrics;
 
 use std::{process::ExitCode, sync::Arc, time::Instant};
@@ -21,6 +17,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     args::Args,
+    attribution::{cgroups, kubernetes, local::Local},
     capture::{Attributor, Engine, EngineConfig},
     ebpf::{LoadOptions, Probes},
     metrics::Metrics,
@@ -76,7 +73,7 @@ fn main() -> ExitCode {
 }
 
 /// Configuration errors that clap cannot see. In Kubernetes mode, returns the pods to capture.
-fn check(args: &Args) -> Result<Option<k8s::Selection>, String> {
+fn check(args: &Args) -> Result<Option<kubernetes::Selection>, String> {
     if args.cgroups.is_empty() && !args.kubernetes {
         return Err("nothing to watch: give --cgroup DIR=CONTEXT or --kubernetes".to_owned());
     }
@@ -92,12 +89,12 @@ fn check(args: &Args) -> Result<Option<k8s::Selection>, String> {
     args.kubernetes.then(|| selection(args)).transpose()
 }
 
-async fn run(args: Args, selection: Option<k8s::Selection>) -> Result<(), String> {
+async fn run(args: Args, selection: Option<kubernetes::Selection>) -> Result<(), String> {
     if let Some(selection) = selection {
         let (attributor, root) = kubernetes_mode(&args, selection).await?;
         run_with(args, attributor, vec![root]).await
     } else {
-        let (attributor, roots) = local::Local::new(&args.cgroups).map_err(|e| e.to_string())?;
+        let (attributor, roots) = Local::new(&args.cgroups).map_err(|e| e.to_string())?;
         run_with(args, attributor, roots).await
     }
 }
@@ -106,7 +103,7 @@ async fn run(args: Args, selection: Option<k8s::Selection>) -> Result<(), String
 /// cgroup.
 async fn kubernetes_mode(
     args: &Args,
-    selection: k8s::Selection,
+    selection: kubernetes::Selection,
 ) -> Result<(kubernetes::Kube, u64), String> {
     let root = match &args.kubepods_cgroup {
         Some(dir) => dir.clone(),
@@ -119,7 +116,7 @@ async fn kubernetes_mode(
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("Kubernetes API: {}", ebpf::chain(&e)))?;
-    let (index, driver) = k8s::PodIndex::start(client, &node, selection)
+    let (index, driver) = kubernetes::PodIndex::start(client, &node, selection)
         .await
         .map_err(|e| ebpf::chain(&e))?;
     tokio::spawn(driver);
@@ -128,8 +125,8 @@ async fn kubernetes_mode(
 }
 
 /// The pods to capture, from `--namespace`, `--namespace-selector` and `--pod-selector`.
-fn selection(args: &Args) -> Result<k8s::Selection, String> {
-    let selection = k8s::Selection::new(
+fn selection(args: &Args) -> Result<kubernetes::Selection, String> {
+    let selection = kubernetes::Selection::new(
         args.namespaces.clone(),
         args.pod_selector.as_deref(),
         &args.own_namespace,

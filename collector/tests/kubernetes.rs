@@ -254,7 +254,7 @@ fn pods_are_captured_while_their_namespace_is_labelled() {
     cluster.create_namespace(ns);
     let mut cmd = collector_command(&cluster, &["--namespace-selector", "relay.sh/tenant=true"]);
     // Passing over a container of an unselected namespace is logged at debug level.
-    cmd.env("RUST_LOG", "info,collector::kubernetes=debug");
+    cmd.env("RUST_LOG", "info,collector::attribution::kubernetes=debug");
     let collector = Collector::start_logged(cmd, &api, &[]);
     let triggers = tempfile::tempdir().unwrap();
     let (early_trigger, late_trigger) =

@@ -1,5 +1,5 @@
 //! The eBPF toolchain: the pinned nightly with `rust-src`, and bpf-linker built against LLVM 22
-//! (TESTBED.md). Installed idempotently; bpf-linker is cached under ~/.cache/relay.
+//! (README.md, "Tests"). Installed idempotently; bpf-linker is cached under ~/.cache/relay.
 
 use std::{path::PathBuf, process::Command};
 
@@ -7,8 +7,13 @@ use anyhow::Context;
 
 use crate::util::{cache_dir, run as sh};
 
-/// Kept in step with `collector/build.rs`.
-pub const TOOLCHAIN: &str = "nightly-2026-05-19";
+/// The nightly pinned in `ebpf-toolchain.txt` at the workspace root, which `collector/build.rs`
+/// reads too, so the object is built with the toolchain installed here.
+pub const TOOLCHAIN: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../ebpf-toolchain.txt"
+))
+.trim_ascii();
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// What building bpf-linker against Debian's LLVM 22 needs (bookworm-security).
 const LLVM_PACKAGES: &[&str] = &[

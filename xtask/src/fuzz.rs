@@ -23,8 +23,9 @@ use anyhow::{Context, bail};
 
 use crate::util;
 
-/// The nightly cargo-fuzz builds with (the workspace itself pins a stable toolchain).
-const NIGHTLY: &str = "nightly-2026-05-19";
+/// The nightly cargo-fuzz builds with (the workspace itself pins a stable toolchain): the eBPF
+/// one (`ebpf-toolchain.txt`), so a machine that runs both installs one nightly.
+const NIGHTLY: &str = crate::ebpf::TOOLCHAIN;
 
 /// The crates whose `fuzz/` directory holds cargo-fuzz targets.
 const FUZZED_CRATES: [&str; 2] = ["metadata-api", "operator"];

@@ -1,16 +1,33 @@
 //! Kubernetes mode: the collector watches the node's `kubepods` cgroup tree and attributes each
 //! container cgroup to its pod, through a node-scoped pod reflector.
+//!
+//! A lookup goes through the files of this module in turn: [`cgroup_path`] reads the pod UID and
+//! the runtime's container id from the cgroup's path (no API needed); [`pod_index`] keeps the
+//! node's pods (and the selected namespaces) and finds the pod with that UID; [`selection`] says
+//! whether that pod is captured; [`pod`] says, from the `Pod` object alone, which container has
+//! that id and what the pod's log context is. [`Kube`], here, puts them together for the capture
+//! engine and names the streams.
+//!
+//! # Testing
+//!
+//! What decides an attribution is pure functions of a cgroup path, a `Pod`, a `Namespace` or a
+//! watch event, with table tests in each file. The reflectors behind [`PodIndex`] need an API
+//! server; they are not mocked but tested with the collector against the real kube-apiserver test
+//! bed (`collector/tests/kubernetes.rs`).
+
+mod cgroup_path;
+mod pod;
+mod pod_index;
+mod selection;
 
 use std::path::{Path, PathBuf};
 
-use crate::{
-    capture::{Attributed, Attributor, Target},
-    cgroup_path::parse_container_cgroup,
-    cgroups::Tree,
-    k8s::{Attribution, Miss, PodIndex},
-};
-
 use metadata_api::names::MAX_STREAM_NAME as MAX_NAME;
+
+use self::{cgroup_path::parse_container_cgroup, pod::Attribution, pod_index::Miss};
+pub use self::{pod_index::PodIndex, selection::Selection};
+use super::cgroups::Tree;
+use crate::capture::{Attributed, Attributor, Target};
 
 /// Attributes container cgroups under the kubepods root to pods on this node.
 #[derive(Debug)]
@@ -104,6 +121,29 @@ fn prefix(a: &Attribution) -> String {
     }
     p.push('.');
     p
+}
+
+/// Pods and Namespaces the tests of this module's files build from JSON.
+#[cfg(test)]
+mod fixtures {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use serde_json::{Value, json};
+
+    /// A container id as containerd, CRI-O and docker make them.
+    pub const CID: &str = "0765f197c9158576f202e50498b488cd0d2b022fb2462b0a629f214bb51cd57d";
+
+    pub fn pod(value: Value) -> Pod {
+        serde_json::from_value(value).expect("a Pod")
+    }
+
+    pub fn in_namespace(namespace: &str, labels: Value) -> Pod {
+        pod(json!({"metadata": {"name": "p", "namespace": namespace, "labels": labels}}))
+    }
+
+    pub fn namespace(name: &str, labels: Value) -> Namespace {
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))
+            .expect("a Namespace")
+    }
 }
 
 #[cfg(test)]

@@ -2,10 +2,10 @@
 
 use std::path::{Component, Path};
 
+use super::cgroups::{self, CgroupError, Tree};
 use crate::{
     args::CgroupArg,
     capture::{Attributed, Attributor, Target},
-    cgroups::{self, CgroupError, Tree},
 };
 
 use metadata_api::names::{MAX_STREAM_NAME as MAX_NAME, stream_name_byte};
