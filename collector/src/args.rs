@@ -2,8 +2,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use metadata_api::{
-    client::ShipConfig,
+use client::ShipConfig;
+use contract::{
     coding::{self, Coding},
     size::parse_size,
 };

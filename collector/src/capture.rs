@@ -36,11 +36,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use client::{Client, ShipConfig, Shipper, StreamSpec};
 use collector_common::{ChunkHeader, Cursor, HEADER_BYTES, StreamKey, uncopied};
-use metadata_api::{
-    client::{Client, ShipConfig, Shipper, StreamSpec},
-    source::Source,
-};
+use contract::source::Source;
 use redact::{Redactor, Secrets};
 
 use crate::{

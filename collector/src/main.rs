@@ -12,7 +12,7 @@ use std::{process::ExitCode, sync::Arc, time::Instant};
 
 use aya::maps::{MapData, RingBuf};
 use clap::Parser as _;
-use metadata_api::client::{Client, Token};
+use client::{Client, Token};
 use tokio::io::unix::AsyncFd;
 
 use crate::{

@@ -7,8 +7,8 @@ use std::{
 
 use axum::{Router, routing::get};
 use aya::maps::{MapData, PerCpuArray};
+use client::ShipReport;
 use collector_common::counter;
-use metadata_api::client::ShipReport;
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, gauge::Gauge},

@@ -2,8 +2,8 @@
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
-use metadata_api::{
-    client::ShipConfig,
+use client::ShipConfig;
+use contract::{
     coding::{self, Coding},
     size::parse_size,
 };

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use metadata_api::client::Shipper;
+use client::Shipper;
 use nix::{
     fcntl::{FcntlArg, OFlag, fcntl},
     poll::{PollFd, PollFlags, PollTimeout, poll},

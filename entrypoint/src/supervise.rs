@@ -13,7 +13,7 @@ use std::{
     time::Instant,
 };
 
-use metadata_api::client::{Client, ShipReport, Shipper, StreamSpec, Token};
+use client::{Client, ShipReport, Shipper, StreamSpec, Token};
 use nix::{
     errno::Errno,
     poll::{PollFd, PollFlags, PollTimeout, poll},

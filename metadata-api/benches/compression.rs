@@ -22,7 +22,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use metadata_api::{client::compress_into, coding::Coding, size::parse_size};
+use client::compress_into;
+use contract::{coding::Coding, size::parse_size};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// The codings compared; the first is the baseline every ratio is taken against.

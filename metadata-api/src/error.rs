@@ -105,8 +105,6 @@ impl From<StoreError> for ApiError {
         }
     }
 }
-
-#[cfg(feature = "kubernetes")]
 impl From<crate::kube_auth::AuthError> for ApiError {
     fn from(e: crate::kube_auth::AuthError) -> Self {
         use crate::kube_auth::AuthError;

@@ -79,10 +79,7 @@ impl ReportArgs {
     fn path(&self) -> Result<String, String> {
         let segs = |s: &str, n: usize, what: &str| {
             let v: Vec<&str> = s.split('/').collect();
-            if v.len() == n
-                && v.iter()
-                    .all(|p| metadata_api::names::valid_context_segment(p))
-            {
+            if v.len() == n && v.iter().all(|p| contract::names::valid_context_segment(p)) {
                 Ok(v.into_iter().map(str::to_owned).collect::<Vec<_>>())
             } else {
                 Err(format!(

@@ -27,7 +27,6 @@ pub enum AuthMode {
     Hmac,
     /// Projected ServiceAccount tokens, checked with TokenReview; the pod's labels give its
     /// context ([`crate::kube_auth`]). `hmac` tokens keep working alongside.
-    #[cfg(feature = "kubernetes")]
     Kubernetes,
 }
 
@@ -142,7 +141,6 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_METADATA_API_RETENTION_EVERY", default_value = "1h", value_parser = humantime::parse_duration)]
     pub retention_every: Duration,
     /// Settings of `--auth kubernetes`.
-    #[cfg(feature = "kubernetes")]
     #[command(flatten)]
     pub kubernetes: crate::kube_auth::KubeAuthArgs,
 }
@@ -155,7 +153,6 @@ pub enum ConfigError {
     Storage { url: String, reason: String },
     #[error(transparent)]
     Key(#[from] crate::auth::KeyError),
-    #[cfg(feature = "kubernetes")]
     #[error("cannot start Kubernetes authentication")]
     Kubernetes(#[from] crate::kube_auth::StartError),
 }
@@ -284,16 +281,12 @@ impl ServeArgs {
             writer_window,
             retention: _,
             retention_every: _,
-            #[cfg(feature = "kubernetes")]
             kubernetes,
         } = self;
-        #[cfg(feature = "kubernetes")]
         let kube = match auth {
             AuthMode::Hmac => None,
             AuthMode::Kubernetes => Some(crate::kube_auth::KubeAuth::start(kubernetes).await?),
         };
-        #[cfg(not(feature = "kubernetes"))]
-        let AuthMode::Hmac = auth;
         let keys = Keys::load_or_create(key_file)?.with_token_key_files(token_key_files)?;
         let metrics = Arc::new(Metrics::new());
         let (os, prefix) = open_storage(storage.as_deref())?;
@@ -325,7 +318,6 @@ impl ServeArgs {
             budget: Budget::new(limits),
             metrics,
             metrics_apart: metrics_listen.is_some(),
-            #[cfg(feature = "kubernetes")]
             kube,
         }))
     }

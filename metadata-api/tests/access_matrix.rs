@@ -670,8 +670,6 @@ async fn hmac_tokens() {
     seed(&server, &victim).await;
     check(&server, &victim, &hmac_credentials(&server), &[]).await;
 }
-
-#[cfg(feature = "kubernetes")]
 #[tokio::test]
 async fn kubernetes_tokens() {
     use common::kube_bed::{

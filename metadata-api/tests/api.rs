@@ -416,7 +416,8 @@ async fn gzip_bodies_and_size_limits() {
 /// broken bodies are refused and nothing of them is stored.
 #[tokio::test]
 async fn zstd_bodies_and_size_limits() {
-    use metadata_api::{client::compress_into, coding::Coding};
+    use client::compress_into;
+    use metadata_api::coding::Coding;
     let s = Server::start(&["--max-body", "64K", "--max-decoded", "1M"]);
     let w = s.client(&s.token(CTX, Scope::Write));
     let id = w.stream("stdout").await;

@@ -9,12 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ::client::{Client, ShipConfig, ShipReport, Shipper, StreamSpec, Token};
 use common::{CTX, Server, bytes, eventually, free_addr, sum_metric};
-use metadata_api::{
-    auth::Scope,
-    client::{Client, ShipConfig, ShipReport, Shipper, StreamSpec, Token},
-    coding::Coding,
-};
+use metadata_api::{auth::Scope, coding::Coding};
 use serde_json::Value;
 
 fn client(url: &str, token: &str) -> Arc<Client> {

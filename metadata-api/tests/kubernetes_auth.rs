@@ -1,6 +1,5 @@
 //! `--auth kubernetes` against the real kube-apiserver test bed: bound ServiceAccount tokens from
 //! TokenRequest, checked by the real binary with TokenReview, over real HTTP.
-#![cfg(feature = "kubernetes")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

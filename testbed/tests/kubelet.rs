@@ -489,7 +489,7 @@ fn jobs_complete_or_fail_and_a_deleted_running_pod_is_stopped() {
     let id = container_id(&pod["status"]["containerStatuses"][0]);
     assert!(running_tasks(node.cri()).contains(&id));
     // Where the collector looks: the container's cgroup v2 directory under the pod's, in the
-    // node's cgroup root, by QoS class (collector/src/cgroup_path.rs maps this shape).
+    // node's cgroup root, by QoS class (collector/src/attribution/kubernetes/cgroup_path.rs maps this shape).
     let uid = pod["metadata"]["uid"].as_str().unwrap();
     let cgroup = node
         .cgroup_v2_root()

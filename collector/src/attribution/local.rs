@@ -8,7 +8,7 @@ use crate::{
     capture::{Attributed, Attributor, Target},
 };
 
-use metadata_api::names::{MAX_STREAM_NAME as MAX_NAME, stream_name_byte};
+use contract::names::{MAX_STREAM_NAME as MAX_NAME, stream_name_byte};
 
 /// Attributes the cgroups under the watched directories to their contexts. The directory itself
 /// ships as `stdout`/`stderr`; a cgroup below it as `<relative path with dots>.stdout`.

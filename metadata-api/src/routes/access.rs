@@ -42,7 +42,6 @@ async fn principal(s: &AppState, headers: &HeaderMap) -> Result<Principal, ApiEr
     if let Some(p) = s.keys.verify(token) {
         return Ok(p);
     }
-    #[cfg(feature = "kubernetes")]
     if let Some(kube) = &s.kube {
         return Ok(kube.authenticate(token).await?);
     }
@@ -154,18 +153,12 @@ fn node_allows(s: &AppState, p: &Principal, context: &Context) -> bool {
 /// What `p`'s node restriction says of `context`: `Some(None)` without one (no namespace known),
 /// `Some(Some(ns))` when a pod of the context in namespace `ns` runs on the collector's node,
 /// `None` when none does.
-#[cfg(feature = "kubernetes")]
 fn node_namespace(s: &AppState, p: &Principal, context: &Context) -> Option<Option<String>> {
     match (&p.node, &s.kube) {
         (None, _) => Some(None),
         (Some(node), Some(kube)) => kube.node_runs(node, context).map(Some),
         (Some(_), None) => None,
     }
-}
-
-#[cfg(not(feature = "kubernetes"))]
-fn node_namespace(_: &AppState, p: &Principal, _: &Context) -> Option<Option<String>> {
-    p.node.is_none().then_some(None)
 }
 
 /// Opens a stream the caller may read; 404 for anything else, so ids of others are not revealed.

@@ -92,7 +92,6 @@ pub struct AppState {
     pub metrics_apart: bool,
     /// The `kubernetes` auth mode's authenticator; `None` in `hmac` mode. Tokens that verify
     /// with [`keys`](Self::keys) are accepted in both modes.
-    #[cfg(feature = "kubernetes")]
     pub kube: Option<Arc<crate::kube_auth::KubeAuth>>,
 }
 

@@ -11,8 +11,6 @@ use std::{
 use metadata_api::auth::{Keys, Scope};
 use reqwest::{Client, Method, Response, StatusCode};
 use serde_json::{Value, json};
-
-#[cfg(feature = "kubernetes")]
 pub mod kube_bed;
 
 pub const CTX: &str = "workflows/w1/runs/r1/steps/s1";

@@ -22,7 +22,7 @@ mod selection;
 
 use std::path::{Path, PathBuf};
 
-use metadata_api::names::MAX_STREAM_NAME as MAX_NAME;
+use contract::names::MAX_STREAM_NAME as MAX_NAME;
 
 use self::{cgroup_path::parse_container_cgroup, pod::Attribution, pod_index::Miss};
 pub use self::{pod_index::PodIndex, selection::Selection};

@@ -6,17 +6,17 @@
 //! # Pod labels
 //!
 //! A pod's log context comes from its labels alone, by the rules of
-//! [`metadata_api::pod_context`] (documented there, with the
-//! [`labels`](metadata_api::pod_context::labels)), which the metadata
+//! [`contract::pod_context`] (documented there, with the
+//! [`labels`](contract::pod_context::labels)), which the metadata
 //! API's `kubernetes` auth mode applies too, so a pod's own token and the collector agree on its
 //! context.
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
 /// The log context of a tenant pod, from its labels; `None` for any other pod.
-/// The rules are [`metadata_api::pod_context::context_for_labels`]'s.
+/// The rules are [`contract::pod_context::context_for_labels`]'s.
 pub fn context_for_pod(pod: &Pod) -> Option<String> {
-    metadata_api::pod_context::context_for_labels(pod.metadata.labels.as_ref()?)
+    contract::pod_context::context_for_labels(pod.metadata.labels.as_ref()?)
 }
 
 /// Whose output a container's writes are.
@@ -169,7 +169,7 @@ mod tests {
             "metadata": { "name": "p", "namespace": "tenant", "uid": "u", "labels": labels },
         }))
     }
-    /// The rules themselves are tested in `metadata_api::pod_context`.
+    /// The rules themselves are tested in `contract::pod_context`.
     #[test]
     fn contexts_come_from_pod_labels() {
         let got = context_for_pod(&labelled(json!({

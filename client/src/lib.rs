@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use ship::{ShipConfig, ShipReport, Shipper};
 
-use crate::{coding::Coding, range::Span, source::Source};
+use contract::{coding::Coding, range::Span, source::Source};
 
 /// Largest error body kept for a diagnostic.
 const MAX_ERROR_BODY: usize = 512;
@@ -443,7 +443,7 @@ impl Client {
     }
 
     /// `PATCH /logs/{id}/data`: stores `payload` at `start`; `written_ms`, when its first byte was
-    /// written (see [`crate::headers::WRITTEN`]).
+    /// written (see [`contract::headers::WRITTEN`]).
     pub async fn append(
         &self,
         id: &str,
@@ -463,7 +463,7 @@ impl Client {
         }
         if let Some(ms) = written_ms {
             headers.push((
-                header::HeaderName::from_static(crate::headers::WRITTEN),
+                header::HeaderName::from_static(contract::headers::WRITTEN),
                 ms.to_string(),
             ));
         }

@@ -24,11 +24,12 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Client, ClientError, Created, Payload, StreamSpec, compress_into};
-use crate::{
+use contract::{
     coding::Coding,
     range::{RangeSet, Span},
 };
+
+use crate::{Client, ClientError, Created, Payload, StreamSpec, compress_into};
 
 /// Most generations tried when earlier ones of a stream are already complete.
 const MAX_GENERATIONS: u32 = 1000;

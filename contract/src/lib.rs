@@ -1,0 +1,13 @@
+//! The contract between the metadata API and everything that talks to it: stream names and
+//! sources, the contexts pods map to, byte ranges (`Content-Range`, spans), content codings and
+//! the API's own headers. Defined once here and used by the server, the shipping client, the
+//! operator and the collector; no I/O.
+#![forbid(unsafe_code)]
+
+pub mod coding;
+pub mod headers;
+pub mod names;
+pub mod pod_context;
+pub mod range;
+pub mod size;
+pub mod source;
