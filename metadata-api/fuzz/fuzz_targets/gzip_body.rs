@@ -22,7 +22,7 @@ use http::{Method, StatusCode, header};
 use libfuzzer_sys::fuzz_target;
 use metadata_api::{limits::Limits, range::Span};
 
-/// Limits around the service's inline-decoding threshold (64 KiB, `routes.rs`), where decoding
+/// Limits around the service's inline-decoding threshold (64 KiB, `src/routes/decode.rs`), where decoding
 /// moves to the blocking pool.
 const LIMITS: [usize; 8] = [0, 1, 100, 4096, 65535, 65536, 65537, 70_000];
 /// Plain text a description may expand to: beyond the largest limit, which is as far as the

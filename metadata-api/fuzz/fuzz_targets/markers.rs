@@ -15,7 +15,7 @@ use http::{Method, StatusCode, header};
 use libfuzzer_sys::fuzz_target;
 use metadata_api::range::{ContentRange, RangeSet, Span};
 
-/// The request body as the service reads it (`routes.rs`).
+/// The request body as the service reads it (`src/routes/write.rs`).
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MarkerRequest {

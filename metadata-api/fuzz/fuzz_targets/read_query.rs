@@ -23,7 +23,7 @@ use metadata_api::{
     store::Source,
 };
 
-/// The query as the service reads it (`routes.rs`).
+/// The query as the service reads it (`src/routes/read.rs`).
 #[derive(Debug, serde::Deserialize)]
 struct ReadQuery {
     #[serde(default)]
@@ -179,7 +179,7 @@ fuzz_target!(|data: &[u8]| {
         let total = complete.then_some(length);
         if start == 0 && length == 0 {
             // An empty stream read from 0: nothing is served, though the header says
-            // `bytes 0-0` (reported; the fix belongs in routes.rs).
+            // `bytes 0-0` (reported; the fix belongs in src/routes/read.rs).
             assert!(reply.body.is_empty(), "{what:?}");
         } else {
             assert_eq!(
