@@ -5,6 +5,7 @@
 //! The entrypoint and the collector both ship through this module, so the retry, backoff and
 //! accounting rules exist once.
 
+mod args;
 mod ship;
 
 use std::{
@@ -22,6 +23,7 @@ use hyper_util::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use args::{Defaults, ShipArgs};
 pub use ship::{ShipConfig, ShipReport, Shipper};
 
 use contract::{coding::Coding, range::Span, source::Source};

@@ -2,11 +2,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use client::ShipConfig;
-use contract::{
-    coding::{self, Coding},
-    size::parse_size,
-};
+use client::{Defaults, ShipArgs, ShipConfig};
+use contract::{coding::Coding, size::parse_size};
 
 /// Captures what tenant containers write to their stdout and stderr, in the kernel, and ships it
 /// to the metadata API as `ebpf` streams.
@@ -77,35 +74,8 @@ pub struct Args {
     /// Time allowed after a container ends to ship what is left and declare the final lengths.
     #[arg(long, env = "RELAY_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
     pub grace_period: Duration,
-    /// A batch is sent once it holds this many bytes...
-    #[arg(long, env = "RELAY_BATCH_BYTES", default_value = "1M", value_parser = parse_size)]
-    pub batch_bytes: u64,
-    /// ...or once its oldest byte waited this long.
-    #[arg(long, env = "RELAY_BATCH_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
-    pub batch_interval: Duration,
-    /// Bytes buffered per stream before output is dropped (and reported as dropped).
-    #[arg(long, env = "RELAY_BUFFER_LIMIT", default_value = "16M", value_parser = parse_size)]
-    pub buffer_limit: u64,
-    /// Append requests in flight per stream.
-    #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub max_in_flight: u16,
-    /// Compression of request bodies: gzip, zstd or none [default: none]. Off by default: on a
-    /// node the CPU of compressing every tenant's output costs more than the in-cluster traffic it
-    /// saves (zlib level 1 alone is ~4.5 core-s/GB here), as in Fluent Bit's and Vector's HTTP
-    /// outputs; zstd 1 costs less than that (see the README's compression table).
-    #[arg(long, env = "RELAY_COMPRESSION", value_parser = Coding::parse_flag)]
-    pub compression: Option<Coding>,
-    /// Compression level: gzip 1-9, zstd 1-19 (a higher one means the highest) [default: 1].
-    #[arg(long, env = "RELAY_COMPRESSION_LEVEL", value_parser = clap::value_parser!(u32).range(1..=19))]
-    pub compression_level: Option<u32>,
-    /// gzip level for request bodies (0 = uncompressed): the older spelling of `--compression
-    /// gzip --compression-level N`, which win over it.
-    #[arg(long, env = "RELAY_GZIP_LEVEL", value_parser = clap::value_parser!(u32).range(0..=9))]
-    pub gzip_level: Option<u32>,
-    /// Longest a single request to the API may take.
-    #[arg(long, env = "RELAY_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub request_timeout: Duration,
-    /// Forward the eBPF programs' debug log (aya-log) to this process's log.
+    #[command(flatten)]
+    pub ship: ShipArgs,
     /// Pin the programs and their maps under this directory on the BPF filesystem, so capture
     /// goes on between runs (a restart or upgrade of the collector, a crash): the next run
     /// takes over every stream where this one stopped, and what was written meanwhile beyond
@@ -114,6 +84,7 @@ pub struct Args {
     /// detach when the collector exits and it ends every stream it ships.
     #[arg(long, env = "RELAY_COLLECTOR_PIN_DIR")]
     pub pin_dir: Option<PathBuf>,
+    /// Forward the eBPF programs' debug log (aya-log) to this process's log.
     #[arg(long, env = "RELAY_EBPF_LOG")]
     pub ebpf_log: bool,
 }
@@ -121,24 +92,11 @@ pub struct Args {
 impl Args {
     /// The shipper settings these arguments describe.
     pub fn ship_config(&self) -> ShipConfig {
-        let buffer_limit = usize::try_from(self.buffer_limit).unwrap_or(usize::MAX);
-        let (compression, compression_level) = coding::from_flags(
-            self.compression,
-            self.compression_level,
-            self.gzip_level,
-            Coding::Identity,
-        );
-        ShipConfig {
-            batch_bytes: usize::try_from(self.batch_bytes)
-                .unwrap_or(usize::MAX)
-                .clamp(1, buffer_limit.max(1)),
-            batch_interval: self.batch_interval,
-            buffer_limit,
-            max_in_flight: usize::from(self.max_in_flight),
-            compression,
-            compression_level,
-            ..ShipConfig::default()
-        }
+        self.ship.config(Defaults {
+            buffer_limit: 16 << 20,
+            // Off: see `--compression`.
+            compression: Coding::Identity,
+        })
     }
 }
 

@@ -162,7 +162,7 @@ async fn run_with<A: Attributor>(args: Args, attributor: A, roots: Vec<u64>) -> 
     let listen = listener.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(metrics::serve(listener, metrics.clone()));
     let token = args.token_file.clone().map_or(Token::None, Token::File);
-    let client = Client::new(&args.url, token, args.request_timeout)
+    let client = Client::new(&args.url, token, args.ship.request_timeout)
         .map_err(|e| format!("metadata API {}: {e}", args.url))?;
     let mut engine = Engine::new(
         EngineConfig {

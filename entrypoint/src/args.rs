@@ -2,11 +2,8 @@
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
-use client::ShipConfig;
-use contract::{
-    coding::{self, Coding},
-    size::parse_size,
-};
+use client::{Defaults, ShipArgs, ShipConfig};
+use contract::coding::Coding;
 
 /// Runs CMD and ships its stdout and stderr to the metadata API.
 ///
@@ -33,35 +30,11 @@ pub struct Args {
     /// Stream name for the command's stderr.
     #[arg(long, env = "RELAY_STDERR_STREAM", default_value = "stderr")]
     pub stderr_stream: String,
-    /// A batch is sent once it holds this many bytes...
-    #[arg(long, env = "RELAY_BATCH_BYTES", default_value = "1M", value_parser = parse_size)]
-    pub batch_bytes: u64,
-    /// ...or once its oldest byte waited this long.
-    #[arg(long, env = "RELAY_BATCH_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
-    pub batch_interval: Duration,
-    /// Bytes buffered per stream (queued and in flight) before output is dropped and reported as
-    /// dropped.
-    #[arg(long, env = "RELAY_BUFFER_LIMIT", default_value = "8M", value_parser = parse_size)]
-    pub buffer_limit: u64,
-    /// Append requests in flight per stream.
-    #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub max_in_flight: u16,
-    /// Compression of request bodies: gzip, zstd or none [default: gzip].
-    #[arg(long, env = "RELAY_COMPRESSION", value_parser = Coding::parse_flag)]
-    pub compression: Option<Coding>,
-    /// Compression level: gzip 1-9, zstd 1-19 (a higher one means the highest) [default: 1].
-    #[arg(long, env = "RELAY_COMPRESSION_LEVEL", value_parser = clap::value_parser!(u32).range(1..=19))]
-    pub compression_level: Option<u32>,
-    /// gzip level for request bodies (0 = uncompressed): the older spelling of `--compression
-    /// gzip --compression-level N`, which win over it.
-    #[arg(long, env = "RELAY_GZIP_LEVEL", value_parser = clap::value_parser!(u32).range(0..=9))]
-    pub gzip_level: Option<u32>,
+    #[command(flatten)]
+    pub ship: ShipArgs,
     /// Time allowed after the command exits to ship what is left and declare the final lengths.
     #[arg(long, env = "RELAY_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
     pub grace_period: Duration,
-    /// Longest a single request to the API may take.
-    #[arg(long, env = "RELAY_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub request_timeout: Duration,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -70,36 +43,10 @@ pub struct Args {
 impl Args {
     /// The shipper settings these arguments describe.
     pub fn ship_config(&self) -> ShipConfig {
-        let Self {
-            batch_bytes,
-            batch_interval,
-            buffer_limit,
-            max_in_flight,
-            compression,
-            compression_level,
-            gzip_level,
-            url: _,
-            token_file: _,
-            stdout_stream: _,
-            stderr_stream: _,
-            grace_period: _,
-            request_timeout: _,
-            command: _,
-        } = self;
-        let buffer_limit = usize::try_from(*buffer_limit).unwrap_or(usize::MAX);
-        let (compression, compression_level) =
-            coding::from_flags(*compression, *compression_level, *gzip_level, Coding::Gzip);
-        ShipConfig {
-            batch_bytes: usize::try_from(*batch_bytes)
-                .unwrap_or(usize::MAX)
-                .clamp(1, buffer_limit.max(1)),
-            batch_interval: *batch_interval,
-            buffer_limit,
-            max_in_flight: usize::from(*max_in_flight),
-            compression,
-            compression_level,
-            ..ShipConfig::default()
-        }
+        self.ship.config(Defaults {
+            buffer_limit: 8 << 20,
+            compression: Coding::Gzip,
+        })
     }
 }
 

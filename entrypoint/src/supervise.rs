@@ -79,7 +79,7 @@ pub fn exec_plain(command: &[OsString]) -> u8 {
 /// Runs the command with its output shipped; returns the exit status to leave with.
 pub fn run(args: &Args, url: &str) -> u8 {
     let token = args.token_file.clone().map_or(Token::None, Token::File);
-    let client = match Client::new(url, token, args.request_timeout) {
+    let client = match Client::new(url, token, args.ship.request_timeout) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             say!("{e}; running the command without shipping its output");
