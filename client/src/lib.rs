@@ -21,12 +21,12 @@ use hyper_util::{
     client::legacy::{Client as HttpClient, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 pub use args::{Defaults, ShipArgs};
 pub use ship::{ShipConfig, ShipReport, Shipper};
 
-use contract::{coding::Coding, range::Span, source::Source};
+use contract::{coding::Coding, range::Span};
 
 /// Largest error body kept for a diagnostic.
 const MAX_ERROR_BODY: usize = 512;
@@ -162,50 +162,12 @@ impl TokenCache {
 }
 
 /// What a writer asks for when it opens a stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct StreamSpec {
-    pub name: String,
-    /// Defaults to the token's capture path (entrypoint for write tokens, ebpf for collectors).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub source: Option<Source>,
-    /// Only collector tokens name a context; write tokens write in their own.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub context: Option<String>,
-    /// Collector tokens only: why the container has no entrypoint stream of this one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub entrypoint_absent: Option<String>,
-}
-
-impl StreamSpec {
-    /// A stream in the token's own context, on the token's capture path.
-    pub fn named(name: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            source: None,
-            context: None,
-            entrypoint_absent: None,
-        }
-    }
-}
-
+/// The stream a writer creates (`POST /logs`).
+pub type StreamSpec = contract::wire::CreateStream;
 /// The answer to `POST /logs`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Created {
-    pub id: String,
-    /// End of the stored-or-dropped prefix.
-    pub length: u64,
-    /// Highest offset stored or dropped: a restarted writer continues here.
-    pub end: u64,
-    pub complete: bool,
-}
-
+pub use contract::wire::Created;
 /// The answer to a write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct Ack {
-    pub length: u64,
-    pub end: u64,
-    pub complete: bool,
-}
+pub type Ack = contract::wire::Written;
 
 /// The parts of `GET /logs/{id}` a writer needs.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -492,16 +454,17 @@ impl Client {
 
     /// `POST /logs/{id}/markers`: reports `span` as dropped.
     pub async fn mark_dropped(&self, id: &str, span: Span) -> Result<Ack, ClientError> {
-        let body = serde_json::json!({
-            "range": format!("bytes {span}/*"),
-            "markers": ["dropped"],
-        });
+        let body = contract::wire::Markers {
+            range: format!("bytes {span}/*"),
+            markers: vec!["dropped".to_owned()],
+        };
+        let body = serde_json::to_vec(&body).map_err(|source| ClientError::Decode { source })?;
         let json = [(header::CONTENT_TYPE, "application/json".to_owned())];
         self.call_json(
             Method::POST,
             &format!("/logs/{id}/markers"),
             &json,
-            body.to_string().into(),
+            body.into(),
         )
         .await
     }

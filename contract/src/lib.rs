@@ -11,3 +11,4 @@ pub mod pod_context;
 pub mod range;
 pub mod size;
 pub mod source;
+pub mod wire;

@@ -2,50 +2,25 @@
 //! and source).
 
 use axum::{Json, body::Body, extract::State, http::HeaderMap};
-use serde::{Deserialize, Serialize};
+use contract::wire::{CreateStream, Created};
 
 use super::{
     MAX_JSON, S,
     access::{creation, may_explain_absence},
     parse_json, read_body,
 };
-use crate::{
-    auth::{Context, Principal},
-    error::ApiError,
-    store::{Source, StreamMeta},
-};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateRequest {
-    name: String,
-    source: Option<Source>,
-    context: Option<String>,
-    /// Collector tokens only: see [`StreamMeta::entrypoint_absent`].
-    entrypoint_absent: Option<String>,
-}
+use crate::{auth::Principal, error::ApiError, store::StreamMeta};
 
 /// Longest note a collector may leave on why a container has no entrypoint stream.
 const MAX_ABSENT_NOTE: usize = 256;
-
-#[derive(Debug, Serialize)]
-pub(super) struct CreateResponse {
-    id: String,
-    name: String,
-    source: Source,
-    context: Context,
-    length: u64,
-    end: u64,
-    complete: bool,
-}
 
 pub(super) async fn create_stream(
     State(s): S,
     p: Principal,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<CreateResponse>, ApiError> {
-    let req: CreateRequest = parse_json(&read_body(&s, &headers, body, MAX_JSON).await?)?;
+) -> Result<Json<Created>, ApiError> {
+    let req: CreateStream = parse_json(&read_body(&s, &headers, body, MAX_JSON).await?)?;
     if !crate::names::valid_stream_name(&req.name) {
         return Err(ApiError::bad(
             "name must be 1-64 characters of [A-Za-z0-9._-]",
@@ -75,11 +50,11 @@ pub(super) async fn create_stream(
         )
         .await?;
     let st = stream.status();
-    Ok(Json(CreateResponse {
+    Ok(Json(Created {
         id: st.id,
         name: st.name,
         source: st.source,
-        context: st.context,
+        context: st.context.to_string(),
         length: st.length,
         end: st.end,
         complete: st.complete,

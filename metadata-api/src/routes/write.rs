@@ -12,7 +12,7 @@ use axum::{
     http::{HeaderMap, Method, StatusCode, header},
 };
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use contract::wire::{Markers, Written};
 
 use super::{
     AppState, MAX_JSON, S,
@@ -29,13 +29,6 @@ use crate::{
     range::{ContentRange, Span},
     store::{Store, StoreError, Stream},
 };
-
-#[derive(Debug, Serialize)]
-pub(super) struct WriteResponse {
-    length: u64,
-    end: u64,
-    complete: bool,
-}
 
 /// The write time a writer gives a part (`x-relay-written`: ms since the Unix epoch of its first
 /// byte). A time later than the receive time by more than [`WRITTEN_AHEAD`] is a writer's clock
@@ -70,7 +63,7 @@ pub(super) async fn write_data(
     p: Principal,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<WriteResponse>), ApiError> {
+) -> Result<(StatusCode, Json<Written>), ApiError> {
     let stream = visible(&s, &p, &id).await?;
     if !allows(&s, &p, Action::Write(&stream.meta)) {
         return Err(ApiError::Forbidden("this token cannot write to the stream"));
@@ -248,23 +241,16 @@ pub(super) fn compact_when_due(store: &Arc<Store>, stream: &Arc<Stream>) {
     });
 }
 
-fn written(stream: &Stream) -> (StatusCode, Json<WriteResponse>) {
+fn written(stream: &Stream) -> (StatusCode, Json<Written>) {
     let st = stream.status();
     (
         StatusCode::ACCEPTED,
-        Json(WriteResponse {
+        Json(Written {
             length: st.length,
             end: st.end,
             complete: st.complete,
         }),
     )
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MarkerRequest {
-    range: String,
-    markers: Vec<String>,
 }
 
 pub(super) async fn add_markers(
@@ -273,12 +259,12 @@ pub(super) async fn add_markers(
     p: Principal,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<WriteResponse>), ApiError> {
+) -> Result<(StatusCode, Json<Written>), ApiError> {
     let stream = visible(&s, &p, &id).await?;
     if !allows(&s, &p, Action::Write(&stream.meta)) {
         return Err(ApiError::Forbidden("this token cannot write to the stream"));
     }
-    let req: MarkerRequest = parse_json(&read_body(&s, &headers, body, MAX_JSON).await?)?;
+    let req: Markers = parse_json(&read_body(&s, &headers, body, MAX_JSON).await?)?;
     if req.markers.is_empty() {
         return Err(ApiError::bad("markers must name at least one marker"));
     }
