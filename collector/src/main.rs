@@ -10,9 +10,14 @@ mod metrics;
 
 use std::{process::ExitCode, sync::Arc, time::Instant};
 
+use anyhow::{Context as _, anyhow};
 use aya::maps::{MapData, RingBuf};
 use clap::Parser as _;
 use client::{Client, Token};
+use runtime::{
+    admin::Admin,
+    exit::{UNAVAILABLE, USAGE, WithCode as _},
+};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
@@ -23,78 +28,54 @@ use crate::{
     metrics::Metrics,
 };
 
-/// Exit code of a configuration error (EX_USAGE).
-const USAGE: u8 = 64;
-/// Exit code when this machine cannot run the collector (EX_UNAVAILABLE).
-const UNAVAILABLE: u8 = 69;
 /// Records read per wakeup before timers get a turn.
 const RECORDS_PER_TURN: usize = 65_536;
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { USAGE } else { 0 });
-        }
+        Err(e) => return runtime::exit::parse_error(&e),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let selection = match check(&args) {
-        Ok(selection) => selection,
-        Err(e) => {
-            eprintln!("collector: {e}");
-            return ExitCode::from(USAGE);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("collector: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args, selection)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("collector: {e}");
-            ExitCode::from(UNAVAILABLE)
-        }
-    }
+    runtime::tracing::init("info");
+    // A configuration error is a usage error; anything that stops it later means this machine
+    // cannot run the collector (UNAVAILABLE), except a runtime that does not start.
+    runtime::exit::main("collector", || {
+        let selection = check(&args).code(USAGE)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("cannot start the runtime")?;
+        runtime.block_on(run(args, selection)).code(UNAVAILABLE)?;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 /// Configuration errors that clap cannot see. In Kubernetes mode, returns the pods to capture.
-fn check(args: &Args) -> Result<Option<kubernetes::Selection>, String> {
+fn check(args: &Args) -> anyhow::Result<Option<kubernetes::Selection>> {
     if args.cgroups.is_empty() && !args.kubernetes {
-        return Err("nothing to watch: give --cgroup DIR=CONTEXT or --kubernetes".to_owned());
+        anyhow::bail!("nothing to watch: give --cgroup DIR=CONTEXT or --kubernetes");
     }
     if args.kubernetes && args.node_name.as_deref().is_none_or(str::is_empty) {
-        return Err("--kubernetes needs --node-name (NODE_NAME)".to_owned());
+        anyhow::bail!("--kubernetes needs --node-name (NODE_NAME)");
     }
     if !args.ring_bytes.is_power_of_two() || args.ring_bytes < 4096 || args.ring_bytes > 1 << 30 {
-        return Err(format!(
+        anyhow::bail!(
             "--ring-bytes {} must be a power of two between 4K and 1G",
             args.ring_bytes
-        ));
+        );
     }
     args.kubernetes.then(|| selection(args)).transpose()
 }
 
-async fn run(args: Args, selection: Option<kubernetes::Selection>) -> Result<(), String> {
+/// Errors are printed as they were as strings: an error's own message where it says enough
+/// (`anyhow!("{e}")`), its whole source chain where the causes matter (Kubernetes, selectors).
+async fn run(args: Args, selection: Option<kubernetes::Selection>) -> anyhow::Result<()> {
     if let Some(selection) = selection {
         let (attributor, root) = kubernetes_mode(&args, selection).await?;
         run_with(args, attributor, vec![root]).await
     } else {
-        let (attributor, roots) = Local::new(&args.cgroups).map_err(|e| e.to_string())?;
+        let (attributor, roots) = Local::new(&args.cgroups).map_err(|e| anyhow!("{e}"))?;
         run_with(args, attributor, roots).await
     }
 }
@@ -104,28 +85,26 @@ async fn run(args: Args, selection: Option<kubernetes::Selection>) -> Result<(),
 async fn kubernetes_mode(
     args: &Args,
     selection: kubernetes::Selection,
-) -> Result<(kubernetes::Kube, u64), String> {
+) -> anyhow::Result<(kubernetes::Kube, u64)> {
     let root = match &args.kubepods_cgroup {
         Some(dir) => dir.clone(),
         None => cgroups::cgroup2_mount()
             .and_then(|m| kubernetes::find_kubepods(&m))
-            .ok_or("no kubepods cgroup under the cgroup v2 mount (give --kubepods-cgroup)")?,
+            .context("no kubepods cgroup under the cgroup v2 mount (give --kubepods-cgroup)")?,
     };
-    let root_id = cgroups::cgroup_id(&root).map_err(|e| e.to_string())?;
+    let root_id = cgroups::cgroup_id(&root).map_err(|e| anyhow!("{e}"))?;
     let node = args.node_name.clone().unwrap_or_default();
     let client = kube::Client::try_default()
         .await
-        .map_err(|e| format!("Kubernetes API: {}", ebpf::chain(&e)))?;
-    let (index, driver) = kubernetes::PodIndex::start(client, &node, selection)
-        .await
-        .map_err(|e| ebpf::chain(&e))?;
+        .context("Kubernetes API")?;
+    let (index, driver) = kubernetes::PodIndex::start(client, &node, selection).await?;
     tokio::spawn(driver);
-    index.wait_ready().await.map_err(|e| ebpf::chain(&e))?;
+    index.wait_ready().await?;
     Ok((kubernetes::Kube::new(root, index), root_id))
 }
 
 /// The pods to capture, from `--namespace`, `--namespace-selector` and `--pod-selector`.
-fn selection(args: &Args) -> Result<kubernetes::Selection, String> {
+fn selection(args: &Args) -> anyhow::Result<kubernetes::Selection> {
     let selection = kubernetes::Selection::new(
         args.namespaces.clone(),
         args.pod_selector.as_deref(),
@@ -135,11 +114,11 @@ fn selection(args: &Args) -> Result<kubernetes::Selection, String> {
         Some(selector) => selection.and_then(|s| s.with_namespace_selector(selector)),
         None => selection,
     }
-    .map_err(|e| ebpf::chain(&e))
+    .map_err(anyhow::Error::from)
 }
 
-async fn run_with<A: Attributor>(args: Args, attributor: A, roots: Vec<u64>) -> Result<(), String> {
-    let ring_bytes = u32::try_from(args.ring_bytes).map_err(|e| e.to_string())?;
+async fn run_with<A: Attributor>(args: Args, attributor: A, roots: Vec<u64>) -> anyhow::Result<()> {
+    let ring_bytes = u32::try_from(args.ring_bytes)?;
     let probes = Probes::load(LoadOptions {
         ring_bytes,
         // Wake the reader when an eighth of the ring is used; the poll timer covers the rest.
@@ -147,7 +126,7 @@ async fn run_with<A: Attributor>(args: Args, attributor: A, roots: Vec<u64>) -> 
         log: args.ebpf_log,
         pin_dir: args.pin_dir.clone(),
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| anyhow!("{e}"))?;
     let (loaded, ring, maps, counters) = probes.split();
     if loaded.resumed {
         tracing::info!(
@@ -156,14 +135,24 @@ async fn run_with<A: Attributor>(args: Args, attributor: A, roots: Vec<u64>) -> 
     }
     let metrics = Arc::new(Metrics::new());
     metrics.attach_kernel(counters);
-    let listener = metrics::bind(args.listen)
+    // Bound at start-up, so a busy port is a clear refusal.
+    let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let listen = listener.local_addr().map_err(|e| e.to_string())?;
-    tokio::spawn(metrics::serve(listener, metrics.clone()));
+        .map_err(|e| anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let listen = listener.local_addr()?;
+    let admin = Admin::new({
+        let metrics = metrics.clone();
+        move || Ok(metrics.render())
+    });
+    tokio::spawn(async move {
+        // It serves until the process ends: scrapes go on while the engine ships what is left.
+        if let Err(e) = admin.serve(listener, std::future::pending()).await {
+            tracing::error!(error = %e, "Metrics server failed.");
+        }
+    });
     let token = args.token_file.clone().map_or(Token::None, Token::File);
     let client = Client::new(&args.url, token, args.ship.request_timeout)
-        .map_err(|e| format!("metadata API {}: {e}", args.url))?;
+        .map_err(|e| anyhow!("metadata API {}: {e}", args.url))?;
     let mut engine = Engine::new(
         EngineConfig {
             ship: args.ship_config(),
@@ -179,11 +168,11 @@ async fn run_with<A: Attributor>(args: Args, attributor: A, roots: Vec<u64>) -> 
     for id in roots {
         engine
             .watch(id)
-            .map_err(|e| format!("cannot watch cgroup {id}: {e}"))?;
+            .map_err(|e| anyhow!("cannot watch cgroup {id}: {e}"))?;
     }
     // Tests and scripts wait for this line.
     println!("collector ready; metrics on http://{listen}/metrics");
-    let ring = ebpf::register_readable(ring).map_err(|e| format!("ring buffer: {e}"))?;
+    let ring = ebpf::register_readable(ring).map_err(|e| anyhow!("ring buffer: {e}"))?;
     read_loop(ring, &mut engine, args.ring_poll).await;
     engine.shutdown().await;
     drop(loaded);
@@ -199,13 +188,7 @@ async fn read_loop<A: Attributor>(
 ) {
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "Cannot handle SIGTERM.");
-            return;
-        }
-    };
+    let mut stop = std::pin::pin!(runtime::shutdown::signal());
     loop {
         tokio::select! {
             ready = ring.readable_mut() => {
@@ -219,8 +202,7 @@ async fn read_loop<A: Attributor>(
                 engine.tick(Instant::now());
                 engine.reap();
             }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            () = &mut stop => break,
         }
     }
     drain(ring.get_mut(), engine);

@@ -1,11 +1,8 @@
-//! Prometheus metrics of the capture path, served with `/healthz` by [`serve`].
+//! Prometheus metrics of the capture path, served with `/healthz` by `runtime::admin` (see
+//! `main`).
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
-};
+use std::sync::{Mutex, PoisonError};
 
-use axum::{Router, routing::get};
 use aya::maps::{MapData, PerCpuArray};
 use client::ShipReport;
 use collector_common::counter;
@@ -204,33 +201,4 @@ impl Metrics {
         }
         out
     }
-}
-
-/// Serves `/metrics` and `/healthz` on `listener`.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/metrics",
-            get(move || {
-                let m = metrics.clone();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        m.render(),
-                    )
-                }
-            }),
-        );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "Metrics server failed.");
-    }
-}
-
-/// Binds the metrics address (at startup, so a busy port is a clear refusal).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }

@@ -10,11 +10,9 @@ mod supervise;
 use std::{path::Path, process::ExitCode};
 
 use clap::Parser;
+use runtime::exit::USAGE;
 
 use crate::supervise::say;
-
-/// Exit status for a usage error (sysexits `EX_USAGE`).
-const USAGE: u8 = 64;
 
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -35,10 +33,7 @@ fn main() -> ExitCode {
     }
     let args = match args::Args::try_parse_from(&argv) {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { USAGE } else { 0 });
-        }
+        Err(e) => return runtime::exit::parse_error(&e),
     };
     if args.command.is_empty() {
         say!("no command given\nusage: entrypoint [OPTIONS] [--] CMD [ARGS]...");

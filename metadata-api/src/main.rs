@@ -2,12 +2,15 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
+use anyhow::Context as _;
+
 use clap::{Args, Parser, Subcommand};
 use metadata_api::{
     auth::{Keys, Scope},
     report::Report,
     server::{ServeArgs, serve},
 };
+use runtime::exit::{Failure, UNAVAILABLE, USAGE, WithCode as _};
 
 #[derive(Debug, Parser)]
 #[command(name = "metadata-api", version, about = "Relay log stream service")]
@@ -71,18 +74,15 @@ struct ReportArgs {
     json: bool,
 }
 
-/// Exit code when the report cannot be fetched (EX_UNAVAILABLE).
-const EX_UNAVAILABLE: u8 = 69;
-
 impl ReportArgs {
     /// The report's path, or why the context is malformed.
-    fn path(&self) -> Result<String, String> {
+    fn path(&self) -> anyhow::Result<String> {
         let segs = |s: &str, n: usize, what: &str| {
             let v: Vec<&str> = s.split('/').collect();
             if v.len() == n && v.iter().all(|p| contract::names::valid_context_segment(p)) {
                 Ok(v.into_iter().map(str::to_owned).collect::<Vec<_>>())
             } else {
-                Err(format!(
+                Err(anyhow::anyhow!(
                     "--{what} must be {n} segments of [A-Za-z0-9._-] separated by `/`"
                 ))
             }
@@ -102,7 +102,7 @@ impl ReportArgs {
                     v[0], v[1], v[2]
                 ))
             }
-            (None, None) => Err("one of --trigger or --step is required".to_owned()),
+            (None, None) => anyhow::bail!("one of --trigger or --step is required"),
         }
     }
 }
@@ -126,51 +126,97 @@ async fn fetch_report(args: &ReportArgs, path: &str) -> anyhow::Result<(Report, 
     Ok((report, body))
 }
 
-fn capture_report(args: &ReportArgs) -> ExitCode {
-    let path = match args.path() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("metadata-api: {e}");
-            return ExitCode::from(EX_CONFIG);
-        }
-    };
-    let fetched = tokio::runtime::Builder::new_current_thread()
+/// Exit 0 when both paths agree, 1 when not; a malformed context is a usage error, a report that
+/// cannot be fetched 69.
+fn capture_report(args: &ReportArgs) -> Result<ExitCode, Failure> {
+    let path = args.path().code(USAGE)?;
+    let (report, body) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(fetch_report(args, &path)));
-    match fetched {
-        Ok((report, body)) => {
-            if args.json {
-                println!("{body}");
-            } else {
-                print!("{}", report.table());
-            }
-            if report.agree {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("metadata-api: {e:#}");
-            ExitCode::from(EX_UNAVAILABLE)
-        }
+        .and_then(|rt| rt.block_on(fetch_report(args, &path)))
+        .code(UNAVAILABLE)?;
+    if args.json {
+        println!("{body}");
+    } else {
+        print!("{}", report.table());
     }
+    Ok(if report.agree {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
-/// Exit code for invalid configuration (EX_USAGE, as linkerd2-proxy does).
-const EX_CONFIG: u8 = 64;
+/// Prints a bearer token; any error is a configuration error.
+fn token(
+    key_file: &std::path::Path,
+    token_key_files: &[PathBuf],
+    context: &str,
+    scope: Scope,
+    ttl: Duration,
+) -> Result<ExitCode, Failure> {
+    let token = Keys::load_or_create(key_file)
+        .and_then(|k| k.with_token_key_files(token_key_files))
+        .map_err(anyhow::Error::from)
+        .and_then(|k| k.mint(context, scope, ttl).map_err(anyhow::Error::from))
+        .code(USAGE)?;
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the service until SIGINT or SIGTERM. A configuration the state cannot be built from is
+/// a usage error; anything else that stops it, a failure.
+fn serve_command(args: &ServeArgs) -> Result<ExitCode, Failure> {
+    let rt = tokio::runtime::Runtime::new().context("cannot start runtime")?;
+    let state = rt.block_on(args.state()).code(USAGE)?;
+    // Before any listener: connections are then capped below what is in force.
+    let open_files = metadata_api::conn::raise_open_files();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        // The first stdout line tells scripts and tests where we listen (port 0 works).
+        println!("metadata-api listening on http://{addr}");
+        tracing::info!(%addr, "Listening.");
+        let metrics = match args.metrics_listen {
+            Some(at) => {
+                let listener = tokio::net::TcpListener::bind(at)
+                    .await
+                    .with_context(|| format!("cannot listen on {at}"))?;
+                let addr = listener.local_addr()?;
+                println!("metadata-api metrics on http://{addr}/metrics");
+                tracing::info!(%addr, "Serving metrics.");
+                Some(listener)
+            }
+            None => None,
+        };
+        if let Some(retention) = args.retention() {
+            tracing::info!(age = ?retention.age, every = ?retention.every, "Retention on.");
+            tokio::spawn(metadata_api::retention::run(
+                state.store.clone(),
+                state.keys.clone(),
+                retention,
+            ));
+        }
+        let limits = args.conn_limits(open_files);
+        tracing::info!(
+            max_connections = limits.max_connections,
+            max_per_peer = limits.max_per_peer,
+            open_files,
+            "Connection limits."
+        );
+        serve(listener, metrics, state, limits, Duration::from_secs(10)).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match cli.command {
+    runtime::tracing::init("info");
+    runtime::exit::main("metadata-api", || match cli.command {
         Command::CaptureReport(args) => capture_report(&args),
         Command::Token {
             key_file,
@@ -178,82 +224,7 @@ fn main() -> ExitCode {
             context,
             scope,
             ttl,
-        } => match Keys::load_or_create(&key_file)
-            .and_then(|k| k.with_token_key_files(&token_key_files))
-            .map_err(anyhow::Error::from)
-            .and_then(|k| k.mint(&context, scope, ttl).map_err(anyhow::Error::from))
-        {
-            Ok(t) => {
-                println!("{t}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("metadata-api: {e:#}");
-                ExitCode::from(EX_CONFIG)
-            }
-        },
-        Command::Serve(args) => {
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("metadata-api: cannot start runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let state = match rt.block_on(args.state()) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("metadata-api: {:#}", anyhow::Error::from(e));
-                    return ExitCode::from(EX_CONFIG);
-                }
-            };
-            // Before any listener: connections are then capped below what is in force.
-            let open_files = metadata_api::conn::raise_open_files();
-            let result = rt.block_on(async {
-                let listener = tokio::net::TcpListener::bind(args.listen)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-                let addr = listener.local_addr()?;
-                // The first stdout line tells scripts and tests where we listen (port 0 works).
-                println!("metadata-api listening on http://{addr}");
-                tracing::info!(%addr, "Listening.");
-                let metrics = match args.metrics_listen {
-                    Some(at) => {
-                        let listener = tokio::net::TcpListener::bind(at)
-                            .await
-                            .map_err(|e| anyhow::anyhow!("cannot listen on {at}: {e}"))?;
-                        let addr = listener.local_addr()?;
-                        println!("metadata-api metrics on http://{addr}/metrics");
-                        tracing::info!(%addr, "Serving metrics.");
-                        Some(listener)
-                    }
-                    None => None,
-                };
-                if let Some(retention) = args.retention() {
-                    tracing::info!(age = ?retention.age, every = ?retention.every, "Retention on.");
-                    tokio::spawn(metadata_api::retention::run(
-                        state.store.clone(),
-                        state.keys.clone(),
-                        retention,
-                    ));
-                }
-                let limits = args.conn_limits(open_files);
-                tracing::info!(
-                    max_connections = limits.max_connections,
-                    max_per_peer = limits.max_per_peer,
-                    open_files,
-                    "Connection limits."
-                );
-                serve(listener, metrics, state, limits, Duration::from_secs(10)).await?;
-                anyhow::Ok(())
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("metadata-api: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-    }
+        } => token(&key_file, &token_key_files, &context, scope, ttl),
+        Command::Serve(args) => serve_command(&args),
+    })
 }

@@ -11,11 +11,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use clap::Parser;
 use kube::runtime::events::{Recorder, Reporter};
 use operator::controller::{self, Context};
@@ -28,11 +23,10 @@ use operator::webhook::{
     self, ApiSecretKeys, ImageLookup, NoImageLookup, Webhook, WebhookConfig, WebhookMetrics,
 };
 use prometheus_client::registry::Registry as MetricsRegistry;
+use runtime::admin::Admin;
+use runtime::shutdown::signal as wait_for_signal;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
-
-/// Exit code for configuration errors (sysexits EX_USAGE).
-const EXIT_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -126,90 +120,38 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    runtime::tracing::init("info");
     let args = Args::parse();
     if args.tools_command.is_empty() || args.tools_image.is_empty() {
         error!("--tools-image and --tools-command must not be empty");
-        return ExitCode::from(EXIT_USAGE);
+        return ExitCode::from(runtime::exit::USAGE);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
+        Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start the runtime");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match rt.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
+            // Logged, not printed as `operator: ...` like the other binaries: the operator's
+            // logs are what a cluster keeps of why it stopped.
+            error!("{}", runtime::exit::chain(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-/// Resolves once SIGTERM or SIGINT arrived.
+/// Resolves once the stop was sent (after SIGTERM or SIGINT, or when leadership ended).
 fn shutdown_signal(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + Sync + 'static {
     let mut rx = rx.clone();
     async move {
         let _ = rx.wait_for(|stop| *stop).await;
-    }
-}
-
-async fn wait_for_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot watch SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = term => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
-}
-
-#[derive(Clone)]
-struct Health {
-    metrics: Arc<MetricsRegistry>,
-    ready: watch::Receiver<bool>,
-}
-
-async fn metrics_text(State(health): State<Health>) -> impl IntoResponse {
-    let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &health.metrics) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
-}
-
-async fn readyz(State(health): State<Health>) -> StatusCode {
-    if *health.ready.borrow() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
     }
 }
 
@@ -232,27 +174,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = MetricsRegistry::default();
     controller_metrics.register(&mut registry);
     webhook_metrics.register(&mut registry);
-    let health = Health {
-        metrics: Arc::new(registry),
-        ready: ready_rx,
-    };
-    let app = Router::new()
-        .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(health);
+    let admin = Admin::registry(Arc::new(registry))
+        .health_body("ok")
+        .readiness(ready_rx);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     info!(addr = %args.listen, "serving /metrics, /healthz, /readyz");
-    let http = tokio::spawn({
-        let stop = shutdown_signal(&stop_rx);
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-        }
-    });
+    let http = tokio::spawn(admin.serve(listener, shutdown_signal(&stop_rx)));
 
     // The webhook: every replica serves it.
     let mut upkeep = TlsUpkeep::new(
