@@ -1,5 +1,5 @@
-//! `cargo bench -p bench --bench collector`: what the eBPF collector costs the processes it watches, and how
-//! fast it captures and ships their output.
+//! `cargo bench -p bench --bench collector`: what the eBPF collector costs the processes it
+//! watches, and how fast it captures and ships their output.
 //!
 //! A writer child (`workload write-loop`) calls write(2) on its stdout, a pipe drained by a reader
 //! thread of this process, and reports the wall and CPU time of its write loop. It runs in a

@@ -1,4 +1,5 @@
-//! `cargo bench -p bench --bench entrypoint`: what the entrypoint costs a command, against a plain pipe.
+//! `cargo bench -p bench --bench entrypoint`: what the entrypoint costs a command, against a plain
+//! pipe.
 //!
 //! A generator child (`workload gen-output`) writes log lines to stdout in fixed-size writes and
 //! reports its own wall and CPU time. It runs two ways: piped into `cat > /dev/null` (the

@@ -1,4 +1,5 @@
-//! `cargo bench -p bench --bench metadata_api`: ingest throughput of the metadata API against a plain file write.
+//! `cargo bench -p bench --bench metadata_api`: ingest throughput of the metadata API against a
+//! plain file write.
 //!
 //! Realistic log lines are generated once, in memory. For every cell of the matrix (connections x
 //! part size x encoding) a fresh `metadata-api serve` on a fresh local directory receives the data:

@@ -1,5 +1,5 @@
-//! `cargo bench -p bench --bench operator`: what the pod injection webhook adds to creating a pod, and how
-//! fast the operator reconciles tenants.
+//! `cargo bench -p bench --bench operator`: what the pod injection webhook adds to creating a pod,
+//! and how fast the operator reconciles tenants.
 //!
 //! On the test bed's API server (1.20, with kube-controller-manager) and a local registry, the
 //! release `operator` runs with its webhook registered by URL. Pods are created one after the

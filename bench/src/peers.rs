@@ -1,5 +1,5 @@
-//! `cargo bench -p bench --bench peers`: our two capture paths against the conventional one, on the same
-//! workload (root).
+//! `cargo bench -p bench --bench peers`: our two capture paths against the conventional one, on
+//! the same workload (root).
 //!
 //! The workload (`workload peer-writer`) writes 512-byte lines to its stdout, one write(2) each,
 //! paced (10 MB/s) or as fast as it can. Every line carries its sequence number and the time it

@@ -2,8 +2,8 @@
 //!
 //! First the redactor alone (`cargo bench -p redact --bench throughput`, release): log text in
 //! 64 KiB reads and 100-byte chunks with 0, 10 and 100 values. Then the static entrypoint
-//! shipping to a local release metadata-api (as in the entrypoint benchmark) told to redact 0, 10 and
-//! 100 values: paced at 50 MB/s, where every byte is stored, for the CPU per GB; and as fast as
+//! shipping to a local release metadata-api (as in the entrypoint benchmark) told to redact 0, 10
+//! and 100 values: paced at 50 MB/s, where every byte is stored, for the CPU per GB; and as fast as
 //! possible, for the rate the child can write at. Timings are printed, never asserted.
 
 use std::{path::Path, process::Command};

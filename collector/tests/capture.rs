@@ -41,7 +41,8 @@ fn writes_of_every_size_and_writev_are_captured_byte_exact_stdout_and_stderr_apa
     let cg = Cgroup::new("sizes");
     // Room for all of it (a 16 MiB write lands in the ring at once): this test is about
     // capture, not about a full ring or a slow API (see overflow.rs).
-    let collector = Collector::start(
+    let collector = Collector::start_with(
+        collector_cmd(),
         &api,
         &[(&cg.path, CTX)],
         &["--buffer-limit", "64M", "--ring-bytes", "64M"],
@@ -104,7 +105,7 @@ fn partial_non_blocking_writes_are_recorded_exactly_and_files_and_outsiders_are_
     }
     let api = Api::start(&[]);
     let cg = Cgroup::new("partial");
-    let collector = Collector::start(&api, &[(&cg.path, CTX)], &[]);
+    let collector = Collector::start_with(collector_cmd(), &api, &[(&cg.path, CTX)], &[]);
     let files = tempfile::tempdir().unwrap();
     let own_file = files.path().join("own-file");
     // 8 MiB in 1 MiB writes to a non-blocking pipe: most return short or EAGAIN. The same

@@ -25,7 +25,7 @@ fn container_output_is_captured_and_equals_the_entrypoint_path() {
     };
     let api = Api::start(&[]);
     let cg = Cgroup::new("ctr");
-    let _collector = Collector::start(&api, &[(&cg.path, CTX)], &[]);
+    let _collector = Collector::start_with(collector_cmd(), &api, &[(&cg.path, CTX)], &[]);
     let name = cg.path.file_name().unwrap().to_string_lossy().into_owned();
     let id = std::process::id();
 

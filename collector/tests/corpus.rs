@@ -398,7 +398,7 @@ fn every_shape_of_the_corpus_is_captured_byte_exact_or_accounted_exactly() {
         .zip(&contexts)
         .map(|(c, ctx)| (c.path.as_path(), ctx.as_str()))
         .collect();
-    let collector = Collector::start(&api, &watched, &[]);
+    let collector = Collector::start_with(collector_cmd(), &api, &watched, &[]);
 
     // All at once, as a node runs many containers.
     let runs: Vec<_> = shapes

@@ -25,13 +25,15 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Api, api_bin, can_run, free_addr, operator_bin, wait_for};
+use common::{
+    Api, Collector, CollectorOptions, api_bin, can_run, free_addr, operator_bin, terminate,
+    wait_for,
+};
 use metadata_api::auth::{Context, Keys, Scope};
 use serde_json::{Value, json};
 use testbed::cri::BUSYBOX_IMAGE;
@@ -78,29 +80,7 @@ fn expected(name: &str) -> (Vec<u8>, Vec<u8>) {
     (stdout.into_bytes(), format!("{name} done\n").into_bytes())
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Sends SIGTERM to `child` and waits for it to exit (SIGKILL after `limit`).
-fn terminate(child: &mut Child, limit: Duration) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use testbed::ports::free_port;
 
 /// The operator process, its log lines kept (and passed on to stderr); killed when dropped.
 struct Operator {
@@ -189,49 +169,29 @@ impl Drop for Operator {
     }
 }
 
-/// The collector in Kubernetes mode with `--token-file`; stopped (SIGTERM) when dropped.
-struct CollectorProcess(Child);
-
-impl CollectorProcess {
-    fn start(kubeconfig: &str, api: &Api, token_file: &Path, node: &Node) -> Self {
-        // The kubelet's, under its own cgroup root. The 1.20 kubelet makes its QoS cgroups in
-        // the v1 hierarchies only; runc makes the v2 directories of a pod when it starts its
-        // first container, which may be after the collector starts to watch (as with any node
-        // that had no pod yet). The node removes its cgroup root at teardown.
-        let kubepods = node.cgroup_v2_root().unwrap().join("kubepods");
-        std::fs::create_dir_all(&kubepods).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_collector"))
-            .env("KUBECONFIG", kubeconfig)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env("NO_COLOR", "1")
-            .args(["--kubernetes", "--node-name", NODE, "--kubepods-cgroup"])
-            .arg(&kubepods)
-            .args(["--namespace-selector", "relay.sh/tenant=true"])
-            .args(["--url", &api.url, "--listen", &free_addr()])
-            .arg("--token-file")
-            .arg(token_file)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("collector ready"),
-            "collector did not start: {line:?}"
-        );
-        Self(child)
-    }
-}
-
-impl Drop for CollectorProcess {
-    fn drop(&mut self) {
-        terminate(&mut self.0, Duration::from_secs(30));
-    }
+/// The collector in Kubernetes mode with `--token-file`; stopped (SIGTERM, SIGKILL after 30 s)
+/// when dropped.
+fn start_collector(kubeconfig: &str, api: &Api, token_file: &Path, node: &Node) -> Collector {
+    // The kubelet's, under its own cgroup root. The 1.20 kubelet makes its QoS cgroups in
+    // the v1 hierarchies only; runc makes the v2 directories of a pod when it starts its
+    // first container, which may be after the collector starts to watch (as with any node
+    // that had no pod yet). The node removes its cgroup root at teardown.
+    let kubepods = node.cgroup_v2_root().unwrap().join("kubepods");
+    std::fs::create_dir_all(&kubepods).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_collector"));
+    cmd.env("KUBECONFIG", kubeconfig)
+        .args(["--kubernetes", "--node-name", NODE, "--kubepods-cgroup"])
+        .arg(&kubepods)
+        .args(["--namespace-selector", "relay.sh/tenant=true"]);
+    Collector::spawn(
+        cmd,
+        api,
+        &CollectorOptions {
+            token_file: Some(token_file),
+            stop_limit: Some(Duration::from_secs(30)),
+            ..CollectorOptions::default()
+        },
+    )
 }
 
 fn get(rest: &Rest, path: &str) -> Option<Value> {
@@ -613,7 +573,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
     let token_file = token_dir.path().join("token");
     let first_collector_token = pod_token(&rest, COLLECTOR_ACCOUNT, &first_collector_pod);
     replace_file(&token_file, &first_collector_token);
-    let collector = CollectorProcess::start(kubeconfig, &api, &token_file, &node);
+    let collector = start_collector(kubeconfig, &api, &token_file, &node);
 
     // Tenant A names the kind overlay's class (as deploy/overlays/kind/tenant.yaml does): its
     // tools Job runs and fills a volume made in advance. Tenant B names a class without volumes:

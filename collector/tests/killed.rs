@@ -71,7 +71,8 @@ fn entrypoint_dies(death: Death) {
         Death::ContainerKilled => "killed",
         Death::TektonTimeout => "timeout",
     });
-    let collector = Collector::start(
+    let collector = Collector::start_with(
+        collector_cmd(),
         &api,
         &[(&cg.path, CTX)],
         &["--buffer-limit", "64M", "--ring-bytes", "64M"],

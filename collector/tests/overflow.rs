@@ -14,7 +14,8 @@ fn a_full_ring_loses_exact_ranges_and_never_blocks_the_writer() {
     let api = Api::start(&[]);
     let cg = Cgroup::new("overflow");
     // 64 KiB of ring (four 16 KiB chunks) and a reader that only looks every 200 ms.
-    let collector = Collector::start(
+    let collector = Collector::start_with(
+        collector_cmd(),
         &api,
         &[(&cg.path, CTX)],
         &["--ring-bytes", "64K", "--ring-poll", "200ms"],
@@ -49,7 +50,12 @@ fn a_stream_whose_every_chunk_was_lost_is_still_reported_in_full() {
     let api = Api::start(&[]);
     let cg = Cgroup::new("all-lost");
     // One page of ring: no 16 KiB chunk ever fits, so user space sees nothing of this stream.
-    let collector = Collector::start(&api, &[(&cg.path, CTX)], &["--ring-bytes", "4K"]);
+    let collector = Collector::start_with(
+        collector_cmd(),
+        &api,
+        &[(&cg.path, CTX)],
+        &["--ring-bytes", "4K"],
+    );
     let files = tempfile::tempdir().unwrap();
     let data = random(1 << 20);
     let path = files.path().join("data");

@@ -39,7 +39,7 @@ fn both_paths_store_the_same_redacted_bytes() {
     }
     let api = Api::start(&[]);
     let cg = Cgroup::new("redact");
-    let _collector = Collector::start(&api, &[(&cg.path, CTX)], &[]);
+    let _collector = Collector::start_with(collector_cmd(), &api, &[(&cg.path, CTX)], &[]);
     // The static one `cargo xtask test` builds, else a debug build.
     let entrypoint = std::env::var_os("RELAY_ENTRYPOINT_STATIC").map_or_else(
         || workspace_bin("entrypoint", "entrypoint", "RELAY_ENTRYPOINT_BIN"),
@@ -72,7 +72,7 @@ fn a_container_without_the_entrypoint_is_redacted_too() {
     }
     let api = Api::start(&[]);
     let cg = Cgroup::new("redact-plain");
-    let _collector = Collector::start(&api, &[(&cg.path, CTX)], &[]);
+    let _collector = Collector::start_with(collector_cmd(), &api, &[(&cg.path, CTX)], &[]);
     let (code, out, _) = run_piped(secrets(Cgroup::sh(&cg.path, SCRIPT)));
     assert_eq!(code, 0);
     assert!(

@@ -114,7 +114,8 @@ impl Writer {
 }
 
 fn collector(api: &Api, cg: &Cgroup, pins: &Pins, ring: &str) -> Collector {
-    Collector::start(
+    Collector::start_with(
+        collector_cmd(),
         api,
         &[(&cg.path, CTX)],
         &["--pin-dir", pins.arg(), "--ring-bytes", ring],

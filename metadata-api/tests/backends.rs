@@ -5,57 +5,12 @@
 mod common;
 
 use std::{
-    net::{TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{CTX, Server, bytes, sha256};
+use common::{CTX, Emulator, Server, bytes, sha256};
 use metadata_api::auth::Scope;
-
-struct Emulator(Child);
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts `program args` and waits until it accepts connections on `port`; `None` (skip) when
-/// the program is not installed, unless `RELAY_REQUIRE_EMULATORS` is set (as in CI).
-fn emulator(program: &str, args: &[&str], port: u16) -> Option<Emulator> {
-    let child = match Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(c) => Emulator(c),
-        Err(e) => {
-            assert!(
-                std::env::var_os("RELAY_REQUIRE_EMULATORS").is_none(),
-                "{program} is required: {e}"
-            );
-            eprintln!("SKIPPED: {program} not found ({e}); `cargo xtask test` installs it");
-            return None;
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{program} did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Some(child)
-}
 
 async fn life_cycle(s: &Server) {
     let w = s.client(&s.token(CTX, Scope::Write));
@@ -299,9 +254,8 @@ async fn on_moto_with(
     prefix: &str,
     extra: &[&str],
 ) -> Option<(Emulator, tempfile::TempDir, Server)> {
-    let port = free_port();
-    let moto = emulator("moto_server", &["-p", &port.to_string()], port)?;
-    let endpoint = format!("http://127.0.0.1:{port}");
+    let moto = Emulator::moto()?;
+    let endpoint = moto.endpoint();
     let r = reqwest::Client::new()
         .put(format!("{endpoint}/relay-logs"))
         .send()
@@ -313,13 +267,7 @@ async fn on_moto_with(
         tmp.path(),
         &format!("s3://relay-logs/{prefix}"),
         extra,
-        &env(&[
-            ("AWS_ENDPOINT", endpoint.as_str()),
-            ("AWS_ALLOW_HTTP", "true"),
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_REGION", "us-east-1"),
-        ]),
+        &moto.s3_env(),
     );
     Some((moto, tmp, s))
 }
@@ -327,7 +275,7 @@ async fn on_moto_with(
 /// Sends `sig` (`STOP`, `CONT`) to the emulator.
 fn signal(emulator: &Emulator, sig: &str) {
     let status = Command::new("kill")
-        .args([format!("-{sig}"), emulator.0.id().to_string()])
+        .args([format!("-{sig}"), emulator.pid().to_string()])
         .status()
         .unwrap();
     assert!(status.success(), "kill -{sig}");
@@ -412,23 +360,11 @@ async fn s3_a_write_given_up_while_storage_is_stopped_does_not_block_its_range()
 
 #[tokio::test]
 async fn gcs_backend_on_gcp_storage_emulator_fails_cleanly() {
-    let port = free_port();
-    let Some(_gcs) = emulator(
-        "gcp-storage-emulator",
-        &[
-            "start",
-            "--port",
-            &port.to_string(),
-            "--in-memory",
-            "--default-bucket",
-            "relay-logs",
-        ],
-        port,
-    ) else {
+    let Some(gcs) = Emulator::gcs("relay-logs") else {
         return;
     };
     let key = serde_json::json!({
-        "gcs_base_url": format!("http://127.0.0.1:{port}"),
+        "gcs_base_url": gcs.endpoint(),
         "disable_oauth": true,
         "client_email": "",
         "private_key": "",

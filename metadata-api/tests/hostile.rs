@@ -171,7 +171,7 @@ async fn a_connection_flood_from_one_peer_leaves_other_tenants_served() {
     // 500 connections held open, each with a request head that never ends (as in the issue),
     // reopened as the server refuses or closes them, for as long as the writer is measured.
     let stop = Arc::new(AtomicBool::new(false));
-    let (to, pid, halt) = (addr(&server), server.child.id(), Arc::clone(&stop));
+    let (to, pid, halt) = (addr(&server), server.pid(), Arc::clone(&stop));
     let flood = attack(async move {
         let (mut refused, mut cut, mut most_files) = (0usize, 0usize, 0usize);
         let mut conns = Vec::new();

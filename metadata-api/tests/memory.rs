@@ -36,7 +36,7 @@ async fn touching_many_streams_leaves_memory_flat() {
     const WARM: usize = 1_000;
     const ALL: usize = 5_000;
     let server = Server::start(&["--stream-cache", &CACHE.to_string()]);
-    let pid = server.child.id();
+    let pid = server.pid();
     let api = server.client(&server.token(CTX, Scope::Write));
     // Past the cache's capacity several times over, so that what is measured next is the
     // steady state: allocator arenas, connection buffers and the cache itself at their size.

@@ -27,7 +27,6 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -309,7 +308,10 @@ impl KubeApi {
     fn start_etcd(&mut self, deadline: Instant) -> anyhow::Result<()> {
         let data = self.dir.path().join("etcd");
         self.start_on_free_ports(deadline, |kube, deadline| {
-            let (client, peer) = (free_port()?, free_port()?);
+            let (client, peer) = (
+                crate::ports::try_free_port()?,
+                crate::ports::try_free_port()?,
+            );
             let client_url = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
             let mut etcd = Command::new(layout::etcd());
@@ -347,7 +349,7 @@ impl KubeApi {
         let dir = self.dir.path().to_path_buf();
         let file = |name: &str| format!("{}", dir.join(name).display());
         self.start_on_free_ports(deadline, |kube, deadline| {
-            let port = free_port()?;
+            let port = crate::ports::try_free_port()?;
             let mut apiserver = Command::new(layout::kube_apiserver());
             apiserver
                 .arg(format!("--etcd-servers={}", kube.etcd_url))
@@ -585,13 +587,6 @@ fn log_tail(path: &Path, lines: usize) -> String {
     let log = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = log.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// What a certificate from [`KubeApi::issue_certificate`] is for.

@@ -23,14 +23,18 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cgroup;
+pub mod collector;
 mod containerd;
 pub mod cri;
+pub mod emulators;
 pub mod images;
 pub mod kube;
 pub mod layout;
 pub mod node;
 mod oci;
 pub mod oci_archive;
+pub mod ports;
 pub mod registry;
 mod run;
 

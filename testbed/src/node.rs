@@ -527,7 +527,10 @@ impl Node {
             dir.join("kubelet.kubeconfig"),
             serde_json::to_vec_pretty(&kubeconfig)?,
         )?;
-        let (port, healthz) = (free_port()?, free_port()?);
+        let (port, healthz) = (
+            crate::ports::try_free_port()?,
+            crate::ports::try_free_port()?,
+        );
         let config = json!({
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -812,11 +815,4 @@ fn log_tail(path: &Path, lines: usize) -> String {
     let log = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = log.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
-        .context("cannot find a free port")?;
-    Ok(listener.local_addr()?.port())
 }

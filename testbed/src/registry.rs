@@ -18,7 +18,7 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, TcpListener},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -151,7 +151,7 @@ impl Registry {
                     .prefix("relay-registry-")
                     .tempdir()
                     .context("cannot create the registry directory")?,
-                port: free_port()?,
+                port: crate::ports::try_free_port()?,
                 auth: auth.clone(),
             };
             fs::write(registry.dir.path().join("htpasswd"), &htpasswd)?;
@@ -385,12 +385,6 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 fn init_layout(dir: &Path) -> anyhow::Result<()> {

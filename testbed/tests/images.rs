@@ -9,7 +9,6 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, TcpListener},
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -112,10 +111,7 @@ fn images_are_configured_and_named_as_the_kind_overlay_expects() {
     eprintln!("checked {checked:?}");
 }
 
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    listener.local_addr().unwrap().port()
-}
+use testbed::ports::free_port;
 
 #[test]
 fn metadata_api_image_serves_on_containerd_as_its_user() {

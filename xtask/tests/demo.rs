@@ -43,14 +43,7 @@ fn is_root() -> bool {
         == Some("0")
 }
 
-fn cgroup2_root() -> Option<PathBuf> {
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap()
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.get(2) == Some(&"cgroup2"))
-        .map(|f| PathBuf::from(f[1]))
-}
+use testbed::cgroup::cgroup2_mount as cgroup2_root;
 
 /// Pids of processes whose command line mentions `dir` (the demo's collector and metadata API
 /// name files in it).
