@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use metadata_api::{
     auth::{Keys, Scope},
     report::Report,
-    server::{ServeArgs, serve},
+    server::{ServeArgs, run},
 };
 use runtime::exit::{Failure, UNAVAILABLE, USAGE, WithCode as _};
 
@@ -192,22 +192,15 @@ fn serve_command(args: &ServeArgs) -> Result<ExitCode, Failure> {
             }
             None => None,
         };
-        if let Some(retention) = args.retention() {
-            tracing::info!(age = ?retention.age, every = ?retention.every, "Retention on.");
-            tokio::spawn(metadata_api::retention::run(
-                state.store.clone(),
-                state.keys.clone(),
-                retention,
-            ));
-        }
-        let limits = args.conn_limits(open_files);
-        tracing::info!(
-            max_connections = limits.max_connections,
-            max_per_peer = limits.max_per_peer,
+        run(
+            args,
+            state,
+            listener,
+            metrics,
             open_files,
-            "Connection limits."
-        );
-        serve(listener, metrics, state, limits, Duration::from_secs(10)).await?;
+            runtime::shutdown::signal(),
+        )
+        .await?;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

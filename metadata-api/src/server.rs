@@ -357,10 +357,12 @@ pub async fn serve(
     state: Arc<AppState>,
     limits: ConnLimits,
     grace: Duration,
+    stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
-        shutdown_signal().await;
+        stop.await;
+        tracing::info!("Shutting down.");
         let _ = tx.send(());
     };
     let metrics = async {
@@ -394,7 +396,34 @@ pub async fn serve(
     }
 }
 
-async fn shutdown_signal() {
-    runtime::shutdown::signal().await;
-    tracing::info!("Shutting down.");
+/// What `metadata-api serve` runs once its listeners are bound: retention, when `args` ask for
+/// it, and the server with the connection limits `args` give (fitted under `open_files`), until
+/// `stop` resolves. Tests run it in process with the arguments the binary takes.
+pub async fn run(
+    args: &ServeArgs,
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
+    open_files: u64,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Some(retention) = args.retention() {
+        tracing::info!(age = ?retention.age, every = ?retention.every, "Retention on.");
+        tokio::spawn(crate::retention::run(
+            state.store.clone(),
+            state.keys.clone(),
+            retention,
+        ));
+    }
+    let limits = args.conn_limits(open_files);
+    tracing::info!(
+        max_connections = limits.max_connections,
+        max_per_peer = limits.max_per_peer,
+        open_files,
+        "Connection limits."
+    );
+    serve(listener, metrics, state, limits, SHUTDOWN_GRACE, stop).await
 }
+
+/// How long a stopping server waits for followers, which never end by themselves.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

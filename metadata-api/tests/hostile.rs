@@ -166,7 +166,7 @@ fn open_files(pid: u32) -> usize {
 
 #[tokio::test]
 async fn a_connection_flood_from_one_peer_leaves_other_tenants_served() {
-    let server = Server::start(&LIMITS);
+    let server = Server::process(&LIMITS);
     let quiet = measure(&server, "quiet").await;
     // 500 connections held open, each with a request head that never ends (as in the issue),
     // reopened as the server refuses or closes them, for as long as the writer is measured.
@@ -263,7 +263,7 @@ async fn a_connection_flood_from_one_peer_leaves_other_tenants_served() {
 
 #[tokio::test]
 async fn slow_heads_and_slow_bodies_are_cut_at_their_deadlines() {
-    let server = Server::start(&LIMITS);
+    let server = Server::process(&LIMITS);
     let quiet = measure(&server, "quiet").await;
     let api = server.client(&server.token(CTX, Scope::Write));
     let id = api.stream("slow").await;
@@ -341,7 +341,7 @@ async fn slow_heads_and_slow_bodies_are_cut_at_their_deadlines() {
 
 #[tokio::test]
 async fn oversized_and_malformed_heads_are_refused_without_harm() {
-    let server = Server::start(&LIMITS);
+    let server = Server::process(&LIMITS);
     let quiet = measure(&server, "quiet").await;
     let to = addr(&server);
     let heads = attack(async move {
@@ -385,7 +385,7 @@ async fn oversized_and_malformed_heads_are_refused_without_harm() {
 
 #[tokio::test]
 async fn a_writer_ignoring_retry_after_is_refused_without_its_body_being_read() {
-    let server = Server::start(&["--stream-rate", "4K"]);
+    let server = Server::process(&["--stream-rate", "4K"]);
     let token = server.token(CTX, Scope::Write);
     let api = server.client(&token);
     let id = api.stream("impatient").await;
@@ -456,7 +456,7 @@ async fn a_writer_ignoring_retry_after_is_refused_without_its_body_being_read() 
 async fn a_tenant_at_ten_times_its_budget_leaves_the_others_theirs() {
     // 1 MiB/s per tenant, 3 MiB/s for the service: the loud tenant offers ten times its share
     // over ten streams, which without a tenant budget would take the whole service's.
-    let server = Server::start(&[
+    let server = Server::process(&[
         "--tenant-rate",
         "1M",
         "--stream-rate",

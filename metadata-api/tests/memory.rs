@@ -35,7 +35,7 @@ async fn touching_many_streams_leaves_memory_flat() {
     const CACHE: usize = 200;
     const WARM: usize = 1_000;
     const ALL: usize = 5_000;
-    let server = Server::start(&["--stream-cache", &CACHE.to_string()]);
+    let server = Server::process(&["--stream-cache", &CACHE.to_string()]);
     let pid = server.pid();
     let api = server.client(&server.token(CTX, Scope::Write));
     // Past the cache's capacity several times over, so that what is measured next is the
