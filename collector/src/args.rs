@@ -14,10 +14,10 @@ use contract::{coding::Coding, size::parse_size};
 #[command(name = "collector", version)]
 pub struct Args {
     /// Metadata API base URL (`http://host:port`).
-    #[arg(long, env = "RELAY_METADATA_API_URL")]
+    #[arg(long, env = contract::env::METADATA_API_URL)]
     pub url: String,
     /// Bearer token file (a collector token), read again whenever it changes.
-    #[arg(long, env = "RELAY_METADATA_API_TOKEN_FILE")]
+    #[arg(long, env = contract::env::METADATA_API_TOKEN_FILE)]
     pub token_file: Option<PathBuf>,
     /// A cgroup v2 directory to watch, with the log context its output belongs to.
     #[arg(

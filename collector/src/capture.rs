@@ -746,7 +746,7 @@ pub fn entrypoint_absent<'a>(
              and the collector is its only capture path",
         );
     }
-    let wrapped = vars.any(|(name, _)| name == b"RELAY_METADATA_API_URL");
+    let wrapped = vars.any(|(name, _)| name == contract::env::METADATA_API_URL.as_bytes());
     (!wrapped).then_some(
         "the container does not run under the entrypoint (a sidecar, an init container, a pod \
          admitted without injection, or a container the webhook skipped: see its \

@@ -1,10 +1,12 @@
 //! The contract between the metadata API and everything that talks to it: stream names and
-//! sources, the contexts pods map to, byte ranges (`Content-Range`, spans), content codings and
-//! the API's own headers. Defined once here and used by the server, the shipping client, the
+//! sources, the contexts pods map to, byte ranges (`Content-Range`, spans), content codings, the
+//! API's own headers, the `RELAY_*` environment of wrapped containers and the request and
+//! response bodies. Defined once here and used by the server, the shipping client, the
 //! operator and the collector; no I/O.
 #![forbid(unsafe_code)]
 
 pub mod coding;
+pub mod env;
 pub mod headers;
 pub mod names;
 pub mod pod_context;

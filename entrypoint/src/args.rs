@@ -19,16 +19,16 @@ use contract::coding::Coding;
 )]
 pub struct Args {
     /// Metadata API base URL (`http://host:port`).
-    #[arg(long, env = "RELAY_METADATA_API_URL")]
+    #[arg(long, env = contract::env::METADATA_API_URL)]
     pub url: Option<String>,
     /// Bearer token file, read again whenever it changes (projected tokens rotate).
-    #[arg(long, env = "RELAY_METADATA_API_TOKEN_FILE")]
+    #[arg(long, env = contract::env::METADATA_API_TOKEN_FILE)]
     pub token_file: Option<PathBuf>,
     /// Stream name for the command's stdout.
-    #[arg(long, env = "RELAY_STDOUT_STREAM", default_value = "stdout")]
+    #[arg(long, env = contract::env::STDOUT_STREAM, default_value = "stdout")]
     pub stdout_stream: String,
     /// Stream name for the command's stderr.
-    #[arg(long, env = "RELAY_STDERR_STREAM", default_value = "stderr")]
+    #[arg(long, env = contract::env::STDERR_STREAM, default_value = "stderr")]
     pub stderr_stream: String,
     #[command(flatten)]
     pub ship: ShipArgs,

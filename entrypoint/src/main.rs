@@ -42,7 +42,10 @@ fn main() -> ExitCode {
     let code = match args.url.as_deref() {
         Some(url) if !url.is_empty() => supervise::run(&args, url),
         _ => {
-            say!("RELAY_METADATA_API_URL is not set; running the command without shipping");
+            say!(
+                "{} is not set; running the command without shipping",
+                contract::env::METADATA_API_URL
+            );
             supervise::exec_plain(&args.command)
         }
     };

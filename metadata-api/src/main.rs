@@ -58,7 +58,7 @@ enum Command {
 #[command(group(clap::ArgGroup::new("which").required(true).args(["trigger", "step"])))]
 struct ReportArgs {
     /// The metadata API, e.g. `http://127.0.0.1:7070`.
-    #[arg(long, env = "RELAY_METADATA_API_URL")]
+    #[arg(long, env = contract::env::METADATA_API_URL)]
     url: String,
     /// A read token covering the context (or the context's write token).
     #[arg(long, env = "RELAY_METADATA_API_TOKEN", hide_env_values = true)]

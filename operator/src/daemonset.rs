@@ -237,7 +237,7 @@ mod tests {
         config.host_network = true;
         config.extra_env = vec![
             (
-                "RELAY_METADATA_API_URL".to_owned(),
+                contract::env::METADATA_API_URL.to_owned(),
                 "http://127.0.0.1:1".to_owned(),
             ),
             ("KUBERNETES_SERVICE_HOST".to_owned(), "127.0.0.1".to_owned()),
@@ -260,7 +260,7 @@ mod tests {
         };
         // The template's URL is replaced, not doubled; its other variables stay.
         assert_eq!(
-            values("RELAY_METADATA_API_URL"),
+            values(contract::env::METADATA_API_URL),
             [Some("http://127.0.0.1:1".to_owned())]
         );
         assert_eq!(

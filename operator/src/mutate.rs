@@ -27,24 +27,18 @@ pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/relay/token";
 /// Lifetime the kubelet requests for the projected token; it rotates it well before expiry.
 pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 /// Label Tekton puts on TaskRun pods.
-pub const TEKTON_TASK_RUN_LABEL: &str = "tekton.dev/taskRun";
+pub const TEKTON_TASK_RUN_LABEL: &str = contract::pod_context::labels::TEKTON_TASK_RUN;
 /// Label Knative Serving puts on revision pods.
-pub const KNATIVE_REVISION_LABEL: &str = "serving.knative.dev/revision";
+pub const KNATIVE_REVISION_LABEL: &str = contract::pod_context::labels::KNATIVE_REVISION;
 /// The one container of a Knative pod that runs tenant code.
 pub const KNATIVE_USER_CONTAINER: &str = "user-container";
 
-// Environment the entrypointer reads (`entrypoint/src/args.rs`).
-/// Metadata API base URL.
-pub const ENV_API_URL: &str = "RELAY_METADATA_API_URL";
-/// Bearer token file.
-pub const ENV_TOKEN_FILE: &str = "RELAY_METADATA_API_TOKEN_FILE";
-/// Stream names, `<container>.stdout` and `<container>.stderr` as the collector names them.
-pub const ENV_STDOUT_STREAM: &str = "RELAY_STDOUT_STREAM";
-pub const ENV_STDERR_STREAM: &str = "RELAY_STDERR_STREAM";
-/// The pod's UID from the downward API, for Knative stream names.
-pub const ENV_POD_UID: &str = "RELAY_POD_UID";
-/// Variables whose values are redacted from the shipped output (`redact::ENV_LIST`).
-pub const ENV_REDACT: &str = "RELAY_REDACT_ENV";
+// Environment the entrypointer reads, named in the contract both sides use.
+pub use contract::env::{
+    METADATA_API_TOKEN_FILE as ENV_TOKEN_FILE, METADATA_API_URL as ENV_API_URL,
+    POD_UID as ENV_POD_UID, REDACT_ENV as ENV_REDACT, STDERR_STREAM as ENV_STDERR_STREAM,
+    STDOUT_STREAM as ENV_STDOUT_STREAM,
+};
 
 /// What to inject, from the tenant's state and the operator's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -52,7 +52,7 @@ pub const MIN_VALUE_LEN: usize = 4;
 pub const MAX_VALUE_LEN: usize = 64 << 10;
 /// The environment variable naming the variables that hold secret values: a comma-separated list
 /// of names and `PREFIX*` entries (see [`EnvSelector`]). The operator's webhook sets it.
-pub const ENV_LIST: &str = "RELAY_REDACT_ENV";
+pub const ENV_LIST: &str = contract::env::REDACT_ENV;
 
 /// Why redaction cannot be set up.
 #[derive(Debug, thiserror::Error)]
