@@ -38,14 +38,18 @@ fn kill_api_loses_and_duplicates_nothing() {
         testbed::skip_or_fail("the fault scenarios need root, cgroup v2 and BTF");
         return;
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["faults", "--scenario", "kill-api", "--seconds", "12"])
-        .args(["--writers", "4", "--rate-mb", "4", "--no-baseline"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Command::new(testbed::api::workspace_bin(
+        "xtask",
+        "xtask",
+        "RELAY_XTASK_BIN",
+    ))
+    .args(["faults", "--scenario", "kill-api", "--seconds", "12"])
+    .args(["--writers", "4", "--rate-mb", "4", "--no-baseline"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut s = String::new();
