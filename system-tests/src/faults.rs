@@ -64,6 +64,7 @@ impl Scenario {
         Self::CollectorKill,
     ];
 
+    /// The name the table and `--scenario` use.
     pub fn name(self) -> &'static str {
         match self {
             Self::KillApi => "kill-api",
