@@ -1,4 +1,4 @@
-//! The processes benchmarks (and `cargo xtask demo` and `faults`) run: the workspace root,
+//! The processes benchmarks (and `cargo xtask demo` and the fault scenarios of `system-tests`) run: the workspace root,
 //! commands, release builds, the metadata-api and collector processes, cgroups, scratch
 //! directories.
 

@@ -294,8 +294,8 @@ impl Drop for Resume<'_> {
 /// on its timeout) and sends the same range again once storage is back: it is stored at once.
 /// The API drops the handler of a request whose client went away, with its write midway; the
 /// range that write had reserved in the stream was never released, so every re-send of it waited
-/// for it forever and the stream stored nothing more once storage was back (`cargo xtask faults
-/// --scenario storage-down`).
+/// for it forever and the stream stored nothing more once storage was back (the `storage-down`
+/// fault scenario, `cargo bench -p system-tests --bench faults -- --scenario storage-down`).
 #[tokio::test]
 async fn s3_a_write_given_up_while_storage_is_stopped_does_not_block_its_range() {
     let Some((moto, _tmp, s)) = on_moto("stalled").await else {

@@ -4,13 +4,49 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
-use crate::api::{Api, free_addr, wait_for};
+use crate::api::{Api, free_addr, wait_for, workspace_bin};
+use crate::cgroup::cgroup2_root;
+
+/// The `collector` binary: `RELAY_COLLECTOR_BIN` (set by `cargo xtask test`), or a debug build of
+/// it, built once here when missing. For tests outside the collector's crate, which have no
+/// `CARGO_BIN_EXE_collector`.
+pub fn collector_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("collector", "collector", "RELAY_COLLECTOR_BIN"))
+}
+
+/// Why the collector cannot run here, if it cannot: it needs root (CAP_BPF, CAP_PERFMON), the
+/// kernel's BTF and a cgroup v2 hierarchy.
+pub fn unavailable() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("the collector needs root (CAP_BPF, CAP_PERFMON)".to_owned());
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Some("the kernel has no BTF".to_owned());
+    }
+    if cgroup2_root().is_none() {
+        return Some("no cgroup v2 hierarchy".to_owned());
+    }
+    None
+}
+
+/// Returns false (after printing why, or failing under `RELAY_REQUIRE_TESTBED=1`) when the
+/// collector cannot run here.
+pub fn can_run() -> bool {
+    match unavailable() {
+        Some(why) => {
+            crate::skip_or_fail(&why);
+            false
+        }
+        None => true,
+    }
+}
 
 /// How to start a [`Collector`] besides its command and API; every field has a default.
 #[derive(Debug, Default, Clone, Copy)]

@@ -10,7 +10,7 @@
 use std::{
     fs::File,
     io::{BufWriter, Read, Write},
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -24,6 +24,18 @@ pub const CONTAINERD_NAME: &str = "io.containerd.image.name";
 
 /// The annotation of the OCI image layout that names (tags) an image.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// Where `cargo xtask images` leaves the archives: `RELAY_IMAGES_DIR` (set by `cargo xtask
+/// test`), or `images` in the target directory (`CARGO_TARGET_DIR`, else the workspace's
+/// `target`).
+pub fn images_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RELAY_IMAGES_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| crate::api::workspace().join("target"), PathBuf::from)
+        .join("images")
+}
 
 /// How long an import and CRI seeing the image may take (tens of MB to unpack).
 const IMPORT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -163,7 +175,7 @@ fn hex_of(digest: &str) -> anyhow::Result<&str> {
     Ok(hex)
 }
 
-fn blob_path(layout: &Path, digest: &str) -> anyhow::Result<std::path::PathBuf> {
+fn blob_path(layout: &Path, digest: &str) -> anyhow::Result<PathBuf> {
     Ok(layout.join("blobs/sha256").join(hex_of(digest)?))
 }
 

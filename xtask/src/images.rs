@@ -124,8 +124,8 @@ pub struct Args {
 }
 
 impl Args {
-    /// What `cargo xtask test` builds for testbed/tests/images.rs and collector/tests/deployed.rs
-    /// (which installs all four on the test bed's node): every image, dev profile, into
+    /// What `cargo xtask test` builds for system-tests/tests/images.rs and
+    /// system-tests/tests/deployed.rs (which installs all four on the test bed's node): every image, dev profile, into
     /// `target/images`. The operator and collector dev musl builds add about 2.5 minutes to a cold
     /// build on an idle 2-vCPU machine; measured 11.5 minutes (695 s, after the metadata-api
     /// image) on one shared with two other builds (load 5 to 8).

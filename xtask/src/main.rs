@@ -4,7 +4,6 @@
 mod demo;
 mod dist;
 mod ebpf;
-mod faults;
 mod fuzz;
 mod images;
 mod test;
@@ -32,11 +31,6 @@ enum Task {
     E2e,
     /// Run the cargo-fuzz targets (briefly by default).
     Fuzz(fuzz::Args),
-    /// Scripted fault scenarios (root): produced, stored, dropped and lost bytes per scenario.
-    Faults(faults::Args),
-    /// A fault scenario's writer: paced, deterministic lines on stdout.
-    #[command(hide = true)]
-    FaultWriter(faults::WriterArgs),
     /// Container images (metadata-api, operator, collector, tools) as OCI archives under
     /// target/images, for `kind load image-archive`; `--push` copies them to a registry.
     Images(images::Args),
@@ -54,8 +48,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test(a) => test::run(a),
         Task::E2e => test::e2e(),
         Task::Fuzz(a) => fuzz::run(a),
-        Task::Faults(a) => faults::run(a),
-        Task::FaultWriter(a) => faults::writer(a),
         Task::Images(a) => images::run_task(a),
         Task::BuildEntrypoint(a) => dist::run_task(a),
         Task::Testbed(a) => testbed::run(a),

@@ -125,17 +125,19 @@ fn nextest(path: &std::ffi::OsStr, filter: &[&str], env: &[(&str, PathBuf)]) -> 
         .env("RELAY_ENTRYPOINT_STATIC", &entrypoint)
         .env("RELAY_METADATA_API_BIN", &api)
         .env("RELAY_COLLECTOR_BIN", &collector)
+        // The demo's test runs `xtask demo`: this binary.
+        .env("RELAY_XTASK_BIN", std::env::current_exe()?)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RELAY_REQUIRE_EMULATORS", "1")
         .env(testbed::REQUIRE_ENV, "1"))
 }
 
-/// `cargo xtask e2e`: the cluster-shaped end-to-end test alone (see `collector/tests/e2e.rs`).
+/// `cargo xtask e2e`: the cluster-shaped end-to-end test alone (see `system-tests/tests/e2e.rs`).
 pub fn e2e() -> anyhow::Result<()> {
     let path = prepare()?;
     nextest(
         &path,
-        &["-p", "collector", "--test", "e2e", "--no-capture"],
+        &["-p", "system-tests", "--test", "e2e", "--no-capture"],
         &[],
     )
 }
@@ -171,7 +173,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             target: None,
         })?;
     }
-    // The images testbed/tests/images.rs runs on containerd and collector/tests/deployed.rs
+    // The images system-tests/tests/images.rs runs on containerd and system-tests/tests/deployed.rs
     // installs on the test bed's node (all four, dev profile, musl).
     let images = crate::images::Args::for_tests();
     crate::images::build(&images).context("building the images")?;

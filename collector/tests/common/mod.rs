@@ -4,7 +4,6 @@
 
 use std::{
     io::Read,
-    path::Path,
     process::{Command, Stdio},
     thread::JoinHandle,
     time::Duration,
@@ -14,38 +13,12 @@ use serde_json::Value;
 pub use testbed::{
     api::*,
     cgroup::{Cgroup, cgroup2_root},
-    collector::{Collector, CollectorOptions, terminate},
+    collector::{Collector, CollectorOptions, can_run, terminate, unavailable},
 };
 
 /// This crate's collector binary, for [`Collector::start_with`].
 pub fn collector_cmd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_collector"))
-}
-
-/// Why the collector cannot run here, if it cannot.
-pub fn unavailable() -> Option<String> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("the collector needs root (CAP_BPF, CAP_PERFMON)".to_owned());
-    }
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        return Some("the kernel has no BTF".to_owned());
-    }
-    if cgroup2_root().is_none() {
-        return Some("no cgroup v2 hierarchy".to_owned());
-    }
-    None
-}
-
-/// Returns false (after printing why, or failing under `RELAY_REQUIRE_TESTBED=1`) when the
-/// collector cannot run here.
-pub fn can_run() -> bool {
-    match unavailable() {
-        Some(why) => {
-            testbed::skip_or_fail(&why);
-            false
-        }
-        None => true,
-    }
 }
 
 /// Reads a pipe to its end on a thread.

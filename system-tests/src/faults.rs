@@ -1,6 +1,8 @@
-//! `cargo xtask faults`: scripted fault scenarios against the real parts on this machine (root):
-//! the metadata API binary over real sockets, writers wrapped by the real entrypoint and writers
-//! in a cgroup the real collector watches, on the real kernel.
+//! Scripted fault scenarios against the real parts on this machine (root): the metadata API
+//! binary over real sockets, writers wrapped by the real entrypoint and writers in a cgroup the
+//! real collector watches, on the real kernel. [`run_scenario`] runs one and returns its
+//! [`Outcome`], which `tests/faults.rs` asserts on; [`run_all`] runs several against baselines and
+//! prints the table (`cargo bench -p system-tests --bench faults`).
 //!
 //! Half the writers (the even ones) run under the entrypoint, the other half as plain processes
 //! in sub-cgroups of a cgroup the collector watches (each writer on one path). Each writes a
@@ -15,7 +17,8 @@
 //! `throttle-storm` (tiny rate limits: sustained 429), `collector-restart` (SIGTERM and start
 //! again), `collector-kill` (the same with SIGKILL), `storage-down` (the S3
 //! emulator stopped with SIGSTOP for 30 s), `network-cut` (the API in a network namespace whose
-//! veth goes down for 30 s). Exits non-zero when any byte is unaccounted or duplicated.
+//! veth goes down for 30 s). An outcome is [`Outcome::clean`] when no byte is unaccounted or
+//! duplicated.
 
 use std::{
     collections::HashMap,
@@ -37,8 +40,9 @@ use nix::{
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
-use crate::util::{self, Cgroup, Collector, Server};
+use bench::process::{self as util, Cgroup, Collector, Server};
 
+/// A fault injected while the writers write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
     KillApi,
@@ -51,7 +55,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Most valuable first.
-    const ALL: [Self; 6] = [
+    pub const ALL: [Self; 6] = [
         Self::KillApi,
         Self::ThrottleStorm,
         Self::CollectorRestart,
@@ -60,7 +64,8 @@ impl Scenario {
         Self::CollectorKill,
     ];
 
-    fn name(self) -> &'static str {
+    /// The name the table and `--scenario` use.
+    pub fn name(self) -> &'static str {
         match self {
             Self::KillApi => "kill-api",
             Self::ThrottleStorm => "throttle-storm",
@@ -71,7 +76,8 @@ impl Scenario {
         }
     }
 
-    fn default_seconds(self) -> u64 {
+    /// How long the writers write unless told otherwise.
+    pub fn default_seconds(self) -> u64 {
         match self {
             Self::KillApi => 120,
             Self::ThrottleStorm => 300,
@@ -81,51 +87,15 @@ impl Scenario {
     }
 }
 
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// Scenarios to run, comma-separated; all of them (in the order kill-api, throttle-storm,
-    /// collector-restart, storage-down, network-cut, collector-kill) when not given.
-    #[arg(long, value_enum, value_delimiter = ',')]
-    pub scenario: Vec<Scenario>,
-    /// How long the writers write [default: 120 for kill-api, 300 for throttle-storm, 30 for
-    /// collector-restart and collector-kill, 60 for storage-down and network-cut].
-    #[arg(long)]
-    pub seconds: Option<u64>,
+/// The writers of a run and what is kept of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
     /// Writers: the even ones under the entrypoint, the odd ones in the collector's cgroup.
-    #[arg(long, default_value_t = 10)]
     pub writers: u32,
     /// Total pace of all writers, MB/s.
-    #[arg(long, default_value_t = 20)]
     pub rate_mb: u64,
-    /// Compare wall times with the writers' pace instead of a run without faults first.
-    #[arg(long)]
-    pub no_baseline: bool,
-    /// Use the release binaries in target/release as they are (do not run cargo build).
-    #[arg(long)]
-    pub no_build: bool,
     /// Keep each run's storage (under target/faults) instead of removing it.
-    #[arg(long)]
     pub keep: bool,
-}
-
-/// `xtask fault-writer`: one writer of a fault scenario.
-#[derive(Debug, clap::Args)]
-pub struct WriterArgs {
-    /// Tag in every line (3 characters).
-    #[arg(long)]
-    pub tag: String,
-    /// Bytes to write.
-    #[arg(long)]
-    pub bytes: u64,
-    /// Pace, bytes per second.
-    #[arg(long)]
-    pub rate: u64,
-    /// cgroup v2 directory to move into before writing.
-    #[arg(long)]
-    pub cgroup: Option<PathBuf>,
-    /// File that receives "BYTES WALL_SECONDS LONGEST_WRITE_SECONDS".
-    #[arg(long)]
-    pub report: PathBuf,
 }
 
 /// Bytes per line of the writers' content.
@@ -180,18 +150,19 @@ fn tag_bytes(tag: &str) -> anyhow::Result<[u8; 3]> {
         .map_err(|_| anyhow!("a writer tag is 3 bytes, not {tag:?}"))
 }
 
-/// The writer: `bytes` of [`content`] on stdout at `rate` bytes/s, in writes of 4 to 64 KiB.
-pub fn writer(args: WriterArgs) -> anyhow::Result<()> {
-    let WriterArgs {
-        tag,
-        bytes,
-        rate,
-        cgroup,
-        report,
-    } = args;
-    let tag = tag_bytes(&tag)?;
+/// The writer (the `fault-writer` binary): `bytes` of [`content`] of writer `tag` on stdout at
+/// `rate` bytes/s, in writes of 4 to 64 KiB, after moving into `cgroup` when given; then
+/// "BYTES WALL_SECONDS LONGEST_WRITE_SECONDS" into `report`.
+pub fn writer(
+    tag: &str,
+    bytes: u64,
+    rate: u64,
+    cgroup: Option<&Path>,
+    report: &Path,
+) -> anyhow::Result<()> {
+    let tag = tag_bytes(tag)?;
     ensure!(rate > 0, "--rate must be positive");
-    if let Some(dir) = &cgroup {
+    if let Some(dir) = cgroup {
         std::fs::write(
             dir.join("cgroup.procs"),
             format!("{}\n", std::process::id()),
@@ -230,7 +201,7 @@ pub fn writer(args: WriterArgs) -> anyhow::Result<()> {
     }
     let wall = start.elapsed().as_secs_f64();
     std::fs::write(
-        &report,
+        report,
         format!("{written} {wall} {}\n", longest.as_secs_f64()),
     )
     .with_context(|| format!("cannot write {}", report.display()))?;
@@ -238,16 +209,20 @@ pub fn writer(args: WriterArgs) -> anyhow::Result<()> {
 }
 
 /// The binaries a run uses.
-#[derive(Debug)]
-struct Bins {
-    api: PathBuf,
-    entrypoint: PathBuf,
-    collector: PathBuf,
-    xtask: PathBuf,
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub api: PathBuf,
+    pub entrypoint: PathBuf,
+    pub collector: PathBuf,
+    /// The `fault-writer` binary of this crate.
+    pub writer: PathBuf,
 }
 
 impl Bins {
-    fn get(no_build: bool) -> anyhow::Result<Self> {
+    /// Release builds, made here unless `no_build` (then taken from target/release as they are);
+    /// each one the environment names instead (`RELAY_METADATA_API_BIN`,
+    /// `RELAY_ENTRYPOINT_STATIC`, `RELAY_COLLECTOR_BIN`) wins.
+    pub fn release(no_build: bool, writer: PathBuf) -> anyhow::Result<Self> {
         let release = util::target_dir().join("release");
         let pick = |env: &str, name: &str, build: &dyn Fn() -> anyhow::Result<PathBuf>| {
             util::bin_from_env(env, || {
@@ -266,7 +241,7 @@ impl Bins {
                 util::build_release("entrypoint")
             })?,
             collector: pick("RELAY_COLLECTOR_BIN", "collector", &util::build_collector)?,
-            xtask: std::env::current_exe()?,
+            writer,
         })
     }
 }
@@ -281,16 +256,21 @@ struct Written {
     longest_write: f64,
 }
 
-/// Accounting of one stream (or a sum of them).
-#[derive(Debug, Clone, Copy, Default)]
-struct Tally {
-    produced: u64,
-    stored: u64,
-    dropped: u64,
-    unaccounted: u64,
-    duplicated: u64,
+/// Accounting of one stream (or a sum of them), in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// What the writers wrote (their own count).
+    pub produced: u64,
+    /// Stored bytes that match what was written there.
+    pub stored: u64,
+    /// Covered by `dropped` markers and not stored.
+    pub dropped: u64,
+    /// Neither stored nor dropped: silent loss.
+    pub unaccounted: u64,
+    /// Stored bytes that differ from what was written there, or lie past its end.
+    pub duplicated: u64,
     /// Dropped markers past what was produced (claimed losses of bytes never written).
-    phantom_dropped: u64,
+    pub phantom_dropped: u64,
 }
 
 impl Tally {
@@ -303,34 +283,42 @@ impl Tally {
         self.phantom_dropped += o.phantom_dropped;
     }
 
-    fn clean(&self) -> bool {
+    /// Nothing unaccounted, duplicated or dropped past the end.
+    pub fn clean(&self) -> bool {
         self.unaccounted == 0 && self.duplicated == 0 && self.phantom_dropped == 0
     }
 }
 
 /// A scenario's result.
 #[derive(Debug)]
-struct Outcome {
-    name: String,
-    entrypoint: Tally,
-    ebpf: Tally,
-    /// Slowest writer's wall time.
-    wall: f64,
-    /// Longest single write(2) of any writer.
-    longest_write: f64,
+pub struct Outcome {
+    /// The scenario's name, or the baseline's.
+    pub name: String,
+    /// The writers under the entrypoint, summed.
+    pub entrypoint: Tally,
+    /// The writers in the collector's cgroup, summed.
+    pub ebpf: Tally,
+    /// Slowest writer's wall time, seconds.
+    pub wall: f64,
+    /// Longest single write(2) of any writer, seconds.
+    pub longest_write: f64,
     /// Entrypoints whose own count of dropped bytes differs from what their markers cover.
-    mismatches: u32,
-    notes: Vec<String>,
+    pub mismatches: u32,
+    /// What the fault did and what the accounting found, one line each.
+    pub notes: Vec<String>,
 }
 
 impl Outcome {
-    fn total(&self) -> Tally {
+    /// Both paths summed.
+    pub fn total(&self) -> Tally {
         let mut t = self.entrypoint;
         t.add(&self.ebpf);
         t
     }
 
-    fn clean(&self) -> bool {
+    /// Every byte stored or covered by a marker, none duplicated, and every entrypoint's own
+    /// count of dropped bytes borne out by its markers.
+    pub fn clean(&self) -> bool {
         self.total().clean() && self.mismatches == 0
     }
 }
@@ -718,7 +706,6 @@ impl Run {
         let report = self.scratch.dir.join(format!("{tag}.report"));
         let log = std::fs::File::create(self.scratch.dir.join(format!("{tag}.log")))?;
         let writer_args = [
-            "fault-writer".to_owned(),
             "--tag".to_owned(),
             tag.clone(),
             "--bytes".to_owned(),
@@ -731,7 +718,7 @@ impl Run {
         if ebpf {
             let cg = self.cgroup.path.join(&tag);
             std::fs::create_dir_all(&cg)?;
-            let mut child = Command::new(&bins.xtask)
+            let mut child = Command::new(&bins.writer)
                 .args(writer_args)
                 .arg("--cgroup")
                 .arg(&cg)
@@ -768,7 +755,7 @@ impl Run {
                 .args(["--stdout-stream", &format!("{tag}.stdout")])
                 .args(["--stderr-stream", &format!("{tag}.stderr")])
                 .arg("--")
-                .arg(&bins.xtask)
+                .arg(&bins.writer)
                 .args(writer_args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -1332,15 +1319,24 @@ fn inject(
     Ok(())
 }
 
-/// One run: a scenario (`None`: no fault) with `writers` writers at `rate_mb` MB/s in total for
-/// `seconds`.
-fn run_one(
+/// One run: a scenario (`None`: no fault) with `options.writers` writers at `options.rate_mb`
+/// MB/s in total for `seconds`, on the S3 emulator when `s3` (else on file storage). Fails when
+/// the run cannot be set up or measured; what the fault did to the bytes is in the outcome.
+pub fn run_scenario(
     bins: &Bins,
-    args: &Args,
+    options: &Options,
     scenario: Option<Scenario>,
     s3: bool,
     seconds: u64,
 ) -> anyhow::Result<Outcome> {
+    ensure!(
+        util::is_root(),
+        "the fault scenarios need root (cgroups, eBPF, netns)"
+    );
+    ensure!(
+        options.writers >= 2,
+        "at least 2 writers are needed (one per path)"
+    );
     let label = match (scenario, s3) {
         (Some(s), _) => s.name(),
         (None, true) => "baseline (s3)",
@@ -1374,8 +1370,9 @@ fn run_one(
     }
     if scenario == Some(Scenario::ThrottleStorm) {
         // A quarter of the writers' pace gets through: the rest is refused with 429.
-        let per_stream = (args.rate_mb * 1_000_000 / 4 / u64::from(args.writers.max(1))).max(1);
-        let global = (args.rate_mb * 1_000_000 / 4).max(1);
+        let per_stream =
+            (options.rate_mb * 1_000_000 / 4 / u64::from(options.writers.max(1))).max(1);
+        let global = (options.rate_mb * 1_000_000 / 4).max(1);
         setup.api_args = vec![
             "--stream-rate".to_owned(),
             per_stream.to_string(),
@@ -1383,17 +1380,17 @@ fn run_one(
             global.to_string(),
         ];
     }
-    let mut run = Run::start(bins, args.keep, &label.replace(" (s3)", "-s3"), setup)?;
+    let mut run = Run::start(bins, options.keep, &label.replace(" (s3)", "-s3"), setup)?;
     let mut notes = Vec::new();
-    let rate = (args.rate_mb * 1_000_000 / u64::from(args.writers.max(1))).max(1);
+    let rate = (options.rate_mb * 1_000_000 / u64::from(options.writers.max(1))).max(1);
     let bytes = rate * seconds;
     eprintln!(
         "{label}: {} writers x {bytes} bytes at {rate} B/s for {seconds} s",
-        args.writers
+        options.writers
     );
     let start = Instant::now();
     let mut running = Vec::new();
-    for i in 0..args.writers {
+    for i in 0..options.writers {
         running.push(run.spawn_writer(bins, i, bytes, rate)?);
     }
     inject(
@@ -1401,7 +1398,7 @@ fn run_one(
         &mut run,
         bins,
         (moto.as_ref(), netns.as_ref()),
-        (start, seconds, args.writers, rate),
+        (start, seconds, options.writers, rate),
         &mut notes,
     )?;
     let written = collect_writers(running, start + Duration::from_secs(seconds * 3 + 60))?;
@@ -1509,34 +1506,30 @@ fn row(name: &str, t: &Tally, ratio: Option<f64>, verdict: &str) {
     );
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    ensure!(
-        util::is_root(),
-        "the fault scenarios need root (cgroups, eBPF, netns)"
-    );
-    ensure!(
-        args.writers >= 2,
-        "--writers must be at least 2 (one per path)"
-    );
-    let bins = Bins::get(args.no_build)?;
-    let scenarios = if args.scenario.is_empty() {
-        Scenario::ALL.to_vec()
-    } else {
-        args.scenario.clone()
-    };
+/// Runs `scenarios` (each for `seconds`, else its default), each after a baseline without faults
+/// of the same length and storage (unless `no_baseline`: then the writers' pace is the
+/// reference), printing the table after each. Fails when bytes were lost without a marker or
+/// duplicated in any run.
+pub fn run_all(
+    bins: &Bins,
+    options: &Options,
+    scenarios: &[Scenario],
+    seconds: Option<u64>,
+    no_baseline: bool,
+) -> anyhow::Result<()> {
     let mut baselines: HashMap<(u64, bool), f64> = HashMap::new();
     let mut outcomes = Vec::new();
     let mut failed = false;
-    for s in scenarios {
-        let seconds = args.seconds.unwrap_or_else(|| s.default_seconds());
+    for &s in scenarios {
+        let seconds = seconds.unwrap_or_else(|| s.default_seconds());
         // storage-down runs on the S3 emulator: so does its baseline.
         let s3 = s == Scenario::StorageDown;
-        let reference = if args.no_baseline {
+        let reference = if no_baseline {
             seconds as f64
         } else if let Some(w) = baselines.get(&(seconds, s3)) {
             *w
         } else {
-            let b = run_one(&bins, &args, None, s3, seconds)?;
+            let b = run_scenario(bins, options, None, s3, seconds)?;
             let ok = b.clean();
             failed |= !ok;
             baselines.insert((seconds, s3), b.wall);
@@ -1544,11 +1537,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             outcomes.push((b, None));
             wall
         };
-        let o = run_one(&bins, &args, Some(s), s3, seconds)?;
+        let o = run_scenario(bins, options, Some(s), s3, seconds)?;
         let ratio = o.wall / reference;
         failed |= !o.clean();
         outcomes.push((o, Some(ratio)));
-        print_table(&outcomes, args.rate_mb, args.writers);
+        print_table(&outcomes, options.rate_mb, options.writers);
     }
     if failed {
         bail!("bytes were lost without a marker or duplicated");
@@ -1556,7 +1549,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(outcomes: &[(Outcome, Option<f64>)], rate_mb: u64, writers: u32) {
+/// Prints `outcomes` (each with its wall time against its reference, when there is one) as a
+/// table, with their notes.
+pub fn print_table(outcomes: &[(Outcome, Option<f64>)], rate_mb: u64, writers: u32) {
     println!();
     println!("{writers} writers at {rate_mb} MB/s in total (half entrypoint, half collector)");
     header();

@@ -5,7 +5,8 @@
 //! the metadata API gone afterwards; and the demo itself (builds not counted) done in seconds.
 //!
 //! `cargo xtask test` passes the binaries it built (`RELAY_METADATA_API_BIN`,
-//! `RELAY_ENTRYPOINT_STATIC`, `RELAY_COLLECTOR_BIN`); without them the demo builds them first.
+//! `RELAY_ENTRYPOINT_STATIC`, `RELAY_COLLECTOR_BIN`) and itself (`RELAY_XTASK_BIN`); without them
+//! the test builds xtask and the demo builds the rest first.
 
 use std::{
     io::Read,
@@ -45,6 +46,12 @@ fn is_root() -> bool {
 
 use testbed::cgroup::cgroup2_mount as cgroup2_root;
 
+/// The xtask binary: `RELAY_XTASK_BIN`, or a debug build of it (this crate cannot name another
+/// package's binary with `CARGO_BIN_EXE_`).
+fn xtask_bin() -> PathBuf {
+    testbed::api::workspace_bin("xtask", "xtask", "RELAY_XTASK_BIN")
+}
+
 /// Pids of processes whose command line mentions `dir` (the demo's collector and metadata API
 /// name files in it).
 fn processes_using(dir: &Path) -> Vec<String> {
@@ -63,7 +70,7 @@ fn processes_using(dir: &Path) -> Vec<String> {
 
 /// Runs `xtask demo --dir DIR`; returns its pid, exit success, stdout and stderr.
 fn run_demo(dir: &Path) -> (u32, bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let mut child = Command::new(xtask_bin())
         .arg("demo")
         .arg("--dir")
         .arg(dir)

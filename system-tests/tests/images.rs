@@ -4,7 +4,7 @@
 //!
 //! `cargo xtask test` builds all four images (dev profile) before the tests; the operator and
 //! collector images are checked when their archives are there (`cargo xtask images --profile
-//! dev` builds them; collector/tests/deployed.rs needs them all). Archives left from an earlier build are tested as they are.
+//! dev` builds them; `deployed.rs` needs them all). Archives left from an earlier build are tested as they are.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -16,7 +16,8 @@ use std::{
 
 use testbed::{
     cri::{ContainerSpec, ContainerState, Cri, PodSpec},
-    layout, oci_archive,
+    layout,
+    oci_archive::{self, images_dir},
 };
 
 /// The unprivileged user of the server images.
@@ -27,15 +28,6 @@ const SERVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn images_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("RELAY_IMAGES_DIR") {
-        return PathBuf::from(dir);
-    }
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace().join("target"), PathBuf::from)
-        .join("images")
 }
 
 /// The archive of image `name`, or `None` after [`testbed::skip_or_fail`] when it was not built.

@@ -16,19 +16,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::{Component, Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{can_run, wait_for};
 use serde_json::{Value, json};
+use testbed::api::wait_for;
+use testbed::collector::can_run;
 use testbed::cri::BUSYBOX_IMAGE;
 use testbed::images::ImageBuild;
 use testbed::kube::{KubeApi, KubeOptions, Rest};
 use testbed::node::{Node, NodeOptions};
-use testbed::oci_archive;
+use testbed::oci_archive::{self, images_dir};
 use testbed::registry::{Format, Image, Registry};
 
 /// Deployments Available, Jobs done, pods ended: the kubelet starts pods in about 2 s, but the
@@ -54,15 +53,6 @@ const IMAGES: [&str; 4] = ["metadata-api", "operator", "collector", "tools"];
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn images_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("RELAY_IMAGES_DIR") {
-        return PathBuf::from(dir);
-    }
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace().join("target"), PathBuf::from)
-        .join("images")
 }
 
 fn expected(name: &str) -> (Vec<u8>, Vec<u8>) {

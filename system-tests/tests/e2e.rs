@@ -22,20 +22,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{
-    Api, Collector, CollectorOptions, api_bin, can_run, free_addr, operator_bin, terminate,
-    wait_for,
-};
 use metadata_api::auth::{Context, Keys, Scope};
 use serde_json::{Value, json};
+use testbed::api::{Api, api_bin, free_addr, operator_bin, wait_for};
+use testbed::collector::{Collector, CollectorOptions, can_run, collector_bin, terminate};
 use testbed::cri::BUSYBOX_IMAGE;
 use testbed::images::{ImageBuild, TOOLS_IMAGE_V2, tools_image_tagged};
 use testbed::kube::{KubeApi, KubeOptions, Rest};
@@ -178,7 +174,7 @@ fn start_collector(kubeconfig: &str, api: &Api, token_file: &Path, node: &Node) 
     // that had no pod yet). The node removes its cgroup root at teardown.
     let kubepods = node.cgroup_v2_root().unwrap().join("kubepods");
     std::fs::create_dir_all(&kubepods).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_collector"));
+    let mut cmd = Command::new(collector_bin());
     cmd.env("KUBECONFIG", kubeconfig)
         .args(["--kubernetes", "--node-name", NODE, "--kubepods-cgroup"])
         .arg(&kubepods)
