@@ -16,19 +16,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Component, Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{comparisons, expected, step_pod, trigger_pod, workload_images};
 use serde_json::{Value, json};
 use testbed::api::wait_for;
 use testbed::collector::can_run;
-use testbed::cri::BUSYBOX_IMAGE;
-use testbed::images::ImageBuild;
 use testbed::kube::{KubeApi, KubeOptions, Rest};
 use testbed::node::{Node, NodeOptions};
 use testbed::oci_archive::{self, images_dir};
-use testbed::registry::{Format, Image, Registry};
+use testbed::registry::Registry;
 
 /// Deployments Available, Jobs done, pods ended: the kubelet starts pods in about 2 s, but the
 /// images are large and the machine is shared.
@@ -40,24 +41,10 @@ const TENANT: &str = "tenant-a";
 /// Where deploy/overlays/testbed has the metadata API listen.
 const API_URL: &str = "http://127.0.0.1:17070";
 const KEY_FILE: &str = "/var/lib/relay/key/metadata-api.key";
-/// A stand-in for Tekton's entrypoint, as in e2e.rs: `-entrypoint X -- ARGS` runs `X ARGS`.
-const TEKTON_ENTRYPOINT: &str = "#!/bin/sh\n\
-[ \"$1\" = -entrypoint ] || { echo 'usage: -entrypoint X -- ARGS' >&2; exit 90; }\n\
-ep=$2; shift 2\n\
-[ \"$1\" = -- ] && shift\n\
-exec \"$ep\" \"$@\"\n";
-/// What the workloads print, as in e2e.rs.
-const SCRIPT: &str = "i=0; while [ $i -lt 3000 ]; do echo \"$0 line $i\"; i=$((i+1)); done; \
-                      echo \"$0 done\" >&2";
 const IMAGES: [&str; 4] = ["metadata-api", "operator", "collector", "tools"];
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn expected(name: &str) -> (Vec<u8>, Vec<u8>) {
-    let stdout: String = (0..3000).map(|i| format!("{name} line {i}\n")).collect();
-    (stdout.into_bytes(), format!("{name} done\n").into_bytes())
 }
 
 /// `path` relative to `from` (both absolute): kubectl 1.20's kustomize refuses absolute bases.
@@ -322,20 +309,6 @@ fn report(token: &str, context: &str) -> Value {
     response.json().unwrap()
 }
 
-fn comparisons(report: &Value) -> Vec<(String, String)> {
-    report["streams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_owned(),
-                s["comparison"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn deploy_overlay_installs_relay_on_a_real_node_and_captures_both_paths() {
     let archives: Vec<PathBuf> = IMAGES
@@ -369,32 +342,10 @@ fn deploy_overlay_installs_relay_on_a_real_node_and_captures_both_paths() {
         let name = oci_archive::import(cri, archive).unwrap();
         eprintln!("deployed: imported {name}");
     }
-    // The Knative trigger's image is in a registry and its pod has no command (e2e.rs); the
-    // Tekton step's image carries a stand-in for Tekton's entrypoint.
     let Some(registry) = Registry::start_or_skip(None) else {
         return;
     };
-    let trigger_image = format!("{}/e2e/trigger:1", registry.host());
-    registry
-        .push(
-            "e2e/trigger:1",
-            &Image::new("linux", "amd64")
-                .entrypoint(["/bin/sh", "-c", SCRIPT])
-                .cmd(["trigger"]),
-            Format::Oci,
-        )
-        .unwrap();
-    ImageBuild::busybox(trigger_image.as_str())
-        .import(cri)
-        .unwrap();
-    ImageBuild::busybox("localhost/e2e/step:1")
-        .file(
-            "tekton-entrypoint",
-            TEKTON_ENTRYPOINT.as_bytes().to_vec(),
-            0o755,
-        )
-        .import(cri)
-        .unwrap();
+    let trigger_image = workload_images(&registry, cri);
     let rest = kube.rest().unwrap();
 
     // The kubelet makes its QoS cgroups in the v1 hierarchies only; runc makes the v2
@@ -504,33 +455,13 @@ fn deploy_overlay_installs_relay_on_a_real_node_and_captures_both_paths() {
     );
     eprintln!("deployed: tenant ready after {:?}", started.elapsed());
 
-    // The shapes of e2e.rs, on the host network to reach the metadata API on loopback.
-    let step = create_wrapped(
-        &rest,
-        &json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": "build-pod", "labels": {
-                    "tekton.dev/taskRun": "build-run", "relay.sh/workflow": "wf",
-                    "relay.sh/run": "7", "relay.sh/step": "build"}},
-                "spec": {"restartPolicy": "Never", "hostNetwork": true, "containers": [{
-                    "name": "step-build", "image": "localhost/e2e/step:1",
-                    "command": ["/tekton-entrypoint"],
-                    "args": ["-entrypoint", "/bin/sh", "--", "-c", SCRIPT, "build"]}]}}),
-    );
+    // The workloads of e2e.rs (tests/common), on the host network, reaching the metadata API on loopback.
+    let step = create_wrapped(&rest, &step_pod());
     assert_eq!(
         step["metadata"]["annotations"]["relay.sh/injected"], "true",
         "{step}"
     );
-    let trigger = create_wrapped(
-        &rest,
-        &json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": "trigger-pod", "labels": {
-                    "serving.knative.dev/revision": "hook-1", "relay.sh/workflow": "wf",
-                    "relay.sh/trigger-sync-id": "sync-1"}},
-                "spec": {"restartPolicy": "Never", "hostNetwork": true, "containers": [
-                    {"name": "user-container", "image": trigger_image},
-                    {"name": "queue-proxy", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
-                     "command": ["/bin/sh", "-c", "echo proxy ready"]}]}}),
-    );
+    let trigger = create_wrapped(&rest, &trigger_pod(&trigger_image));
     assert_eq!(
         trigger["metadata"]["annotations"]["relay.sh/injected"], "true",
         "{trigger}"

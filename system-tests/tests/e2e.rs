@@ -22,21 +22,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{SCRIPT, STEP_IMAGE, comparisons, expected, step_pod, trigger_pod, workload_images};
 use metadata_api::auth::{Context, Keys, Scope};
 use serde_json::{Value, json};
 use testbed::api::{Api, api_bin, free_addr, operator_bin, wait_for};
 use testbed::collector::{Collector, CollectorOptions, can_run, collector_bin, terminate};
 use testbed::cri::BUSYBOX_IMAGE;
-use testbed::images::{ImageBuild, TOOLS_IMAGE_V2, tools_image_tagged};
+use testbed::images::{TOOLS_IMAGE_V2, tools_image_tagged};
 use testbed::kube::{KubeApi, KubeOptions, Rest};
 use testbed::node::{NODE_NAME, Node, NodeOptions};
-use testbed::registry::{Format, Image, Registry};
+use testbed::registry::Registry;
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Tenant A: its tools Jobs run.
@@ -56,25 +59,11 @@ const COLLECTOR_ACCOUNT: &str = "relay-collector";
 const AUDIENCE: &str = "relay-metadata-api";
 /// The operator's `--superseded-claim-grace`: short, so a superseded claim is collectable soon.
 const SUPERSEDED_GRACE: &str = "2s";
-/// A stand-in for Tekton's entrypoint: `-entrypoint X -- ARGS` runs `X ARGS`.
-const TEKTON_ENTRYPOINT: &str = "#!/bin/sh\n\
-[ \"$1\" = -entrypoint ] || { echo 'usage: -entrypoint X -- ARGS' >&2; exit 90; }\n\
-ep=$2; shift 2\n\
-[ \"$1\" = -- ] && shift\n\
-exec \"$ep\" \"$@\"\n";
-/// What the workloads print: enough lines to span several shipping batches, and stderr.
-const SCRIPT: &str = "i=0; while [ $i -lt 3000 ]; do echo \"$0 line $i\"; i=$((i+1)); done; \
-                      echo \"$0 done\" >&2";
 /// As [`SCRIPT`], stopping after [`GATE_LINE`] lines until `/gate/release` exists.
 const GATED_SCRIPT: &str = "i=0; while [ $i -lt 3000 ]; do \
                             [ $i = 1500 ] && until [ -e /gate/release ]; do sleep 0.05; done; \
                             echo \"$0 line $i\"; i=$((i+1)); done; echo \"$0 done\" >&2";
 const GATE_LINE: usize = 1500;
-
-fn expected(name: &str) -> (Vec<u8>, Vec<u8>) {
-    let stdout: String = (0..3000).map(|i| format!("{name} line {i}\n")).collect();
-    (stdout.into_bytes(), format!("{name} done\n").into_bytes())
-}
 
 use testbed::ports::free_port;
 
@@ -343,21 +332,6 @@ impl Consumer {
     }
 }
 
-/// Each stream's `comparison` in a capture report, by name.
-fn comparisons(report: &Value) -> Vec<(String, String)> {
-    report["streams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_owned(),
-                s["comparison"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
-}
-
 /// A read token minted as operators mint them: `metadata-api token` with the API's key file.
 fn cli_read_token(api: &Api, prefix: &str) -> String {
     let out = Command::new(api_bin())
@@ -501,27 +475,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
     let Some(registry) = Registry::start_or_skip(None) else {
         return;
     };
-    let trigger_image = format!("{}/e2e/trigger:1", registry.host());
-    registry
-        .push(
-            "e2e/trigger:1",
-            &Image::new("linux", "amd64")
-                .entrypoint(["/bin/sh", "-c", SCRIPT])
-                .cmd(["trigger"]),
-            Format::Oci,
-        )
-        .unwrap();
-    ImageBuild::busybox(trigger_image.as_str())
-        .import(cri)
-        .unwrap();
-    ImageBuild::busybox("localhost/e2e/step:1")
-        .file(
-            "tekton-entrypoint",
-            TEKTON_ENTRYPOINT.as_bytes().to_vec(),
-            0o755,
-        )
-        .import(cri)
-        .unwrap();
+    let trigger_image = workload_images(&registry, cri);
     let rest = kube.rest().unwrap();
     let kubeconfig = kube.kubeconfig_path();
     let kubeconfig = kubeconfig.to_str().unwrap();
@@ -631,17 +585,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
     // entrypoints ship to the metadata API on the host's loopback (no Service network here): host
     // network. Images are in containerd already (tags other than `latest`: IfNotPresent).
     let step = rest
-        .post(
-            &format!("/api/v1/namespaces/{TENANT_NS}/pods"),
-            &json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": "build-pod", "labels": {
-                    "tekton.dev/taskRun": "build-run", "relay.sh/workflow": "wf",
-                    "relay.sh/run": "7", "relay.sh/step": "build"}},
-                "spec": {"restartPolicy": "Never", "hostNetwork": true, "containers": [{
-                    "name": "step-build", "image": "localhost/e2e/step:1",
-                    "command": ["/tekton-entrypoint"],
-                    "args": ["-entrypoint", "/bin/sh", "--", "-c", SCRIPT, "build"]}]}}),
-        )
+        .post(&format!("/api/v1/namespaces/{TENANT_NS}/pods"), &step_pod())
         .unwrap();
     assert_eq!(
         step["metadata"]["annotations"]["relay.sh/injected"], "true",
@@ -651,14 +595,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
     let trigger = rest
         .post(
             &format!("/api/v1/namespaces/{TENANT_NS}/pods"),
-            &json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": "trigger-pod", "labels": {
-                    "serving.knative.dev/revision": "hook-1", "relay.sh/workflow": "wf",
-                    "relay.sh/trigger-sync-id": "sync-1"}},
-                "spec": {"restartPolicy": "Never", "hostNetwork": true, "containers": [
-                    {"name": "user-container", "image": trigger_image},
-                    {"name": "queue-proxy", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
-                     "command": ["/bin/sh", "-c", "echo proxy ready"]}]}}),
+            &trigger_pod(&trigger_image),
         )
         .unwrap();
     assert_eq!(
@@ -879,7 +816,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
                     "volumes": [{"name": "gate", "hostPath": {
                         "path": gate.path().to_str().unwrap(), "type": "Directory"}}],
                     "containers": [{
-                        "name": "step-long", "image": "localhost/e2e/step:1",
+                        "name": "step-long", "image": STEP_IMAGE,
                         "command": ["/tekton-entrypoint"],
                         "args": ["-entrypoint", "/bin/sh", "--", "-c", GATED_SCRIPT, "long"],
                         "volumeMounts": [{"name": "gate", "mountPath": "/gate"}]}]}}),
@@ -926,7 +863,7 @@ fn a_tenants_pods_are_captured_by_both_paths_through_tools_changes_and_isolated(
                     "tekton.dev/taskRun": "after-run", "relay.sh/workflow": "wf",
                     "relay.sh/run": "8", "relay.sh/step": "after"}},
                 "spec": {"restartPolicy": "Never", "hostNetwork": true, "containers": [{
-                    "name": "step-after", "image": "localhost/e2e/step:1",
+                    "name": "step-after", "image": STEP_IMAGE,
                     "command": ["/tekton-entrypoint"],
                     "args": ["-entrypoint", "/bin/sh", "--", "-c", SCRIPT, "after"]}]}}),
         )
