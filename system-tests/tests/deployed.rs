@@ -22,7 +22,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{comparisons, expected, step_pod, trigger_pod, workload_images};
+use common::{assert_both_paths, comparisons, step_pod, trigger_pod, workload_images};
 use serde_json::{Value, json};
 use testbed::api::wait_for;
 use testbed::collector::can_run;
@@ -506,27 +506,14 @@ fn deploy_overlay_installs_relay_on_a_real_node_and_captures_both_paths() {
         ),
     ] {
         let write_token = mint(&kube, &api_pod, context, "write");
-        let (stdout, stderr) = expected(name);
-        for source in ["entrypoint", "ebpf"] {
+        assert_both_paths(context, &prefix, name, |stream, source| {
             let token = if source == "ebpf" {
                 &collector_token
             } else {
                 &write_token
             };
-            let out = complete_stream(token, context, &format!("{prefix}.stdout"), source);
-            assert!(
-                out == stdout,
-                "{source} {context} stdout differs ({} bytes, want {})",
-                out.len(),
-                stdout.len()
-            );
-            let err = complete_stream(token, context, &format!("{prefix}.stderr"), source);
-            assert_eq!(
-                String::from_utf8_lossy(&err),
-                String::from_utf8_lossy(&stderr),
-                "{source} {context}"
-            );
-        }
+            complete_stream(token, context, stream, source)
+        });
     }
     let read_token = mint(&kube, &api_pod, "workflows/wf", "read");
     let step_report = report(&read_token, step_ctx);

@@ -278,22 +278,9 @@ fn complete_stream(api: &Api, context: &str, name: &str, source: &str) -> Vec<u8
 
 /// Asserts both paths stored `name`'s output in `context` under `prefix`, byte-exact.
 fn assert_both_paths(api: &Api, context: &str, prefix: &str, name: &str) {
-    let (stdout, stderr) = expected(name);
-    for source in ["entrypoint", "ebpf"] {
-        let out = complete_stream(api, context, &format!("{prefix}.stdout"), source);
-        assert!(
-            out == stdout,
-            "{source} {context} stdout differs ({} bytes, want {})",
-            out.len(),
-            stdout.len()
-        );
-        let err = complete_stream(api, context, &format!("{prefix}.stderr"), source);
-        assert_eq!(
-            String::from_utf8_lossy(&err),
-            String::from_utf8_lossy(&stderr),
-            "{source} {context}"
-        );
-    }
+    common::assert_both_paths(context, prefix, name, |stream, source| {
+        complete_stream(api, context, stream, source)
+    });
 }
 
 /// The consumer API and the capture report, with one token.

@@ -27,6 +27,33 @@ pub fn expected(name: &str) -> (Vec<u8>, Vec<u8>) {
     (stdout.into_bytes(), format!("{name} done\n").into_bytes())
 }
 
+/// Asserts both capture paths stored what [`SCRIPT`] run as `name` writes, byte-exact, as
+/// `{prefix}.stdout` and `{prefix}.stderr` of `context`; `complete(stream, source)` reads a stream
+/// once it is complete.
+pub fn assert_both_paths(
+    context: &str,
+    prefix: &str,
+    name: &str,
+    mut complete: impl FnMut(&str, &str) -> Vec<u8>,
+) {
+    let (stdout, stderr) = expected(name);
+    for source in ["entrypoint", "ebpf"] {
+        let out = complete(&format!("{prefix}.stdout"), source);
+        assert!(
+            out == stdout,
+            "{source} {context} stdout differs ({} bytes, want {})",
+            out.len(),
+            stdout.len()
+        );
+        let err = complete(&format!("{prefix}.stderr"), source);
+        assert_eq!(
+            String::from_utf8_lossy(&err),
+            String::from_utf8_lossy(&stderr),
+            "{source} {context}"
+        );
+    }
+}
+
 /// Each stream's `comparison` in a capture report, by name.
 pub fn comparisons(report: &Value) -> Vec<(String, String)> {
     report["streams"]
