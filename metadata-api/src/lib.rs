@@ -11,6 +11,7 @@ pub mod conn;
 pub mod error;
 pub mod kube_auth;
 pub mod limits;
+pub mod lines;
 pub mod metrics;
 pub mod read;
 pub mod report;

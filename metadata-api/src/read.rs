@@ -134,6 +134,15 @@ enum Planned {
         source: Source,
         span: Span,
     },
+    /// Bytes read already: one run of a piece, written at one time. A piece read from a segment
+    /// holds the runs of every part merged into it; each waits its turn by its own time.
+    Run {
+        source: Source,
+        offset: u64,
+        received_ms: u64,
+        written_ms: u64,
+        data: Bytes,
+    },
 }
 
 impl Lane {
@@ -288,6 +297,7 @@ where
                     .min_by_key(|(i, q)| {
                         let t = match q.front() {
                             Some(Planned::Data { part, .. }) => part.written_ms,
+                            Some(Planned::Run { written_ms, .. }) => *written_ms,
                             _ => 0,
                         };
                         (t, *i)
@@ -306,19 +316,36 @@ where
                             replan = true;
                         }
                         // A segment's bytes come in the runs its writers wrote, each with its time,
-                        // as they came before the merge.
-                        for (run, written_ms) in times.runs(span) {
-                            let at = ((run.start - span.start) as usize).min(data.len());
-                            let end = (at + run.len() as usize).min(data.len());
-                            yield Record::Data {
-                                stream: name.clone(),
-                                source: stream.meta.source,
-                                offset: run.start,
-                                received_ms: part.received_ms,
-                                written_ms,
-                                data: data.slice(at..end),
-                            };
+                        // as they came before the merge, and each merged with the other lanes by
+                        // that time.
+                        let runs: Vec<Planned> = times
+                            .runs(span)
+                            .into_iter()
+                            .map(|(run, written_ms)| {
+                                let at = ((run.start - span.start) as usize).min(data.len());
+                                let end = (at + run.len() as usize).min(data.len());
+                                Planned::Run {
+                                    source: stream.meta.source,
+                                    offset: run.start,
+                                    received_ms: part.received_ms,
+                                    written_ms,
+                                    data: data.slice(at..end),
+                                }
+                            })
+                            .collect();
+                        for run in runs.into_iter().rev() {
+                            q.push_front(run);
                         }
+                    }
+                    Some(Planned::Run { source, offset, received_ms, written_ms, data }) => {
+                        yield Record::Data {
+                            stream: name,
+                            source,
+                            offset,
+                            received_ms,
+                            written_ms,
+                            data,
+                        };
                     }
                     Some(Planned::Dropped { source, span }) => {
                         yield Record::Dropped { stream: name, source, span };

@@ -675,7 +675,14 @@ async fn consumer_api_merges_sources_and_streams() {
         .text()
         .await
         .unwrap();
-    assert_eq!(only, "line one\nline three\n");
+    // The range neither path fills is a line of its own, unless markers are switched off.
+    assert_eq!(only, "line one\n[relay: 10 bytes dropped]\nline three\n");
+    let unmarked = rd
+        .text(&format!(
+            "{path}?stream=stdout&source=entrypoint&markers=false"
+        ))
+        .await;
+    assert_eq!(unmarked, "line one\nline three\n");
     let ebpf_only = rd.text(&format!("{path}?stream=stdout&source=ebpf")).await;
     assert_eq!(ebpf_only, "line one\nline two!\nline three\n");
     let nd = rd.ndjson_text(&format!("{path}?stream=stdout")).await;

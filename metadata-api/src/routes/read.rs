@@ -21,6 +21,7 @@ use super::{
 use crate::{
     auth::Principal,
     error::ApiError,
+    lines::{Lines, Window, render},
     metrics::Metrics,
     range::{Span, parse_range_request},
     read::{Follow, Lane, Record, records},
@@ -43,6 +44,80 @@ pub(super) struct ReadQuery {
     follow: bool,
     stream: Option<String>,
     source: Option<Source>,
+    /// Bytes written at or after: an RFC 3339 time (UTC, `Z`) or a duration before now (`10m`).
+    since: Option<String>,
+    /// Bytes written at or before, in the same forms.
+    until: Option<String>,
+    /// The last N lines (of each stream; of the whole read too unless following).
+    tail: Option<u64>,
+    #[serde(default)]
+    timestamps: bool,
+    #[serde(default)]
+    prefix: bool,
+    limit_bytes: Option<u64>,
+    /// A line per dropped range in plain text: on by default for step and trigger reads, off for
+    /// a stream's bytes (whose plain form is the bytes alone).
+    markers: Option<bool>,
+}
+
+impl ReadQuery {
+    /// Whether a stream's plain read is rendered as lines rather than given as its bytes.
+    fn wants_lines(&self) -> bool {
+        self.timestamps
+            || self.prefix
+            || self.since.is_some()
+            || self.until.is_some()
+            || self.tail.is_some()
+            || self.limit_bytes.is_some()
+            || self.markers == Some(true)
+    }
+
+    /// The rendering these parameters ask for; `markers` when not said.
+    fn lines(&self, markers: bool, default_container: &str) -> Result<Lines, ApiError> {
+        let now = crate::store::now_ms();
+        let time = |what: &str, v: &Option<String>| {
+            v.as_deref().map(|v| parse_time(what, v, now)).transpose()
+        };
+        Ok(Lines {
+            timestamps: self.timestamps,
+            prefix: self.prefix,
+            markers: self.markers.unwrap_or(markers),
+            since_ms: time("since", &self.since)?,
+            until_ms: time("until", &self.until)?,
+            tail: self.tail,
+            limit_bytes: self.limit_bytes,
+            default_container: default_container.to_owned(),
+        })
+    }
+}
+
+/// `since` and `until`: an RFC 3339 time, or a duration before `now_ms`.
+fn parse_time(what: &str, v: &str, now_ms: u64) -> Result<u64, ApiError> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(v) {
+        let ms = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        return Ok(ms);
+    }
+    match humantime::parse_duration(v) {
+        Ok(d) => Ok(now_ms.saturating_sub(d.as_millis() as u64)),
+        Err(_) => Err(ApiError::bad(format!(
+            "{what} must be an RFC 3339 time (2026-12-07T10:00:00Z) or a duration before now \
+             (10m), not {v:?}"
+        ))),
+    }
+}
+
+/// Where a read of `stream` begins for `since` and `tail`: the later of the two starts.
+async fn start_of(s: &AppState, stream: &Stream, lines: &Lines) -> Result<u64, ApiError> {
+    let mut at = 0;
+    if let Some(ms) = lines.since_ms {
+        at = at.max(s.store.offset_since(stream, ms).await?);
+    }
+    if let Some(n) = lines.tail {
+        at = at.max(s.store.offset_of_last_lines(stream, n).await?);
+    }
+    Ok(at)
 }
 
 fn wants_ndjson(headers: &HeaderMap) -> bool {
@@ -60,32 +135,73 @@ impl Drop for FollowerGuard {
     }
 }
 
-/// Turns records into a response body: plain bytes, or NDJSON records.
+/// How a read's records become its body.
+enum Form {
+    /// The bytes alone, dropped ranges skipped.
+    Bytes,
+    /// Lines (see [`crate::lines`]).
+    Lines(Lines),
+    /// NDJSON records, in the window and up to the byte limit of `Lines`.
+    Ndjson(Lines),
+}
+
+/// Turns records into a response body.
 fn body_of(
     s: &AppState,
     recs: impl futures::Stream<Item = Result<Record, StoreError>> + Send + 'static,
-    ndjson: bool,
+    form: Form,
     following: bool,
 ) -> Body {
     let guard = following.then(|| {
         s.metrics.followers.inc();
         FollowerGuard(s.metrics.clone())
     });
-    let out = recs
-        .map_ok(move |r| {
+    let out: futures::stream::BoxStream<'static, Result<Bytes, StoreError>> = match form {
+        Form::Bytes => Box::pin(recs.map_ok(|r| match r {
+            Record::Data { data, .. } => data,
+            Record::Dropped { .. } => Bytes::new(),
+        })),
+        Form::Lines(lines) => Box::pin(render(recs, lines, following)),
+        Form::Ndjson(lines) => {
+            let mut left = lines.limit_bytes.unwrap_or(u64::MAX);
+            let mut window = Window::new(lines.since_ms, lines.until_ms);
+            Box::pin(
+                recs.try_filter(move |r| futures::future::ready(window.admits(r)))
+                    .map_ok(move |mut r| {
+                        // The byte limit counts data bytes; the record that reaches it is cut.
+                        if let Record::Data { data, .. } = &mut r {
+                            let take = (data.len() as u64).min(left);
+                            data.truncate(take as usize);
+                            left -= take;
+                        }
+                        r
+                    })
+                    .try_take_while(|r| {
+                        futures::future::ready(Ok(
+                            !matches!(r, Record::Data { data, .. } if data.is_empty()),
+                        ))
+                    })
+                    .map_ok(|r| r.to_ndjson()),
+            )
+        }
+    };
+    let out = out
+        .map_ok(move |b| {
             let _keep = &guard;
-            if ndjson {
-                r.to_ndjson()
-            } else {
-                match r {
-                    Record::Data { data, .. } => data,
-                    Record::Dropped { .. } => Bytes::new(),
-                }
-            }
+            b
         })
         .try_filter(|b| futures::future::ready(!b.is_empty()))
         .inspect_err(|e| tracing::warn!(error = %e, "Read failed mid-stream."));
     Body::from_stream(out)
+}
+
+/// The `Content-Type` of a read rendered as lines.
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// The last segment of a context: the step or trigger, which a stream without a container
+/// (`stdout`) belongs to in a prefix.
+fn last_segment(context: &str) -> &str {
+    context.rsplit('/').next().unwrap_or(context)
 }
 
 fn dropped_header(spans: &[Span]) -> HeaderValue {
@@ -116,6 +232,17 @@ pub(super) async fn read_stream(
         None => (0, None),
     };
     let ranged = headers.contains_key(header::RANGE);
+    if ranged && (q.since.is_some() || q.tail.is_some()) {
+        return Err(ApiError::bad(
+            "a Range cannot be combined with since or tail, which choose where the read starts",
+        ));
+    }
+    let lines = q.lines(false, last_segment(stream.meta.context.as_str()))?;
+    let start = if ranged {
+        start
+    } else {
+        start_of(&s, &stream, &lines).await?
+    };
     if ranged && !q.follow && start >= status.length.max(1) && !(start == 0 && status.length == 0) {
         let mut resp = ApiError::RangeNotSatisfiable(format!(
             "range starts at {start}; {} bytes are readable",
@@ -147,18 +274,17 @@ pub(super) async fn read_stream(
     } else {
         Follow::No
     };
-    let ndjson = wants_ndjson(&headers);
+    let (form, content_type) = if wants_ndjson(&headers) {
+        (Form::Ndjson(lines), NDJSON)
+    } else if q.wants_lines() {
+        (Form::Lines(lines), TEXT)
+    } else {
+        (Form::Bytes, "application/octet-stream")
+    };
     let recs = records(s.store.clone(), vec![lane], follow, |l| async move { l });
-    let mut resp = Response::new(body_of(&s, recs, ndjson, q.follow));
+    let mut resp = Response::new(body_of(&s, recs, form, q.follow));
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(if ndjson {
-            NDJSON
-        } else {
-            "application/octet-stream"
-        }),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert("x-relay-length", HeaderValue::from(status.length));
     h.insert(
         "x-relay-complete",
@@ -189,6 +315,7 @@ async fn context_logs(
     let context = readable_context(&s, &p, &context)?;
     // Checked after the caller, as for a stream's data.
     let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    let lines = q.lines(true, last_segment(context.as_str()))?;
     let every_stream = q.stream.is_none();
     let names: Vec<String> = match q.stream {
         Some(name) if crate::names::valid_stream_name(&name) => vec![name],
@@ -248,7 +375,7 @@ async fn context_logs(
         }
     };
     let lanes: Vec<Lane> = names.into_iter().map(Lane::new).collect();
-    let lanes = open(lanes).await;
+    let mut lanes = open(lanes).await;
     let opened: Vec<Arc<Stream>> = lanes
         .iter()
         .flat_map(|l| l.primary.iter().chain(l.fallback.iter()))
@@ -257,22 +384,26 @@ async fn context_logs(
     for st in opened {
         s.store.refresh(&st).await?;
     }
+    // Both paths hold a stream's bytes at the same offsets: either one finds where it begins.
+    for lane in &mut lanes {
+        if let Some(stream) = lane.primary.as_ref().or(lane.fallback.as_ref()) {
+            lane.offset = start_of(&s, stream, &lines).await?;
+        }
+    }
     let follow = match (q.follow, context.is_trigger()) {
         (false, _) => Follow::No,
         (true, true) => Follow::Forever,
         (true, false) => Follow::UntilComplete,
     };
-    let ndjson = wants_ndjson(&headers);
+    let (form, content_type) = if wants_ndjson(&headers) {
+        (Form::Ndjson(lines), NDJSON)
+    } else {
+        (Form::Lines(lines), TEXT)
+    };
     let recs = records(s.store.clone(), lanes, follow, open);
-    let mut resp = Response::new(body_of(&s, recs, ndjson, q.follow));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(if ndjson {
-            NDJSON
-        } else {
-            "text/plain; charset=utf-8"
-        }),
-    );
+    let mut resp = Response::new(body_of(&s, recs, form, q.follow));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     Ok(resp)
 }
 
