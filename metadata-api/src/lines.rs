@@ -193,6 +193,28 @@ impl<'a> Render<'a> {
 
     /// Adds a data record's bytes: complete lines go out, the rest is held.
     fn data(&mut self, name: &str, written_ms: u64, mut data: &[u8]) {
+        // Lines with nothing before them and not kept for `tail`: all of them go out as one slice
+        // (a whole-stream read costs a copy per record, not per line).
+        if self.kept.is_none()
+            && !self.opts.timestamps
+            && !self.opts.prefix
+            && let Some(last) = memchr::memrchr(b'\n', data)
+        {
+            if self.open.as_deref().is_some_and(|o| o != name) {
+                self.out.put_u8(b'\n');
+            }
+            self.open = None;
+            let held = std::mem::take(&mut self.held(name).bytes);
+            self.out.put_slice(&held);
+            self.out.put_slice(&data[..=last]);
+            data = &data[last + 1..];
+            if !data.is_empty() {
+                let held = self.held(name);
+                held.written_ms = written_ms;
+                held.bytes.put_slice(data);
+            }
+            return;
+        }
         while let Some(nl) = memchr::memchr(b'\n', data) {
             let held = self.held(name);
             let first_ms = if held.bytes.is_empty() {
