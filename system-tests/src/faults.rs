@@ -448,16 +448,7 @@ impl Moto {
     }
 
     fn env(&self) -> Vec<(String, String)> {
-        [
-            ("AWS_ENDPOINT", self.endpoint.as_str()),
-            ("AWS_ALLOW_HTTP", "true"),
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_REGION", "us-east-1"),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
+        testbed::emulators::moto_s3_env(&self.endpoint)
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::{assert_both_paths, comparisons, step_pod, trigger_pod, workload_images};
 use serde_json::{Value, json};
-use testbed::api::wait_for;
+use testbed::api::{read_stream_at, wait_for};
 use testbed::collector::can_run;
 use testbed::kube::{KubeApi, KubeOptions, Rest};
 use testbed::node::{Node, NodeOptions};
@@ -230,39 +230,12 @@ fn mint(kube: &KubeApi, pod: &str, context: &str, scope: &str) -> String {
 
 /// Status and bytes of stream `name` of `source` in `context`, through the deployed API.
 fn read_stream(token: &str, context: &str, name: &str, source: &str) -> (Value, Vec<u8>) {
-    let http = reqwest::blocking::Client::new();
     let spec = if source == "ebpf" {
         json!({"name": name, "context": context, "source": "ebpf"})
     } else {
         json!({"name": name})
     };
-    let created: Value = http
-        .post(format!("{API_URL}/logs"))
-        .bearer_auth(token)
-        .json(&spec)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let id = created["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{created}"));
-    let status: Value = http
-        .get(format!("{API_URL}/logs/{id}"))
-        .bearer_auth(token)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let data = http
-        .get(format!("{API_URL}/logs/{id}/data"))
-        .bearer_auth(token)
-        .send()
-        .unwrap()
-        .bytes()
-        .unwrap()
-        .to_vec();
-    (status, data)
+    read_stream_at(API_URL, token, &spec)
 }
 
 /// Creates `pod` in the tenant's namespace once the webhook wraps it, and returns it as stored.
@@ -283,20 +256,9 @@ fn create_wrapped(rest: &Rest, pod: &Value) -> Value {
 
 /// Waits until the stream is complete, without drops, and returns its bytes.
 fn complete_stream(token: &str, context: &str, name: &str, source: &str) -> Vec<u8> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, data) = read_stream(token, context, name, source);
-        if status["complete"] == true {
-            let dropped = status["dropped"].as_array().map_or(0, Vec::len);
-            assert_eq!(dropped, 0, "{source} {context} {name}: {status}");
-            return data;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{source} {context} {name} not complete: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::complete_stream(WAIT, context, name, source, || {
+        read_stream(token, context, name, source)
+    })
 }
 
 fn report(token: &str, context: &str) -> Value {

@@ -260,20 +260,9 @@ fn wait_default_account(rest: &Rest, namespace: &str) {
 
 /// Waits until stream `name` of `source` in `context` is complete and returns its bytes.
 fn complete_stream(api: &Api, context: &str, name: &str, source: &str) -> Vec<u8> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, data) = api.read_in(context, name, source);
-        if status["complete"] == true {
-            let dropped = status["dropped"].as_array().map_or(0, Vec::len);
-            assert_eq!(dropped, 0, "{source} {context} {name}: {status}");
-            return data;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{source} {context} {name} not complete: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::complete_stream(WAIT, context, name, source, || {
+        api.read_in(context, name, source)
+    })
 }
 
 /// Asserts both paths stored `name`'s output in `context` under `prefix`, byte-exact.

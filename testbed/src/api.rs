@@ -354,34 +354,41 @@ impl Api {
     }
 
     fn read_with(&self, token: &str, spec: &Value) -> (Value, Vec<u8>) {
-        let http = reqwest::blocking::Client::new();
-        let token = token.to_owned();
-        let created: Value = http
-            .post(format!("{}/logs", self.url))
-            .bearer_auth(&token)
-            .json(spec)
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        let id = created["id"].as_str().unwrap();
-        let status: Value = http
-            .get(format!("{}/logs/{id}", self.url))
-            .bearer_auth(&token)
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        let data = http
-            .get(format!("{}/logs/{id}/data", self.url))
-            .bearer_auth(&token)
-            .send()
-            .unwrap()
-            .bytes()
-            .unwrap()
-            .to_vec();
-        (status, data)
+        read_stream_at(&self.url, token, spec)
     }
+}
+
+/// Status and stored bytes of the stream `spec` names (a `POST /logs` body: `name`, and
+/// `context` and `source` for another context or the collector's path) at the API at `url`.
+pub fn read_stream_at(url: &str, token: &str, spec: &Value) -> (Value, Vec<u8>) {
+    let http = reqwest::blocking::Client::new();
+    let created: Value = http
+        .post(format!("{url}/logs"))
+        .bearer_auth(token)
+        .json(spec)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = created["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no stream for {spec}: {created}"));
+    let status: Value = http
+        .get(format!("{url}/logs/{id}"))
+        .bearer_auth(token)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let data = http
+        .get(format!("{url}/logs/{id}/data"))
+        .bearer_auth(token)
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap()
+        .to_vec();
+    (status, data)
 }
 
 impl Drop for Api {

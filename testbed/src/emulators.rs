@@ -78,17 +78,23 @@ impl Emulator {
 
     /// The environment a metadata-api process needs to use this moto as S3.
     pub fn s3_env(&self) -> Vec<(String, String)> {
-        [
-            ("AWS_ENDPOINT", self.endpoint().as_str()),
-            ("AWS_ALLOW_HTTP", "true"),
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_REGION", "us-east-1"),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
+        moto_s3_env(&self.endpoint())
     }
+}
+
+/// The environment a metadata-api process needs to use the moto at `endpoint` as S3 (moto takes
+/// any credentials).
+pub fn moto_s3_env(endpoint: &str) -> Vec<(String, String)> {
+    [
+        ("AWS_ENDPOINT", endpoint),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect()
 }
 
 impl Drop for Emulator {

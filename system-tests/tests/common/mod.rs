@@ -2,6 +2,8 @@
 //! back: a Tekton TaskRun step and a Knative trigger, their images and their output.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::time::{Duration, Instant};
+
 use serde_json::{Value, json};
 use testbed::cri::{BUSYBOX_IMAGE, Cri};
 use testbed::images::ImageBuild;
@@ -25,6 +27,31 @@ pub const STEP_IMAGE: &str = "localhost/e2e/step:1";
 pub fn expected(name: &str) -> (Vec<u8>, Vec<u8>) {
     let stdout: String = (0..3000).map(|i| format!("{name} line {i}\n")).collect();
     (stdout.into_bytes(), format!("{name} done\n").into_bytes())
+}
+
+/// Waits until `read` (a stream's status and bytes) says the stream is complete, and returns its
+/// bytes; fails when it has dropped ranges or is not complete within `limit`.
+pub fn complete_stream(
+    limit: Duration,
+    context: &str,
+    name: &str,
+    source: &str,
+    mut read: impl FnMut() -> (Value, Vec<u8>),
+) -> Vec<u8> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (status, data) = read();
+        if status["complete"] == true {
+            let dropped = status["dropped"].as_array().map_or(0, Vec::len);
+            assert_eq!(dropped, 0, "{source} {context} {name}: {status}");
+            return data;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{source} {context} {name} not complete: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Asserts both capture paths stored what [`SCRIPT`] run as `name` writes, byte-exact, as
