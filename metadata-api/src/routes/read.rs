@@ -11,7 +11,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 
 use super::{
@@ -162,28 +162,27 @@ fn body_of(
             Record::Dropped { .. } => Bytes::new(),
         })),
         Form::Lines(lines) => Box::pin(render(recs, lines, following)),
-        Form::Ndjson(lines) => {
-            let mut left = lines.limit_bytes.unwrap_or(u64::MAX);
+        Form::Ndjson(lines) => Box::pin(async_stream::try_stream! {
             let mut window = Window::new(lines.since_ms, lines.until_ms);
-            Box::pin(
-                recs.try_filter(move |r| futures::future::ready(window.admits(r)))
-                    .map_ok(move |mut r| {
-                        // The byte limit counts data bytes; the record that reaches it is cut.
-                        if let Record::Data { data, .. } = &mut r {
-                            let take = (data.len() as u64).min(left);
-                            data.truncate(take as usize);
-                            left -= take;
-                        }
-                        r
-                    })
-                    .try_take_while(|r| {
-                        futures::future::ready(Ok(
-                            !matches!(r, Record::Data { data, .. } if data.is_empty()),
-                        ))
-                    })
-                    .map_ok(|r| r.to_ndjson()),
-            )
-        }
+            // The byte limit counts data bytes; the record that reaches it is cut.
+            let mut left = lines.limit_bytes;
+            futures::pin_mut!(recs);
+            while let Some(r) = recs.next().await {
+                let mut r = r?;
+                if left == Some(0) {
+                    break;
+                }
+                if !window.admits(&r) {
+                    continue;
+                }
+                if let (Record::Data { data, .. }, Some(left)) = (&mut r, left.as_mut()) {
+                    let take = (data.len() as u64).min(*left);
+                    data.truncate(take as usize);
+                    *left -= take;
+                }
+                yield r.to_ndjson();
+            }
+        }),
     };
     let out = out
         .map_ok(move |b| {
