@@ -112,6 +112,9 @@ struct Held {
     name: String,
     bytes: BytesMut,
     written_ms: u64,
+    /// When the held bytes began to be held: a follower lets them out after [`HOLD`], however
+    /// busy the other streams are.
+    since: Option<tokio::time::Instant>,
 }
 
 /// The rendering state: what each stream holds back, and where the output stands.
@@ -211,6 +214,7 @@ impl<'a> Render<'a> {
             if !data.is_empty() {
                 let held = self.held(name);
                 held.written_ms = written_ms;
+                held.since = Some(tokio::time::Instant::now());
                 held.bytes.put_slice(data);
             }
             return;
@@ -231,6 +235,7 @@ impl<'a> Render<'a> {
             let held = self.held(name);
             if held.bytes.is_empty() {
                 held.written_ms = written_ms;
+                held.since = Some(tokio::time::Instant::now());
             }
             held.bytes.put_slice(data);
         }
@@ -252,6 +257,20 @@ impl<'a> Render<'a> {
         line.put_slice(&bytes);
         self.out.put_slice(&line);
         self.open = Some(name.to_owned());
+    }
+
+    /// Lets out what has been held for [`HOLD`] or longer.
+    fn release_stale(&mut self) {
+        let now = tokio::time::Instant::now();
+        let stale: Vec<String> = self
+            .held
+            .iter()
+            .filter(|h| !h.bytes.is_empty() && h.since.is_some_and(|t| now - t >= HOLD))
+            .map(|h| h.name.clone())
+            .collect();
+        for name in stale {
+            self.release(&name);
+        }
     }
 
     fn release_all(&mut self) {
@@ -349,6 +368,9 @@ where
                     }
                     Record::Dropped { stream, span, .. } => r.dropped(&stream, span.len()),
                 }
+            }
+            if following {
+                r.release_stale();
             }
             match r.take() {
                 Some(chunk) if !chunk.is_empty() => yield chunk,
@@ -518,6 +540,33 @@ mod tests {
             ..opts()
         };
         assert_eq!(text(recs(), none).await, "");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_line_goes_out_after_the_hold_while_another_stream_is_busy() {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let out = render(rx, opts(), true);
+        pin_mut!(out);
+        tx.unbounded_send(data("stdout", 1, "prompt> ")).unwrap();
+        let mut got = Vec::new();
+        // stderr writes a line every 100 ms: never a second of quiet.
+        for i in 0..15 {
+            tokio::time::sleep(HOLD / 10).await;
+            tx.unbounded_send(data("stderr", 2 + i, "busy\n")).unwrap();
+            got.extend_from_slice(&out.next().await.unwrap().unwrap());
+            if String::from_utf8_lossy(&got).contains("prompt> ") {
+                break;
+            }
+        }
+        // Let out after the hold, at the start of a line.
+        let text = String::from_utf8(got.clone()).unwrap();
+        assert!(text.ends_with("busy\nprompt> "), "{text:?}");
+        assert!(text.matches("busy").count() >= 9, "{text:?}");
+        // The next line of stderr does not join it.
+        tx.unbounded_send(data("stderr", 20, "busy\n")).unwrap();
+        got.extend_from_slice(&out.next().await.unwrap().unwrap());
+        let text = String::from_utf8(got).unwrap();
+        assert!(text.ends_with("busy\nprompt> \nbusy\n"), "{text:?}");
     }
 
     #[tokio::test(start_paused = true)]
