@@ -39,6 +39,23 @@ pub struct Lines {
     pub default_container: String,
 }
 
+/// `since` and `until` (`what`): an RFC 3339 time in UTC, or a duration before `now_ms`; the
+/// error says what was expected.
+pub fn parse_time(what: &str, v: &str, now_ms: u64) -> Result<u64, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(v) {
+        return Ok(t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64));
+    }
+    match humantime::parse_duration(v) {
+        Ok(d) => Ok(now_ms.saturating_sub(d.as_millis() as u64)),
+        Err(_) => Err(format!(
+            "{what} must be an RFC 3339 time (2026-12-07T10:00:00Z) or a duration before now \
+             (10m), not {v:?}"
+        )),
+    }
+}
+
 /// Whether a record written at `ms` is inside the window.
 pub fn in_window(since_ms: Option<u64>, until_ms: Option<u64>, ms: u64) -> bool {
     since_ms.is_none_or(|s| ms >= s) && until_ms.is_none_or(|u| ms <= u)

@@ -7,8 +7,10 @@
 //! otherwise holds `0..16`, a dropped `16..20` and `20..30`.
 //!
 //! Checked: 400 exactly when the query does not parse (a copy of the service's query type through
-//! `serde_urlencoded`, as axum's `Query` does), names an invalid stream, or the range header is
-//! not a valid single range; 416 (with `Content-Range: bytes */length`) for a range starting at or
+//! `serde_urlencoded`, as axum's `Query` does, and its `since`/`until` through the service's own
+//! `lines::parse_time`), names an invalid stream, combines a `Range` with `since` or `tail`, or
+//! the range header is not a valid single range; a step's or trigger's plain logs are the stored
+//! bytes with the dropped range as a marker line (or skipped with `markers=false`); 416 (with `Content-Range: bytes */length`) for a range starting at or
 //! beyond the readable length; 206 with a `Content-Range` that parses back to the range served;
 //! the plain body is the stored bytes of that range (dropped ones skipped); a read that does not
 //! follow ends. Never a 5xx.
@@ -30,6 +32,47 @@ struct ReadQuery {
     follow: bool,
     stream: Option<String>,
     source: Option<Source>,
+    since: Option<String>,
+    until: Option<String>,
+    tail: Option<u64>,
+    #[serde(default)]
+    timestamps: bool,
+    #[serde(default)]
+    prefix: bool,
+    limit_bytes: Option<u64>,
+    markers: Option<bool>,
+}
+
+impl ReadQuery {
+    /// Whether a parameter that shapes lines (other than `markers`) is given: then the body is
+    /// rendered lines, checked by the API's tests rather than here.
+    fn shapes_lines(&self) -> bool {
+        self.timestamps
+            || self.prefix
+            || self.since.is_some()
+            || self.until.is_some()
+            || self.tail.is_some()
+            || self.limit_bytes.is_some()
+    }
+
+    /// Whether `since` and `until` are times the service takes.
+    fn times_parse(&self) -> bool {
+        [("since", &self.since), ("until", &self.until)]
+            .into_iter()
+            .all(|(what, v)| {
+                v.as_deref()
+                    .is_none_or(|v| metadata_api::lines::parse_time(what, v, 0).is_ok())
+            })
+    }
+}
+
+/// A step's or trigger's stream as plain lines: the dropped range is a line of its own when
+/// `markers` (the default there).
+fn lines(empty: bool, markers: bool) -> Vec<u8> {
+    if empty || !markers {
+        return plain(0, CONTENT.len() as u64, empty);
+    }
+    b"0123456789abcdef\n[relay: 4 bytes dropped]\nABCDEFGHIJ".to_vec()
 }
 
 const CONTENT: &[u8; 30] = b"0123456789abcdef----ABCDEFGHIJ";
@@ -117,6 +160,11 @@ fuzz_target!(|data: &[u8]| {
             .expect(StatusCode::BAD_REQUEST, &what);
         return;
     };
+    if !q.times_parse() {
+        h.send(&svc, req, true)
+            .expect(StatusCode::BAD_REQUEST, &what);
+        return;
+    }
     if endpoint != 0 {
         // The consumer API: a trigger is followed forever, a step until it completes (it is
         // another context, with no streams, so it never does).
@@ -129,9 +177,9 @@ fuzz_target!(|data: &[u8]| {
         let ours = endpoint == 1
             && q.stream.as_deref().is_none_or(|s| s == "stdout")
             && q.source.is_none_or(|s| s == Source::Entrypoint);
-        if !q.follow && !ndjson {
+        if !q.follow && !ndjson && !q.shapes_lines() {
             let want = if ours {
-                plain(0, length, empty)
+                lines(empty, q.markers.unwrap_or(true))
             } else {
                 Vec::new()
             };
@@ -151,6 +199,20 @@ fuzz_target!(|data: &[u8]| {
         reply.expect(StatusCode::BAD_REQUEST, &what);
         return;
     };
+    // A Range and a chosen start (since, tail) do not go together.
+    if ranged && (q.since.is_some() || q.tail.is_some()) {
+        reply.expect(StatusCode::BAD_REQUEST, &what);
+        return;
+    }
+    // Lines instead of bytes: the status is checked, the rendering by the API's tests.
+    if q.shapes_lines() || q.markers == Some(true) {
+        if ranged && !q.follow {
+            assert!(!reply.status.is_server_error(), "{what:?}: {}", reply.status);
+        } else {
+            reply.expect(StatusCode::OK, &what);
+        }
+        return;
+    }
     if ranged && !q.follow && start >= length.max(1) && !(start == 0 && length == 0) {
         reply.expect(StatusCode::RANGE_NOT_SATISFIABLE, &what);
         let cr = reply

@@ -21,7 +21,7 @@ use super::{
 use crate::{
     auth::Principal,
     error::ApiError,
-    lines::{Lines, Window, render},
+    lines::{Lines, Window, parse_time, render},
     metrics::Metrics,
     range::{Span, parse_range_request},
     read::{Follow, Lane, Record, records},
@@ -76,7 +76,9 @@ impl ReadQuery {
     fn lines(&self, markers: bool, default_container: &str) -> Result<Lines, ApiError> {
         let now = crate::store::now_ms();
         let time = |what: &str, v: &Option<String>| {
-            v.as_deref().map(|v| parse_time(what, v, now)).transpose()
+            v.as_deref()
+                .map(|v| parse_time(what, v, now).map_err(ApiError::bad))
+                .transpose()
         };
         Ok(Lines {
             timestamps: self.timestamps,
@@ -88,23 +90,6 @@ impl ReadQuery {
             limit_bytes: self.limit_bytes,
             default_container: default_container.to_owned(),
         })
-    }
-}
-
-/// `since` and `until`: an RFC 3339 time, or a duration before `now_ms`.
-fn parse_time(what: &str, v: &str, now_ms: u64) -> Result<u64, ApiError> {
-    if let Ok(t) = humantime::parse_rfc3339_weak(v) {
-        let ms = t
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        return Ok(ms);
-    }
-    match humantime::parse_duration(v) {
-        Ok(d) => Ok(now_ms.saturating_sub(d.as_millis() as u64)),
-        Err(_) => Err(ApiError::bad(format!(
-            "{what} must be an RFC 3339 time (2026-12-07T10:00:00Z) or a duration before now \
-             (10m), not {v:?}"
-        ))),
     }
 }
 
