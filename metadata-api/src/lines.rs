@@ -144,6 +144,10 @@ struct Render<'a> {
     kept: Option<VecDeque<Bytes>>,
     out: BytesMut,
     sent: u64,
+    /// The last time formatted for `timestamps`, and its text.
+    stamp: Option<(u64, String)>,
+    /// The last stream's prefix, and its text.
+    label: Option<(String, String)>,
 }
 
 impl<'a> Render<'a> {
@@ -159,6 +163,8 @@ impl<'a> Render<'a> {
             kept,
             out: BytesMut::new(),
             sent: 0,
+            stamp: None,
+            label: None,
         }
     }
 
@@ -177,37 +183,59 @@ impl<'a> Render<'a> {
     }
 
     /// Starts an output line of stream `name`: ends another stream's open line first.
-    fn start(&mut self, name: &str, written_ms: u64) -> BytesMut {
-        let mut line = BytesMut::new();
+    /// Writes what starts a line of `name` into `into`: its time and its prefix, as asked.
+    fn label_into(&mut self, name: &str, written_ms: u64, into: &mut BytesMut) {
+        if self.opts.timestamps {
+            // The lines of a part share its time: formatted once per part, not per line.
+            if self.stamp.as_ref().is_none_or(|(ms, _)| *ms != written_ms) {
+                self.stamp = Some((written_ms, timestamp(written_ms)));
+            }
+            if let Some((_, stamp)) = &self.stamp {
+                into.put_slice(stamp.as_bytes());
+            }
+        }
+        if self.opts.prefix {
+            if self.label.as_ref().is_none_or(|(n, _)| n != name) {
+                let label = prefix_of(name, &self.opts.default_container);
+                self.label = Some((name.to_owned(), label));
+            }
+            if let Some((_, label)) = &self.label {
+                into.put_slice(label.as_bytes());
+            }
+        }
+    }
+
+    /// Starts an output line of stream `name`: ends another stream's open line first, and
+    /// continues `name`'s own open line as it is.
+    fn start(&mut self, name: &str, written_ms: u64) {
         if self.open.as_deref().is_some_and(|o| o != name) {
             self.out.put_u8(b'\n');
             self.open = None;
         }
         if self.open.is_none() {
-            if self.opts.timestamps {
-                line.put_slice(timestamp(written_ms).as_bytes());
-            }
-            if self.opts.prefix {
-                line.put_slice(prefix_of(name, &self.opts.default_container).as_bytes());
-            }
+            let mut out = std::mem::take(&mut self.out);
+            self.label_into(name, written_ms, &mut out);
+            self.out = out;
         }
-        line
     }
 
     /// One complete line of `name` (ending with its newline).
     fn line(&mut self, name: &str, written_ms: u64, text: &[u8]) {
-        let mut line = self.start(name, written_ms);
+        if self.kept.is_none() {
+            self.start(name, written_ms);
+            self.out.put_slice(text);
+            self.open = None;
+            return;
+        }
+        let mut line = BytesMut::new();
+        self.label_into(name, written_ms, &mut line);
         line.put_slice(text);
-        self.open = None;
-        match &mut self.kept {
-            Some(kept) => {
-                kept.push_back(line.freeze());
-                let tail = self.opts.tail.unwrap_or(u64::MAX);
-                while kept.len() as u64 > tail {
-                    kept.pop_front();
-                }
+        if let Some(kept) = &mut self.kept {
+            kept.push_back(line.freeze());
+            let tail = self.opts.tail.unwrap_or(u64::MAX);
+            while kept.len() as u64 > tail {
+                kept.pop_front();
             }
-            None => self.out.put_slice(&line),
         }
     }
 
@@ -238,14 +266,14 @@ impl<'a> Render<'a> {
         }
         while let Some(nl) = memchr::memchr(b'\n', data) {
             let held = self.held(name);
-            let first_ms = if held.bytes.is_empty() {
-                written_ms
+            if held.bytes.is_empty() {
+                self.line(name, written_ms, &data[..=nl]);
             } else {
-                held.written_ms
-            };
-            let mut text = std::mem::take(&mut held.bytes);
-            text.put_slice(&data[..=nl]);
-            self.line(name, first_ms, &text);
+                let first_ms = held.written_ms;
+                let mut text = std::mem::take(&mut held.bytes);
+                text.put_slice(&data[..=nl]);
+                self.line(name, first_ms, &text);
+            }
             data = &data[nl + 1..];
         }
         if !data.is_empty() {
@@ -270,9 +298,8 @@ impl<'a> Render<'a> {
             self.line(name, ms, &bytes);
             return;
         }
-        let mut line = self.start(name, ms);
-        line.put_slice(&bytes);
-        self.out.put_slice(&line);
+        self.start(name, ms);
+        self.out.put_slice(&bytes);
         self.open = Some(name.to_owned());
     }
 
