@@ -57,7 +57,7 @@ pub fn parse_time(what: &str, v: &str, now_ms: u64) -> Result<u64, String> {
 }
 
 /// Whether a record written at `ms` is inside the window.
-pub fn in_window(since_ms: Option<u64>, until_ms: Option<u64>, ms: u64) -> bool {
+fn in_window(since_ms: Option<u64>, until_ms: Option<u64>, ms: u64) -> bool {
     since_ms.is_none_or(|s| ms >= s) && until_ms.is_none_or(|u| ms <= u)
 }
 
@@ -182,7 +182,6 @@ impl<'a> Render<'a> {
         &mut self.held[i]
     }
 
-    /// Starts an output line of stream `name`: ends another stream's open line first.
     /// Writes what starts a line of `name` into `into`: its time and its prefix, as asked.
     fn label_into(&mut self, name: &str, written_ms: u64, into: &mut BytesMut) {
         if self.opts.timestamps {
@@ -248,21 +247,13 @@ impl<'a> Render<'a> {
             && !self.opts.prefix
             && let Some(last) = memchr::memrchr(b'\n', data)
         {
-            if self.open.as_deref().is_some_and(|o| o != name) {
-                self.out.put_u8(b'\n');
-            }
+            self.start(name, written_ms);
             self.open = None;
             let held = std::mem::take(&mut self.held(name).bytes);
             self.out.put_slice(&held);
             self.out.put_slice(&data[..=last]);
+            // No newline is left: the rest is held below.
             data = &data[last + 1..];
-            if !data.is_empty() {
-                let held = self.held(name);
-                held.written_ms = written_ms;
-                held.since = Some(tokio::time::Instant::now());
-                held.bytes.put_slice(data);
-            }
-            return;
         }
         while let Some(nl) = memchr::memchr(b'\n', data) {
             let held = self.held(name);
