@@ -32,6 +32,7 @@ impl FromRequestParts<Arc<AppState>> for Principal {
 async fn principal(s: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let value = headers
         .get(header::AUTHORIZATION)
+        .or_else(|| headers.get(contract::headers::PROXIED_AUTHORIZATION))
         .and_then(|v| v.to_str().ok())
         .ok_or(ApiError::Unauthorized)?;
     let (scheme, token) = value.split_once(' ').ok_or(ApiError::Unauthorized)?;
