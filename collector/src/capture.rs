@@ -74,6 +74,9 @@ pub struct Target {
     /// Why the container has no entrypoint streams, from the pod spec in Kubernetes mode (see
     /// [`entrypoint_absent`]).
     pub entrypoint_absent: Option<&'static str>,
+    /// The pod's name in Kubernetes mode, recorded with its streams (reads of a trigger select a
+    /// replica by it).
+    pub pod: Option<String>,
 }
 
 /// The answer to "whose is this cgroup?".
@@ -404,6 +407,7 @@ impl<A: Attributor> Engine<A> {
             source: Some(Source::Ebpf),
             context: Some(cgroup.target.context.clone()),
             entrypoint_absent: cgroup.target.entrypoint_absent.map(str::to_owned),
+            pod: cgroup.target.pod.clone(),
         };
         let redactor = Redactor::new(cgroup.secrets.clone());
         let shipper = Shipper::new(self.cfg.ship.clone());

@@ -24,6 +24,18 @@ pub fn valid_context_segment(s: &str) -> bool {
         && s.bytes().all(name_byte)
 }
 
+/// Whether `s` may name a pod: a DNS subdomain as Kubernetes requires of object names, 1-253
+/// characters of `[a-z0-9.-]` beginning and ending with a letter or digit. Pod UIDs (lowercase
+/// hex and `-`) pass too, which `pod=` also accepts.
+pub fn valid_pod_name(s: &str) -> bool {
+    let edge = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    (1..=253).contains(&s.len())
+        && edge(s.as_bytes().first())
+        && edge(s.as_bytes().last())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+}
+
 /// Whether `b` may appear in a stream name.
 pub fn stream_name_byte(b: u8) -> bool {
     name_byte(b)
@@ -32,6 +44,21 @@ pub fn stream_name_byte(b: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_names() {
+        for ok in [
+            "hello-00001-deployment-7d9f8b6c5d-x2k4p",
+            "a",
+            "0765f197-c915-8576-f202-e50498b488cd",
+            "a.b",
+        ] {
+            assert!(valid_pod_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a/b", &"a".repeat(254)] {
+            assert!(!valid_pod_name(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn names_and_segments() {

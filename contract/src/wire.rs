@@ -19,6 +19,10 @@ pub struct CreateStream {
     /// Collector tokens only: why the container has no entrypoint stream of this one's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entrypoint_absent: Option<String>,
+    /// The name of the pod whose output the stream holds, so that reads of a trigger can select
+    /// one replica (`pod=`). A pod's own token names its pod itself; the API keeps that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 impl CreateStream {
@@ -29,6 +33,7 @@ impl CreateStream {
             source: None,
             context: None,
             entrypoint_absent: None,
+            pod: None,
         }
     }
 }

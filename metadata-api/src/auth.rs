@@ -159,6 +159,21 @@ pub struct Principal {
     /// streams it creates. `None` for HMAC tokens and collectors (whose streams take the
     /// namespace of the pod the collector captured).
     pub namespace: Option<String>,
+    /// For people of the `kubernetes` auth mode (a token from their kubeconfig): who they are.
+    /// Such a principal is a reader whose every stream is also checked with a
+    /// SubjectAccessReview: may this user `get pods/log` in the stream's namespace?
+    pub user: Option<std::sync::Arc<User>>,
+    /// For pods of the `kubernetes` auth mode: the pod's name, recorded with its streams.
+    pub pod: Option<String>,
+}
+
+/// A Kubernetes user as a TokenReview names them, for SubjectAccessReviews on their behalf.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct User {
+    pub username: String,
+    pub uid: Option<String>,
+    pub groups: Vec<String>,
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -339,6 +354,8 @@ impl Keys {
             scope,
             node: None,
             namespace: None,
+            user: None,
+            pod: None,
         })
     }
 

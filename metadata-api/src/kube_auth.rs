@@ -18,6 +18,16 @@
 //! (`--deleted-pod-grace`): the collector ships the output of pods that ended before it did. A
 //! watch of the pods that carry [`labels::WORKFLOW`] keeps the context → node index.
 //!
+//! # People
+//!
+//! A token that is not issued for the API's audience (a user's, from their kubeconfig; a
+//! ServiceAccount token from `kubectl create token`) is reviewed for the API server's own
+//! audience. The user it names is a reader of every context, and each stream it reads is checked
+//! with a SubjectAccessReview: may this user `get pods/log` in the namespace the stream's pod ran
+//! in? The RBAC that governs `kubectl logs` then governs these logs. A stream whose namespace is
+//! not known (written with key-file tokens) is not readable this way. Answers are cached per
+//! user and namespace for [`ACCESS_TTL`], as the API server's own delegating authorizer does.
+//!
 //! # Caching and load
 //!
 //! Reviews are cached by SHA-256 of the token, in a bounded cache: successes until the token's
@@ -38,6 +48,7 @@ use std::{
 use futures::StreamExt;
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus},
+    authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
     core::v1::Pod,
 };
 use kube::{
@@ -49,7 +60,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, watch};
 
 use crate::{
-    auth::{Context, MAX_TOKEN_LEN, Principal, Scope},
+    auth::{Context, MAX_TOKEN_LEN, Principal, Scope, User},
     pod_context::{context_for_labels, labels},
 };
 
@@ -57,6 +68,9 @@ use crate::{
 pub const MAX_SUCCESS_TTL: Duration = Duration::from_secs(300);
 /// How long a refused token stays refused without asking again.
 pub const FAILURE_TTL: Duration = Duration::from_secs(10);
+/// How long a SubjectAccessReview's answer counts, allowed or not (the API server's delegating
+/// authorizer caches for as long).
+pub const ACCESS_TTL: Duration = Duration::from_secs(10);
 /// Longest a request waits for a free TokenReview slot.
 pub const REVIEW_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest start-up waits for the first list of pods.
@@ -171,8 +185,16 @@ pub enum StartError {
 /// What a reviewed token is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Identity {
-    Pod { context: Context, namespace: String },
-    Collector { node: String },
+    Pod {
+        context: Context,
+        namespace: String,
+        pod: String,
+    },
+    Collector {
+        node: String,
+    },
+    /// A person (or any account) reading with a token for the API server's audience.
+    User(Arc<User>),
 }
 
 /// A cached review outcome and when it stops counting.
@@ -235,6 +257,34 @@ fn token_exp(token: &str) -> Option<u64> {
     jsonwebtoken::dangerous::insecure_decode_claims::<Exp>(token)
         .ok()
         .map(|c| c.exp)
+}
+
+/// The audiences a JWT names (`aud`, a string or a list), unverified: it only chooses which
+/// review a token gets, and that review verifies it. Empty for a token that is not a JWT.
+fn token_audiences(token: &str) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Aud {
+        One(String),
+        Many(Vec<String>),
+    }
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        aud: Option<Aud>,
+    }
+    match jsonwebtoken::dangerous::insecure_decode_claims::<Claims>(token).map(|c| c.aud) {
+        Ok(Some(Aud::One(a))) => vec![a],
+        Ok(Some(Aud::Many(a))) => a,
+        _ => Vec::new(),
+    }
+}
+
+/// The cache key of a SubjectAccessReview: the namespace and everything about the user that
+/// the review sends, hashed from their JSON (which keeps apart values that merely concatenate
+/// alike).
+fn access_key(user: &User, namespace: &str) -> [u8; 32] {
+    let json = serde_json::to_vec(&(namespace, user)).unwrap_or_default();
+    Sha256::digest(json).into()
 }
 
 /// Where a pod with a log context runs, or ran.
@@ -388,6 +438,8 @@ pub struct KubeAuth {
     audience: String,
     collectors: Vec<ServiceAccountRef>,
     cache: TokenCache,
+    /// SubjectAccessReview answers by [`access_key`]: allowed, and until when.
+    access: quick_cache::sync::Cache<[u8; 32], (bool, Instant)>,
     reviews: Semaphore,
     index: Arc<Mutex<NodeIndex>>,
 }
@@ -429,6 +481,7 @@ impl KubeAuth {
             audience: args.token_audience.clone(),
             collectors: args.collector_service_accounts.clone(),
             cache: TokenCache::new(args.token_cache_size),
+            access: quick_cache::sync::Cache::new(args.token_cache_size),
             reviews: Semaphore::new(args.token_review_concurrency),
             index,
         }))
@@ -445,19 +498,80 @@ impl KubeAuth {
             None => self.review_cached(token, key).await?,
         };
         Ok(match identity {
-            Identity::Pod { context, namespace } => Principal {
+            Identity::Pod {
+                context,
+                namespace,
+                pod,
+            } => Principal {
                 context,
                 scope: Scope::Write,
                 node: None,
                 namespace: Some(namespace),
+                user: None,
+                pod: Some(pod),
             },
             Identity::Collector { node } => Principal {
                 context: Context::prefix("workflows").map_err(|_| AuthError::Unavailable)?,
                 scope: Scope::Collector,
                 node: Some(node),
                 namespace: None,
+                user: None,
+                pod: None,
+            },
+            Identity::User(user) => Principal {
+                context: Context::prefix("workflows").map_err(|_| AuthError::Unavailable)?,
+                scope: Scope::Read,
+                node: None,
+                namespace: None,
+                user: Some(user),
+                pod: None,
             },
         })
+    }
+
+    /// Whether `user` may read the logs of pods in `namespace` (`get pods/log`), as the API
+    /// server's RBAC (or other authorizer) says; cached for [`ACCESS_TTL`].
+    pub async fn may_read_logs(&self, user: &User, namespace: &str) -> Result<bool, AuthError> {
+        let key = access_key(user, namespace);
+        let now = Instant::now();
+        if let Some(hit) = self.access.get(&key)
+            && now < hit.1
+        {
+            return Ok(hit.0);
+        }
+        let _permit = tokio::time::timeout(REVIEW_QUEUE_TIMEOUT, self.reviews.acquire())
+            .await
+            .map_err(|_| AuthError::Unavailable)?
+            .map_err(|_| AuthError::Unavailable)?;
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(user.username.clone()),
+                uid: user.uid.clone(),
+                groups: Some(user.groups.clone()),
+                extra: Some(user.extra.clone()),
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(namespace.to_owned()),
+                    verb: Some("get".to_owned()),
+                    resource: Some("pods".to_owned()),
+                    subresource: Some("log".to_owned()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SubjectAccessReviewSpec::default()
+            },
+            ..SubjectAccessReview::default()
+        };
+        let reviewed = Api::<SubjectAccessReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "SubjectAccessReview failed.");
+                AuthError::Unavailable
+            })?;
+        let allowed = reviewed.status.is_some_and(|s| s.allowed);
+        tracing::debug!(user = %user.username, namespace, allowed, "SubjectAccessReview done.");
+        self.access
+            .insert(key, (allowed, Instant::now() + ACCESS_TTL));
+        Ok(allowed)
     }
 
     async fn review_cached(&self, token: &str, key: [u8; 32]) -> Result<Identity, AuthError> {
@@ -490,6 +604,9 @@ impl KubeAuth {
     }
 
     async fn review(&self, token: &str) -> Result<Identity, AuthError> {
+        if !token_audiences(token).contains(&self.audience) {
+            return self.review_user(token).await;
+        }
         let started = Instant::now();
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -541,7 +658,49 @@ impl KubeAuth {
         Ok(Identity::Pod {
             context,
             namespace: sa.namespace,
+            pod: pod_name,
         })
+    }
+
+    /// A token not issued for this API: reviewed for the API server's own audiences (no
+    /// `spec.audiences`), so a kubeconfig's token works as it does for `kubectl`.
+    async fn review_user(&self, token: &str) -> Result<Identity, AuthError> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: None,
+            },
+            ..TokenReview::default()
+        };
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "TokenReview failed.");
+                AuthError::Unavailable
+            })?;
+        let status = reviewed.status.unwrap_or_default();
+        let user = status
+            .user
+            .filter(|_| status.authenticated == Some(true))
+            .and_then(|u| {
+                Some((
+                    u.username.filter(|n| !n.is_empty())?,
+                    u.uid,
+                    u.groups,
+                    u.extra,
+                ))
+            });
+        let Some((username, uid, groups, extra)) = user else {
+            tracing::debug!(error = ?status.error, "User token refused.");
+            return Err(AuthError::Unauthenticated);
+        };
+        Ok(Identity::User(Arc::new(User {
+            username,
+            uid: uid.filter(|u| !u.is_empty()),
+            groups: groups.unwrap_or_default(),
+            extra: extra.unwrap_or_default(),
+        })))
     }
 
     /// The ServiceAccount, pod name and pod UID of an authenticated review.
@@ -699,6 +858,7 @@ mod tests {
             Ok(Identity::Pod {
                 context: ctx.clone(),
                 namespace: "tenant".into(),
+                pod: "p".into(),
             }),
             now + Duration::from_secs(60),
         );
@@ -706,7 +866,8 @@ mod tests {
             cache.get(&key, now),
             Some(Ok(Identity::Pod {
                 context: ctx,
-                namespace: "tenant".into()
+                namespace: "tenant".into(),
+                pod: "p".into(),
             }))
         );
         assert_eq!(cache.get(&key, now + Duration::from_secs(60)), None);

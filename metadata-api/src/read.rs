@@ -416,6 +416,7 @@ mod tests {
             source: Source::Entrypoint,
             entrypoint_absent: None,
             namespace: None,
+            pod: None,
         };
         let stream = store.create("x".into(), meta).await.unwrap();
         let lane = Lane {

@@ -178,6 +178,7 @@ mod tests {
                 source: Source::Entrypoint,
                 entrypoint_absent: None,
                 namespace: None,
+                pod: None,
             };
             let s = self.store.create(id.clone(), meta).await.unwrap();
             self.store

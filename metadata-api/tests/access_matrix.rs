@@ -46,7 +46,7 @@ const SECRET: &str = "s3cr3t-payload";
 
 /// The credentials, one column each. The first seven and `k-aud` are not valid credentials;
 /// `k-*` exist only in `kubernetes` mode.
-const TOKENS: [&str; 24] = [
+const TOKENS: [&str; 28] = [
     // No Authorization header.
     "none",
     // `Bearer not.a.jwt`.
@@ -88,6 +88,14 @@ const TOKENS: [&str; 24] = [
     // Collector pods on the victim's node `n1` and on `n2`.
     "k-coll-n1",
     "k-coll-n2",
+    // People and accounts with tokens for the API server itself, read by their RBAC: the user
+    // alice, who may `get pods/log` in the victim's namespace through her group; bob, who may
+    // `get pods` there but not their logs; carol, who may read pod logs in namespace `other`
+    // only; the ServiceAccount `tenant:viewer`, bound to read pod logs in the victim's namespace.
+    "k-alice",
+    "k-bob",
+    "k-carol",
+    "k-sa",
 ];
 const COLUMNS: usize = TOKENS.len();
 
@@ -126,63 +134,64 @@ type Row = (
 
 #[rustfmt::skip]
 const MATRIX: &[Row] = &[
-    //  none mal  basic exp forg anon tamp  wOth wWf  wSib  rOth rWf  rSib rRig  wRig wTrg  coll colO  kAud kNol kOth kRig kC1  kC2
+    //  none mal  basic exp forg anon tamp  wOth wWf  wSib  rOth rWf  rSib rRig  wRig wTrg  coll colO  kAud kNol kOth kRig kC1  kC2   kAli kBob kCar kSA
     // Creating streams: in the victim's step context, as ebpf there, in its trigger context, in one's own.
-    ([401, 401, 401, 401, 401, 401, 401,  403, 403, 403,  403, 403, 403, 403,  200, 403,  200, 403,  401, 403, 403, 200, 200, 403], "POST /logs", JSON, CREATE_V),
-    ([401, 401, 401, 401, 401, 401, 401,  403, 403, 403,  403, 403, 403, 403,  403, 403,  200, 403,  401, 403, 403, 403, 200, 403], "POST /logs", JSON, CREATE_V_EBPF),
-    ([401, 401, 401, 401, 401, 401, 401,  403, 403, 403,  403, 403, 403, 403,  403, 200,  200, 403,  401, 403, 403, 403, 403, 403], "POST /logs", JSON, CREATE_T),
-    ([401, 401, 401, 401, 401, 401, 401,  200, 200, 200,  403, 403, 403, 403,  200, 200,  400, 400,  401, 403, 200, 200, 400, 400], "POST /logs", JSON, CREATE_OWN),
+    ([401, 401, 401, 401, 401, 401, 401,  403, 403, 403,  403, 403, 403, 403,  200, 403,  200, 403,  401, 403, 403, 200, 200, 403,  403, 403, 403, 403], "POST /logs", JSON, CREATE_V),
+    ([401, 401, 401, 401, 401, 401, 401,  403, 403, 403,  403, 403, 403, 403,  403, 403,  200, 403,  401, 403, 403, 403, 200, 403,  403, 403, 403, 403], "POST /logs", JSON, CREATE_V_EBPF),
+    // (The victim's trigger pod runs on n1 too, so its collector may create there.)
+    ([401, 401, 401, 401, 401, 401, 401,  403, 403, 403,  403, 403, 403, 403,  403, 200,  200, 403,  401, 403, 403, 403, 200, 403,  403, 403, 403, 403], "POST /logs", JSON, CREATE_T),
+    ([401, 401, 401, 401, 401, 401, 401,  200, 200, 200,  403, 403, 403, 403,  200, 200,  400, 400,  401, 403, 200, 200, 400, 400,  403, 403, 403, 403], "POST /logs", JSON, CREATE_OWN),
     // The entrypoint stream: status, plain, ranged, NDJSON and followed reads, a malformed query.
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404], "GET /logs/{E}", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404], "GET /logs/{E}/data", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 206,  206, 404,  404, 404,  401, 403, 404, 206, 404, 404], "GET /logs/{E}/data", RANGE, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404], "GET /logs/{E}/data", NDJSON, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404], "GET /logs/{E}/data?follow=true", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 400,  400, 404,  404, 404,  401, 403, 404, 400, 404, 404], "GET /logs/{E}/data?follow=maybe", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404,  200, 404, 404, 200], "GET /logs/{E}", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404,  200, 404, 404, 200], "GET /logs/{E}/data", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 206,  206, 404,  404, 404,  401, 403, 404, 206, 404, 404,  206, 404, 404, 206], "GET /logs/{E}/data", RANGE, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404,  200, 404, 404, 200], "GET /logs/{E}/data", NDJSON, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404,  200, 404, 404, 200], "GET /logs/{E}/data?follow=true", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 400,  400, 404,  404, 404,  401, 403, 404, 400, 404, 404,  400, 404, 404, 400], "GET /logs/{E}/data?follow=maybe", NO, ""),
     // The collector's stream.
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 404,  200, 404,  401, 403, 404, 404, 200, 404], "GET /logs/{B}", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 404,  200, 404,  401, 403, 404, 404, 200, 404], "GET /logs/{B}/data", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 206,  404, 404,  206, 404,  401, 403, 404, 404, 206, 404], "GET /logs/{B}/data", RANGE, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 404,  200, 404,  401, 403, 404, 404, 200, 404], "GET /logs/{B}/data?follow=true", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 404,  200, 404,  401, 403, 404, 404, 200, 404,  200, 404, 404, 200], "GET /logs/{B}", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 404,  200, 404,  401, 403, 404, 404, 200, 404,  200, 404, 404, 200], "GET /logs/{B}/data", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 206,  404, 404,  206, 404,  401, 403, 404, 404, 206, 404,  206, 404, 404, 206], "GET /logs/{B}/data", RANGE, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 404,  200, 404,  401, 403, 404, 404, 200, 404,  200, 404, 404, 200], "GET /logs/{B}/data?follow=true", NO, ""),
     // Streams that do not exist, or cannot: the same answer as a foreign stream.
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 404,  404, 404,  404, 404,  401, 403, 404, 404, 404, 404], "GET /logs/{missing}", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 404,  404, 404,  404, 404,  401, 403, 404, 404, 404, 404], "GET /logs/{missing}/data", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 404,  404, 404,  404, 404,  401, 403, 404, 404, 404, 404], "GET /logs/not-an-id", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 404,  404, 404,  404, 404,  401, 403, 404, 404, 404, 404,  404, 404, 404, 404], "GET /logs/{missing}", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 404,  404, 404,  404, 404,  401, 403, 404, 404, 404, 404,  404, 404, 404, 404], "GET /logs/{missing}/data", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 404,  404, 404,  404, 404,  401, 403, 404, 404, 404, 404,  404, 404, 404, 404], "GET /logs/not-an-id", NO, ""),
     // Consumer API of the step.
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404], "GET {STEP}", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404], "GET {STEP}?stream=stdout", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404], "GET {STEP}?source=ebpf", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404], "GET {STEP}", NDJSON, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404], "GET {STEP}?follow=true", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404], "GET {STEP}?stream=stdout&follow=true", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 400,  400, 404,  404, 404,  401, 403, 404, 400, 404, 404], "GET {STEP}?follow=maybe", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404], "GET {STEP}/capture-report", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404,  200, 404, 404, 200], "GET {STEP}", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404,  200, 404, 404, 200], "GET {STEP}?stream=stdout", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404,  200, 404, 404, 200], "GET {STEP}?source=ebpf", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404,  200, 404, 404, 200], "GET {STEP}", NDJSON, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404,  200, 404, 404, 200], "GET {STEP}?follow=true", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404,  200, 404, 404, 200], "GET {STEP}?stream=stdout&follow=true", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 400,  400, 404,  404, 404,  401, 403, 404, 400, 404, 404,  400, 400, 400, 400], "GET {STEP}?follow=maybe", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  200, 404,  404, 404,  401, 403, 404, 200, 404, 404,  200, 404, 404, 200], "GET {STEP}/capture-report", NO, ""),
     // Consumer API of the trigger.
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 200,  404, 404,  401, 403, 404, 404, 404, 404], "GET {TRIGGER}", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 200,  404, 404,  401, 403, 404, 404, 404, 404], "GET {TRIGGER}?stream=stdout", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 200,  404, 404,  401, 403, 404, 404, 404, 404], "GET {TRIGGER}?follow=true", NO, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 200,  404, 404,  401, 403, 404, 404, 404, 404], "GET {TRIGGER}/capture-report", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 200,  404, 404,  401, 403, 404, 404, 404, 404,  200, 404, 404, 200], "GET {TRIGGER}", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 200,  404, 404,  401, 403, 404, 404, 404, 404,  200, 404, 404, 200], "GET {TRIGGER}?stream=stdout", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 200,  404, 404,  401, 403, 404, 404, 404, 404,  200, 404, 404, 200], "GET {TRIGGER}?follow=true", NO, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 200,  404, 200,  404, 404,  401, 403, 404, 404, 404, 404,  200, 404, 404, 200], "GET {TRIGGER}/capture-report", NO, ""),
     // Writes to the entrypoint stream: append, ranged append at the end, a dropped marker.
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  202, 404,  404, 404,  401, 403, 404, 202, 404, 404], "POST /logs/{E}/data", BYTES, INTRUDER),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  202, 404,  404, 404,  401, 403, 404, 202, 404, 404], "PATCH /logs/{E}/data", AT_END, INTRUDER),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  202, 404,  404, 404,  401, 403, 404, 202, 404, 404], "POST /logs/{E}/markers", JSON, MARKER),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  202, 404,  404, 404,  401, 403, 404, 202, 404, 404,  403, 404, 404, 403], "POST /logs/{E}/data", BYTES, INTRUDER),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  202, 404,  404, 404,  401, 403, 404, 202, 404, 404,  403, 404, 404, 403], "PATCH /logs/{E}/data", AT_END, INTRUDER),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  202, 404,  404, 404,  401, 403, 404, 202, 404, 404,  403, 404, 404, 403], "POST /logs/{E}/markers", JSON, MARKER),
     // Writes to the collector's stream.
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  404, 404,  202, 404,  401, 403, 404, 404, 202, 404], "POST /logs/{B}/data", BYTES, INTRUDER),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  404, 404,  202, 404,  401, 403, 404, 404, 202, 404], "PATCH /logs/{B}/data", AT_END, INTRUDER),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  404, 404,  202, 404,  401, 403, 404, 404, 202, 404], "POST /logs/{B}/markers", JSON, MARKER),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  404, 404,  202, 404,  401, 403, 404, 404, 202, 404,  403, 404, 404, 403], "POST /logs/{B}/data", BYTES, INTRUDER),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  404, 404,  202, 404,  401, 403, 404, 404, 202, 404,  403, 404, 404, 403], "PATCH /logs/{B}/data", AT_END, INTRUDER),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  404, 404,  202, 404,  401, 403, 404, 404, 202, 404,  403, 404, 404, 403], "POST /logs/{B}/markers", JSON, MARKER),
     // Writes to streams that do not exist.
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 404,  404, 404,  404, 404,  401, 403, 404, 404, 404, 404], "POST /logs/{missing}/data", BYTES, INTRUDER),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 404,  404, 404,  404, 404,  401, 403, 404, 404, 404, 404], "POST /logs/{missing}/markers", JSON, MARKER),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 404,  404, 404,  404, 404,  401, 403, 404, 404, 404, 404,  404, 404, 404, 404], "POST /logs/{missing}/data", BYTES, INTRUDER),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 404,  404, 404,  404, 404,  401, 403, 404, 404, 404, 404,  404, 404, 404, 404], "POST /logs/{missing}/markers", JSON, MARKER),
     // No route deletes.
-    ([405, 405, 405, 405, 405, 405, 405,  405, 405, 405,  405, 405, 405, 405,  405, 405,  405, 405,  405, 405, 405, 405, 405, 405], "DELETE /logs/{E}", NO, ""),
+    ([405, 405, 405, 405, 405, 405, 405,  405, 405, 405,  405, 405, 405, 405,  405, 405,  405, 405,  405, 405, 405, 405, 405, 405,  405, 405, 405, 405], "DELETE /logs/{E}", NO, ""),
     // Public routes, whatever the credential; anything else is 404.
-    ([200, 200, 200, 200, 200, 200, 200,  200, 200, 200,  200, 200, 200, 200,  200, 200,  200, 200,  200, 200, 200, 200, 200, 200], "GET /healthz", NO, ""),
-    ([200, 200, 200, 200, 200, 200, 200,  200, 200, 200,  200, 200, 200, 200,  200, 200,  200, 200,  200, 200, 200, 200, 200, 200], "GET /readyz", NO, ""),
-    ([200, 200, 200, 200, 200, 200, 200,  200, 200, 200,  200, 200, 200, 200,  200, 200,  200, 200,  200, 200, 200, 200, 200, 200], "GET /metrics", NO, ""),
-    ([404, 404, 404, 404, 404, 404, 404,  404, 404, 404,  404, 404, 404, 404,  404, 404,  404, 404,  404, 404, 404, 404, 404, 404], "GET /openapi.json", NO, ""),
+    ([200, 200, 200, 200, 200, 200, 200,  200, 200, 200,  200, 200, 200, 200,  200, 200,  200, 200,  200, 200, 200, 200, 200, 200,  200, 200, 200, 200], "GET /healthz", NO, ""),
+    ([200, 200, 200, 200, 200, 200, 200,  200, 200, 200,  200, 200, 200, 200,  200, 200,  200, 200,  200, 200, 200, 200, 200, 200,  200, 200, 200, 200], "GET /readyz", NO, ""),
+    ([200, 200, 200, 200, 200, 200, 200,  200, 200, 200,  200, 200, 200, 200,  200, 200,  200, 200,  200, 200, 200, 200, 200, 200,  200, 200, 200, 200], "GET /metrics", NO, ""),
+    ([404, 404, 404, 404, 404, 404, 404,  404, 404, 404,  404, 404, 404, 404,  404, 404,  404, 404,  404, 404, 404, 404, 404, 404,  404, 404, 404, 404], "GET /openapi.json", NO, ""),
     // Finishing the streams, last: nothing can be appended afterwards.
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  202, 404,  404, 404,  401, 403, 404, 202, 404, 404], "PATCH /logs/{E}/data", FINISH, ""),
-    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  404, 404,  202, 404,  401, 403, 404, 404, 202, 404], "PATCH /logs/{B}/data", FINISH, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  202, 404,  404, 404,  401, 403, 404, 202, 404, 404,  403, 404, 404, 403], "PATCH /logs/{E}/data", FINISH, ""),
+    ([401, 401, 401, 401, 401, 401, 401,  404, 404, 404,  404, 404, 404, 403,  404, 404,  202, 404,  401, 403, 404, 404, 202, 404,  403, 404, 404, 403], "PATCH /logs/{B}/data", FINISH, ""),
 ];
 
 /// The victim's streams and the ids a refused create must not have made.
@@ -670,10 +679,102 @@ async fn hmac_tokens() {
     seed(&server, &victim).await;
     check(&server, &victim, &hmac_credentials(&server), &[]).await;
 }
+/// Writes the victim's streams as the pods of `--auth kubernetes` do, so that each records its
+/// namespace (which people's reads are authorized against): the step's with its pod's token, the
+/// ebpf one with the collector's on the victim's node, the trigger's with the trigger pod's.
+async fn seed_as_pods(
+    bed: &common::kube_bed::Bed,
+    victim: &Victim,
+    step: &str,
+    trigger: &str,
+    collector: &str,
+) {
+    let writer = bed.http(step);
+    assert_eq!(writer.stream("stdout").await, victim.e);
+    writer
+        .put_at(&victim.e, 0, format!("{SECRET}-entrypoint\n").as_bytes())
+        .await;
+    // The API learns where pods run from its watch: the collector may create the victim's ebpf
+    // stream once it places the victim's pod on n1.
+    let n1 = bed.http(collector);
+    common::eventually(Duration::from_secs(30), "the victim pod on n1", || {
+        let n1 = n1.clone();
+        async move {
+            let r = n1
+                .create(json!({"name": "stdout", "source": "ebpf", "context": V}))
+                .await;
+            (r.status() == StatusCode::OK).then_some(())
+        }
+    })
+    .await;
+    n1.put_at(&victim.b, 0, format!("{SECRET}-ebpf\n").as_bytes())
+        .await;
+    let trigger = bed.http(trigger);
+    assert_eq!(trigger.stream("stdout").await, victim.et);
+    trigger
+        .put_at(&victim.et, 0, format!("{SECRET}-trigger\n").as_bytes())
+        .await;
+}
+
+/// The RBAC of the people columns (see [`TOKENS`]): a role to read pod logs, one to read pods,
+/// and who has which where.
+async fn grant_readers(bed: &common::kube_bed::Bed) {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding};
+    use kube::api::{Api, PostParams};
+
+    let roles = Api::<ClusterRole>::all(bed.client.clone());
+    for (name, resource) in [("pod-log-reader", "pods/log"), ("pod-reader", "pods")] {
+        let role = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "rules": [{"apiGroups": [""], "resources": [resource], "verbs": ["get"]}],
+        }))
+        .unwrap();
+        roles.create(&PostParams::default(), &role).await.unwrap();
+    }
+    for (ns, name, role, subject) in [
+        (
+            "tenant",
+            "devs",
+            "pod-log-reader",
+            json!({"kind": "Group", "name": "tenant-devs", "apiGroup": "rbac.authorization.k8s.io"}),
+        ),
+        (
+            "tenant",
+            "bob",
+            "pod-reader",
+            json!({"kind": "User", "name": "bob", "apiGroup": "rbac.authorization.k8s.io"}),
+        ),
+        (
+            "other",
+            "carol",
+            "pod-log-reader",
+            json!({"kind": "User", "name": "carol", "apiGroup": "rbac.authorization.k8s.io"}),
+        ),
+        (
+            "tenant",
+            "viewer",
+            "pod-log-reader",
+            json!({"kind": "ServiceAccount", "name": "viewer", "namespace": "tenant"}),
+        ),
+    ] {
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [subject],
+        }))
+        .unwrap();
+        Api::<RoleBinding>::namespaced(bed.client.clone(), ns)
+            .create(&PostParams::default(), &binding)
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn kubernetes_tokens() {
     use common::kube_bed::{
         AUDIENCE as POD_AUDIENCE, Bed, COLLECTOR_NS, COLLECTOR_SA, TENANT, step_labels,
+        trigger_labels,
     };
 
     let Some(bed) = Bed::start(&[]).await else {
@@ -699,6 +800,15 @@ async fn kubernetes_tokens() {
             step_labels("other", "r1", "s1"),
         )
         .await;
+    let trigger_uid = bed
+        .pod(
+            TENANT,
+            "trigger",
+            "runner",
+            "n1",
+            trigger_labels("wf-b", "t1"),
+        )
+        .await;
     let mut collectors = Vec::new();
     for node in ["n1", "n2"] {
         let name = format!("collector-{node}");
@@ -711,7 +821,13 @@ async fn kubernetes_tokens() {
         );
     }
     let victim = Victim::new(&bed.api.keys());
-    seed(&bed.api, &victim).await;
+    let step_token = bed
+        .token(TENANT, "runner", "victim", &victim_uid, POD_AUDIENCE)
+        .await;
+    let trigger_token = bed
+        .token(TENANT, "runner", "trigger", &trigger_uid, POD_AUDIENCE)
+        .await;
+    seed_as_pods(&bed, &victim, &step_token, &trigger_token, &collectors[0]).await;
 
     let mut creds = hmac_credentials(&bed.api);
     let bearer = |t: &str| Some(Some(format!("Bearer {t}")));
@@ -726,22 +842,12 @@ async fn kubernetes_tokens() {
     }
     creds[column("k-coll-n1")] = bearer(&collectors[0]);
     creds[column("k-coll-n2")] = bearer(&collectors[1]);
-
-    // The API learns where pods run from its watch: wait until it places the victim's on n1.
-    let n1 = bed.http(&collectors[0]);
-    common::eventually(Duration::from_secs(30), "the victim pod on n1", || {
-        let n1 = n1.clone();
-        let id = victim.b.clone();
-        async move {
-            let r = n1
-                .req(Method::GET, &format!("/logs/{id}"))
-                .send()
-                .await
-                .unwrap();
-            (r.status() == StatusCode::OK).then_some(())
-        }
-    })
-    .await;
+    grant_readers(&bed).await;
+    for user in ["alice", "bob", "carol"] {
+        creds[column(&format!("k-{user}"))] = bearer(&bed.kube.user_token(user));
+    }
+    bed.account(TENANT, "viewer").await;
+    creds[column("k-sa")] = bearer(&bed.account_token(TENANT, "viewer").await);
     // Besides the HMAC strings: the tenant's namespace and pod names, the kubeconfig.
     let extra = [
         format!("{TENANT}/victim"),

@@ -456,6 +456,7 @@ async fn run(os: Arc<dyn ObjectStore>, prefix: Path, dir: Option<&std::path::Pat
         source: Source::Entrypoint,
         entrypoint_absent: None,
         namespace: None,
+        pod: None,
     };
     let id = "0".repeat(64);
     let mut store = store(&os, &prefix, &metrics, dir);

@@ -50,6 +50,14 @@ pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster
 /// The range Service cluster IPs come from; the `kubernetes` Service gets its first address.
 pub const SERVICE_CLUSTER_IP_RANGE: &str = "10.96.0.0/24";
 
+/// The people the API server knows besides its admin: `(name, groups)`, each with a bearer token
+/// of their own ([`KubeApi::user_token`]) from a static token file, as an OIDC or webhook
+/// authenticator would name a person. Tests give them rights with RBAC.
+pub const USERS: [(&str, &[&str]); 3] = [("alice", &["tenant-devs"]), ("bob", &[]), ("carol", &[])];
+
+/// The static token file of [`USERS`], in the control plane's directory.
+const USER_TOKENS: &str = "users.csv";
+
 /// How often a start-up condition is checked again.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -171,6 +179,7 @@ impl KubeApi {
             etcd_url: String::new(),
             ca_pem: pki.ca_pem,
         };
+        kube.write_user_tokens()?;
         kube.start_etcd(deadline)?;
         kube.start_apiserver(options, deadline)?;
         kube.write_kubeconfig()?;
@@ -345,6 +354,39 @@ impl KubeApi {
         })
     }
 
+    /// Writes the static token file of [`USERS`]: `token,user,uid,"group,..."` per line, each
+    /// token 32 random hex characters.
+    fn write_user_tokens(&self) -> anyhow::Result<()> {
+        let mut csv = String::new();
+        for (i, (user, groups)) in USERS.iter().enumerate() {
+            let mut random = [0u8; 16];
+            std::io::Read::read_exact(&mut fs::File::open("/dev/urandom")?, &mut random)?;
+            let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+            csv.push_str(&format!(
+                "{token},{user},uid-{i},\"{}\"\n",
+                groups.join(",")
+            ));
+        }
+        fs::write(self.dir.path().join(USER_TOKENS), csv)
+            .context("cannot write the user token file")
+    }
+
+    /// The bearer token of `user`, one of [`USERS`].
+    ///
+    /// # Panics
+    ///
+    /// When `user` is not one of them.
+    pub fn user_token(&self, user: &str) -> String {
+        let csv = fs::read_to_string(self.dir.path().join(USER_TOKENS)).unwrap_or_default();
+        csv.lines()
+            .find_map(|l| {
+                let mut f = l.split(',');
+                let token = f.next()?;
+                (f.next()? == user).then(|| token.to_owned())
+            })
+            .unwrap_or_else(|| panic!("{user} is not one of the test bed's users"))
+    }
+
     fn start_apiserver(&mut self, options: &KubeOptions, deadline: Instant) -> anyhow::Result<()> {
         let dir = self.dir.path().to_path_buf();
         let file = |name: &str| format!("{}", dir.join(name).display());
@@ -363,6 +405,7 @@ impl KubeApi {
                 .arg(format!("--tls-cert-file={}", file(Pki::SERVING_CERT)))
                 .arg(format!("--tls-private-key-file={}", file(Pki::SERVING_KEY)))
                 .arg(format!("--client-ca-file={}", file(Pki::CA)))
+                .arg(format!("--token-auth-file={}", file(USER_TOKENS)))
                 .arg(format!("--service-account-key-file={}", file(Pki::SA_PUB)))
                 .arg(format!(
                     "--service-account-signing-key-file={}",

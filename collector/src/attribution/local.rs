@@ -41,6 +41,7 @@ impl Attributor for Local {
                     dir: dir.to_path_buf(),
                     redact_env: String::new(),
                     entrypoint_absent: None,
+                    pod: None,
                 });
             }
         }

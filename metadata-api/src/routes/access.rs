@@ -172,8 +172,30 @@ pub(super) async fn visible(
         return Err(ApiError::NotFound);
     }
     match s.store.open(id).await? {
-        Some(st) if allows(s, p, Action::Read(&st.meta)) => Ok(st),
+        Some(st)
+            if allows(s, p, Action::Read(&st.meta)) && user_may_read(s, p, &st.meta).await? =>
+        {
+            Ok(st)
+        }
         _ => Err(ApiError::NotFound),
+    }
+}
+
+/// For a person of the `kubernetes` auth mode, whether the API server's authorizer lets them
+/// `get pods/log` in the namespace of the stream's pod (see [`crate::kube_auth`]); `true` for
+/// every other principal, whom [`allows`] alone decides. A stream of no known namespace is
+/// nobody's to read this way.
+pub(super) async fn user_may_read(
+    s: &AppState,
+    p: &Principal,
+    meta: &StreamMeta,
+) -> Result<bool, ApiError> {
+    let Some(user) = &p.user else {
+        return Ok(true);
+    };
+    match (&s.kube, &meta.namespace) {
+        (Some(kube), Some(ns)) => Ok(kube.may_read_logs(user, ns).await?),
+        _ => Ok(false),
     }
 }
 

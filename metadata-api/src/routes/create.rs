@@ -34,7 +34,16 @@ pub(super) async fn create_stream(
             ));
         }
     }
+    if let Some(pod) = &req.pod
+        && !contract::names::valid_pod_name(pod)
+    {
+        return Err(ApiError::bad(
+            "pod must be a pod name: at most 253 characters of [a-z0-9.-]",
+        ));
+    }
     let (context, source, namespace) = creation(&s, &p, req.context.as_deref(), req.source)?;
+    // A pod's own token says which pod it is; other writers (collectors, key-file tokens) say.
+    let pod = p.pod.clone().or(req.pod);
     let id = s.keys.stream_id(&context, &req.name, source.as_str());
     let stream = s
         .store
@@ -46,6 +55,7 @@ pub(super) async fn create_stream(
                 source,
                 entrypoint_absent: req.entrypoint_absent,
                 namespace,
+                pod,
             },
         )
         .await?;

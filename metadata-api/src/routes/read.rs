@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::{
     AppState, NDJSON, S,
-    access::{readable_context, visible},
+    access::{readable_context, user_may_read, visible},
 };
 use crate::{
     auth::Principal,
@@ -58,7 +58,14 @@ pub(super) struct ReadQuery {
     /// A line per dropped range in plain text: on by default for step and trigger reads, off for
     /// a stream's bytes (whose plain form is the bytes alone).
     markers: Option<bool>,
+    /// Only the streams of this pod (a trigger's replica), by name or UID.
+    pod: Option<String>,
 }
+
+/// The window a trigger read without `since`, `until` or `tail` covers: a trigger's replicas
+/// come and go for as long as its revision serves, so its whole history is not a sensible
+/// default (Loki's LogCLI defaults to the last hour as well). Older lines are read by time.
+const TRIGGER_DEFAULT_SINCE_MS: u64 = 60 * 60 * 1000;
 
 impl ReadQuery {
     /// Whether a stream's plain read is rendered as lines rather than given as its bytes.
@@ -70,6 +77,11 @@ impl ReadQuery {
             || self.tail.is_some()
             || self.limit_bytes.is_some()
             || self.markers == Some(true)
+    }
+
+    /// Whether the read says where in time it starts or ends.
+    fn chooses_window(&self) -> bool {
+        self.since.is_some() || self.until.is_some() || self.tail.is_some()
     }
 
     /// The rendering these parameters ask for; `markers` when not said.
@@ -299,7 +311,19 @@ async fn context_logs(
     let context = readable_context(&s, &p, &context)?;
     // Checked after the caller, as for a stream's data.
     let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
-    let lines = q.lines(true, last_segment(context.as_str()))?;
+    let mut lines = q.lines(true, last_segment(context.as_str()))?;
+    if context.is_trigger() && !q.chooses_window() {
+        lines.since_ms = Some(crate::store::now_ms().saturating_sub(TRIGGER_DEFAULT_SINCE_MS));
+    }
+    if let Some(pod) = &q.pod
+        && !contract::names::valid_pod_name(pod)
+    {
+        return Err(ApiError::bad(format!(
+            "pod must be a pod's name or UID, not {pod:?}"
+        )));
+    }
+    let pod = q.pod.clone();
+    let p = Arc::new(p);
     let every_stream = q.stream.is_none();
     let names: Vec<String> = match q.stream {
         Some(name) if crate::names::valid_stream_name(&name) => vec![name],
@@ -330,9 +354,12 @@ async fn context_logs(
     let open = {
         let s = s.clone();
         let context = context.clone();
+        let p = p.clone();
         move |mut lanes: Vec<Lane>| {
             let s = s.clone();
             let context = context.clone();
+            let p = p.clone();
+            let pod = pod.clone();
             async move {
                 // A follower of every stream also picks up the streams created since it began:
                 // a container that starts later, a restart's next generation. A listing that
@@ -347,11 +374,13 @@ async fn context_logs(
                 for lane in &mut lanes {
                     if lane.primary.is_none() {
                         let id = s.keys.stream_id(&context, &lane.name, primary.as_str());
-                        lane.primary = s.store.open(&id).await.ok().flatten();
+                        let st = s.store.open(&id).await.ok().flatten();
+                        lane.primary = admitted(&s, &p, pod.as_deref(), st).await;
                     }
                     if let (None, Some(fb)) = (&lane.fallback, fallback) {
                         let id = s.keys.stream_id(&context, &lane.name, fb.as_str());
-                        lane.fallback = s.store.open(&id).await.ok().flatten();
+                        let st = s.store.open(&id).await.ok().flatten();
+                        lane.fallback = admitted(&s, &p, pod.as_deref(), st).await;
                     }
                 }
                 lanes
@@ -360,6 +389,14 @@ async fn context_logs(
     };
     let lanes: Vec<Lane> = names.into_iter().map(Lane::new).collect();
     let mut lanes = open(lanes).await;
+    // A person sees a context only through streams they may read: none, and it is not there.
+    if p.user.is_some()
+        && lanes
+            .iter()
+            .all(|l| l.primary.is_none() && l.fallback.is_none())
+    {
+        return Err(ApiError::NotFound);
+    }
     let opened: Vec<Arc<Stream>> = lanes
         .iter()
         .flat_map(|l| l.primary.iter().chain(l.fallback.iter()))
@@ -389,6 +426,37 @@ async fn context_logs(
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     Ok(resp)
+}
+
+/// `st` when a context read includes it: of the pod asked for, if one was, and readable by the
+/// caller (a person's right to read its namespace's pod logs, see [`user_may_read`]).
+async fn admitted(
+    s: &AppState,
+    p: &Principal,
+    pod: Option<&str>,
+    st: Option<Arc<Stream>>,
+) -> Option<Arc<Stream>> {
+    let st = st?;
+    if let Some(pod) = pod
+        && !of_pod(&st.meta, pod)
+    {
+        return None;
+    }
+    match user_may_read(s, p, &st.meta).await {
+        Ok(true) => Some(st),
+        Ok(false) => None,
+        Err(e) => {
+            // Asked again when the lanes are next opened (a follower's next refresh).
+            tracing::warn!(error = %e, "Cannot tell whether the caller may read a stream.");
+            None
+        }
+    }
+}
+
+/// Whether a stream holds the output of `pod`, a pod's name or UID: the name it was recorded
+/// with, or the UID in its name (a trigger's streams are `<container>.<pod uid>.stdout`).
+fn of_pod(meta: &crate::store::StreamMeta, pod: &str) -> bool {
+    meta.pod.as_deref() == Some(pod) || meta.name.split('.').any(|part| part == pod)
 }
 
 pub(super) async fn trigger_logs(

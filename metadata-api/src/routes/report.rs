@@ -7,7 +7,10 @@ use axum::{
     extract::{Path, State},
 };
 
-use super::{AppState, S, access::readable_context};
+use super::{
+    AppState, S,
+    access::{readable_context, user_may_read},
+};
 use crate::{auth::Principal, error::ApiError, store::Source};
 
 /// Names always looked for besides the context's index: streams created before the index existed.
@@ -31,10 +34,16 @@ async fn capture_report(
     let mut streams = Vec::with_capacity(wanted.len());
     for (src, name) in wanted {
         let id = s.keys.stream_id(&context, &name, src.as_str());
-        if let Some(st) = s.store.open(&id).await? {
+        if let Some(st) = s.store.open(&id).await?
+            && user_may_read(&s, &p, &st.meta).await?
+        {
             s.store.refresh(&st).await?;
             streams.push(st);
         }
+    }
+    // As for reads: a person sees a context only through streams they may read.
+    if p.user.is_some() && streams.is_empty() {
+        return Err(ApiError::NotFound);
     }
     Ok(Json(
         crate::report::build(&s.store, context.as_str(), streams).await?,

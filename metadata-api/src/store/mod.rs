@@ -96,6 +96,10 @@ pub struct StreamMeta {
     /// (`--auth kubernetes`: from the pod's token, or from the pod index for a collector).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// The name of the pod whose output the stream holds, when known (see
+    /// [`contract::wire::CreateStream::pod`]); reads of a trigger select replicas by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 impl StreamMeta {
@@ -257,6 +261,9 @@ pub struct Status {
     /// See [`StreamMeta::namespace`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// See [`StreamMeta::pod`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     /// Receive time of the earliest-received stored part, ms since the Unix epoch.
     pub first_received_ms: Option<u64>,
     /// Receive time of the latest-received stored part, ms since the Unix epoch.
@@ -401,6 +408,7 @@ impl Stream {
             writer_died_at: st.writer_died_at,
             entrypoint_absent: self.meta.entrypoint_absent.clone(),
             namespace: self.meta.namespace.clone(),
+            pod: self.meta.pod.clone(),
             first_received_ms: st.received.map(|r| r.0),
             last_received_ms: st.received.map(|r| r.1),
         }

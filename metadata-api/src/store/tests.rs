@@ -54,6 +54,7 @@ fn meta() -> StreamMeta {
         source: Source::Entrypoint,
         entrypoint_absent: None,
         namespace: None,
+        pod: None,
     }
 }
 

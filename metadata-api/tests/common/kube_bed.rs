@@ -81,6 +81,11 @@ impl Bed {
         service_account(&self.client, ns, sa).await;
     }
 
+    /// Creates the ServiceAccount `sa` in the existing namespace `ns`.
+    pub async fn account(&self, ns: &str, sa: &str) {
+        service_account(&self.client, ns, sa).await;
+    }
+
     /// Creates a pod of `sa` in `ns` on `node` with `labels`; returns its UID.
     pub async fn pod(&self, ns: &str, name: &str, sa: &str, node: &str, labels: Value) -> String {
         let pod: Pod = serde_json::from_value(json!({
@@ -120,6 +125,26 @@ impl Bed {
                     name: Some(pod.into()),
                     uid: Some(uid.into()),
                 }),
+            },
+            ..TokenRequest::default()
+        };
+        KubeResource::<ServiceAccount>::namespaced(self.client.clone(), ns)
+            .create_token_request(sa, &PostParams::default(), &request)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .token
+    }
+
+    /// A token of `sa` for the API server itself (no audience asked, no object bound), as
+    /// `kubectl create token` makes one.
+    pub async fn account_token(&self, ns: &str, sa: &str) -> String {
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: Vec::new(),
+                expiration_seconds: Some(3600),
+                bound_object_ref: None,
             },
             ..TokenRequest::default()
         };
@@ -174,6 +199,11 @@ pub fn tekton_labels(run: &str, step: &str) -> Value {
 /// Labels of a Tekton step pod: context `workflows/{workflow}/runs/{run}/steps/{step}`.
 pub fn step_labels(workflow: &str, run: &str, step: &str) -> Value {
     json!({"tekton.dev/taskRun": "tr-1", "relay.sh/workflow": workflow, "relay.sh/run": run, "relay.sh/step": step})
+}
+
+/// Labels of a Knative trigger pod: context `workflows/{workflow}/triggers/{trigger}`.
+pub fn trigger_labels(workflow: &str, trigger: &str) -> Value {
+    json!({"serving.knative.dev/revision": "rev-1", "relay.sh/workflow": workflow, "relay.sh/trigger-sync-id": trigger})
 }
 
 /// Labels of a Knative trigger pod: context `workflows/w1/triggers/sync-1`.

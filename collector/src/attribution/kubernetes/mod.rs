@@ -74,6 +74,7 @@ impl Attributor for Kube {
         match self.index.lookup(&container) {
             Ok(a) => Attributed::Target(Target {
                 prefix: prefix(&a),
+                pod: Some(a.pod.clone()),
                 context: a.context,
                 dir: path.to_path_buf(),
                 redact_env: a.secret_env,
