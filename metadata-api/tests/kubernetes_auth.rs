@@ -80,13 +80,17 @@ async fn pod_tokens_write_only_their_own_context() {
         .token(TENANT, "runner", "step", &step_uid, AUDIENCE)
         .await;
     let step = bed.http(&token);
-    let (status, body) = create_stream(&step, json!({"name": "stdout"})).await;
+    // It says it is another pod: the token's word counts.
+    let (status, body) = create_stream(&step, json!({"name": "stdout", "pod": "impostor"})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["context"], STEP_CTX);
     let id = body["id"].as_str().unwrap().to_owned();
     step.put_at(&id, 0, b"hello\n").await;
-    // The stream records the namespace its pod runs in: the tenant its budget is charged to.
-    assert_eq!(step.status(&id).await["namespace"], TENANT);
+    // The stream records the namespace its pod runs in (the tenant its budget is charged to, and
+    // whose RBAC says who reads it), and the pod's name.
+    let status = step.status(&id).await;
+    assert_eq!(status["namespace"], TENANT);
+    assert_eq!(status["pod"], "step");
     // Latency: a fresh token's first request (TokenReview and pod read), the same token cached,
     // and an HMAC token of the same context for comparison.
     let get_status = |api: common::Api, id: String| async move {

@@ -231,6 +231,49 @@ async fn every_parameter(s: &Server) {
         .await,
         "req 1\nre"
     );
+
+    // Two replicas of the trigger, each naming its pod (a pod's own token would name it for
+    // it): `pod=` selects one by name, or by the UID in its streams' names.
+    let mut replicas = Vec::new();
+    for (uid, pod) in [("uid-1", "hook-7d9f8-aaaaa"), ("uid-2", "hook-7d9f8-bbbbb")] {
+        let r = tw
+            .create(serde_json::json!({"name": format!("hook.{uid}.stdout"), "pod": pod}))
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let created: serde_json::Value = r.json().await.unwrap();
+        let id = created["id"].as_str().unwrap().to_owned();
+        let now = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        write(&tw, &id, 0, now, &format!("{pod} serves\n")).await;
+        let status = tr.json(&format!("/logs/{id}")).await;
+        assert_eq!(status["pod"], pod);
+        replicas.push(id);
+    }
+    let a = "hook-7d9f8-aaaaa serves\n";
+    let b = "hook-7d9f8-bbbbb serves\n";
+    assert_eq!(tr.text(&format!("{tlogs}?pod=hook-7d9f8-aaaaa")).await, a);
+    assert_eq!(tr.text(&format!("{tlogs}?pod=uid-2")).await, b);
+    assert_eq!(tr.text(&format!("{tlogs}?pod=hook-7d9f8-ccccc")).await, "");
+    let r = tr
+        .req(Method::GET, &format!("{tlogs}?pod=Not_A_Pod"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // Without since, until or tail a trigger's read covers the last hour: the replicas' lines of
+    // now, not the requests written in 2023.
+    let mut recent: Vec<String> = tr
+        .text(&tlogs)
+        .await
+        .lines()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    recent.sort();
+    assert_eq!(recent, [a, b]);
+    // A step's read has no such default: its whole history.
+    assert!(rd.text(&logs).await.starts_with("out 0a\n"));
 }
 
 #[tokio::test]

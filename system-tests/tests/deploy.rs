@@ -233,6 +233,13 @@ fn deploy_manifests_apply_to_a_real_api_server() {
             "tokenreviews.authentication.k8s.io",
             cluster,
         ),
+        // Whether a person may read a stream: may they get pods/log in its namespace?
+        (
+            "metadata-api",
+            "create",
+            "subjectaccessreviews.authorization.k8s.io",
+            cluster,
+        ),
         ("metadata-api", "get", "pods", cluster),
         ("metadata-api", "watch", "pods", cluster),
         ("relay-collector", "watch", "pods", cluster),
