@@ -338,3 +338,112 @@ async fn collector_tokens_write_only_for_pods_on_their_node() {
         .await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
+
+/// A person reads a step's logs with their own token while RBAC lets them `get pods/log` in the
+/// pod's namespace; once the RoleBinding is gone, within the API's 10 s answer cache, they no
+/// longer do. Prints what the TokenReview and SubjectAccessReview cost a read.
+#[tokio::test]
+async fn people_read_by_their_rbac_and_lose_access_when_it_is_revoked() {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use kube::api::{DeleteParams, PostParams};
+
+    let Some(bed) = Bed::start(&[]).await else {
+        return;
+    };
+    let step_uid = bed
+        .pod(TENANT, "step", "runner", "n1", tekton_labels("r1", "build"))
+        .await;
+    let step = bed.http(
+        &bed.token(TENANT, "runner", "step", &step_uid, AUDIENCE)
+            .await,
+    );
+    let id = step.stream("stdout").await;
+    step.put_at(&id, 0, b"built\n").await;
+
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "logs"},
+        "rules": [{"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}],
+    }))
+    .unwrap();
+    KubeResource::<Role>::namespaced(bed.client.clone(), TENANT)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let bindings = KubeResource::<RoleBinding>::namespaced(bed.client.clone(), TENANT);
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "bob-logs"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "logs"},
+        "subjects": [{"kind": "User", "name": "bob", "apiGroup": "rbac.authorization.k8s.io"}],
+    }))
+    .unwrap();
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+
+    let bob = bed.http(&bed.kube.user_token("bob"));
+    let logs = "/api/workflows/w1/runs/r1/steps/build/logs";
+    let read = |api: common::Api| async move {
+        let started = Instant::now();
+        let r = api.req(Method::GET, logs).send().await.unwrap();
+        let status = r.status();
+        (status, r.text().await.unwrap(), started.elapsed())
+    };
+    // RBAC takes a moment to see a new binding: the first allowed answer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let (status, body, took) = read(bob.clone()).await;
+        if status == StatusCode::OK {
+            assert_eq!(body, "built\n");
+            break took;
+        }
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert!(Instant::now() < deadline, "bob never got to read");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let rounds = 100;
+    let mut cached = Duration::ZERO;
+    let mut hmac = Duration::ZERO;
+    let reader = bed.http(&bed.api.token("workflows/w1", Scope::Read));
+    for _ in 0..rounds {
+        let (status, _, took) = read(bob.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        cached += took;
+        let (status, _, took) = read(reader.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        hmac += took;
+    }
+    eprintln!(
+        "GET step logs as a person: first (TokenReview + SubjectAccessReview) {first:?}, cached \
+         {:?}, HMAC read token {:?}",
+        cached / rounds,
+        hmac / rounds
+    );
+
+    bindings
+        .delete("bob-logs", &DeleteParams::default())
+        .await
+        .unwrap();
+    let revoked = Instant::now();
+    let deadline = revoked + Duration::from_secs(30);
+    loop {
+        let (status, body, _) = read(bob.clone()).await;
+        if status == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "bob still reads 30 s after the revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("revoked after {:?}", revoked.elapsed());
+    // The stream by id is as closed to him as the step's logs.
+    let r = bob
+        .req(Method::GET, &format!("/logs/{id}/data"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}

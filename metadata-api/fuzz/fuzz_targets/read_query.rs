@@ -8,7 +8,7 @@
 //!
 //! Checked: 400 exactly when the query does not parse (a copy of the service's query type through
 //! `serde_urlencoded`, as axum's `Query` does, and its `since`/`until` through the service's own
-//! `lines::parse_time`), names an invalid stream, combines a `Range` with `since` or `tail`, or
+//! `lines::parse_time`), names an invalid stream or pod, combines a `Range` with `since` or `tail`, or
 //! the range header is not a valid single range; a step's or trigger's plain logs are the stored
 //! bytes with the dropped range as a marker line (or skipped with `markers=false`); 416 (with `Content-Range: bytes */length`) for a range starting at or
 //! beyond the readable length; 206 with a `Content-Range` that parses back to the range served;
@@ -20,7 +20,7 @@ use axum::body::Body;
 use http::{Method, StatusCode, header};
 use libfuzzer_sys::fuzz_target;
 use metadata_api::{
-    names::valid_stream_name,
+    names::{valid_pod_name, valid_stream_name},
     range::{ContentRange, Span, parse_range_request},
     store::Source,
 };
@@ -41,6 +41,7 @@ struct ReadQuery {
     prefix: bool,
     limit_bytes: Option<u64>,
     markers: Option<bool>,
+    pod: Option<String>,
 }
 
 impl ReadQuery {
@@ -169,12 +170,16 @@ fuzz_target!(|data: &[u8]| {
         // The consumer API: a trigger is followed forever, a step until it completes (it is
         // another context, with no streams, so it never does).
         let reply = h.send(&svc, req, !q.follow);
-        if q.stream.as_deref().is_some_and(|s| !valid_stream_name(s)) {
+        if q.stream.as_deref().is_some_and(|s| !valid_stream_name(s))
+            || q.pod.as_deref().is_some_and(|p| !valid_pod_name(p))
+        {
             reply.expect(StatusCode::BAD_REQUEST, &what);
             return;
         }
         reply.expect(StatusCode::OK, &what);
+        // The stream records no pod, and `stdout` holds no pod UID.
         let ours = endpoint == 1
+            && q.pod.is_none()
             && q.stream.as_deref().is_none_or(|s| s == "stdout")
             && q.source.is_none_or(|s| s == Source::Entrypoint);
         if !q.follow && !ndjson && !q.shapes_lines() {

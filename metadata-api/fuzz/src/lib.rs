@@ -80,6 +80,7 @@ impl Harness {
             source: Source::Entrypoint,
             entrypoint_absent: None,
             namespace: None,
+            pod: None,
         };
         let stream = self
             .rt

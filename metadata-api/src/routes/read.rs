@@ -454,9 +454,12 @@ async fn admitted(
 }
 
 /// Whether a stream holds the output of `pod`, a pod's name or UID: the name it was recorded
-/// with, or the UID in its name (a trigger's streams are `<container>.<pod uid>.stdout`).
+/// with, or the UID in its name (a trigger's streams are `<container>.<pod uid>.stdout`, and
+/// `.N` after that for a restart).
 fn of_pod(meta: &crate::store::StreamMeta, pod: &str) -> bool {
-    meta.pod.as_deref() == Some(pod) || meta.name.split('.').any(|part| part == pod)
+    let mut parts = meta.name.split('.');
+    let uid = parts.nth(1).filter(|_| parts.next().is_some());
+    meta.pod.as_deref() == Some(pod) || uid == Some(pod)
 }
 
 pub(super) async fn trigger_logs(
