@@ -15,3 +15,9 @@ pub const POD_UID: &str = "RELAY_POD_UID";
 /// The variables whose values are redacted from the shipped output: a comma-separated list of
 /// names and `PREFIX*` entries.
 pub const REDACT_ENV: &str = "RELAY_REDACT_ENV";
+/// `kubectl relay`: the metadata API's base URL, which `--url` also sets; without either the
+/// plugin goes through the Kubernetes API server's service proxy.
+pub const PLUGIN_URL: &str = "RELAY_URL";
+/// `kubectl relay`: the bearer token sent to the metadata API, which `--token` also sets; without
+/// either the plugin sends the kubeconfig user's token.
+pub const PLUGIN_TOKEN: &str = "RELAY_TOKEN";

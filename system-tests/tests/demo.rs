@@ -1,11 +1,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! `cargo xtask demo` end to end, in a temporary data directory: the workload's output read back
 //! through the consumer API; as root (with BTF and cgroup v2) on both capture paths with the
-//! capture report agreeing, otherwise on the entrypoint path only; the cgroup, the collector and
+//! capture report agreeing, otherwise on the entrypoint path only; the same lines through the
+//! `kubectl relay` plugin; the cgroup, the collector and
 //! the metadata API gone afterwards; and the demo itself (builds not counted) done in seconds.
 //!
 //! `cargo xtask test` passes the binaries it built (`RELAY_METADATA_API_BIN`,
-//! `RELAY_ENTRYPOINT_STATIC`, `RELAY_COLLECTOR_BIN`) and itself (`RELAY_XTASK_BIN`); without them
+//! `RELAY_ENTRYPOINT_STATIC`, `RELAY_COLLECTOR_BIN`, `RELAY_KUBECTL_RELAY_BIN`) and itself
+//! (`RELAY_XTASK_BIN`); without them
 //! the test builds xtask and the demo builds the rest first.
 
 use std::{
@@ -175,6 +177,32 @@ fn the_demo_reads_the_workload_back_from_every_path_that_ran_and_cleans_up() {
     assert!(dir.0.join("streams").is_dir());
     assert!(out.contains(&format!("The data is in {}", dir.0.display())));
     assert!(out.contains("curl -sN -H 'Authorization: Bearer ey"));
+
+    // The step's logs through the kubectl plugin, run once, and the command to follow them.
+    assert!(
+        out.contains(
+            "8. the step's logs through the kubectl plugin (kubectl relay logs step/demo/"
+        )
+    );
+    for line in [
+        "   [hello/stdout] line 1 to stdout",
+        "   [hello/stdout] line 6 to stdout",
+        "   [hello/stderr] line 3: a warning to stderr",
+        "   [hello/stderr] line 6: a warning to stderr",
+    ] {
+        assert!(
+            out.contains(line),
+            "no {line:?} from kubectl relay in the output"
+        );
+    }
+    let follow = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("kubectl relay logs step/demo/"))
+        .expect("no kubectl relay command to follow the step");
+    assert!(
+        follow.contains("/hello -f --url http://127.0.0.1:7070 --token ey"),
+        "{follow}"
+    );
     let secs: f64 = out
         .split("Ran in ")
         .nth(1)

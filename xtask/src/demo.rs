@@ -2,13 +2,15 @@
 //! storage; the write API by hand (two parts out of order, one gzip); a sample workload run under
 //! the real entrypoint inside a cgroup the real collector watches (as root; otherwise the
 //! entrypoint path only, and one line saying why); both paths' streams read back through the
-//! consumer API; the capture report; where the data is and how to follow a stream with curl.
+//! consumer API; the capture report; the step's logs through `kubectl relay` (the kubectl plugin,
+//! run once); where the data is and how to follow a stream with curl or the plugin.
 //!
 //! Fails (after printing everything) when a stream read back is not what the workload wrote, a
 //! path does not complete in time, or the capture report disagrees while both paths ran.
 //!
-//! Binaries: `RELAY_METADATA_API_BIN`, `RELAY_ENTRYPOINT_STATIC` and `RELAY_COLLECTOR_BIN` when set
-//! (as `cargo xtask test` sets them for its tests), else release builds.
+//! Binaries: `RELAY_METADATA_API_BIN`, `RELAY_ENTRYPOINT_STATIC`, `RELAY_COLLECTOR_BIN` and
+//! `RELAY_KUBECTL_RELAY_BIN` when set (as `cargo xtask test` sets them for its tests), else
+//! release builds.
 
 use std::{
     io::Write,
@@ -62,6 +64,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let api_bin = util::bin_from_env("RELAY_METADATA_API_BIN", util::build_metadata_api)?;
     let entrypoint = util::bin_from_env("RELAY_ENTRYPOINT_STATIC", || {
         util::build_release("entrypoint")
+    })?;
+    let plugin_bin = util::bin_from_env("RELAY_KUBECTL_RELAY_BIN", || {
+        util::build_release("kubectl-relay")
     })?;
     // As root the demo installs the eBPF toolchain itself (once; cached): the first command a
     // new user runs shows both capture paths.
@@ -231,6 +236,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, _) => problems.push("the capture report could not be fetched".to_owned()),
     }
 
+    let plugin_args =
+        |url: &str| format!("logs step/demo/{run}/hello --prefix --url {url} --token {read}");
+    println!(
+        "8. the step's logs through the kubectl plugin (kubectl relay {}):",
+        plugin_args(&url).replace(&read, "$TOKEN")
+    );
+    match kubectl_relay(&plugin_bin, &plugin_args(&url)) {
+        Ok(text) => {
+            for line in text.lines() {
+                println!("   {line}");
+            }
+            let missing: Vec<String> = ["stdout", "stderr"]
+                .into_iter()
+                .flat_map(|stream| {
+                    expected(stream)
+                        .lines()
+                        .map(|l| format!("[hello/{stream}] {l}"))
+                        .collect::<Vec<_>>()
+                })
+                .filter(|l| !text.lines().any(|t| t == l))
+                .collect();
+            if !missing.is_empty() {
+                problems.push(format!("kubectl relay logs did not print {missing:?}"));
+            }
+        }
+        Err(e) => {
+            println!("   {e:#}");
+            problems.push(format!("kubectl relay logs failed: {e:#}"));
+        }
+    }
+
     // Stop the collector (it ships what is left), remove its cgroup, stop the API.
     drop(ebpf);
     drop(server);
@@ -243,9 +279,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "Follow the step's streams yourself (the token is a read token for {WORKFLOW}, valid 24 h):\n  \
          {} serve --listen 127.0.0.1:7070 --storage {storage} --key-file {} &\n  \
-         curl -sN -H 'Authorization: Bearer {read}' 'http://127.0.0.1:7070/api/{step}/logs?follow=true'",
+         curl -sN -H 'Authorization: Bearer {read}' 'http://127.0.0.1:7070/api/{step}/logs?follow=true'\n\
+         or with the kubectl plugin (`cargo install --path kubectl-relay`, or {} on the PATH):\n  \
+         kubectl relay logs step/demo/{run}/hello -f --url http://127.0.0.1:7070 --token {read}",
         api_bin.display(),
-        key.display()
+        key.display(),
+        plugin_bin.display()
     );
     if !problems.is_empty() {
         bail!(
@@ -549,4 +588,23 @@ fn capture_report(
         _ => None,
     };
     Ok((text, agree))
+}
+
+/// Step 8: `kubectl-relay ARGS` (`ARGS` split on spaces), once, without following: its stdout,
+/// or why it failed (its one-line error).
+fn kubectl_relay(bin: &Path, args: &str) -> anyhow::Result<String> {
+    let out = Command::new(bin)
+        .args(args.split(' '))
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} exited {}: {}",
+            bin.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -92,6 +92,8 @@ fn dev_bins(path: &std::ffi::OsStr) -> anyhow::Result<(PathBuf, PathBuf)> {
             "metadata-api",
             "-p",
             "collector",
+            "-p",
+            "kubectl-relay",
             "--bins",
         ]))?;
     let debug = util::target_dir().join("debug");
@@ -125,6 +127,11 @@ fn nextest(path: &std::ffi::OsStr, filter: &[&str], env: &[(&str, PathBuf)]) -> 
         .env("RELAY_ENTRYPOINT_STATIC", &entrypoint)
         .env("RELAY_METADATA_API_BIN", &api)
         .env("RELAY_COLLECTOR_BIN", &collector)
+        // And the demo's `kubectl relay` step, the debug build dev_bins made.
+        .env(
+            "RELAY_KUBECTL_RELAY_BIN",
+            util::target_dir().join("debug/kubectl-relay"),
+        )
         // The demo's test runs `xtask demo`: this binary.
         .env("RELAY_XTASK_BIN", std::env::current_exe()?)
         .envs(env.iter().map(|(k, v)| (k, v)))
