@@ -181,13 +181,24 @@ fn pod_targets_resolve_to_their_context_with_a_service_account_kubeconfig() {
                "relay.sh/trigger-sync-id": "sync-1"}),
     );
     let read = api.token("workflows/w1", Scope::Read);
-    write_lines(
-        &api.url,
-        &api.token("workflows/w1/triggers/sync-1", Scope::Write),
-        json!({"name": "stdout"}),
-        &[(T0, "hook\n")],
-        true,
-    );
+    // Two replicas, each stream naming its pod as the collector does; written now, since a
+    // trigger's read covers the last hour unless told otherwise.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for (uid, pod, line) in [
+        ("uid-1", "trigger-pod-1", "hook\n"),
+        ("uid-2", "trigger-pod-2", "the other replica\n"),
+    ] {
+        write_lines(
+            &api.url,
+            &api.token("workflows/w1/triggers/sync-1", Scope::Write),
+            json!({"name": format!("user-container.{uid}.stdout"), "pod": pod}),
+            &[(now, line)],
+            true,
+        );
+    }
     let mut c = plugin(&dir);
     c.args([
         "logs",
