@@ -26,6 +26,7 @@ use serde::Deserialize;
 pub use args::{Defaults, ShipArgs};
 pub use ship::{ShipConfig, ShipReport, Shipper};
 
+pub use contract::reason::DropReason;
 use contract::{coding::Coding, range::Span};
 
 /// Largest error body kept for a diagnostic.
@@ -452,13 +453,35 @@ impl Client {
         .await
     }
 
-    /// `POST /logs/{id}/markers`: reports `span` as dropped.
-    pub async fn mark_dropped(&self, id: &str, span: Span) -> Result<Ack, ClientError> {
-        let body = contract::wire::Markers {
-            range: format!("bytes {span}/*"),
-            markers: vec!["dropped".to_owned()],
-        };
-        let body = serde_json::to_vec(&body).map_err(|source| ClientError::Decode { source })?;
+    /// `POST /logs/{id}/markers`: reports `span` as dropped for `reason`. An API older than
+    /// reasons refuses the field (400, ``unknown field `reason` ``): the marker is sent again
+    /// without it, since a range stored without its reason is better than a range left pending.
+    pub async fn mark_dropped(
+        &self,
+        id: &str,
+        span: Span,
+        reason: DropReason,
+    ) -> Result<Ack, ClientError> {
+        let mut body = contract::wire::Markers::dropped(span, reason);
+        match self.post_markers(id, &body).await {
+            Err(ClientError::Status {
+                status: 400,
+                message,
+                ..
+            }) if message.contains("reason") => {
+                body.reason = None;
+                self.post_markers(id, &body).await
+            }
+            other => other,
+        }
+    }
+
+    async fn post_markers(
+        &self,
+        id: &str,
+        body: &contract::wire::Markers,
+    ) -> Result<Ack, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|source| ClientError::Decode { source })?;
         let json = [(header::CONTENT_TYPE, "application/json".to_owned())];
         self.call_json(
             Method::POST,
