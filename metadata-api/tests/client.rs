@@ -569,7 +569,7 @@ async fn bytes_marked_dropped_that_the_api_stored_anyway_are_not_counted_as_lost
         let (s, c) = (shipper.clone(), client(&server.url, &token));
         tokio::spawn(async move { s.run(c, StreamSpec::named("stdout")).await })
     };
-    shipper.skip(150);
+    shipper.skip(150, client::DropReason::KernelLost);
     shipper.write(&data[150..]);
     shipper.close(Instant::now() + Duration::from_secs(10));
     let report = run.await.unwrap();
