@@ -454,8 +454,9 @@ impl Client {
     }
 
     /// `POST /logs/{id}/markers`: reports `span` as dropped for `reason`. An API older than
-    /// reasons refuses the field (400, ``unknown field `reason` ``): the marker is sent again
-    /// without it, since a range stored without its reason is better than a range left pending.
+    /// reasons refuses the field (400, ``unknown field `reason` ``), and one older than this
+    /// reason refuses the code (400, `unknown drop reason`): the marker is sent again without
+    /// it, since a range stored as `unspecified` is better than a range left pending.
     pub async fn mark_dropped(
         &self,
         id: &str,

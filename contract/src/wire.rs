@@ -64,8 +64,26 @@ pub struct Markers {
     pub markers: Vec<String>,
     /// Why the range was dropped. Optional so that writers older than reasons keep working:
     /// the API stores their ranges as [`DropReason::Unspecified`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "known_reason"
+    )]
     pub reason: Option<DropReason>,
+}
+
+/// A reason's code, refused with the codes there are when it names none: serde's own message
+/// would not say that it is the reason that is wrong.
+fn known_reason<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DropReason>, D::Error> {
+    let Some(code) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    code.parse()
+        .map(Some)
+        .map_err(|e: crate::reason::UnknownReason| {
+            let known: Vec<&str> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
+            serde::de::Error::custom(format!("{e}; the reasons are {}", known.join(", ")))
+        })
 }
 
 impl Markers {
@@ -107,6 +125,12 @@ mod tests {
         let bad = serde_json::from_str::<Markers>(
             r#"{"range":"bytes 3-5/*","markers":["dropped"],"reason":"tired"}"#,
         );
-        assert!(bad.unwrap_err().to_string().contains("unknown variant"));
+        let msg = bad.unwrap_err().to_string();
+        assert!(
+            msg.starts_with(
+                "unknown drop reason \"tired\"; the reasons are unspecified, buffer-full"
+            ),
+            "{msg}"
+        );
     }
 }
