@@ -527,17 +527,17 @@ fn error_message(status: StatusCode, body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     use super::*;
 
     /// An API older than reasons: a marker body naming one is refused as serde refuses an unknown
     /// field; returns its URL and the marker bodies it was sent.
-    async fn api_without_reasons() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    async fn api_without_reasons() -> (String, Arc<Mutex<Vec<String>>>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&seen);
         tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
