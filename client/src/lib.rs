@@ -26,6 +26,7 @@ use serde::Deserialize;
 pub use args::{Defaults, ShipArgs};
 pub use ship::{ShipConfig, ShipReport, Shipper};
 
+pub use contract::reason::DropReason;
 use contract::{coding::Coding, range::Span};
 
 /// Largest error body kept for a diagnostic.
@@ -452,13 +453,36 @@ impl Client {
         .await
     }
 
-    /// `POST /logs/{id}/markers`: reports `span` as dropped.
-    pub async fn mark_dropped(&self, id: &str, span: Span) -> Result<Ack, ClientError> {
-        let body = contract::wire::Markers {
-            range: format!("bytes {span}/*"),
-            markers: vec!["dropped".to_owned()],
-        };
-        let body = serde_json::to_vec(&body).map_err(|source| ClientError::Decode { source })?;
+    /// `POST /logs/{id}/markers`: reports `span` as dropped for `reason`. An API older than
+    /// reasons refuses the field (400, ``unknown field `reason` ``), and one older than this
+    /// reason refuses the code (400, `unknown drop reason`): the marker is sent again without
+    /// it, since a range stored as `unspecified` is better than a range left pending.
+    pub async fn mark_dropped(
+        &self,
+        id: &str,
+        span: Span,
+        reason: DropReason,
+    ) -> Result<Ack, ClientError> {
+        let mut body = contract::wire::Markers::dropped(span, reason);
+        match self.post_markers(id, &body).await {
+            Err(ClientError::Status {
+                status: 400,
+                message,
+                ..
+            }) if message.contains("reason") => {
+                body.reason = None;
+                self.post_markers(id, &body).await
+            }
+            other => other,
+        }
+    }
+
+    async fn post_markers(
+        &self,
+        id: &str,
+        body: &contract::wire::Markers,
+    ) -> Result<Ack, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|source| ClientError::Decode { source })?;
         let json = [(header::CONTENT_TYPE, "application/json".to_owned())];
         self.call_json(
             Method::POST,
@@ -503,7 +527,78 @@ fn error_message(status: StatusCode, body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
+
+    /// An API older than reasons: a marker body naming one is refused as serde refuses an unknown
+    /// field; returns its URL and the marker bodies it was sent.
+    async fn api_without_reasons() -> (String, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Headers, then as many body bytes as Content-Length says.
+                let body = loop {
+                    let n = conn.read(&mut buf).await.unwrap();
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(str::to_owned)
+                            })
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        if body.len() >= len || n == 0 {
+                            break body.to_owned();
+                        }
+                    }
+                };
+                log.lock().unwrap().push(body.clone());
+                let (status, answer) = if body.contains("reason") {
+                    (
+                        "400 Bad Request",
+                        r#"{"error":"bad_request","message":"invalid JSON body: unknown field `reason`, expected `range` or `markers`"}"#,
+                    )
+                } else {
+                    ("202 Accepted", r#"{"length":0,"end":6,"complete":false}"#)
+                };
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                conn.write_all(reply.as_bytes()).await.unwrap();
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn a_marker_an_older_api_refuses_for_its_reason_goes_again_without_it() {
+        let (url, seen) = api_without_reasons().await;
+        let c = Client::new(&url, Token::None, Duration::from_secs(5)).unwrap();
+        let ack = c
+            .mark_dropped("s", Span::new(3, 6), DropReason::BufferFull)
+            .await
+            .unwrap();
+        assert_eq!(ack.end, 6);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![
+                r#"{"range":"bytes 3-5/*","markers":["dropped"],"reason":"buffer-full"}"#,
+                r#"{"range":"bytes 3-5/*","markers":["dropped"]}"#,
+            ]
+        );
+    }
 
     #[test]
     fn retry_rules_follow_the_status() {

@@ -10,7 +10,7 @@
 //! [`ShipReport::unreported`] (the API could not be told before the deadline).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     future::Future,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
@@ -27,6 +27,7 @@ use tokio::{
 use contract::{
     coding::Coding,
     range::{RangeSet, Span},
+    reason::DropReason,
 };
 
 use crate::{Client, ClientError, Created, Payload, StreamSpec, compress_into};
@@ -86,6 +87,8 @@ pub struct ShipReport {
     pub stored: u64,
     /// Bytes acknowledged as dropped (buffer overflow, skipped upstream, given up).
     pub dropped: u64,
+    /// `dropped` by the reason each range was reported with.
+    pub dropped_by_reason: BTreeMap<DropReason, u64>,
     /// Ranges (relative to `base`) neither stored nor acknowledged as dropped.
     pub unreported: RangeSet,
     /// Gaps a previous writer left, reported as dropped by this one.
@@ -197,7 +200,7 @@ struct Buf {
     /// large dropped ranges rather than many small ones.
     overflowing: bool,
     /// Dropped ranges not yet sent as markers.
-    lost: RangeSet,
+    lost: Lost,
     /// When the oldest queued byte arrived.
     oldest: Option<Instant>,
     closed: bool,
@@ -212,6 +215,41 @@ struct Buf {
     /// After this, nothing more is attempted.
     deadline: Option<Instant>,
     late: u64,
+}
+
+/// Dropped ranges not yet reported, by reason: ranges of one reason merge as they grow (an
+/// overflow's gap is one marker), ranges of different reasons stay apart, each reported for its
+/// own reason.
+#[derive(Debug, Default)]
+struct Lost(BTreeMap<DropReason, RangeSet>);
+
+impl Lost {
+    fn insert(&mut self, span: Span, reason: DropReason) {
+        self.0.entry(reason).or_default().insert(span);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.values().all(RangeSet::is_empty)
+    }
+
+    /// The range starting lowest, with its reason.
+    fn first(&self) -> Option<(Span, DropReason)> {
+        self.0
+            .iter()
+            .filter_map(|(r, set)| set.spans().first().map(|s| (*s, *r)))
+            .min_by_key(|(s, _)| s.start)
+    }
+
+    /// Removes and returns the range starting lowest, with its reason.
+    fn pop_first(&mut self) -> Option<(Span, DropReason)> {
+        let (_, reason) = self.first()?;
+        let set = self.0.get_mut(&reason)?;
+        let span = set.pop_first()?;
+        if set.is_empty() {
+            self.0.remove(&reason);
+        }
+        Some((span, reason))
+    }
 }
 
 #[derive(Debug)]
@@ -323,7 +361,7 @@ impl Shipper {
             wake |= b.lost.is_empty();
             let n = (data.len() - take) as u64;
             let at = b.next;
-            b.lost.insert(Span::new(at, at + n));
+            b.lost.insert(Span::new(at, at + n), DropReason::BufferFull);
             b.next += n;
         }
         drop(b);
@@ -334,8 +372,8 @@ impl Shipper {
     }
 
     /// Accounts for `n` bytes of the stream that were lost before reaching the shipper (the
-    /// collector's kernel-side losses): they are reported as dropped.
-    pub fn skip(&self, n: u64) {
+    /// collector's kernel-side losses): they are reported as dropped for `reason`.
+    pub fn skip(&self, n: u64, reason: DropReason) {
         if n == 0 {
             return;
         }
@@ -345,10 +383,24 @@ impl Shipper {
             return;
         }
         let at = b.next;
-        b.lost.insert(Span::new(at, at + n));
+        b.lost.insert(Span::new(at, at + n), reason);
         b.next += n;
         drop(b);
         self.shared.wake.notify_one();
+    }
+
+    /// Dropped ranges not reported yet (relative to the writer's base), with their reasons, in
+    /// offset order: what the producer's accounting has handed over so far.
+    pub fn unsent_drops(&self) -> Vec<(Span, DropReason)> {
+        let b = self.buf();
+        let mut out: Vec<(Span, DropReason)> = b
+            .lost
+            .0
+            .iter()
+            .flat_map(|(r, set)| set.spans().iter().map(move |s| (*s, *r)))
+            .collect();
+        out.sort_unstable_by_key(|(s, _)| s.start);
+        out
     }
 
     /// Offset of the next byte (relative to the writer's base).
@@ -403,9 +455,9 @@ impl Shipper {
     /// Takes the next dropped range to report. The range still growing at the end of an overflow
     /// waits until the overflow ends (or the stream is closed): one marker for the whole gap
     /// rather than one per write.
-    fn take_lost(&self) -> Option<Span> {
+    fn take_lost(&self) -> Option<(Span, DropReason)> {
         let mut b = self.buf();
-        let first = *b.lost.spans().first()?;
+        let (first, _) = b.lost.first()?;
         if b.overflowing && !b.closed && first.end == b.next {
             return None;
         }
@@ -436,6 +488,10 @@ impl Shipper {
     /// Ships the stream until it is closed and finished (or its deadline passed). Run it once,
     /// on any tokio runtime.
     pub async fn run(&self, client: Arc<Client>, spec: StreamSpec) -> ShipReport {
+        self.runner(client, spec).run().await
+    }
+
+    fn runner(&self, client: Arc<Client>, spec: StreamSpec) -> Run {
         Run {
             shipper: self.clone(),
             client,
@@ -455,8 +511,6 @@ impl Shipper {
             given_up: false,
             finished: false,
         }
-        .run()
-        .await
     }
 }
 
@@ -473,7 +527,7 @@ enum Job {
     /// Bytes at a local span.
     Data(Span),
     /// A marker for a local span of ours.
-    Mark(Span),
+    Mark(Span, DropReason),
     /// A marker for an absolute span a previous writer left pending.
     MarkPrior(Span),
     Final,
@@ -583,12 +637,14 @@ impl Run {
             return;
         };
         let cfg = self.shipper.shared.cfg.clone();
-        while self.count(|j| matches!(j, Job::Mark(_) | Job::MarkPrior(_))) < MAX_MARKERS_IN_FLIGHT
+        while self.count(|j| matches!(j, Job::Mark(..) | Job::MarkPrior(_))) < MAX_MARKERS_IN_FLIGHT
         {
-            let (job, abs) = if let Some(s) = self.prior.pop() {
-                (Job::MarkPrior(s), s)
-            } else if let Some(s) = self.shipper.take_lost() {
-                (Job::Mark(s), Span::new(base + s.start, base + s.end))
+            let (job, abs, reason) = if let Some(s) = self.prior.pop() {
+                // The writer before us stopped without sending these bytes.
+                (Job::MarkPrior(s), s, DropReason::WriterDied)
+            } else if let Some((s, reason)) = self.shipper.take_lost() {
+                let abs = Span::new(base + s.start, base + s.end);
+                (Job::Mark(s, reason), abs, reason)
             } else {
                 break;
             };
@@ -596,7 +652,7 @@ impl Run {
             let cfg = cfg.clone();
             self.spawn(job, async move {
                 Done::Unit(
-                    retry(&cfg, || client.mark_dropped(&id, abs))
+                    retry(&cfg, || client.mark_dropped(&id, abs, reason))
                         .await
                         .map(drop),
                 )
@@ -742,14 +798,22 @@ impl Run {
                 self.release(span.len());
             }
             (Job::Data(span), outcome) => {
-                if let Some(Done::Unit(Err(e))) = &outcome {
+                // A request ends unanswered only when it was aborted at the data deadline; one
+                // that failed had an error no retry changes.
+                let reason = if let Some(Done::Unit(Err(e))) = &outcome {
                     err(&mut self.report, e);
-                }
-                self.shipper.buf().lost.insert(span);
+                    DropReason::Rejected
+                } else {
+                    DropReason::GaveUp
+                };
+                self.shipper.buf().lost.insert(span, reason);
                 self.release(span.len());
             }
-            (Job::Mark(span), Some(Done::Unit(Ok(())))) => self.report.dropped += span.len(),
-            (Job::Mark(span), outcome) => {
+            (Job::Mark(span, reason), Some(Done::Unit(Ok(())))) => {
+                self.report.dropped += span.len();
+                *self.report.dropped_by_reason.entry(reason).or_default() += span.len();
+            }
+            (Job::Mark(span, _), outcome) => {
                 if let Some(Done::Unit(Err(e))) = &outcome {
                     err(&mut self.report, e);
                 }
@@ -827,7 +891,7 @@ impl Run {
         let mut b = self.shipper.buf();
         while let Some(seg) = b.segs.pop_front() {
             let span = Span::new(seg.start, seg.start + seg.data.len() as u64);
-            b.lost.insert(span);
+            b.lost.insert(span, DropReason::GaveUp);
             b.held = b.held.saturating_sub(seg.data.len());
         }
         b.queued = 0;
@@ -844,7 +908,7 @@ impl Run {
             self.finish_job(res);
         }
         let mut b = self.shipper.buf();
-        while let Some(s) = b.lost.pop_first() {
+        while let Some((s, _)) = b.lost.pop_first() {
             self.report.unreported.insert(s);
         }
         drop(b);
@@ -969,8 +1033,11 @@ mod tests {
         assert_eq!(s.write(b"0123456"), 7);
         assert_eq!(s.write(b"789ab"), 3, "only the room left is queued");
         assert_eq!(s.write(b"cd"), 0, "still overflowing");
-        let lost: Vec<Span> = s.buf().lost.spans().to_vec();
-        assert_eq!(lost, vec![Span::new(10, 14)]);
+        assert_eq!(
+            s.buf().lost.first(),
+            Some((Span::new(10, 14), DropReason::BufferFull)),
+            "an overflow is one range, for a full buffer"
+        );
         // Ship 8 bytes: held drops to 2, below half the limit, so bytes are taken again.
         let now = Instant::now();
         let (a, b1, _) = s.take_batch(now).expect("due: a full batch");
@@ -1000,7 +1067,7 @@ mod tests {
             Some((0, b"ab".to_vec()))
         );
         s.write(b"c");
-        s.skip(5);
+        s.skip(5, DropReason::KernelLost);
         s.write(b"d");
         let got = s.take_batch(now).map(|(o, b, _)| (o, b.to_vec()));
         assert_eq!(got, Some((2, b"c".to_vec())), "a gap ends the segment");
@@ -1010,6 +1077,58 @@ mod tests {
         assert_eq!(got, Some((8, b"d".to_vec())), "closing flushes");
         assert_eq!(s.write(b"late"), 0);
         assert_eq!(s.buf().late, 4);
+    }
+
+    #[test]
+    fn lost_ranges_keep_their_reasons_apart_and_merge_within_one() {
+        let s = Shipper::new(cfg(4));
+        assert_eq!(s.write(b"0123"), 4);
+        assert_eq!(s.write(b"45"), 0, "full");
+        assert_eq!(s.write(b"67"), 0, "still full: the same gap grows");
+        s.skip(3, DropReason::KernelLost);
+        s.skip(2, DropReason::NotCopied);
+        let mut b = s.buf();
+        let mut got = Vec::new();
+        while let Some(l) = b.lost.pop_first() {
+            got.push(l);
+        }
+        assert_eq!(
+            got,
+            vec![
+                (Span::new(4, 8), DropReason::BufferFull),
+                (Span::new(8, 11), DropReason::KernelLost),
+                (Span::new(11, 13), DropReason::NotCopied),
+            ]
+        );
+        assert!(b.lost.is_empty());
+    }
+
+    #[tokio::test]
+    async fn bytes_held_at_the_data_deadline_are_given_up() {
+        let s = Shipper::new(cfg(100));
+        s.write(b"0123456789");
+        s.skip(2, DropReason::KernelLost);
+        let client = Client::new(
+            "http://127.0.0.1:9",
+            crate::Token::Value("t".to_owned()),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let mut run = s.runner(Arc::new(client), StreamSpec::named("stdout"));
+        run.give_up_data();
+        let mut b = s.buf();
+        let mut got = Vec::new();
+        while let Some(l) = b.lost.pop_first() {
+            got.push(l);
+        }
+        assert_eq!(
+            got,
+            vec![
+                (Span::new(0, 10), DropReason::GaveUp),
+                (Span::new(10, 12), DropReason::KernelLost),
+            ]
+        );
+        assert_eq!((b.queued, b.held), (0, 0));
     }
 
     #[test]

@@ -38,7 +38,7 @@ use std::{
 
 use client::{Client, ShipConfig, Shipper, StreamSpec};
 use collector_common::{ChunkHeader, Cursor, HEADER_BYTES, StreamKey, uncopied};
-use contract::source::Source;
+use contract::{reason::DropReason, source::Source};
 use redact::{Redactor, Secrets};
 
 use crate::{
@@ -610,8 +610,10 @@ impl<A: Attributor> Engine<A> {
             if let Some(state) = self.maps.stream(&key)
                 && state.offset > stream.next
             {
+                // The kernel counted these bytes but the ring (drained just before) never held
+                // them.
                 let missing = state.offset - stream.next;
-                skip(&mut stream, missing);
+                skip(&mut stream, missing, DropReason::KernelLost);
             }
             let shipper = &stream.shipper;
             stream.redactor.finish(|b| {
@@ -822,7 +824,7 @@ fn place(stream: &mut Stream, piece: Piece<'_>) {
                 syscall = uncopied::syscall(reason),
                 "Bytes moved into the container's output by the kernel, not copied: dropped."
             );
-            skip(stream, len);
+            skip(stream, len, DropReason::NotCopied);
         }
     }
 }
@@ -835,14 +837,14 @@ fn put(stream: &mut Stream, data: &[u8]) {
     stream.next += data.len() as u64;
 }
 
-/// Accounts for `raw` bytes the kernel lost at the stream's end: a dropped range of their
-/// redacted length (see the module docs).
-fn skip(stream: &mut Stream, raw: u64) {
+/// Accounts for `raw` bytes the collector never got at the stream's end: a dropped range of their
+/// redacted length (see the module docs), for `reason`.
+fn skip(stream: &mut Stream, raw: u64, reason: DropReason) {
     let shipper = &stream.shipper;
     let dropped = stream.redactor.gap(raw, |b| {
         shipper.write(b);
     });
-    stream.shipper.skip(dropped);
+    stream.shipper.skip(dropped, reason);
     stream.next += raw;
 }
 
@@ -852,7 +854,8 @@ fn close_gap(stream: &mut Stream) {
         stream.gap_since = None;
         return;
     };
-    skip(stream, offset - stream.next);
+    // The chunks in between never arrived: the kernel could not put them into the ring.
+    skip(stream, offset - stream.next, DropReason::KernelLost);
     if let Some(early) = stream.early.remove(&offset) {
         stream.early_bytes -= early.held();
         feed(stream, offset, early);
@@ -985,5 +988,17 @@ mod tests {
         assert_eq!(s.next, at + 1005);
         assert!(s.gap_since.is_none(), "no gap is left: nothing waits");
         assert_eq!(shipper.offset(), at + 1005);
+        // Chunks that never came are the kernel's loss; moved bytes were never copied.
+        assert_eq!(
+            shipper.unsent_drops(),
+            vec![
+                (contract::range::Span::new(6, 10), DropReason::KernelLost),
+                (contract::range::Span::new(12, 20), DropReason::KernelLost),
+                (
+                    contract::range::Span::new(at + 1, at + 1000),
+                    DropReason::NotCopied
+                ),
+            ]
+        );
     }
 }

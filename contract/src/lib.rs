@@ -1,5 +1,5 @@
 //! The contract between the metadata API and everything that talks to it: stream names and
-//! sources, the contexts pods map to, byte ranges (`Content-Range`, spans), content codings, the
+//! sources, the contexts pods map to, byte ranges (`Content-Range`, spans), why ranges were dropped, content codings, the
 //! API's own headers, the `RELAY_*` environment of wrapped containers and the request and
 //! response bodies. Defined once here and used by the server, the shipping client, the
 //! operator and the collector; no I/O.
@@ -11,6 +11,7 @@ pub mod headers;
 pub mod names;
 pub mod pod_context;
 pub mod range;
+pub mod reason;
 pub mod size;
 pub mod source;
 pub mod wire;

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::source::Source;
+use crate::{reason::DropReason, source::Source};
 
 /// `POST /logs`: the stream to create (or find: creating is idempotent).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +67,39 @@ pub struct Markers {
     pub range: String,
     /// What the range is: `dropped` is the one marker there is.
     pub markers: Vec<String>,
+    /// Why the range was dropped. Optional so that writers older than reasons keep working:
+    /// the API stores their ranges as [`DropReason::Unspecified`].
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "known_reason"
+    )]
+    pub reason: Option<DropReason>,
+}
+
+/// A reason's code, refused with the codes there are when it names none: serde's own message
+/// would not say that it is the reason that is wrong.
+fn known_reason<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DropReason>, D::Error> {
+    let Some(code) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    code.parse()
+        .map(Some)
+        .map_err(|e: crate::reason::UnknownReason| {
+            let known: Vec<&str> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
+            serde::de::Error::custom(format!("{e}; the reasons are {}", known.join(", ")))
+        })
+}
+
+impl Markers {
+    /// A `dropped` marker of `span` for `reason`.
+    pub fn dropped(span: crate::range::Span, reason: DropReason) -> Self {
+        Self {
+            range: format!("bytes {span}/*"),
+            markers: vec!["dropped".to_owned()],
+            reason: Some(reason),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -82,5 +115,27 @@ mod tests {
             serde_json::from_str(r#"{"name":"a","source":"ebpf","context":"workflows/w"}"#)
                 .unwrap();
         assert_eq!(c.source, Some(Source::Ebpf));
+    }
+
+    #[test]
+    fn a_marker_names_its_reason_and_one_without_a_reason_still_parses() {
+        let m = Markers::dropped(crate::range::Span::new(3, 6), DropReason::BufferFull);
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"range":"bytes 3-5/*","markers":["dropped"],"reason":"buffer-full"}"#
+        );
+        let old: Markers =
+            serde_json::from_str(r#"{"range":"bytes 3-5/*","markers":["dropped"]}"#).unwrap();
+        assert_eq!(old.reason, None);
+        let bad = serde_json::from_str::<Markers>(
+            r#"{"range":"bytes 3-5/*","markers":["dropped"],"reason":"tired"}"#,
+        );
+        let msg = bad.unwrap_err().to_string();
+        assert!(
+            msg.starts_with(
+                "unknown drop reason \"tired\"; the reasons are unspecified, buffer-full"
+            ),
+            "{msg}"
+        );
     }
 }

@@ -308,6 +308,16 @@ fn ship(
     Some(reports)
 }
 
+/// The bytes a stream reported as dropped, by reason: `buffer-full 120, gave-up 30`.
+fn by_reason(r: &ShipReport) -> String {
+    let each: Vec<String> = r
+        .dropped_by_reason
+        .iter()
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
+    each.join(", ")
+}
+
 /// One line per stream that lost or dropped bytes; the last line sums up what was lost.
 fn summarize(reports: &[ShipReport]) {
     let mut lost = Vec::new();
@@ -316,10 +326,11 @@ fn summarize(reports: &[ShipReport]) {
         let dropped = r.dropped - r.dropped_stored;
         if dropped > 0 {
             say!(
-                "{}: {} of {} bytes dropped (reported to the metadata API)",
+                "{}: {} of {} bytes dropped (reported to the metadata API: {})",
                 r.name,
                 dropped,
-                r.written
+                r.written,
+                by_reason(r)
             );
         }
         if r.lost() > 0 || (r.written > 0 && !r.final_declared) {

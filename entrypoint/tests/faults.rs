@@ -119,12 +119,21 @@ fn api_back_within_the_grace_period_gets_the_dropped_ranges() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(&format!(
-            "stdout: {dropped} of {} bytes dropped",
+            "stdout: {dropped} of {} bytes dropped (reported to the metadata API: buffer-full \
+             {dropped})",
             expected.len()
         )),
         "{stderr}"
     );
     assert!(!stderr.contains("lost"), "{stderr}");
+    assert!(
+        st["dropped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["reason"] == "buffer-full"),
+        "an overflow is a full buffer: {st}"
+    );
 }
 
 #[test]

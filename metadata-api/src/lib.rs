@@ -21,5 +21,5 @@ pub mod server;
 pub mod store;
 pub mod times;
 
-pub use contract::{coding, headers, names, pod_context, range, size, source};
+pub use contract::{coding, headers, names, pod_context, range, reason, size, source};
 pub use routes::{AppState, app};

@@ -13,7 +13,7 @@ use std::{collections::VecDeque, time::Duration};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt, pin_mut};
 
-use crate::{read::Record, store::StoreError};
+use crate::{read::Record, reason::DropReason, store::StoreError};
 
 /// How long a partial line is held back while following before it is let out as it is.
 pub const HOLD: Duration = Duration::from_secs(1);
@@ -25,7 +25,8 @@ pub struct Lines {
     pub timestamps: bool,
     /// Each line starts with `[container/stream] `.
     pub prefix: bool,
-    /// A dropped range is shown as a line `[relay: N bytes dropped]`.
+    /// A dropped range is shown as a line `[relay: N bytes dropped: REASON]`; neighbouring
+    /// ranges of different reasons are a line each.
     pub markers: bool,
     /// Only bytes written at or after this time (ms since the epoch).
     pub since_ms: Option<u64>,
@@ -316,13 +317,13 @@ impl<'a> Render<'a> {
     }
 
     /// A dropped range of `name`: what it held goes out first, then the marker on a line.
-    fn dropped(&mut self, name: &str, len: u64) {
+    fn dropped(&mut self, name: &str, len: u64, reason: DropReason) {
         self.release(name);
         if !self.opts.markers {
             return;
         }
         let ms = self.held(name).written_ms;
-        let text = format!("[relay: {len} bytes dropped]\n");
+        let text = format!("[relay: {len} bytes dropped: {reason}]\n");
         if self.open.is_some() {
             self.out.put_u8(b'\n');
             self.open = None;
@@ -401,7 +402,12 @@ where
                     Record::Data { stream, written_ms, data, .. } => {
                         r.data(&stream, written_ms, &data);
                     }
-                    Record::Dropped { stream, span, .. } => r.dropped(&stream, span.len()),
+                    Record::Dropped {
+                        stream,
+                        span,
+                        reason,
+                        ..
+                    } => r.dropped(&stream, span.len(), reason),
                 }
             }
             if following {
@@ -447,10 +453,15 @@ mod tests {
     }
 
     fn dropped(stream: &str, len: u64) -> Result<Record, StoreError> {
+        dropped_for(stream, len, DropReason::BufferFull)
+    }
+
+    fn dropped_for(stream: &str, len: u64, reason: DropReason) -> Result<Record, StoreError> {
         Ok(Record::Dropped {
             stream: stream.to_owned(),
             source: Source::Entrypoint,
             span: Span::new(0, len),
+            reason,
         })
     }
 
@@ -526,13 +537,28 @@ mod tests {
         };
         assert_eq!(
             text(recs(), opts()).await,
-            "a\nhalf\n[relay: 42 bytes dropped]\nb\n"
+            "a\nhalf\n[relay: 42 bytes dropped: buffer-full]\nb\n"
         );
         let quiet = Lines {
             markers: false,
             ..opts()
         };
         assert_eq!(text(recs(), quiet).await, "a\nhalfb\n");
+    }
+
+    #[tokio::test]
+    async fn neighbouring_gaps_of_different_reasons_are_a_line_each() {
+        let recs = vec![
+            data("stdout", 1, "a\n"),
+            dropped_for("stdout", 3, DropReason::KernelLost),
+            dropped_for("stdout", 4, DropReason::WriterDied),
+            dropped_for("stdout", 5, DropReason::Unspecified),
+        ];
+        assert_eq!(
+            text(recs, opts()).await,
+            "a\n[relay: 3 bytes dropped: kernel-lost]\n[relay: 4 bytes dropped: writer-died]\n\
+             [relay: 5 bytes dropped: unspecified]\n"
+        );
     }
 
     #[tokio::test]
@@ -559,7 +585,10 @@ mod tests {
             since_ms: Some(4_000),
             ..opts()
         };
-        assert_eq!(text(gaps, late).await, "b\n[relay: 7 bytes dropped]\n");
+        assert_eq!(
+            text(gaps, late).await,
+            "b\n[relay: 7 bytes dropped: buffer-full]\n"
+        );
         let tail = Lines {
             tail: Some(2),
             ..opts()

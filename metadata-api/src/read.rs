@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::{
     range::Span,
+    reason::DropReason,
     store::{Piece, Source, Store, StoreError, Stream},
 };
 
@@ -37,6 +38,7 @@ pub enum Record {
         stream: String,
         source: Source,
         span: Span,
+        reason: DropReason,
     },
 }
 
@@ -58,6 +60,9 @@ struct JsonRecord<'a> {
     data: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data_base64: Option<String>,
+    /// Why a `dropped` record's bytes were lost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<DropReason>,
 }
 
 impl Record {
@@ -86,12 +91,14 @@ impl Record {
                     data_base64: text
                         .is_none()
                         .then(|| base64::engine::general_purpose::STANDARD.encode(data)),
+                    reason: None,
                 }
             }
             Record::Dropped {
                 stream,
                 source,
                 span,
+                reason,
             } => JsonRecord {
                 kind: "dropped",
                 stream,
@@ -102,6 +109,7 @@ impl Record {
                 written_ms: None,
                 data: None,
                 data_base64: None,
+                reason: Some(*reason),
             },
         };
         let mut v = serde_json::to_vec(&rec).unwrap_or_default();
@@ -133,6 +141,7 @@ enum Planned {
     Dropped {
         source: Source,
         span: Span,
+        reason: DropReason,
     },
     /// Bytes read already: one run of a piece, written at one time. A piece read from a segment
     /// holds the runs of every part merged into it; each waits its turn by its own time.
@@ -214,7 +223,7 @@ fn take_data(stream: &Arc<Stream>, span: Span, out: &mut Vec<Planned>) -> u64 {
                 });
                 at = s.end;
             }
-            Piece::Dropped(_) => break,
+            Piece::Dropped(..) => break,
         }
     }
     at
@@ -236,12 +245,13 @@ fn plan_with_fallback(
                 span,
                 part,
             }),
-            Piece::Dropped(span) => {
+            Piece::Dropped(span, reason) => {
                 let at = fallback.map_or(span.start, |fb| take_data(fb, span, out));
                 if at < span.end {
                     out.push(Planned::Dropped {
                         source: first.meta.source,
                         span: Span::new(at, span.end),
+                        reason,
                     });
                 }
             }
@@ -347,8 +357,8 @@ where
                             data,
                         };
                     }
-                    Some(Planned::Dropped { source, span }) => {
-                        yield Record::Dropped { stream: name, source, span };
+                    Some(Planned::Dropped { source, span, reason }) => {
+                        yield Record::Dropped { stream: name, source, span, reason };
                     }
                     None => {}
                 }

@@ -37,8 +37,9 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     range::Span,
+    reason::DropReason,
     source::Source,
-    store::{Part, Piece, Status, Store, StoreError, Stream},
+    store::{DroppedSpan, Part, Piece, Status, Store, StoreError, Stream},
 };
 
 /// Longest piece read from storage at once per path while hashing and comparing.
@@ -113,8 +114,12 @@ pub struct StreamReport {
 pub struct PathReport {
     pub id: String,
     pub bytes_stored: u64,
-    pub dropped: Vec<Span>,
+    /// Each with its reason.
+    pub dropped: Vec<DroppedSpan>,
     pub dropped_bytes: u64,
+    /// `dropped_bytes` by reason.
+    #[serde(default)]
+    pub dropped_by_reason: BTreeMap<DropReason, u64>,
     /// Ranges neither stored nor dropped yet, up to the final length (or the highest offset).
     pub pending: Vec<Span>,
     pub pending_bytes: u64,
@@ -132,6 +137,18 @@ pub struct PathReport {
     /// `all_bytes` when nothing is dropped or pending, else `stored_bytes_only`: the hash then
     /// skips the missing ranges.
     pub sha256_covers: HashCovers,
+}
+
+impl PathReport {
+    /// The dropped bytes by reason, for a reader: `buffer-full 100, kernel-lost 20`.
+    pub fn reason_breakdown(&self) -> String {
+        let each: Vec<String> = self
+            .dropped_by_reason
+            .iter()
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        each.join(", ")
+    }
 }
 
 /// What a [`PathReport::sha256`] covers.
@@ -420,7 +437,7 @@ fn layout(stream: &Stream, status: &Status) -> Vec<Planned> {
                         a = b;
                     }
                 }
-                Piece::Dropped(s) => out.push(Planned::Missing(Seg::Dropped(s.len()))),
+                Piece::Dropped(s, _) => out.push(Planned::Missing(Seg::Dropped(s.len()))),
             }
         }
         if reached >= extent {
@@ -430,8 +447,8 @@ fn layout(stream: &Stream, status: &Status) -> Vec<Planned> {
         let next = status
             .stored
             .iter()
-            .chain(&status.dropped)
             .map(|s| s.start)
+            .chain(status.dropped.iter().map(|d| d.start))
             .filter(|&s| s > reached)
             .min()
             .unwrap_or(extent)
@@ -517,10 +534,15 @@ async fn hash_and_compare(
 
 fn path_report(status: &Status, sha256: String) -> PathReport {
     let sum = |v: &[Span]| v.iter().map(Span::len).sum::<u64>();
+    let mut dropped_by_reason: BTreeMap<DropReason, u64> = BTreeMap::new();
+    for d in &status.dropped {
+        *dropped_by_reason.entry(d.reason).or_default() += d.len();
+    }
     PathReport {
         id: status.id.clone(),
         bytes_stored: sum(&status.stored),
-        dropped_bytes: sum(&status.dropped),
+        dropped_bytes: dropped_by_reason.values().sum(),
+        dropped_by_reason,
         pending_bytes: sum(&status.pending),
         sha256_covers: if status.dropped.is_empty() && status.pending.is_empty() {
             HashCovers::AllBytes
@@ -588,7 +610,11 @@ pub async fn compare_stream(
                     ));
                 }
                 if p.dropped_bytes > 0 {
-                    reasons.push(format!("{src} dropped {} bytes", p.dropped_bytes));
+                    reasons.push(format!(
+                        "{src} dropped {} bytes ({})",
+                        p.dropped_bytes,
+                        p.reason_breakdown()
+                    ));
                 }
             }
             if e.final_length != b.final_length {
@@ -700,6 +726,15 @@ impl Report {
                 lines.push(cells);
             }
             let mut notes = Vec::new();
+            for (src, p) in [(Source::Entrypoint, &s.entrypoint), (Source::Ebpf, &s.ebpf)] {
+                if let Some(p) = p.as_ref().filter(|p| p.dropped_bytes > 0) {
+                    notes.push(format!(
+                        "  {src} dropped {} bytes: {}",
+                        p.dropped_bytes,
+                        p.reason_breakdown()
+                    ));
+                }
+            }
             if let Some(d) = &s.divergence {
                 notes.push(format!(
                     "  diverges at offset {}: entrypoint {} \"{}\" | ebpf {} \"{}\"",

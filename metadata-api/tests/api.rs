@@ -519,7 +519,7 @@ async fn markers_are_validated_skipped_and_reported() {
     let id = w.stream("stdout").await;
     w.put_at(&id, 0, b"abc").await;
     assert_eq!(
-        w.mark(&id, "bytes 3-5/*").await.status(),
+        w.mark_for(&id, "bytes 3-5/*", "buffer-full").await.status(),
         StatusCode::ACCEPTED
     );
     w.put_at(&id, 6, b"ghi").await;
@@ -539,6 +539,10 @@ async fn markers_are_validated_skipped_and_reported() {
         ),
         (json!({"range": 5, "markers": ["dropped"]}), "wrong type"),
         (json!({"markers": ["dropped"]}), "missing range"),
+        (
+            json!({"range": "bytes 3-5/*", "markers": ["dropped"], "reason": 7}),
+            "reason of the wrong type",
+        ),
     ] {
         let r = w
             .req(Method::POST, &format!("/logs/{id}/markers"))
@@ -548,9 +552,21 @@ async fn markers_are_validated_skipped_and_reported() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{why}");
     }
+    // An unknown reason is refused, naming the reasons there are.
+    let r = w.mark_for(&id, "bytes 3-5/*", "tired").await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await.unwrap();
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains("unknown drop reason \"tired\"; the reasons are unspecified, buffer-full"),
+        "{msg}"
+    );
     let st = w.status(&id).await;
     assert_eq!(st["length"], 9);
-    assert_eq!(st["dropped"], json!([{"start": 3, "end": 6}]));
+    assert_eq!(
+        st["dropped"],
+        json!([{"start": 3, "end": 6, "reason": "buffer-full"}])
+    );
     let r = w
         .req(Method::GET, &format!("/logs/{id}/data"))
         .send()
@@ -572,9 +588,16 @@ async fn markers_are_validated_skipped_and_reported() {
     assert_eq!(recs[1]["type"], "dropped");
     assert_eq!(recs[1]["offset"], 3);
     assert_eq!(recs[1]["length"], 3);
+    assert_eq!(recs[1]["reason"], "buffer-full");
     assert_eq!(recs[2]["data"], "ghi");
     assert_eq!(recs[2]["offset"], 6);
-    assert_eq!(recs.last().unwrap()["type"], "dropped");
+    assert_eq!(recs[2].get("reason"), None, "data has no reason");
+    // A marker without a reason (an older writer's) is stored as unspecified.
+    let last = recs.last().unwrap();
+    assert_eq!(
+        (&last["type"], &last["reason"]),
+        (&json!("dropped"), &json!("unspecified"))
+    );
 }
 
 #[tokio::test]
@@ -676,7 +699,10 @@ async fn consumer_api_merges_sources_and_streams() {
         .await
         .unwrap();
     // The range neither path fills is a line of its own, unless markers are switched off.
-    assert_eq!(only, "line one\n[relay: 10 bytes dropped]\nline three\n");
+    assert_eq!(
+        only,
+        "line one\n[relay: 10 bytes dropped: unspecified]\nline three\n"
+    );
     let unmarked = rd
         .text(&format!(
             "{path}?stream=stdout&source=entrypoint&markers=false"

@@ -117,7 +117,7 @@ async fn a_dropped_range_on_one_path_is_where_they_diverge() {
     // The collector lost bytes 9..18 ("line two\n") and said so.
     c.put_at(&b, 0, &data[..9]).await;
     assert_eq!(
-        c.mark(&b, "bytes 9-17/*").await.status(),
+        c.mark_for(&b, "bytes 9-17/*", "kernel-lost").await.status(),
         StatusCode::ACCEPTED
     );
     c.put_at(&b, 18, &data[18..]).await;
@@ -126,8 +126,13 @@ async fn a_dropped_range_on_one_path_is_where_they_diverge() {
     assert_eq!(r["agree"], false);
     let st = stream(&r, "stdout");
     assert_eq!(st["comparison"], "differ", "{st:#}");
-    assert_eq!(st["ebpf"]["dropped"], json!([{"start": 9, "end": 18}]));
+    assert_eq!(
+        st["ebpf"]["dropped"],
+        json!([{"start": 9, "end": 18, "reason": "kernel-lost"}])
+    );
     assert_eq!(st["ebpf"]["dropped_bytes"], 9);
+    assert_eq!(st["ebpf"]["dropped_by_reason"], json!({"kernel-lost": 9}));
+    assert_eq!(st["entrypoint"]["dropped_by_reason"], json!({}));
     assert_eq!(st["ebpf"]["bytes_stored"], data.len() as u64 - 9);
     assert_eq!(st["ebpf"]["sha256_covers"], "stored_bytes_only");
     let stored: Vec<u8> = [&data[..9], &data[18..]].concat();
@@ -142,7 +147,7 @@ async fn a_dropped_range_on_one_path_is_where_they_diverge() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|r| r.as_str().unwrap().contains("ebpf dropped 9 bytes")),
+            .any(|r| r.as_str().unwrap() == "ebpf dropped 9 bytes (kernel-lost 9)"),
         "{st:#}"
     );
 }

@@ -318,6 +318,19 @@ async fn overflow_while_throttled_is_reported_as_exact_dropped_ranges() {
     let st = verify(&server, &token, &report, &data).await;
     assert!(report.dropped > 0, "the buffer must overflow: {report:?}");
     assert!(!st["dropped"].as_array().unwrap().is_empty());
+    assert_eq!(
+        report.dropped_by_reason,
+        [(::client::DropReason::BufferFull, report.dropped)].into(),
+        "an overflow is a full buffer and nothing else"
+    );
+    assert!(
+        st["dropped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["reason"] == "buffer-full"),
+        "{st}"
+    );
 }
 
 #[tokio::test]
@@ -520,7 +533,7 @@ async fn a_writer_left_open_is_taken_over_at_a_known_offset_without_silent_gaps(
     assert_eq!(st["final_length"], 1000, "{st}");
     assert_eq!(
         st["dropped"],
-        serde_json::json!([{"start": 300, "end": 450}]),
+        serde_json::json!([{"start": 300, "end": 450, "reason": "writer-died"}]),
         "{st}"
     );
     let got = api.data(&id).await;
@@ -569,7 +582,7 @@ async fn bytes_marked_dropped_that_the_api_stored_anyway_are_not_counted_as_lost
         let (s, c) = (shipper.clone(), client(&server.url, &token));
         tokio::spawn(async move { s.run(c, StreamSpec::named("stdout")).await })
     };
-    shipper.skip(150);
+    shipper.skip(150, ::client::DropReason::KernelLost);
     shipper.write(&data[150..]);
     shipper.close(Instant::now() + Duration::from_secs(10));
     let report = run.await.unwrap();
@@ -578,7 +591,7 @@ async fn bytes_marked_dropped_that_the_api_stored_anyway_are_not_counted_as_lost
     let st = api.status(&id).await;
     assert_eq!(
         st["dropped"],
-        serde_json::json!([{"start": 100, "end": 150}]),
+        serde_json::json!([{"start": 100, "end": 150, "reason": "kernel-lost"}]),
         "{st}"
     );
 }

@@ -55,6 +55,22 @@ async fn openapi_document_matches_the_real_routes() {
 }
 
 #[test]
+fn documented_drop_reasons_are_the_ones_the_server_knows() {
+    let doc: serde_json::Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
+    let documented: Vec<&str> = doc["components"]["schemas"]["DropReason"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let known: Vec<&str> = metadata_api::reason::DropReason::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+    assert_eq!(documented, known);
+}
+
+#[test]
 fn documented_content_encodings_are_the_ones_the_server_decodes() {
     let doc: serde_json::Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
     let param = &doc["components"]["parameters"]["ContentEncoding"];

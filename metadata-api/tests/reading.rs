@@ -66,7 +66,9 @@ async fn step(s: &Server) -> String {
         )
         .await;
     }
-    let r = w.mark(&out, &format!("bytes {o}-{}/*", o + 9)).await;
+    let r = w
+        .mark_for(&out, &format!("bytes {o}-{}/*", o + 9), "gave-up")
+        .await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     o = write(&w, &out, o + 10, T0 + 5 * MINUTE, "out 5a\n").await;
     w.finish(&out, o).await;
@@ -82,7 +84,7 @@ fn merged() -> Vec<String> {
         lines.push(format!("out {i}b\n"));
         // The gap has no write time: it comes right after the bytes before it.
         if i == 4 {
-            lines.push("[relay: 10 bytes dropped]\n".to_owned());
+            lines.push("[relay: 10 bytes dropped: gave-up]\n".to_owned());
         }
         lines.push(format!("err {i}\n"));
     }
@@ -135,7 +137,7 @@ async fn every_parameter(s: &Server) {
     );
     assert_eq!(
         rd.text(&format!("{data}?tail=2&markers=true")).await,
-        "[relay: 10 bytes dropped]\nout 5a\n"
+        "[relay: 10 bytes dropped: gave-up]\nout 5a\n"
     );
     // NDJSON: records in the window.
     let recs = rd.ndjson(&format!("{data}?since={since}")).await;
@@ -173,7 +175,7 @@ async fn every_parameter(s: &Server) {
     assert_eq!(rd.text(&logs).await, want);
     assert_eq!(
         rd.text(&format!("{logs}?markers=false")).await,
-        want.replace("[relay: 10 bytes dropped]\n", "")
+        want.replace("[relay: 10 bytes dropped: gave-up]\n", "")
     );
     assert_eq!(
         rd.text(&format!("{logs}?tail=4")).await,

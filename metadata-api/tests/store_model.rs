@@ -14,6 +14,9 @@
 //!   refused while they stay);
 //! - a final length must not be below anything stored or dropped, and never changes;
 //! - readers get stored bytes, skip dropped ones where nothing is stored, and stop at a gap;
+//! - a marker over bytes all dropped already stores nothing; each dropped byte has the reason of
+//!   the marker covering it that sorts first by (start, end, reason), in the status and in reads,
+//!   across restarts (a fresh listing) and merges;
 //! - merging parts into segments, whole or killed at any point, changes none of this; a whole
 //!   merge leaves one object per merged cell.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -25,8 +28,9 @@ use metadata_api::{
     auth::Context,
     metrics::Metrics,
     range::Span,
+    reason::DropReason,
     server::{local_dir, open_storage},
-    store::{Piece, Source, Store, StoreError, Stream, StreamMeta, Written},
+    store::{DroppedSpan, Piece, Source, Store, StoreError, Stream, StreamMeta, Written},
 };
 use object_store::{ObjectStore, memory::InMemory, path::Path};
 use proptest::prelude::*;
@@ -62,7 +66,11 @@ enum Op {
         total: Total,
     },
     /// A `dropped` marker.
-    Drop { start: u64, len: u64 },
+    Drop {
+        start: u64,
+        len: u64,
+        reason: DropReason,
+    },
     /// A final length alone.
     Final { total: u64 },
     /// A new store over the same storage.
@@ -89,7 +97,13 @@ fn op() -> impl Strategy<Value = Op> {
             total,
         )
             .prop_map(|(at, len, flip, total)| Op::Write { at, len, flip, total }),
-        2 => (0..DOMAIN, 0..10u64).prop_map(|(start, len)| Op::Drop { start, len }),
+        2 => (0..DOMAIN, 0..10u64, 0..DropReason::ALL.len()).prop_map(|(start, len, r)| {
+            Op::Drop {
+                start,
+                len,
+                reason: DropReason::ALL[r],
+            }
+        }),
         1 => (0..DOMAIN + 16).prop_map(|total| Op::Final { total }),
         1 => Just(Op::Restart),
         2 => proptest::option::weighted(0.5, 0..4u8)
@@ -119,6 +133,8 @@ fn refused(e: StoreError) -> Refused {
 struct Model {
     bytes: Vec<Option<u8>>,
     dropped: Vec<bool>,
+    /// The markers stored, with their reasons.
+    markers: std::collections::BTreeSet<(Span, DropReason)>,
     final_len: Option<u64>,
     /// The write times of the accepted writes that covered each offset: a read may give any of
     /// them (the objects of several writes may hold the same bytes), and no other.
@@ -137,11 +153,20 @@ fn runs(f: impl Fn(usize) -> bool) -> Vec<Span> {
     out
 }
 
+/// Appends `span` of `reason`, merged with the last run when it continues it.
+fn push_run(runs: &mut Vec<DroppedSpan>, span: Span, reason: DropReason) {
+    match runs.last_mut() {
+        Some(last) if last.end == span.start && last.reason == reason => last.end = span.end,
+        _ => runs.push(DroppedSpan::new(span, reason)),
+    }
+}
+
 impl Model {
     fn new() -> Self {
         Self {
             bytes: vec![None; SIZE],
             dropped: vec![false; SIZE],
+            markers: std::collections::BTreeSet::new(),
             final_len: None,
             times: vec![std::collections::BTreeSet::new(); SIZE],
         }
@@ -206,14 +231,41 @@ impl Model {
         Ok(written)
     }
 
-    fn mark(&mut self, span: Span) -> Result<(), Refused> {
+    fn mark(&mut self, span: Span, reason: DropReason) -> Result<(), Refused> {
         if self.final_len.is_some_and(|n| span.end > n) {
             return Err(Refused::BeyondFinal);
+        }
+        if (span.start..span.end).all(|i| self.dropped[i as usize]) {
+            return Ok(());
         }
         for i in span.start..span.end {
             self.dropped[i as usize] = true;
         }
+        self.markers.insert((span, reason));
         Ok(())
+    }
+
+    /// The reason of a dropped offset: that of the first marker covering it.
+    fn reason(&self, i: u64) -> Option<DropReason> {
+        self.markers
+            .iter()
+            .find(|(s, _)| s.start <= i && i < s.end)
+            .map(|(_, r)| *r)
+    }
+
+    /// The runs of dropped offsets nothing stores, one per reason.
+    fn dropped_runs(&self) -> Vec<DroppedSpan> {
+        let mut out: Vec<DroppedSpan> = Vec::new();
+        for i in 0..SIZE as u64 {
+            if self.bytes[i as usize].is_some() {
+                continue;
+            }
+            let Some(reason) = self.reason(i) else {
+                continue;
+            };
+            push_run(&mut out, Span::new(i, i + 1), reason);
+        }
+        out
     }
 
     fn declare(&mut self, total: u64) -> Result<(), Refused> {
@@ -229,20 +281,17 @@ impl Model {
     }
 
     /// A read from `start` to `end`: the bytes, the dropped pieces skipped, and where it stopped.
-    fn read(&self, start: u64, end: u64) -> (Vec<u8>, Vec<Span>, u64) {
+    fn read(&self, start: u64, end: u64) -> (Vec<u8>, Vec<DroppedSpan>, u64) {
         let mut out = Vec::new();
-        let mut dropped: Vec<Span> = Vec::new();
+        let mut dropped: Vec<DroppedSpan> = Vec::new();
         let mut at = start;
         while at < end {
             match self.bytes.get(at as usize).copied().flatten() {
                 Some(b) => out.push(b),
-                None if self.dropped.get(at as usize).copied().unwrap_or(false) => {
-                    match dropped.last_mut() {
-                        Some(s) if s.end == at => s.end += 1,
-                        _ => dropped.push(Span::new(at, at + 1)),
-                    }
-                }
-                None => break,
+                None => match (at < SIZE as u64).then(|| self.reason(at)).flatten() {
+                    Some(reason) => push_run(&mut dropped, Span::new(at, at + 1), reason),
+                    None => break,
+                },
             }
             at += 1;
         }
@@ -266,11 +315,19 @@ async fn check(store: &Store, stream: &Stream, model: &Model, step: &str) {
         runs(|i| model.bytes[i].is_some()),
         "{step}: stored"
     );
+    let mut dropped: Vec<Span> = Vec::new();
+    for d in status.dropped_spans() {
+        match dropped.last_mut() {
+            Some(last) if last.end == d.start => last.end = d.end,
+            _ => dropped.push(d),
+        }
+    }
     assert_eq!(
-        status.dropped,
+        dropped,
         runs(|i| model.dropped[i] && model.bytes[i].is_none()),
         "{step}: dropped"
     );
+    assert_eq!(status.dropped, model.dropped_runs(), "{step}: reasons");
     assert_eq!(status.length, length, "{step}: length");
     assert_eq!(status.end, end, "{step}: end");
     assert_eq!(status.pending, pending, "{step}: pending");
@@ -299,7 +356,7 @@ async fn check(store: &Store, stream: &Stream, model: &Model, step: &str) {
             assert_eq!(at, reached, "{step}: read of {span:?} stops elsewhere");
             // The pieces tile the read in order; the dropped ones are the model's.
             let mut next = span.start;
-            let mut skipped: Vec<Span> = Vec::new();
+            let mut skipped: Vec<DroppedSpan> = Vec::new();
             for p in &pieces {
                 let s = match p {
                     Piece::Data { span, part } => {
@@ -310,11 +367,8 @@ async fn check(store: &Store, stream: &Stream, model: &Model, step: &str) {
                         );
                         *span
                     }
-                    Piece::Dropped(s) => {
-                        match skipped.last_mut() {
-                            Some(last) if last.end == s.start => last.end = s.end,
-                            _ => skipped.push(*s),
-                        }
+                    Piece::Dropped(s, reason) => {
+                        push_run(&mut skipped, *s, *reason);
                         *s
                     }
                 };
@@ -503,10 +557,13 @@ async fn run(os: Arc<dyn ObjectStore>, prefix: Path, dir: Option<&std::path::Pat
                     .map_err(refused);
                 assert_eq!(got, want, "{step}");
             }
-            Op::Drop { start, len } => {
+            Op::Drop { start, len, reason } => {
                 let span = Span::new(start, start + len);
-                let want = model.mark(span);
-                let got = store.mark_dropped(&stream, span).await.map_err(refused);
+                let want = model.mark(span, reason);
+                let got = store
+                    .mark_dropped(&stream, span, reason)
+                    .await
+                    .map_err(refused);
                 assert_eq!(got, want, "{step}");
             }
             Op::Final { total } => {
@@ -561,7 +618,11 @@ fn a_late_write_into_a_dropped_range_of_a_passed_cell() {
     let ops = vec![
         write(18, 6),
         write(0, 11),
-        Op::Drop { start: 14, len: 4 },
+        Op::Drop {
+            start: 14,
+            len: 4,
+            reason: DropReason::GaveUp,
+        },
         write(8, 6),
         Op::Compact { crash_after: None },
         write(5, 11),

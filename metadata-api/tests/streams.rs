@@ -446,7 +446,10 @@ async fn the_collector_settles_the_stream_of_an_entrypoint_that_died_with_its_co
     assert_eq!(status["writer_died_at"], 10, "{status}");
     assert_eq!(
         status["dropped"],
-        serde_json::json!([{"start": 10, "end": 30}, {"start": 35, "end": 40}]),
+        serde_json::json!([
+            {"start": 10, "end": 30, "reason": "writer-died"},
+            {"start": 35, "end": 40, "reason": "writer-died"}
+        ]),
         "{status}"
     );
     // The report says what happened, and the merged read holds every byte.

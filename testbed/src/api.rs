@@ -538,9 +538,19 @@ impl Client {
         assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
     }
 
+    /// A `dropped` marker as a writer older than reasons sends it: without one.
     pub async fn mark(&self, id: &str, range: &str) -> reqwest::Response {
         self.req(reqwest::Method::POST, &format!("/logs/{id}/markers"))
             .json(&serde_json::json!({"range": range, "markers": ["dropped"]}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A `dropped` marker for `reason` (its code, `buffer-full`).
+    pub async fn mark_for(&self, id: &str, range: &str, reason: &str) -> reqwest::Response {
+        self.req(reqwest::Method::POST, &format!("/logs/{id}/markers"))
+            .json(&serde_json::json!({"range": range, "markers": ["dropped"], "reason": reason}))
             .send()
             .await
             .unwrap()

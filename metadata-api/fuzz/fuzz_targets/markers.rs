@@ -5,15 +5,19 @@
 //!
 //! Checked against what the body means (read with a copy of the request type and
 //! `ContentRange::parse`): 400 for anything but `{"range": "bytes a-b/*"|"bytes a-b/N",
-//! "markers": ["dropped", ...]}`; 416 for a range beyond the final length; 409 for a final length
-//! that contradicts the stream; otherwise 202 with the range dropped (where nothing is stored) and
-//! the final length declared. Never a 5xx.
+//! "markers": ["dropped", ...], "reason"?: a known code}`; 416 for a range beyond the final
+//! length; 409 for a final length that contradicts the stream; otherwise 202 with the range
+//! dropped (where nothing is stored) for its reason (`unspecified` without one) and the final
+//! length declared. Never a 5xx.
 #![no_main]
 
 use axum::body::Body;
 use http::{Method, StatusCode, header};
 use libfuzzer_sys::fuzz_target;
-use metadata_api::range::{ContentRange, RangeSet, Span};
+use metadata_api::{
+    range::{ContentRange, RangeSet, Span},
+    reason::DropReason,
+};
 
 /// The request body as the service reads it (`src/routes/write.rs`).
 #[derive(Debug, serde::Deserialize)]
@@ -21,6 +25,8 @@ use metadata_api::range::{ContentRange, RangeSet, Span};
 struct MarkerRequest {
     range: String,
     markers: Vec<String>,
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 /// What the stream holds before the request.
@@ -32,9 +38,14 @@ fn expected(
     body: &[u8],
     dropped: bool,
     finished: bool,
-) -> (StatusCode, Option<(Span, Option<u64>)>) {
+) -> (StatusCode, Option<(Span, Option<u64>, DropReason)>) {
     let Ok(req) = serde_json::from_slice::<MarkerRequest>(body) else {
         return (StatusCode::BAD_REQUEST, None);
+    };
+    let reason = match req.reason.as_deref().map(str::parse::<DropReason>) {
+        None => DropReason::Unspecified,
+        Some(Ok(r)) => r,
+        Some(Err(_)) => return (StatusCode::BAD_REQUEST, None),
     };
     if req.markers.is_empty() || req.markers.iter().any(|m| m != "dropped") {
         return (StatusCode::BAD_REQUEST, None);
@@ -52,9 +63,9 @@ fn expected(
         .max(if dropped { DROPPED.end } else { 0 })
         .max(span.end);
     match total {
-        Some(t) if finished && t != FINAL => (StatusCode::CONFLICT, Some((span, None))),
-        Some(t) if t < covered => (StatusCode::CONFLICT, Some((span, None))),
-        _ => (StatusCode::ACCEPTED, Some((span, total))),
+        Some(t) if finished && t != FINAL => (StatusCode::CONFLICT, Some((span, None, reason))),
+        Some(t) if t < covered => (StatusCode::CONFLICT, Some((span, None, reason))),
+        _ => (StatusCode::ACCEPTED, Some((span, total, reason))),
     }
 }
 
@@ -67,7 +78,7 @@ fuzz_target!(|data: &[u8]| {
     let svc = h.service(Default::default());
     h.put(&svc, 0, b"0123456789abcdef");
     if dropped {
-        h.drop_range(&svc, DROPPED);
+        h.drop_range(&svc, DROPPED, DropReason::KernelLost);
     }
     if finished {
         h.finish(&svc, FINAL);
@@ -87,15 +98,28 @@ fuzz_target!(|data: &[u8]| {
         want_dropped.insert(DROPPED);
     }
     let mut want_final = finished.then_some(FINAL);
-    if let Some((span, total)) = effect {
-        want_dropped.insert(span);
-        want_final = want_final.or(total);
-    }
     let mut stored = RangeSet::new();
     stored.insert(STORED);
+    // Bytes only the request's marker covers have its reason.
+    let mut only_new = RangeSet::new();
+    if let Some((span, total, reason)) = effect {
+        only_new.insert(span);
+        only_new = only_new.difference(&want_dropped).difference(&stored);
+        want_dropped.insert(span);
+        want_final = want_final.or(total);
+        for d in svc.stream.status().dropped {
+            if only_new.spans().iter().any(|s| s.overlaps(&d.span())) {
+                assert_eq!(d.reason, reason, "{what:?}: reason of {d:?}");
+            }
+        }
+    }
     let now = svc.stream.status();
+    let mut got = RangeSet::new();
+    for s in now.dropped_spans() {
+        got.insert(s);
+    }
     assert_eq!(
-        now.dropped,
+        got.spans(),
         want_dropped.difference(&stored).spans(),
         "{what:?}: dropped ranges"
     );

@@ -22,6 +22,7 @@ use libfuzzer_sys::fuzz_target;
 use metadata_api::{
     names::{valid_pod_name, valid_stream_name},
     range::{ContentRange, Span, parse_range_request},
+    reason::DropReason,
     store::Source,
 };
 
@@ -73,7 +74,7 @@ fn lines(empty: bool, markers: bool) -> Vec<u8> {
     if empty || !markers {
         return plain(0, CONTENT.len() as u64, empty);
     }
-    b"0123456789abcdef\n[relay: 4 bytes dropped]\nABCDEFGHIJ".to_vec()
+    b"0123456789abcdef\n[relay: 4 bytes dropped: kernel-lost]\nABCDEFGHIJ".to_vec()
 }
 
 const CONTENT: &[u8; 30] = b"0123456789abcdef----ABCDEFGHIJ";
@@ -113,7 +114,7 @@ fuzz_target!(|data: &[u8]| {
         0
     } else {
         h.put(&svc, 0, &CONTENT[..16]);
-        h.drop_range(&svc, DROPPED);
+        h.drop_range(&svc, DROPPED, DropReason::KernelLost);
         h.put(&svc, 20, &CONTENT[20..]);
         CONTENT.len() as u64
     };
@@ -212,7 +213,11 @@ fuzz_target!(|data: &[u8]| {
     // Lines instead of bytes: the status is checked, the rendering by the API's tests.
     if q.shapes_lines() || q.markers == Some(true) {
         if ranged && !q.follow {
-            assert!(!reply.status.is_server_error(), "{what:?}: {}", reply.status);
+            assert!(
+                !reply.status.is_server_error(),
+                "{what:?}: {}",
+                reply.status
+            );
         } else {
             reply.expect(StatusCode::OK, &what);
         }

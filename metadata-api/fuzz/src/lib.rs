@@ -17,6 +17,7 @@ use metadata_api::{
     limits::{Budget, Limits},
     metrics::Metrics,
     range::Span,
+    reason::DropReason,
     store::{Source, Store, Stream, StreamMeta},
 };
 use object_store::{memory::InMemory, path::Path};
@@ -153,10 +154,10 @@ impl Harness {
             .expect("store");
     }
 
-    /// Marks `span` dropped through the store.
-    pub fn drop_range(&self, svc: &Service, span: Span) {
+    /// Marks `span` dropped for `reason` through the store.
+    pub fn drop_range(&self, svc: &Service, span: Span, reason: DropReason) {
         self.rt
-            .block_on(svc.state.store.mark_dropped(&svc.stream, span))
+            .block_on(svc.state.store.mark_dropped(&svc.stream, span, reason))
             .expect("mark dropped");
     }
 

@@ -286,7 +286,7 @@ pub(super) async fn read_stream(
         "x-relay-complete",
         HeaderValue::from_static(if status.complete { "true" } else { "false" }),
     );
-    h.insert("x-relay-dropped", dropped_header(&status.dropped));
+    h.insert("x-relay-dropped", dropped_header(&status.dropped_spans()));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if ranged && !q.follow {
         let last = stop.unwrap_or(status.length).max(start + 1) - 1;

@@ -279,7 +279,9 @@ pub(super) async fn add_markers(
             return Err(ApiError::bad("a marker needs a byte range, not `*`"));
         }
     };
-    s.store.mark_dropped(&stream, span).await?;
+    // A writer older than reasons sends none (an unknown one was refused as the body was read).
+    let reason = req.reason.unwrap_or_default();
+    s.store.mark_dropped(&stream, span, reason).await?;
     if let Some(t) = total {
         s.store.declare_final(&stream, t).await?;
     }

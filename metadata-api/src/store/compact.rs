@@ -8,7 +8,7 @@ fn segment_times(cell: Span, pieces: &[Piece]) -> Option<TimeIndex> {
     let data = || {
         pieces.iter().filter_map(|p| match p {
             Piece::Data { span, part } => Some((span, part)),
-            Piece::Dropped(_) => None,
+            Piece::Dropped(..) => None,
         })
     };
     data().any(|(_, p)| p.has_written_time()).then(|| {

@@ -34,6 +34,25 @@ pub(super) fn parse_part_name(name: &str) -> Option<(Span, Option<u64>)> {
     }
 }
 
+/// The name of a `dropped` marker: its span and its reason (`{start:016x}-{end:016x}.{reason}`),
+/// so that the listing every load makes yields each range's reason with no request per marker.
+pub(super) fn marker_name(span: Span, reason: DropReason) -> String {
+    format!("{}.{reason}", span_name(span))
+}
+
+/// A marker's span and reason (see [`marker_name`]). A marker stored before reasons has none in
+/// its name, and one a newer version stored may have a reason this one does not know: both are
+/// dropped ranges all the same, of [`DropReason::Unspecified`].
+pub(super) fn parse_marker_name(name: &str) -> Option<(Span, DropReason)> {
+    match name.split_once('.') {
+        Some((span, reason)) => Some((
+            parse_span_name(span)?,
+            reason.parse().unwrap_or(DropReason::Unspecified),
+        )),
+        None => Some((parse_span_name(name)?, DropReason::Unspecified)),
+    }
+}
+
 pub(super) fn parse_span_name(name: &str) -> Option<Span> {
     let (a, b) = name.split_once('-')?;
     if a.len() != 16 || b.len() != 16 {

@@ -9,7 +9,9 @@
 //!   under the same naming (see [`Store::compact`]);
 //! - `streams/{id}/times/{start:016x}-{end:016x}`: the time index of a segment (see
 //!   [`crate::times`]);
-//! - `streams/{id}/dropped/{start:016x}-{end:016x}`: an empty object per `dropped` marker;
+//! - `streams/{id}/dropped/{start:016x}-{end:016x}.{reason}`: an empty object per `dropped`
+//!   marker, its reason in its name (see [`marker_name`]; markers stored before reasons have no
+//!   suffix and read as `unspecified`); compaction never touches them;
 //! - `streams/{id}/final`: the declared final length (written once);
 //! - `streams/{id}/writer-died/{offset:016x}`: an empty object when the stream was settled after
 //!   its writer died (see [`Store::settle`]), at the offset where its bytes first went missing;
@@ -66,14 +68,18 @@ use crate::{
     auth::Context,
     metrics::Metrics,
     range::{RangeSet, Span},
+    reason::DropReason,
     times::TimeIndex,
 };
 
 pub use crate::source::Source;
+pub use dropped::DroppedSpan;
 
+use dropped::Reasons;
 use keys::*;
 
 mod compact;
+mod dropped;
 mod index;
 mod keys;
 mod read;
@@ -191,6 +197,8 @@ struct State {
     longest: u64,
     stored: RangeSet,
     dropped: RangeSet,
+    /// The markers behind `dropped`, with their reasons.
+    reasons: Reasons,
     final_len: Option<u64>,
     /// Where the bytes of a writer that died first went missing (see [`Store::settle`]).
     writer_died_at: Option<u64>,
@@ -246,7 +254,9 @@ pub struct Status {
     /// Highest offset stored or dropped: a restarted writer continues here.
     pub end: u64,
     pub stored: Vec<Span>,
-    pub dropped: Vec<Span>,
+    /// Ranges dropped and not stored, each with its reason (neighbours of different reasons
+    /// listed apart).
+    pub dropped: Vec<DroppedSpan>,
     /// Gaps neither stored nor dropped, up to the final length (or `end`).
     pub pending: Vec<Span>,
     pub final_length: Option<u64>,
@@ -270,11 +280,18 @@ pub struct Status {
     pub last_received_ms: Option<u64>,
 }
 
+impl Status {
+    /// The dropped ranges without their reasons.
+    pub fn dropped_spans(&self) -> Vec<Span> {
+        self.dropped.iter().map(DroppedSpan::span).collect()
+    }
+}
+
 /// A piece of a read plan.
 #[derive(Debug, Clone)]
 pub enum Piece {
     Data { span: Span, part: Part },
-    Dropped(Span),
+    Dropped(Span, DropReason),
 }
 
 /// A log stream: its identity, cached state and a change signal for followers.
@@ -401,7 +418,7 @@ impl Stream {
             length: covered.prefix_end(),
             end: covered.max_end(),
             stored: st.stored.spans().to_vec(),
-            dropped: st.dropped.difference(&st.stored).spans().to_vec(),
+            dropped: st.reasons.except(&st.stored),
             complete: st.final_len.is_some() && pending.is_empty(),
             pending,
             final_length: st.final_len,
@@ -441,13 +458,8 @@ impl Stream {
                 at = piece_end;
                 continue;
             }
-            let dropped = st
-                .dropped
-                .spans()
-                .iter()
-                .find(|d| d.start <= at && at < d.end)
-                .copied();
-            if let Some(d) = dropped {
+            // One piece per reason: neighbouring ranges of different reasons stay apart.
+            if let Some(d) = st.reasons.at(at) {
                 // Stop the dropped piece where stored bytes begin again.
                 let next_part = st
                     .parts
@@ -456,7 +468,7 @@ impl Stream {
                     .next()
                     .unwrap_or(u64::MAX);
                 let piece_end = d.end.min(span.end).min(next_part);
-                out.push(Piece::Dropped(Span::new(at, piece_end)));
+                out.push(Piece::Dropped(Span::new(at, piece_end), d.reason));
                 at = piece_end;
                 continue;
             }
@@ -509,11 +521,9 @@ impl Stream {
                 changed = true;
             }
         }
-        for d in listing.dropped {
-            if !st.dropped.contains(d) {
-                st.dropped.insert(d);
-                changed = true;
-            }
+        for (d, reason) in listing.dropped {
+            st.dropped.insert(d);
+            changed |= st.reasons.insert(d, reason);
         }
         st.indexed.extend(listing.indexed.into_iter().map(key_of));
         if st.final_len.is_none() && listing.final_len.is_some() {
@@ -571,7 +581,7 @@ fn note_received(received: &mut Option<(u64, u64)>, ms: u64) {
 #[derive(Debug, Default)]
 struct Listing {
     parts: Vec<Part>,
-    dropped: Vec<Span>,
+    dropped: Vec<(Span, DropReason)>,
     final_len: Option<u64>,
     writer_died_at: Option<u64>,
     /// Segments with a time index.
@@ -850,7 +860,7 @@ impl Store {
             let parent = segs.next();
             match (parent.as_ref().map(|p| p.as_ref()), name.as_ref()) {
                 (Some("parts"), _) => out.parts.extend(part_of(m)),
-                (Some("dropped"), n) => out.dropped.extend(parse_span_name(n)),
+                (Some("dropped"), n) => out.dropped.extend(parse_marker_name(n)),
                 (Some("times"), n) => out.indexed.extend(parse_span_name(n)),
                 (Some("writer-died"), n) => {
                     out.writer_died_at = out

@@ -116,7 +116,7 @@ impl Store {
                 .into_iter()
                 .filter_map(|p| match p {
                     Piece::Data { part, .. } => Some(part),
-                    Piece::Dropped(_) => None,
+                    Piece::Dropped(..) => None,
                 })
                 .collect();
             (objects, length)
@@ -147,7 +147,7 @@ impl Store {
             stream.plan_locked(&st, Span::new(0, length))
         };
         let Some(end) = pieces.last().map(|p| match p {
-            Piece::Data { span, .. } | Piece::Dropped(span) => span.end,
+            Piece::Data { span, .. } | Piece::Dropped(span, _) => span.end,
         }) else {
             return Ok(0);
         };
@@ -188,7 +188,7 @@ impl Store {
             Piece::Data { span, part } => {
                 Some(async move { self.read_piece(stream, span, &part).await })
             }
-            Piece::Dropped(_) => None,
+            Piece::Dropped(..) => None,
         }))
         .buffered(8);
         while let Some(b) = fetched.next().await {

@@ -108,7 +108,9 @@ async fn dropped_ranges_are_skipped_and_survive_reload() {
     s.write(&st, Some(0), Bytes::from_static(b"abc"), None)
         .await
         .unwrap();
-    s.mark_dropped(&st, Span::new(3, 6)).await.unwrap();
+    s.mark_dropped(&st, Span::new(3, 6), DropReason::BufferFull)
+        .await
+        .unwrap();
     s.write(&st, Some(6), Bytes::from_static(b"ghi"), Some(9))
         .await
         .unwrap();
@@ -117,12 +119,118 @@ async fn dropped_ranges_are_skipped_and_survive_reload() {
     let st2 = fresh.open("a").await.unwrap().unwrap();
     let status = st2.status();
     assert!(status.complete);
-    assert_eq!(status.dropped, vec![Span::new(3, 6)]);
+    assert_eq!(
+        status.dropped,
+        vec![DroppedSpan::new(Span::new(3, 6), DropReason::BufferFull)]
+    );
     assert_eq!(
         fresh.read_all(&st2, Span::new(0, 9)).await.unwrap(),
         &b"abcghi"[..]
     );
     assert!(fresh.open("missing").await.unwrap().is_none());
+}
+
+async fn marker_keys(os: &Arc<dyn ObjectStore>) -> Vec<String> {
+    let mut keys: Vec<String> = os
+        .list(Some(&Path::from("t")))
+        .map_ok(|m| m.location.to_string())
+        .try_filter(|k| std::future::ready(k.contains("/dropped/")))
+        .try_collect()
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn reasons_are_in_the_marker_keys_and_outlive_a_merge_and_a_fresh_replica() {
+    let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let m = Arc::new(Metrics::new());
+    let s = Store::new(os.clone(), Path::from("t"), m.clone())
+        .segment_size(20)
+        .settled_after(Duration::ZERO)
+        .merge_above(0);
+    let st = s.create("r".into(), meta()).await.unwrap();
+    for i in 0..4u64 {
+        s.write(&st, Some(i * 5), pattern(i as u8, 5), None)
+            .await
+            .unwrap();
+    }
+    s.mark_dropped(&st, Span::new(20, 25), DropReason::KernelLost)
+        .await
+        .unwrap();
+    s.mark_dropped(&st, Span::new(25, 30), DropReason::WriterDied)
+        .await
+        .unwrap();
+    // Known as dropped already: nothing is stored, the first reason stays.
+    s.mark_dropped(&st, Span::new(21, 24), DropReason::GaveUp)
+        .await
+        .unwrap();
+    s.write(&st, Some(30), pattern(9, 10), Some(40))
+        .await
+        .unwrap();
+    let want = vec![
+        DroppedSpan::new(Span::new(20, 25), DropReason::KernelLost),
+        DroppedSpan::new(Span::new(25, 30), DropReason::WriterDied),
+    ];
+    assert_eq!(st.status().dropped, want);
+    assert_eq!(
+        marker_keys(&os).await,
+        vec![
+            format!(
+                "t/streams/r/dropped/{}.kernel-lost",
+                span_name(Span::new(20, 25))
+            ),
+            format!(
+                "t/streams/r/dropped/{}.writer-died",
+                span_name(Span::new(25, 30))
+            ),
+        ]
+    );
+    assert!(s.compact(&st).await.unwrap().segments >= 1);
+    assert_eq!(marker_keys(&os).await.len(), 2, "a merge leaves markers be");
+    let fresh = Store::new(os.clone(), Path::from("t"), m);
+    let st2 = fresh.open("r").await.unwrap().unwrap();
+    assert_eq!(st2.status().dropped, want);
+    // A read gives the neighbours of different reasons as two pieces.
+    let dropped: Vec<(Span, DropReason)> = st2
+        .plan(Span::new(0, 40))
+        .0
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Dropped(span, reason) => Some((span, reason)),
+            Piece::Data { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        dropped,
+        vec![
+            (Span::new(20, 25), DropReason::KernelLost),
+            (Span::new(25, 30), DropReason::WriterDied),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_marker_key_without_a_reason_or_with_an_unknown_one_is_unspecified() {
+    let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let m = Arc::new(Metrics::new());
+    let s = Store::new(os.clone(), Path::from("t"), m.clone());
+    s.create("o".into(), meta()).await.unwrap();
+    // As a version before reasons stored it, and as a later one with a reason unknown here.
+    for name in [
+        span_name(Span::new(0, 4)),
+        format!("{}.eaten-by-a-grue", span_name(Span::new(4, 8))),
+    ] {
+        let key = Path::from(format!("t/streams/o/dropped/{name}"));
+        os.put(&key, PutPayload::new()).await.unwrap();
+    }
+    let fresh = Store::new(os, Path::from("t"), m);
+    let st = fresh.open("o").await.unwrap().unwrap();
+    assert_eq!(
+        st.status().dropped,
+        vec![DroppedSpan::new(Span::new(0, 8), DropReason::Unspecified)]
+    );
 }
 
 fn pattern(seed: u8, n: usize) -> Bytes {
@@ -507,7 +615,7 @@ async fn write_times_outlive_the_merge_and_reach_a_fresh_replica() {
         .iter()
         .map(|p| match p {
             Piece::Data { span, part } => (span.start, part.written_ms),
-            Piece::Dropped(_) => panic!("{p:?}"),
+            Piece::Dropped(..) => panic!("{p:?}"),
         })
         .collect();
     assert_eq!(s.compact(&st).await.unwrap().segments, 1);

@@ -560,8 +560,16 @@ impl Store {
         Ok(())
     }
 
-    /// Records a `dropped` range. Never refused for load: it is what lets readers move on.
-    pub async fn mark_dropped(&self, stream: &Stream, span: Span) -> Result<(), StoreError> {
+    /// Records a `dropped` range for `reason`. Never refused for load: it is what lets readers
+    /// move on. A range this process knows as dropped already stores nothing and keeps the
+    /// reason it has; markers that overlap anyway (from replicas that did not know of each
+    /// other's) are ranked as [`super::dropped`] says.
+    pub async fn mark_dropped(
+        &self,
+        stream: &Stream,
+        span: Span,
+        reason: DropReason,
+    ) -> Result<(), StoreError> {
         {
             let st = lock(&stream.state);
             if let Some(n) = st.final_len
@@ -576,14 +584,18 @@ impl Store {
                 return Ok(());
             }
         }
-        self.put_marker(&stream.id, &format!("dropped/{}", span_name(span)))
-            .await?;
+        self.put_marker(
+            &stream.id,
+            &format!("dropped/{}", marker_name(span, reason)),
+        )
+        .await?;
         let new = {
             let mut st = lock(&stream.state);
             let mut only = RangeSet::new();
             only.insert(span);
             let new = only.difference(&st.dropped).covered();
             st.dropped.insert(span);
+            st.reasons.insert(span, reason);
             new
         };
         self.metrics.bytes_dropped.inc_by(span.len());
@@ -617,7 +629,8 @@ impl Store {
             st.writer_died_at = Some(st.writer_died_at.map_or(at, |known| known.min(at)));
         }
         for span in pending {
-            self.mark_dropped(stream, span).await?;
+            self.mark_dropped(stream, span, DropReason::WriterDied)
+                .await?;
         }
         self.declare_final(stream, total).await?;
         Ok(died_at)
