@@ -9,6 +9,7 @@
 pub mod collector;
 pub mod cpu;
 pub mod entrypoint;
+pub mod kubectl_relay;
 pub mod lines;
 pub mod metadata_api;
 pub mod operator;

@@ -39,6 +39,9 @@ enum Workload {
     WriteLoop(WriteLoopArgs),
     /// The peer benchmark's workload: timestamped lines on stdout, one write each.
     PeerWriter(PeerWriterArgs),
+    /// Runs a command (stdio inherited) and reports its wall time, CPU time and peak RSS, from
+    /// getrusage of this process's only child: what the kubectl-relay benchmark measures with.
+    Rusage(RusageArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,7 +49,63 @@ fn main() -> anyhow::Result<()> {
         Workload::GenOutput(a) => gen_output(a),
         Workload::WriteLoop(a) => write_loop(a),
         Workload::PeerWriter(a) => peer_writer(a),
+        Workload::Rusage(a) => rusage(a),
     }
+}
+
+#[derive(Debug, clap::Args)]
+struct RusageArgs {
+    /// File that receives "WALL_SECONDS USER_SECONDS SYSTEM_SECONDS MAX_RSS_KIB EXIT_CODE".
+    #[arg(long)]
+    report: PathBuf,
+    /// The command is killed (and this fails) when it runs longer than this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<std::ffi::OsString>,
+}
+
+/// Runs `command` to its end (within the timeout) and writes its report. The command is this
+/// process's only child, so getrusage(RUSAGE_CHILDREN) after it was waited for is its own usage.
+fn rusage(args: RusageArgs) -> anyhow::Result<()> {
+    let RusageArgs {
+        report,
+        timeout_secs,
+        command,
+    } = args;
+    let (program, rest) = command.split_first().context("no command")?;
+    let start = Instant::now();
+    let mut child = std::process::Command::new(program)
+        .args(rest)
+        .spawn()
+        .with_context(|| format!("cannot start {program:?}"))?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = match rx.recv_timeout(Duration::from_secs(timeout_secs)) {
+        Ok(status) => status.context("waiting for the command")?,
+        Err(_) => {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = rx.recv();
+            bail!("{program:?} did not end within {timeout_secs} s");
+        }
+    };
+    let wall = start.elapsed().as_secs_f64();
+    let usage = getrusage(UsageWho::RUSAGE_CHILDREN)?;
+    let (user, sys) = (secs(usage.user_time()), secs(usage.system_time()));
+    // ru_maxrss is in KiB on Linux.
+    let rss = usage.max_rss();
+    let code = status.code().unwrap_or(-1);
+    std::fs::write(report, format!("{wall} {user} {sys} {rss} {code}\n"))?;
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
