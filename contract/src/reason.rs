@@ -5,6 +5,8 @@ use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
+use crate::range::Span;
+
 /// Why bytes a container wrote were not stored. Short kebab-case codes on the wire, in object
 /// keys and in the text readers see; adding one is a change to the API (an older server refuses a
 /// marker with a code it does not know).
@@ -82,6 +84,36 @@ impl FromStr for DropReason {
             .into_iter()
             .find(|r| r.as_str() == s)
             .ok_or_else(|| UnknownReason(s.to_owned()))
+    }
+}
+
+/// A dropped range with its reason, as the stream's status and the capture report list them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DroppedSpan {
+    pub start: u64,
+    pub end: u64,
+    pub reason: DropReason,
+}
+
+impl DroppedSpan {
+    pub fn new(span: Span, reason: DropReason) -> Self {
+        Self {
+            start: span.start,
+            end: span.end,
+            reason,
+        }
+    }
+
+    pub fn span(&self) -> Span {
+        Span::new(self.start, self.end)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
     }
 }
 

@@ -8,42 +8,10 @@
 
 use std::collections::BTreeSet;
 
-use serde::{Deserialize, Serialize};
-
 use crate::{
     range::{RangeSet, Span},
-    reason::DropReason,
+    reason::{DropReason, DroppedSpan},
 };
-
-/// A dropped range with its reason, as the stream's status and the capture report list them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DroppedSpan {
-    pub start: u64,
-    pub end: u64,
-    pub reason: DropReason,
-}
-
-impl DroppedSpan {
-    pub fn new(span: Span, reason: DropReason) -> Self {
-        Self {
-            start: span.start,
-            end: span.end,
-            reason,
-        }
-    }
-
-    pub fn span(&self) -> Span {
-        Span::new(self.start, self.end)
-    }
-
-    pub fn len(&self) -> u64 {
-        self.end - self.start
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.end <= self.start
-    }
-}
 
 /// Every marker known of a stream and, from them, the reason of each dropped byte.
 #[derive(Debug, Default)]

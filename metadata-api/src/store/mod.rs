@@ -72,8 +72,8 @@ use crate::{
     times::TimeIndex,
 };
 
+pub use crate::reason::DroppedSpan;
 pub use crate::source::Source;
-pub use dropped::DroppedSpan;
 
 use dropped::Reasons;
 use keys::*;
