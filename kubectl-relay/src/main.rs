@@ -96,7 +96,8 @@ enum Command {
         /// step/W/R/S, trigger/W/T or pod/NAME.
         target: Target,
     },
-    /// List the streams of a step, trigger or pod: name, source, length, dropped bytes, complete.
+    /// List the streams of a step, trigger or pod: name, source, length, dropped bytes (and by
+    /// reason), complete.
     Streams {
         /// step/W/R/S, trigger/W/T or pod/NAME.
         target: Target,
@@ -189,7 +190,7 @@ impl Session {
         Ok(Self { relay, context })
     }
 
-    async fn report(&self) -> Result<(report::Report, Vec<u8>), Error> {
+    async fn report(&self) -> Result<(contract::report::Report, Vec<u8>), Error> {
         let body = self
             .relay
             .get(&self.context.report_path(), "application/json")
@@ -228,7 +229,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Streams { target } => {
             let session = Session::open(&global, &target).await?;
             let (report, _) = session.report().await?;
-            let rows = report.stream_rows();
+            let rows = report::stream_rows(&report);
             match global.output {
                 Output::Json => {
                     let json = serde_json::to_vec_pretty(&rows)

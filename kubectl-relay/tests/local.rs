@@ -182,7 +182,7 @@ fn report_and_streams_show_both_capture_paths() {
     let streams = relay(&api, &read, &["streams", STEP]);
     assert_eq!(
         streams.ok(),
-        "STREAM      SOURCE      LENGTH  STORED  DROPPED  PENDING  COMPLETE
+        "STREAM      SOURCE      LENGTH  STORED  DROPPED  PENDING  COMPLETE  DROPPED BY REASON
 app.stdout  ebpf        6       6       0        0        yes
 stderr      entrypoint  6       6       0        0        yes
 stdout      entrypoint  18      18      0        0        yes
@@ -193,7 +193,7 @@ stdout      entrypoint  18      18      0        0        yes
     assert_eq!(
         rows[2],
         json!({"name": "stdout", "source": "entrypoint", "length": 18, "stored_bytes": 18,
-               "dropped_bytes": 0, "pending_bytes": 0, "complete": true})
+               "dropped_bytes": 0, "dropped_by_reason": {}, "pending_bytes": 0, "complete": true})
     );
 }
 
