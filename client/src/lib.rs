@@ -393,8 +393,25 @@ impl Client {
         serde_json::from_slice(&b).map_err(|source| ClientError::Decode { source })
     }
 
-    /// `POST /logs`: creates the stream or finds it (idempotent).
+    /// `POST /logs`: creates the stream or finds it (idempotent). An API older than streams that
+    /// record their pod refuses the field (400, ``unknown field `pod` ``): the stream is created
+    /// again without it, as a stream whose pod is not known is better than none.
     pub async fn create(&self, spec: &StreamSpec) -> Result<Created, ClientError> {
+        match self.post_create(spec).await {
+            Err(ClientError::Status {
+                status: 400,
+                message,
+                ..
+            }) if spec.pod.is_some() && message.contains("`pod`") => {
+                let mut spec = spec.clone();
+                spec.pod = None;
+                self.post_create(&spec).await
+            }
+            other => other,
+        }
+    }
+
+    async fn post_create(&self, spec: &StreamSpec) -> Result<Created, ClientError> {
         let body = serde_json::to_vec(spec).map_err(|source| ClientError::Decode { source })?;
         let json = [(header::CONTENT_TYPE, "application/json".to_owned())];
         self.call_json(Method::POST, "/logs", &json, body.into())
@@ -531,8 +548,8 @@ mod tests {
 
     use super::*;
 
-    /// An API older than reasons: a marker body naming one is refused as serde refuses an unknown
-    /// field; returns its URL and the marker bodies it was sent.
+    /// An API older than reasons and pod names: a body naming either is refused as serde refuses
+    /// an unknown field; returns its URL and the bodies it was sent.
     async fn api_without_reasons() -> (String, Arc<Mutex<Vec<String>>>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -568,6 +585,16 @@ mod tests {
                         "400 Bad Request",
                         r#"{"error":"bad_request","message":"invalid JSON body: unknown field `reason`, expected `range` or `markers`"}"#,
                     )
+                } else if body.contains("\"pod\"") {
+                    (
+                        "400 Bad Request",
+                        r#"{"error":"bad_request","message":"invalid JSON body: unknown field `pod`, expected one of `name`, `source`, `context`, `entrypoint_absent`"}"#,
+                    )
+                } else if body.contains("\"name\"") {
+                    (
+                        "200 OK",
+                        r#"{"id":"s","name":"stdout","source":"ebpf","context":"workflows/w/triggers/t","length":0,"end":0,"complete":false}"#,
+                    )
                 } else {
                     ("202 Accepted", r#"{"length":0,"end":6,"complete":false}"#)
                 };
@@ -596,6 +623,24 @@ mod tests {
             vec![
                 r#"{"range":"bytes 3-5/*","markers":["dropped"],"reason":"buffer-full"}"#,
                 r#"{"range":"bytes 3-5/*","markers":["dropped"]}"#,
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_an_older_api_refuses_for_its_pod_is_created_again_without_it() {
+        let (url, seen) = api_without_reasons().await;
+        let c = Client::new(&url, Token::None, Duration::from_secs(5)).unwrap();
+        let mut spec = StreamSpec::named("stdout");
+        spec.pod = Some("hook-7d9f8-aaaaa".to_owned());
+        let created = c.create(&spec).await.unwrap();
+        assert_eq!(created.id, "s");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![
+                r#"{"name":"stdout","pod":"hook-7d9f8-aaaaa"}"#,
+                r#"{"name":"stdout"}"#,
             ]
         );
     }
