@@ -92,6 +92,8 @@ impl FromStr for DropReason {
 pub struct DroppedSpan {
     pub start: u64,
     pub end: u64,
+    /// Absent in what an API from before reasons answers: `unspecified` then.
+    #[serde(default)]
     pub reason: DropReason,
 }
 
