@@ -607,23 +607,9 @@ impl KubeAuth {
         if !token_audiences(token).contains(&self.audience) {
             return self.review_user(token).await;
         }
-        let started = Instant::now();
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_owned()),
-                audiences: Some(vec![self.audience.clone()]),
-            },
-            ..TokenReview::default()
-        };
-        let reviewed = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "TokenReview failed.");
-                AuthError::Unavailable
-            })?;
-        tracing::debug!(elapsed = ?started.elapsed(), "TokenReview done.");
-        let status = reviewed.status.unwrap_or_default();
+        let status = self
+            .token_review(token, Some(vec![self.audience.clone()]))
+            .await?;
         let (sa, pod_name, pod_uid) = self.reviewed_pod(&status)?;
         let pod = Api::<Pod>::namespaced(self.client.clone(), &sa.namespace)
             .get_opt(&pod_name)
@@ -665,21 +651,7 @@ impl KubeAuth {
     /// A token not issued for this API: reviewed for the API server's own audiences (no
     /// `spec.audiences`), so a kubeconfig's token works as it does for `kubectl`.
     async fn review_user(&self, token: &str) -> Result<Identity, AuthError> {
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_owned()),
-                audiences: None,
-            },
-            ..TokenReview::default()
-        };
-        let reviewed = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "TokenReview failed.");
-                AuthError::Unavailable
-            })?;
-        let status = reviewed.status.unwrap_or_default();
+        let status = self.token_review(token, None).await?;
         let user = status
             .user
             .filter(|_| status.authenticated == Some(true))
@@ -701,6 +673,31 @@ impl KubeAuth {
             groups: groups.unwrap_or_default(),
             extra: extra.unwrap_or_default(),
         })))
+    }
+
+    /// What the API server says of `token` for `audiences` (`None`: its own audiences).
+    async fn token_review(
+        &self,
+        token: &str,
+        audiences: Option<Vec<String>>,
+    ) -> Result<TokenReviewStatus, AuthError> {
+        let started = Instant::now();
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences,
+            },
+            ..TokenReview::default()
+        };
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "TokenReview failed.");
+                AuthError::Unavailable
+            })?;
+        tracing::debug!(elapsed = ?started.elapsed(), "TokenReview done.");
+        Ok(reviewed.status.unwrap_or_default())
     }
 
     /// The ServiceAccount, pod name and pod UID of an authenticated review.

@@ -128,6 +128,10 @@ impl Bed {
             },
             ..TokenRequest::default()
         };
+        self.request_token(ns, sa, request).await
+    }
+
+    async fn request_token(&self, ns: &str, sa: &str, request: TokenRequest) -> String {
         KubeResource::<ServiceAccount>::namespaced(self.client.clone(), ns)
             .create_token_request(sa, &PostParams::default(), &request)
             .await
@@ -148,13 +152,7 @@ impl Bed {
             },
             ..TokenRequest::default()
         };
-        KubeResource::<ServiceAccount>::namespaced(self.client.clone(), ns)
-            .create_token_request(sa, &PostParams::default(), &request)
-            .await
-            .unwrap()
-            .status
-            .unwrap()
-            .token
+        self.request_token(ns, sa, request).await
     }
 
     pub fn http(&self, token: &str) -> super::Api {
