@@ -257,7 +257,26 @@ async fn every_parameter(s: &Server) {
     let b = "hook-7d9f8-bbbbb serves\n";
     assert_eq!(tr.text(&format!("{tlogs}?pod=hook-7d9f8-aaaaa")).await, a);
     assert_eq!(tr.text(&format!("{tlogs}?pod=uid-2")).await, b);
-    assert_eq!(tr.text(&format!("{tlogs}?pod=hook-7d9f8-ccccc")).await, "");
+    // No stream of that pod: nothing to read is a 404, as for a step that does not exist.
+    let wf = s.client(&s.token("workflows/w1", Scope::Read));
+    for missing in [
+        format!("{tlogs}?pod=hook-7d9f8-ccccc"),
+        "/api/workflows/w1/runs/r1/steps/never/logs".to_owned(),
+        format!("{logs}?stream=never"),
+    ] {
+        let r = wf.req(Method::GET, &missing).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{missing}");
+    }
+    // A follower of a step that has not started waits for it instead.
+    let r = wf
+        .req(
+            Method::GET,
+            "/api/workflows/w1/runs/r1/steps/never/logs?follow=true",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     let r = tr
         .req(Method::GET, &format!("{tlogs}?pod=Not_A_Pod"))
         .send()

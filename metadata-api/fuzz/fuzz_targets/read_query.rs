@@ -9,7 +9,9 @@
 //! Checked: 400 exactly when the query does not parse (a copy of the service's query type through
 //! `serde_urlencoded`, as axum's `Query` does, and its `since`/`until` through the service's own
 //! `lines::parse_time`), names an invalid stream or pod, combines a `Range` with `since` or `tail`, or
-//! the range header is not a valid single range; a step's or trigger's plain logs are the stored
+//! the range header is not a valid single range; 404 for a step's or trigger's read that is not
+//! followed and finds no stream (another context, another stream, source or pod); a step's or
+//! trigger's plain logs are the stored
 //! bytes with the dropped range as a marker line (or skipped with `markers=false`); 416 (with `Content-Range: bytes */length`) for a range starting at or
 //! beyond the readable length; 206 with a `Content-Range` that parses back to the range served;
 //! the plain body is the stored bytes of that range (dropped ones skipped); a read that does not
@@ -177,12 +179,17 @@ fuzz_target!(|data: &[u8]| {
             reply.expect(StatusCode::BAD_REQUEST, &what);
             return;
         }
-        reply.expect(StatusCode::OK, &what);
         // The stream records no pod, and `stdout` holds no pod UID.
         let ours = endpoint == 1
             && q.pod.is_none()
             && q.stream.as_deref().is_none_or(|s| s == "stdout")
             && q.source.is_none_or(|s| s == Source::Entrypoint);
+        // Nothing to read is a 404, unless the reader follows (and waits for streams to come).
+        if !ours && !q.follow {
+            reply.expect(StatusCode::NOT_FOUND, &what);
+            return;
+        }
+        reply.expect(StatusCode::OK, &what);
         if !q.follow && !ndjson && !q.shapes_lines() {
             let want = if ours {
                 lines(empty, q.markers.unwrap_or(true))

@@ -389,8 +389,10 @@ async fn context_logs(
     };
     let lanes: Vec<Lane> = names.into_iter().map(Lane::new).collect();
     let mut lanes = open(lanes).await;
-    // A person sees a context only through streams they may read: none, and it is not there.
-    if p.user.is_some()
+    // Nothing to read is a 404, as `kubectl logs` of a missing pod is, unless the caller waits
+    // for streams to come (a follower of a step that has not started). A person sees a context
+    // only through streams they may read: none, and it is not there, followed or not.
+    if (p.user.is_some() || !q.follow)
         && lanes
             .iter()
             .all(|l| l.primary.is_none() && l.fallback.is_none())
