@@ -397,6 +397,14 @@ async fn context_logs(
             .iter()
             .all(|l| l.primary.is_none() && l.fallback.is_none())
     {
+        // Opening skips a stream it cannot read: ask again, so that storage that fails is a 5xx
+        // and only streams that are not there (or not the caller's) are a 404.
+        for lane in &lanes {
+            for src in std::iter::once(primary).chain(fallback) {
+                let id = s.keys.stream_id(&context, &lane.name, src.as_str());
+                s.store.open(&id).await?;
+            }
+        }
         return Err(ApiError::NotFound);
     }
     let opened: Vec<Arc<Stream>> = lanes
